@@ -1,0 +1,124 @@
+from smartspec.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class WorkerHello(_message.Message):
+    __slots__ = ("worker_id", "proposer_kind", "max_speculation_length", "max_batch_size", "cost_profile_id", "profile", "model", "proposer", "device")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    PROPOSER_KIND_FIELD_NUMBER: _ClassVar[int]
+    MAX_SPECULATION_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COST_PROFILE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PROPOSER_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    proposer_kind: _common_pb2.ProposerKind
+    max_speculation_length: int
+    max_batch_size: int
+    cost_profile_id: str
+    profile: _containers.RepeatedCompositeFieldContainer[_common_pb2.ProfileSample]
+    model: str
+    proposer: str
+    device: str
+    def __init__(self, worker_id: _Optional[str] = ..., proposer_kind: _Optional[_Union[_common_pb2.ProposerKind, str]] = ..., max_speculation_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., cost_profile_id: _Optional[str] = ..., profile: _Optional[_Iterable[_Union[_common_pb2.ProfileSample, _Mapping]]] = ..., model: _Optional[str] = ..., proposer: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+
+class RequestOutcome(_message.Message):
+    __slots__ = ("request_id", "proposed_tokens", "accepted_tokens", "tested_positions", "context_tokens", "prefill_tokens", "finished")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TESTED_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    proposed_tokens: int
+    accepted_tokens: int
+    tested_positions: int
+    context_tokens: int
+    prefill_tokens: int
+    finished: bool
+    def __init__(self, request_id: _Optional[str] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., tested_positions: _Optional[int] = ..., context_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class StepReport(_message.Message):
+    __slots__ = ("step_index", "requests", "draft_ms", "verify_ms", "total_ms", "batched_tokens", "queued_requests")
+    STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    step_index: int
+    requests: _containers.RepeatedCompositeFieldContainer[RequestOutcome]
+    draft_ms: float
+    verify_ms: float
+    total_ms: float
+    batched_tokens: int
+    queued_requests: int
+    def __init__(self, step_index: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestOutcome, _Mapping]]] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batched_tokens: _Optional[int] = ..., queued_requests: _Optional[int] = ...) -> None: ...
+
+class WorkerMessage(_message.Message):
+    __slots__ = ("hello", "report")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    hello: WorkerHello
+    report: StepReport
+    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ...) -> None: ...
+
+class RequestPlan(_message.Message):
+    __slots__ = ("request_id", "speculation_length")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SPECULATION_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    speculation_length: int
+    def __init__(self, request_id: _Optional[str] = ..., speculation_length: _Optional[int] = ...) -> None: ...
+
+class PlanError(_message.Message):
+    __slots__ = ("grpc_status_code", "field", "message")
+    GRPC_STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    grpc_status_code: int
+    field: str
+    message: str
+    def __init__(self, grpc_status_code: _Optional[int] = ..., field: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StepPlan(_message.Message):
+    __slots__ = ("step_index", "requests", "policy_name", "policy_version", "error", "predicted_step_ms", "predicted_tokens", "degraded", "decision_ms")
+    STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_STEP_MS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    DECISION_MS_FIELD_NUMBER: _ClassVar[int]
+    step_index: int
+    requests: _containers.RepeatedCompositeFieldContainer[RequestPlan]
+    policy_name: str
+    policy_version: int
+    error: PlanError
+    predicted_step_ms: float
+    predicted_tokens: float
+    degraded: bool
+    decision_ms: float
+    def __init__(self, step_index: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestPlan, _Mapping]]] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[int] = ..., error: _Optional[_Union[PlanError, _Mapping]] = ..., predicted_step_ms: _Optional[float] = ..., predicted_tokens: _Optional[float] = ..., degraded: _Optional[bool] = ..., decision_ms: _Optional[float] = ...) -> None: ...
+
+class DecideRequest(_message.Message):
+    __slots__ = ("worker", "report", "cost_model_override")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    REPORT_FIELD_NUMBER: _ClassVar[int]
+    COST_MODEL_OVERRIDE_FIELD_NUMBER: _ClassVar[int]
+    worker: WorkerHello
+    report: StepReport
+    cost_model_override: _common_pb2.CostModel
+    def __init__(self, worker: _Optional[_Union[WorkerHello, _Mapping]] = ..., report: _Optional[_Union[StepReport, _Mapping]] = ..., cost_model_override: _Optional[_Union[_common_pb2.CostModel, _Mapping]] = ...) -> None: ...
