@@ -25,6 +25,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The full parser; with `only`, just that subcommand's module is imported and configured."""
     parser = argparse.ArgumentParser(
         prog="smartspec",
         description="Goodput-driven speculative decoding for LLM serving.",
@@ -42,7 +43,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Import only the chosen subcommand's module (fast start, no torch for client commands).
-    chosen = next((a for a in argv if a in SUBCOMMANDS), None)
+    # With no subcommand (`smartspec --help`) nothing is imported: only the list is shown.
+    chosen = next((a for a in argv if a in SUBCOMMANDS), "")
     parser = build_parser(only=chosen)
     args = parser.parse_args(argv)
     run = getattr(args, "_run", None)
