@@ -1,0 +1,297 @@
+"""Result types of the SDK: frozen dataclasses built from the wire messages.
+
+Callers get plain Python values (str, int, float, tuples, dicts) rather than protobuf objects, so
+results can be compared, hashed, printed and turned into JSON (`dataclasses.asdict`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence, Union
+
+from smartspec.errors import InvalidArgumentError
+from smartspec.v1 import admin_pb2, common_pb2, generation_pb2
+
+# A policy parameter as Python sees it.
+ParameterPy = Union[int, float, bool, str, list[int]]
+
+
+def _enum_label(enum_type, number: int, prefix: str) -> str:
+    """`FINISH_REASON_LENGTH` -> "length"; unknown numbers -> "unknown(N)"."""
+    try:
+        name = enum_type.Name(number)
+    except ValueError:
+        return f"unknown({number})"
+    return name.removeprefix(prefix).lower()
+
+
+# --- generation -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One chat turn; `role` is "system", "user" or "assistant"."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """Newly generated text and the token ids it decodes from, in stream order."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+
+    @classmethod
+    def from_proto(cls, msg: generation_pb2.TokenDelta) -> "TextDelta":
+        return cls(text=msg.text, token_ids=tuple(msg.token_ids))
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class SpeculationStats:
+    """How speculation went for one request (acceptance is accepted / tested positions)."""
+
+    proposed_tokens: int
+    accepted_tokens: int
+    acceptance_rate: float
+    mean_accepted_length: float
+    steps: int
+    mean_speculation_length: float
+    speculation_lengths: tuple[int, ...]  # k of every decode step, in order
+
+    @classmethod
+    def from_proto(cls, msg: generation_pb2.SpeculationStats) -> "SpeculationStats":
+        return cls(
+            proposed_tokens=msg.proposed_tokens,
+            accepted_tokens=msg.accepted_tokens,
+            acceptance_rate=msg.acceptance_rate,
+            mean_accepted_length=msg.mean_accepted_length,
+            steps=msg.steps,
+            mean_speculation_length=msg.mean_speculation_length,
+            speculation_lengths=tuple(msg.speculation_lengths),
+        )
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The final record of one generation: full text, why it ended, usage, timings, speculation."""
+
+    request_id: str
+    text: str
+    finish_reason: str  # "stop" | "length" | "cancelled" | "unspecified"
+    usage: Usage
+    speculation: SpeculationStats
+    time_to_first_token_ms: float
+    total_ms: float
+    queue_ms: float
+
+    @classmethod
+    def from_proto(cls, msg: generation_pb2.GenerationResult) -> "GenerationResult":
+        return cls(
+            request_id=msg.request_id,
+            text=msg.text,
+            finish_reason=_enum_label(generation_pb2.FinishReason, msg.finish_reason, "FINISH_REASON_"),
+            usage=Usage(msg.usage.prompt_tokens, msg.usage.completion_tokens),
+            speculation=SpeculationStats.from_proto(msg.speculation),
+            time_to_first_token_ms=msg.time_to_first_token_ms,
+            total_ms=msg.total_ms,
+            queue_ms=msg.queue_ms,
+        )
+
+
+# --- policies ---------------------------------------------------------------------------------
+
+_TO_VALUE_FIELD: tuple[tuple[type, str], ...] = (
+    # bool first: bool is a subclass of int.
+    (bool, "bool_value"),
+    (int, "int_value"),
+    (float, "float_value"),
+    (str, "string_value"),
+)
+
+
+def to_parameter_value(name: str, value: Any) -> common_pb2.ParameterValue:
+    """Python value -> typed ParameterValue: int, float, bool, str or a list/tuple of ints."""
+    for py_type, field_name in _TO_VALUE_FIELD:
+        if isinstance(value, py_type):
+            return common_pb2.ParameterValue(**{field_name: value})
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return common_pb2.ParameterValue(int_list_value=common_pb2.IntList(values=list(value)))
+    raise InvalidArgumentError(
+        f"parameters.{name}: unsupported value {value!r} (use int, float, bool, str or a list of ints)"
+    )
+
+
+def from_parameter_value(value: common_pb2.ParameterValue) -> ParameterPy | None:
+    """Typed ParameterValue -> Python value (None when no kind is set)."""
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind == "int_list_value":
+        return list(value.int_list_value.values)
+    return getattr(value, kind)
+
+
+def to_policy_spec(name: str, parameters: Mapping[str, Any]) -> common_pb2.PolicySpec:
+    return common_pb2.PolicySpec(
+        name=name, parameters={key: to_parameter_value(key, v) for key, v in parameters.items()}
+    )
+
+
+@dataclass(frozen=True)
+class ParameterSchema:
+    """One policy parameter: `type` is "int", "float", "bool", "string" or "int_list"."""
+
+    name: str
+    type: str
+    description: str
+    default: ParameterPy | None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @classmethod
+    def from_proto(cls, msg: admin_pb2.ParameterSchema) -> "ParameterSchema":
+        return cls(
+            name=msg.name,
+            type=_enum_label(admin_pb2.ParameterType, msg.type, "PARAMETER_TYPE_"),
+            description=msg.description,
+            default=from_parameter_value(msg.default_value),
+            minimum=msg.minimum if msg.HasField("minimum") else None,
+            maximum=msg.maximum if msg.HasField("maximum") else None,
+        )
+
+
+@dataclass(frozen=True)
+class PolicyInfo:
+    name: str
+    description: str
+    parameters: tuple[ParameterSchema, ...]
+
+    @classmethod
+    def from_proto(cls, msg: admin_pb2.PolicyInfo) -> "PolicyInfo":
+        return cls(msg.name, msg.description, tuple(ParameterSchema.from_proto(p) for p in msg.parameters))
+
+    def parameter(self, name: str) -> ParameterSchema | None:
+        return next((p for p in self.parameters if p.name == name), None)
+
+
+@dataclass(frozen=True)
+class ActivePolicy:
+    """The policy every controller replica uses now; `version` grows by one per change."""
+
+    name: str
+    parameters: dict[str, ParameterPy | None]
+    version: int
+    updated_unix_ms: int
+
+    @classmethod
+    def from_proto(cls, msg: admin_pb2.ActivePolicy) -> "ActivePolicy":
+        params = {key: from_parameter_value(v) for key, v in sorted(msg.policy.parameters.items())}
+        return cls(msg.policy.name, params, msg.version, msg.updated_unix_ms)
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Step-time coefficients in ms (see DESIGN.md, "Cost model")."""
+
+    c_fixed_ms: float = 0.0
+    c_spec_ms: float = 0.0
+    c_tok_ms: float = 0.0
+    c_kv_ms: float = 0.0
+    d_fixed_ms: float = 0.0
+    d_tok_ms: float = 0.0
+    d_kv_ms: float = 0.0
+    overhead_ms: float = 0.0
+
+    @classmethod
+    def from_proto(cls, msg: common_pb2.CostModel) -> "CostModel":
+        return cls(**{f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields})
+
+
+def _plain_fields(msg, skip: Sequence[str] = ()) -> dict[str, Any]:
+    """Scalar fields of a message by name (enums as numbers), for flat dataclasses."""
+    return {f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields if f.name not in skip}
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    model: str
+    proposer: str
+    device: str
+    max_speculation_length: int
+    last_seen_unix_ms: int
+    steps: int
+    proposed_tokens: int
+    accepted_tokens: int
+    generated_tokens: int
+    acceptance_rate: float
+    mean_speculation_length: float
+    goodput_tok_s: float
+    cost_model: CostModel = field(default_factory=CostModel)
+
+    @classmethod
+    def from_proto(cls, msg: admin_pb2.WorkerStatus) -> "WorkerStatus":
+        return cls(**_plain_fields(msg, skip=("cost_model",)), cost_model=CostModel.from_proto(msg.cost_model))
+
+
+@dataclass(frozen=True)
+class ControllerStatus:
+    policy: ActivePolicy
+    workers: tuple[WorkerStatus, ...]
+    redis_ok: bool
+    controller_id: str
+
+    @classmethod
+    def from_proto(cls, msg: admin_pb2.ControllerStatus) -> "ControllerStatus":
+        return cls(
+            policy=ActivePolicy.from_proto(msg.policy),
+            workers=tuple(WorkerStatus.from_proto(w) for w in msg.workers),
+            redis_ok=msg.redis_ok,
+            controller_id=msg.controller_id,
+        )
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker serves and how it is doing (`proposer_kind` like "ngram", "draft")."""
+
+    worker_id: str
+    model: str
+    proposer: str
+    proposer_kind: str
+    device: str
+    dtype: str
+    max_speculation_length: int
+    max_batch_size: int
+    context_window: int
+    controller: str
+    controller_connected: bool
+    fallback_steps: int
+    running_requests: int
+    queued_requests: int
+    local_policy: ActivePolicy | None
+
+    @classmethod
+    def from_proto(cls, msg: generation_pb2.WorkerInfo) -> "WorkerInfo":
+        plain = _plain_fields(msg, skip=("proposer_kind", "local_policy"))
+        local = None
+        if msg.HasField("local_policy"):
+            local = ActivePolicy(
+                msg.local_policy.name,
+                {k: from_parameter_value(v) for k, v in sorted(msg.local_policy.parameters.items())},
+                version=0,
+                updated_unix_ms=0,
+            )
+        kind = _enum_label(common_pb2.ProposerKind, msg.proposer_kind, "PROPOSER_KIND_")
+        return cls(**plain, proposer_kind=kind, local_policy=local)
