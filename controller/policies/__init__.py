@@ -1,0 +1,49 @@
+"""Speculation policies: pure functions (batch facts, estimates, cost model, params) -> per-request k."""
+
+from smartspec.controller.policies.base import (
+    BasePolicy,
+    BatchState,
+    ParameterSpec,
+    ParameterType,
+    Policy,
+    PolicyError,
+    RequestState,
+    validate_parameters,
+)
+from smartspec.controller.policies.guard import guarded_decide, sanitize_batch
+from smartspec.controller.policies.optimizer import GoodputPlan, expected_tokens, optimize_goodput, predict_plan
+from smartspec.controller.policies.registry import (
+    DEFAULT_POLICY,
+    ENTRY_POINT_GROUP,
+    Registry,
+    default_registry,
+    get,
+    list_policies,
+    names,
+    register,
+)
+
+__all__ = [
+    "BasePolicy",
+    "BatchState",
+    "DEFAULT_POLICY",
+    "ENTRY_POINT_GROUP",
+    "GoodputPlan",
+    "ParameterSpec",
+    "ParameterType",
+    "Policy",
+    "PolicyError",
+    "Registry",
+    "RequestState",
+    "default_registry",
+    "expected_tokens",
+    "get",
+    "guarded_decide",
+    "list_policies",
+    "names",
+    "optimize_goodput",
+    "predict_plan",
+    "register",
+    "sanitize_batch",
+    "validate_parameters",
+]

@@ -1,0 +1,199 @@
+"""What a policy sees, what it must provide, and how its parameters are checked.
+
+A policy is a pure function `(BatchState, CostModel, params) -> list[int]`. Everything here is
+plain data so that the controller (from Redis) and the simulator (from its own bookkeeping) can
+build the same inputs and run the same code.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
+
+if TYPE_CHECKING:  # the cost model imports nothing from here; only type hints point back
+    from smartspec.controller.cost_model import CostModel
+
+
+@dataclass(frozen=True)
+class RequestState:
+    """One request as a policy sees it, for the NEXT step."""
+
+    request_id: str
+    acceptance: float  # estimated a_i in [0, 1] (already blended with the prior)
+    context_tokens: int  # context length the next step attends over
+    prefill_tokens: int = 0  # prompt tokens still to prefill in the next step (usually 0)
+    last_k: int = 0  # speculation length of its last step
+    last_fully_accepted: bool = False  # last step accepted every proposal (heuristic policy)
+    steps_since_speculation: int = 0  # consecutive steps at k = 0 (probing)
+    evidence: float = 0.0  # tested positions seen for this request
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """The whole batch of the next step."""
+
+    requests: tuple[RequestState, ...]
+    max_k: int  # worker's maximum speculation length
+    queued_requests: int = 0
+    step_index: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.requests)
+
+
+class PolicyError(ValueError):
+    """A policy name or parameter is wrong; `field` names the culprit (maps to INVALID_ARGUMENT)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ParameterType(enum.Enum):
+    """Values match smartspec.v1.ParameterType, so the wire mapping is `ParameterType(v).value`."""
+
+    INT = 1
+    FLOAT = 2
+    BOOL = 3
+    STRING = 4
+    INT_LIST = 5
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One documented, bounded policy parameter. Bounds are inclusive and apply to each list element."""
+
+    name: str
+    type: ParameterType
+    default: Any
+    description: str
+    minimum: float | None = None
+    maximum: float | None = None
+
+    def coerce(self, value: Any) -> Any:
+        """Check `value` against type and bounds and return it in canonical form.
+
+        Raises PolicyError naming this parameter. Ints written as integral floats (JSON `4.0`)
+        are accepted; bools are never numbers here (a `True` where an int belongs is a mistake).
+        """
+        checker = _COERCERS[self.type]
+        return checker(self, value)
+
+    def _check_bounds(self, number: float, where: str) -> None:
+        if self.minimum is not None and number < self.minimum:
+            raise PolicyError(where, f"must be >= {_fmt(self.minimum)}, got {number}")
+        if self.maximum is not None and number > self.maximum:
+            raise PolicyError(where, f"must be <= {_fmt(self.maximum)}, got {number}")
+
+
+def _fmt(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def _as_int(value: Any, where: str) -> int:
+    if isinstance(value, bool):
+        raise PolicyError(where, f"must be an integer, got a bool ({value!r})")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    raise PolicyError(where, f"must be an integer, got {type(value).__name__} {value!r}")
+
+
+def _coerce_int(spec: ParameterSpec, value: Any) -> int:
+    number = _as_int(value, spec.name)
+    spec._check_bounds(number, spec.name)
+    return number
+
+
+def _coerce_float(spec: ParameterSpec, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PolicyError(spec.name, f"must be a number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise PolicyError(spec.name, f"must be finite, got {number}")
+    spec._check_bounds(number, spec.name)
+    return number
+
+
+def _coerce_bool(spec: ParameterSpec, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise PolicyError(spec.name, f"must be true or false, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _coerce_string(spec: ParameterSpec, value: Any) -> str:
+    if not isinstance(value, str):
+        raise PolicyError(spec.name, f"must be a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _coerce_int_list(spec: ParameterSpec, value: Any) -> tuple[int, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise PolicyError(spec.name, f"must be a list of integers, got {type(value).__name__} {value!r}")
+    items = []
+    for index, item in enumerate(value):
+        where = f"{spec.name}[{index}]"
+        number = _as_int(item, where)
+        spec._check_bounds(number, where)
+        items.append(number)
+    return tuple(items)
+
+
+_COERCERS = {
+    ParameterType.INT: _coerce_int,
+    ParameterType.FLOAT: _coerce_float,
+    ParameterType.BOOL: _coerce_bool,
+    ParameterType.STRING: _coerce_string,
+    ParameterType.INT_LIST: _coerce_int_list,
+}
+
+
+def validate_parameters(specs: Sequence[ParameterSpec], raw: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Fill defaults, reject unknown keys, wrong types and out-of-range values (naming the field)."""
+    raw = {} if raw is None else raw
+    known = {spec.name: spec for spec in specs}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        allowed = ", ".join(sorted(known)) or "none"
+        raise PolicyError(unknown[0], f"unknown parameter (allowed: {allowed})")
+    return {name: spec.coerce(raw[name]) if name in raw else spec.default for name, spec in known.items()}
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What the registry stores. Third-party policies only need these members."""
+
+    name: str
+    description: str
+    parameters: tuple[ParameterSpec, ...]
+
+    def validate(self, raw: Mapping[str, Any]) -> dict[str, Any]: ...
+
+    def decide(self, batch: BatchState, cost: "CostModel", params: Mapping[str, Any]) -> list[int]: ...
+
+
+class BasePolicy:
+    """Convenience base: `validate` from `parameters`, plus an optional cross-field `check` hook."""
+
+    name: str = ""
+    description: str = ""
+    parameters: tuple[ParameterSpec, ...] = ()
+
+    def validate(self, raw: Mapping[str, Any] | None) -> dict[str, Any]:
+        params = validate_parameters(self.parameters, raw)
+        self.check(params)
+        return params
+
+    def check(self, params: Mapping[str, Any]) -> None:
+        """Constraints between parameters; raise PolicyError naming a field."""
+
+    def decide(self, batch: BatchState, cost: "CostModel", params: Mapping[str, Any]) -> list[int]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<policy {self.name!r}>"

@@ -1,0 +1,73 @@
+"""`goodput` (default): per-request k maximising expected tokens per predicted step time (SmartSpec)."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from smartspec.controller.cost_model import CostModel
+from smartspec.controller.policies.base import BasePolicy, BatchState, ParameterSpec, ParameterType
+from smartspec.controller.policies.optimizer import optimize_goodput
+
+
+def apply_probes(ks: np.ndarray, steps_since_speculation: np.ndarray, step_index: int,
+                 probe_interval: int) -> np.ndarray:
+    """Give k = 1 to requests held at k = 0 for `probe_interval` steps, so their estimate can recover.
+
+    A request at k = 0 produces no acceptance evidence, so without probes one bad stretch would
+    pin it at 0 forever. When nobody else speculates this step, a probe also pays the batch-wide
+    c_spec, so such probes wait for a step index divisible by the interval and go together:
+    at most one c_spec per interval. When the plan already speculates, due probes ride along.
+    """
+    if probe_interval <= 0 or ks.size == 0:
+        return ks
+    due = (ks == 0) & (steps_since_speculation >= probe_interval)  # [B]
+    if not due.any():
+        return ks
+    if ks.max() > 0 or step_index % probe_interval == 0:
+        ks = ks.copy()
+        ks[due] = 1
+    return ks
+
+
+class GoodputPolicy(BasePolicy):
+    name = "goodput"
+    description = (
+        "SmartSpec: each step choose every request's k in 0..K maximising predicted goodput "
+        "(expected accepted + bonus tokens / predicted step time), exactly, with periodic k=1 "
+        "probes for requests held at k=0."
+    )
+    parameters = (
+        ParameterSpec("max_k", ParameterType.INT, 0,
+                      "Upper bound on k below the worker's own maximum; 0 = the worker's maximum.",
+                      minimum=0, maximum=64),
+        ParameterSpec("probe_interval", ParameterType.INT, 8,
+                      "A request held at k=0 for this many steps is given k=1 once; 0 disables probing.",
+                      minimum=0, maximum=100_000),
+        ParameterSpec("min_gain", ParameterType.FLOAT, 0.01,
+                      "Speculate only if predicted goodput beats k=0 for all by this relative margin "
+                      "(hedges against cost-model error).",
+                      minimum=0.0, maximum=10.0),
+    )
+
+    def decide(self, batch: BatchState, cost: CostModel, params: Mapping[str, Any]) -> list[int]:
+        max_k = batch.max_k if params["max_k"] == 0 else min(batch.max_k, params["max_k"])
+        requests = batch.requests
+        plan = optimize_goodput(
+            [r.acceptance for r in requests],
+            [r.context_tokens for r in requests],
+            [r.prefill_tokens for r in requests],
+            cost,
+            max_k,
+        )
+        ks = plan.ks
+        if plan.goodput < plan.baseline_goodput * (1.0 + params["min_gain"]):
+            ks = np.zeros_like(ks)
+        if max_k > 0:
+            held = np.array([r.steps_since_speculation for r in requests], dtype=np.int64)  # [B]
+            ks = apply_probes(ks, held, batch.step_index, params["probe_interval"])
+        return ks.tolist()
+
+
+POLICY = GoodputPolicy()

@@ -1,0 +1,52 @@
+"""The wrapper every policy decision goes through: clean inputs in, legal ks out, never an exception.
+
+A policy is user-swappable code; a bug in it must cost speculation, not the worker's step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import numbers
+from typing import Any, Mapping
+
+from smartspec.controller.acceptance import DEFAULT_PRIOR_RATE
+from smartspec.controller.cost_model import CostModel
+from smartspec.controller.policies.base import BatchState, Policy
+
+log = logging.getLogger(__name__)
+
+
+def sanitize_batch(batch: BatchState, prior_acceptance: float = DEFAULT_PRIOR_RATE) -> BatchState:
+    """Non-finite acceptance -> the prior; finite values clipped into [0, 1]; max_k >= 0."""
+    if not (math.isfinite(prior_acceptance) and 0.0 <= prior_acceptance <= 1.0):
+        prior_acceptance = DEFAULT_PRIOR_RATE
+    requests = []
+    for request in batch.requests:
+        a = request.acceptance
+        clean = prior_acceptance if not math.isfinite(a) else min(1.0, max(0.0, a))
+        requests.append(request if clean == a else dataclasses.replace(request, acceptance=clean))
+    return dataclasses.replace(batch, requests=tuple(requests), max_k=max(0, int(batch.max_k)))
+
+
+def _clamp(value: Any, max_k: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"speculation length {value!r} is not a finite number")
+    return min(max_k, max(0, int(value)))
+
+
+def guarded_decide(policy: Policy, batch: BatchState, cost: CostModel, params: Mapping[str, Any],
+                   *, prior_acceptance: float = DEFAULT_PRIOR_RATE) -> list[int]:
+    """policy.decide with sanitised inputs, each k clamped to 0..max_k, and k = 0 for all on any
+    failure (an exception, a wrong-length or non-numeric answer), which is logged."""
+    clean = sanitize_batch(batch, prior_acceptance)
+    size = len(clean.requests)
+    try:
+        ks = list(policy.decide(clean, cost, params))
+        if len(ks) != size:
+            raise ValueError(f"returned {len(ks)} speculation lengths for {size} requests")
+        return [_clamp(k, clean.max_k) for k in ks]
+    except Exception:  # noqa: BLE001 - any policy failure degrades to no speculation
+        log.exception("policy %r failed; planning k = 0 for all %d requests", getattr(policy, "name", policy), size)
+        return [0] * size

@@ -1,0 +1,127 @@
+"""Exact goodput maximisation over per-request speculation lengths (the SmartSpec objective).
+
+    maximise  G(k) = sum_i E_i(k_i) / T(k)   over k in {0..K}^B
+    E_i(k)    = 1 + a_i + ... + a_i^k = (1 - a_i^(k+1)) / (1 - a_i)
+    T(k)      = base + sum_i w_i k_i + depth(max_i k_i)
+
+where, from the cost model (see cost_model.py),
+
+    base      = c_fixed + overhead + c_tok * sum_i (1 + prefill_i) + c_kv * sum_i context_i   (T at k = 0)
+    w_i       = c_tok + d_tok + d_kv * context_i      marginal cost of one more proposal for request i
+    depth(m)  = c_spec * [m > 0] + d_fixed * m        terms shared by the whole batch
+
+Dinkelbach: G* is the lambda at which F(lambda) = max_k [sum_i E_i(k_i) - lambda T(k)] is zero.
+Start from lambda = G(0) and set lambda <- G(argmax) until it stops growing (superlinear, a
+handful of rounds). The inner maximisation is exact despite the coupling through max_i k_i:
+for each cap m in 0..K, every request picks its own best k_i <= m (the rows are independent
+once the shared depth(m) is fixed), and we take the best cap. Charging depth(m) for a vector
+whose true max is below m only overestimates its cost, and the cap equal to the true max is
+among those tried, so the best over caps is the true maximum. All caps at once: a running
+maximum along k of the [B, K+1] table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from smartspec.controller.cost_model import CostModel
+
+
+def expected_tokens_table(acceptance: np.ndarray, max_k: int) -> np.ndarray:
+    """E_i(k) for k = 0..K. acceptance: [B] -> [B, K+1]. Exact at a = 1 (k + 1) and a = 0 (1)."""
+    powers = np.asarray(acceptance, dtype=np.float64)[:, None] ** np.arange(max_k + 1)  # a^j: [B, K+1]
+    return np.cumsum(powers, axis=1)  # E: [B, K+1]
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Expected tokens from one request with k proposals: accepted prefix plus the bonus token."""
+    return float(expected_tokens_table(np.array([acceptance]), k)[0, k])
+
+
+@dataclass(frozen=True)
+class CostTerms:
+    """T(k) = base_ms + per_token_ms @ k + depth_ms[max k], split as the optimiser needs it."""
+
+    base_ms: float
+    per_token_ms: np.ndarray  # [B]
+    depth_ms: np.ndarray  # [K+1]
+
+    def step_ms(self, ks: np.ndarray) -> float:
+        top = int(ks.max(initial=0))
+        return float(self.base_ms + self.per_token_ms @ ks + self.depth_ms[top])
+
+
+def cost_terms(cost: CostModel, contexts: np.ndarray, prefills: np.ndarray, max_k: int) -> CostTerms:
+    contexts = np.asarray(contexts, dtype=np.float64)  # [B]
+    prefills = np.asarray(prefills, dtype=np.float64)  # [B]
+    depth = np.arange(max_k + 1, dtype=np.float64)  # m: [K+1]
+    return CostTerms(
+        base_ms=cost.c_fixed_ms + cost.overhead_ms
+        + cost.c_tok_ms * float((1.0 + prefills).sum()) + cost.c_kv_ms * float(contexts.sum()),
+        per_token_ms=cost.c_tok_ms + cost.d_tok_ms + cost.d_kv_ms * contexts,
+        depth_ms=cost.c_spec_ms * (depth > 0) + cost.d_fixed_ms * depth,
+    )
+
+
+@dataclass(frozen=True)
+class GoodputPlan:
+    ks: np.ndarray  # [B] int
+    expected_tokens: float
+    step_ms: float
+    baseline_goodput: float  # tokens per ms with every k = 0
+
+    @property
+    def goodput(self) -> float:
+        """Expected tokens per millisecond of step time."""
+        return self.expected_tokens / self.step_ms
+
+
+def optimize_goodput(acceptance, contexts, prefills, cost: CostModel, max_k: int,
+                     max_rounds: int = 64) -> GoodputPlan:
+    """The k vector maximising expected tokens per predicted step time, exactly.
+
+    Ties go to the smaller k (less compute for the same goodput). Raises ValueError when the
+    cost model predicts a zero-length step (the ratio is then undefined).
+    """
+    a = np.clip(np.asarray(acceptance, dtype=np.float64), 0.0, 1.0)  # [B]
+    batch = a.shape[0]
+    max_k = max(0, int(max_k))
+    terms = cost_terms(cost, contexts, prefills, max_k)
+    if not terms.base_ms > 0:
+        raise ValueError("cost model predicts a zero step time; goodput is undefined")
+    zeros = np.zeros(batch, dtype=np.int64)
+    baseline = batch / terms.base_ms
+    if batch == 0 or max_k == 0:
+        return GoodputPlan(zeros, float(batch), terms.base_ms, baseline)
+
+    gains = expected_tokens_table(a, max_k)  # E: [B, K+1]
+    marginal = terms.per_token_ms[:, None] * np.arange(max_k + 1)  # w_i * k: [B, K+1]
+    rows = np.arange(batch)
+    best_ks, best_tokens, best_ms, lam = zeros, float(batch), terms.base_ms, baseline
+    for _ in range(max_rounds):
+        objective = gains - lam * marginal  # E_i(k) - lam w_i k: [B, K+1]
+        capped = np.maximum.accumulate(objective, axis=1)  # best with k_i <= m: [B, K+1]
+        by_cap = capped.sum(axis=0) - lam * terms.depth_ms  # [K+1]
+        cap = int(np.argmax(by_cap))
+        ks = np.argmax(objective[:, : cap + 1], axis=1)  # [B]
+        tokens = float(gains[rows, ks].sum())
+        step_ms = terms.step_ms(ks)
+        ratio = tokens / step_ms
+        if ratio <= lam * (1.0 + 1e-12):  # F(lam) == 0: lam is the optimum
+            break
+        best_ks, best_tokens, best_ms, lam = ks, tokens, step_ms, ratio
+    return GoodputPlan(best_ks.astype(np.int64), best_tokens, best_ms, baseline)
+
+
+def predict_plan(acceptance, contexts, prefills, cost: CostModel, ks) -> tuple[float, float]:
+    """(expected tokens, predicted step ms) of a given plan, for StepPlan.predicted_* fields."""
+    ks = np.asarray(ks, dtype=np.int64)  # [B]
+    a = np.clip(np.asarray(acceptance, dtype=np.float64), 0.0, 1.0)  # [B]
+    top = int(ks.max(initial=0))
+    if ks.size == 0:
+        return 0.0, float(cost.predict_ms(np.zeros((0,)), np.zeros((0,))))
+    gains = expected_tokens_table(a, top)  # [B, top+1]
+    tokens = float(gains[np.arange(ks.size), ks].sum())
+    return tokens, float(cost.predict_ms(ks, contexts, prefills))
