@@ -1,0 +1,300 @@
+"""Llama-family decoder (Llama, SmolLM2, Mistral, Qwen2) over a preallocated, slotted KV cache.
+
+One `forward_step` serves a whole continuous batch: each row has its own cache slot, its own
+context length and its own number of new tokens (1 for decode, k + 1 for verification, the prompt
+for prefill), optionally with a token-tree mask. Parameter names follow Hugging Face's
+(`model.layers.0.self_attn.q_proj.weight` ...) so checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class KVCache:
+    """Storage for every slot's keys and values; the caller owns each slot's length.
+
+    k, v: [layers, slots, kv_heads, max_tokens, head_dim]. Position p of a slot holds the K/V of
+    that sequence's p-th token (RoPE already applied to K). Entries past a slot's length are stale
+    and never attended, so rolling back is just passing a smaller start position next time.
+    """
+
+    def __init__(self, config: ModelConfig, num_slots: int, max_tokens: int,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        if num_slots < 1 or max_tokens < 1:
+            raise ValueError(f"num_slots and max_tokens must be >= 1, got {num_slots}, {max_tokens}")
+        shape = (config.num_hidden_layers, num_slots, config.num_key_value_heads, max_tokens, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_tokens(self) -> int:
+        return self.k.shape[3]
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    def move_tokens(self, slot: int, src_positions: list[int], dst_start: int) -> None:
+        """Copy K/V at `src_positions` of `slot` to dst_start, dst_start+1, ... .
+
+        After a tree verification the accepted path sits at scattered cache positions; moving it
+        to consecutive positions makes the cache a plain prefix again. Its keys were rotated with
+        their depth in the tree, which is exactly their position in the compacted sequence.
+        """
+        if not src_positions:
+            return
+        src = torch.tensor(src_positions, device=self.k.device)
+        dst = slice(dst_start, dst_start + len(src_positions))
+        self.k[:, slot, :, dst] = self.k[:, slot, :, src].clone()  # [layers, kv_heads, n, head_dim]
+        self.v[:, slot, :, dst] = self.v[:, slot, :, src].clone()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 even for bf16/fp16 weights, as the reference implementation does.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_tables(config: ModelConfig, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin: [length, head_dim] for positions 0..length-1 (halves duplicated, HF layout)."""
+    half = torch.arange(0, config.head_dim, 2, dtype=torch.int64, device=device).float()
+    inv_freq = 1.0 / (config.rope_theta ** (half / config.head_dim))            # [D/2]
+    positions = torch.arange(length, device=device).float() / config.rope_scaling_factor
+    angles = torch.outer(positions, inv_freq)                                     # [length, D/2]
+    angles = torch.cat([angles, angles], dim=-1)                                  # [length, D]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat([-second, first], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, S, D]; cos/sin: [B, 1, S, D]."""
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class StepPlan:
+    """Index tensors shared by every layer of one forward_step (computed once per step)."""
+    cos: torch.Tensor            # [B, 1, S, D]
+    sin: torch.Tensor            # [B, 1, S, D]
+    write_rows: torch.Tensor     # [N] row of each real (unpadded) new token
+    write_cols: torch.Tensor     # [N] its column in input_ids
+    write_slots: torch.Tensor    # [N] cache slot it goes to
+    write_positions: torch.Tensor  # [N] cache position it goes to
+    read_slots: slice | torch.Tensor  # slots to attend over: a slice when they are consecutive
+    context_length: int          # L: cache positions attended over (max of start + query_length)
+    mask: torch.Tensor           # [B, 1, S, L] bool, True = may attend
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, plan: StepPlan) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.heads, self.head_dim).transpose(1, 2)     # [B, H, S, D]
+        k = self.k_proj(x).view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, D]
+        v = self.v_proj(x).view(batch, seq, self.kv_heads, self.head_dim)                 # [B, S, Hkv, D]
+        q = apply_rope(q, plan.cos, plan.sin)
+        k = apply_rope(k, plan.cos, plan.sin).transpose(1, 2)                              # [B, S, Hkv, D]
+
+        # Only real tokens are written: padding never lands in a slot.
+        layer_k, layer_v = cache.k[layer], cache.v[layer]                                # [slots, Hkv, T, D]
+        layer_k[plan.write_slots, :, plan.write_positions] = k[plan.write_rows, plan.write_cols]  # [N, Hkv, D]
+        layer_v[plan.write_slots, :, plan.write_positions] = v[plan.write_rows, plan.write_cols]
+
+        length = plan.context_length
+        if isinstance(plan.read_slots, slice):
+            keys = layer_k[plan.read_slots, :, :length]                                  # [B, Hkv, L, D] view
+            values = layer_v[plan.read_slots, :, :length]
+        else:
+            keys = layer_k[:, :, :length].index_select(0, plan.read_slots)               # [B, Hkv, L, D] copy
+            values = layer_v[:, :, :length].index_select(0, plan.read_slots)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask,
+                                             enable_gqa=self.heads != self.kv_heads)     # [B, H, S, D]
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, plan: StepPlan) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), layer, cache, plan)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausal(nn.Module):
+    """The decoder plus LM head; `forward_step` is the only entry point the serving path uses."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def allocate_cache(self, num_slots: int, max_tokens: int) -> KVCache:
+        return KVCache(self.config, num_slots, max_tokens, self.device, self.dtype)
+
+    def _rope_for(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = max(length, self.config.max_position_embeddings)
+        tables = self._rope
+        if tables is None or tables[0].shape[0] < needed or tables[0].dtype != self.dtype \
+                or tables[0].device != self.device:
+            tables = self._rope = rope_tables(self.config, needed, self.device, self.dtype)
+        return tables
+
+    @torch.inference_mode()
+    def forward_step(
+        self,
+        cache: KVCache,
+        input_ids: torch.Tensor,        # [B, S] long, right-padded
+        slots: torch.Tensor,            # [B] long
+        start_positions: torch.Tensor,  # [B] long: tokens already in each slot
+        query_lengths: torch.Tensor,    # [B] long: real tokens per row, 1..S
+        tree_mask: torch.Tensor | None = None,   # [B, S, S] bool, new token i may see new token j
+        logits_rows: str | None = None,          # "last" -> [B, 1, V]; None -> [B, S, V]
+    ) -> torch.Tensor:
+        """Write the new tokens' K/V into their slots and return their next-token logits.
+
+        Each row attends over its slot's positions [0, start) plus its own new tokens (causally,
+        or as `tree_mask` says). With a tree mask, a token's RoPE position is start + its depth
+        (the number of new tokens it sees, itself included, minus one), so a branch computes
+        exactly what the same tokens would as a plain chain. Its K/V is still written at
+        start + column: compact the accepted path with `KVCache.move_tokens`.
+        """
+        plan = self._plan(cache, input_ids, slots, start_positions, query_lengths, tree_mask, logits_rows)
+        hidden = self.model.embed_tokens(input_ids)                                       # [B, S, H]
+        for index, layer in enumerate(self.model.layers):
+            hidden = layer(hidden, index, cache, plan)
+        if logits_rows == "last":
+            rows = torch.arange(input_ids.shape[0], device=hidden.device)
+            hidden = hidden[rows, query_lengths.to(hidden.device) - 1].unsqueeze(1)        # [B, 1, H]
+        return self.lm_head(self.model.norm(hidden))                                       # [B, S|1, V]
+
+    def _plan(self, cache, input_ids, slots, start_positions, query_lengths, tree_mask, logits_rows) -> StepPlan:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+        batch, seq = input_ids.shape
+        device = self.device
+        for name, tensor in (("slots", slots), ("start_positions", start_positions),
+                             ("query_lengths", query_lengths)):
+            if tuple(tensor.shape) != (batch,):
+                raise ValueError(f"{name} must have shape [{batch}], got {tuple(tensor.shape)}")
+        if logits_rows not in (None, "last"):
+            raise ValueError(f"logits_rows must be None or 'last', got {logits_rows!r}")
+        slots = slots.to(device=device, dtype=torch.long)
+        starts = start_positions.to(device=device, dtype=torch.long)
+        lengths = query_lengths.to(device=device, dtype=torch.long)
+
+        # One host sync for all the checks and the attended length.
+        slot_list = slots.tolist()
+        ends = (starts + lengths).tolist()
+        min_len, max_len = int(lengths.min()), int(lengths.max())
+        if min_len < 1 or max_len > seq:
+            raise ValueError(f"query_lengths must be in 1..{seq}, got {lengths.tolist()}")
+        if int(starts.min()) < 0 or max(ends) > cache.max_tokens:
+            raise ValueError(f"start + query_length must fit the cache's {cache.max_tokens} tokens, got {ends}")
+        if min(slot_list) < 0 or max(slot_list) >= cache.num_slots or len(set(slot_list)) != batch:
+            raise ValueError(f"slots must be distinct and in 0..{cache.num_slots - 1}, got {slot_list}")
+        context_length = max(ends)
+
+        columns = torch.arange(seq, device=device)                                        # [S]
+        is_real = columns[None, :] < lengths[:, None]                                    # [B, S]
+        if tree_mask is None:
+            sees_new = columns[None, None, :] <= columns[None, :, None]                  # [1, S, S] causal
+            depth = columns[None, :].expand(batch, seq)                                  # [B, S]
+        else:
+            if tuple(tree_mask.shape) != (batch, seq, seq):
+                raise ValueError(f"tree_mask must be [{batch}, {seq}, {seq}], got {tuple(tree_mask.shape)}")
+            sees_new = tree_mask.to(device=device, dtype=torch.bool) | torch.eye(seq, dtype=torch.bool, device=device)
+            depth = (sees_new & is_real[:, None, :]).sum(-1) - 1                        # [B, S]
+        positions = (starts[:, None] + depth).clamp(0, cache.max_tokens - 1)            # [B, S]
+        cos, sin = self._rope_for(cache.max_tokens)
+        cos = cos[positions].unsqueeze(1)                                                # [B, 1, S, D]
+        sin = sin[positions].unsqueeze(1)
+
+        rel = torch.arange(context_length, device=device)[None, :] - starts[:, None]     # [B, L] key - start
+        in_context = (rel < 0)[:, None, :]                                               # [B, 1, L]
+        is_new = ((rel >= 0) & (rel < lengths[:, None]))[:, None, :]                     # [B, 1, L]
+        rel_index = rel.clamp(0, seq - 1)[:, None, :].expand(batch, seq, context_length)
+        new_visible = sees_new.expand(batch, seq, seq).gather(2, rel_index)              # [B, S, L]
+        mask = in_context | (is_new & new_visible)
+        # Padding queries see the row's real tokens only; their outputs are never used.
+        mask = torch.where(is_real[:, :, None], mask, in_context | is_new)              # [B, S, L]
+
+        write_rows, write_cols = is_real.nonzero(as_tuple=True)                          # [N], [N]
+        first = slot_list[0]
+        consecutive = slot_list == list(range(first, first + batch))
+        return StepPlan(
+            cos=cos, sin=sin,
+            write_rows=write_rows, write_cols=write_cols,
+            write_slots=slots[write_rows], write_positions=starts[write_rows] + write_cols,
+            read_slots=slice(first, first + batch) if consecutive else slots,
+            context_length=context_length,
+            mask=mask[:, None],                                                          # [B, 1, S, L]
+        )
