@@ -1,0 +1,53 @@
+"""The proposer contract: what the engine asks for and what a proposer gives back.
+
+Kept apart from any implementation so the engine depends on this page only; the engine verifies
+whatever a proposer returns, so a proposer can be wrong (lower acceptance) but never unsafe.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .sampling import SamplingParams
+
+
+@dataclass
+class ProposalRequest:
+    """One request's ask for the next step."""
+
+    seq_id: str
+    token_ids: list[int]  # whole committed context so far (prompt + generated)
+    k: int  # proposals wanted (>= 1)
+    sampling: SamplingParams  # temperature (0 = greedy), top_p, top_k
+    generator: torch.Generator | None = None  # the request's own RNG (seeded requests repeat)
+
+
+@dataclass
+class Proposal:
+    """Up to k guessed next tokens, and the distribution they were drawn from when sampled."""
+
+    tokens: list[int]  # 0..k proposed tokens
+    probs: torch.Tensor | None = None  # [len(tokens), V] draft distribution; None = deterministic
+
+    def __post_init__(self) -> None:
+        if self.probs is not None and self.probs.shape[0] != len(self.tokens):
+            raise ValueError(
+                f"probs has {self.probs.shape[0]} rows for {len(self.tokens)} proposed tokens"
+            )
+
+
+class Proposer(ABC):
+    """Guesses continuations for a batch of requests; the target verifies them."""
+
+    kind: int  # a smartspec.v1 ProposerKind value
+
+    @abstractmethod
+    def propose(self, requests: Sequence[ProposalRequest]) -> list[Proposal]:
+        """One Proposal per request, in order, each with at most request.k tokens."""
+
+    def release(self, seq_id: str) -> None:
+        """The request finished or was cancelled: free whatever state it holds (default: none)."""
