@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import numbers
 from typing import Any, Mapping
+
+import numpy as np
 
 from smartspec.controller.acceptance import DEFAULT_PRIOR_RATE
 from smartspec.controller.cost_model import CostModel
@@ -30,10 +31,13 @@ def sanitize_batch(batch: BatchState, prior_acceptance: float = DEFAULT_PRIOR_RA
     return dataclasses.replace(batch, requests=tuple(requests), max_k=max(0, int(batch.max_k)))
 
 
-def _clamp(value: Any, max_k: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise TypeError(f"speculation length {value!r} is not a finite number")
-    return min(max_k, max(0, int(value)))
+def _clamp(ks: list[Any], max_k: int) -> list[int]:
+    values = np.asarray(ks)  # [B]
+    if values.ndim != 1 or values.dtype.kind not in "iuf":
+        raise TypeError(f"speculation lengths must be numbers, got {values.dtype} values of shape {values.shape}")
+    if not np.isfinite(values).all():
+        raise ValueError(f"speculation lengths must be finite, got {ks!r}")
+    return np.clip(values, 0, max_k).astype(np.int64).tolist()
 
 
 def guarded_decide(policy: Policy, batch: BatchState, cost: CostModel, params: Mapping[str, Any],
@@ -46,7 +50,7 @@ def guarded_decide(policy: Policy, batch: BatchState, cost: CostModel, params: M
         ks = list(policy.decide(clean, cost, params))
         if len(ks) != size:
             raise ValueError(f"returned {len(ks)} speculation lengths for {size} requests")
-        return [_clamp(k, clean.max_k) for k in ks]
+        return _clamp(ks, clean.max_k) if ks else []
     except Exception:  # noqa: BLE001 - any policy failure degrades to no speculation
         log.exception("policy %r failed; planning k = 0 for all %d requests", getattr(policy, "name", policy), size)
         return [0] * size

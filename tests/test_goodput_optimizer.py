@@ -1,0 +1,135 @@
+"""The goodput optimiser against brute force, and the SmartSpec behaviour it should produce."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from smartspec.controller.cost_model import DEFAULT_COST_MODEL, CostModel
+from smartspec.controller.policies.optimizer import (
+    expected_tokens,
+    expected_tokens_table,
+    optimize_goodput,
+    predict_plan,
+)
+
+
+def brute_force(acceptance, contexts, prefills, cost: CostModel, max_k: int) -> float:
+    """Best goodput over every k vector, each evaluated directly by the cost model's formula."""
+    best = 0.0
+    for ks in itertools.product(range(max_k + 1), repeat=len(acceptance)):
+        tokens = sum(
+            sum(a**j for j in range(k + 1)) for a, k in zip(acceptance, ks)
+        )  # E_i(k) written as the plain geometric sum
+        best = max(best, tokens / cost.predict_ms(list(ks), contexts, prefills))
+    return best
+
+
+def random_cost(rng: np.random.Generator) -> CostModel:
+    """Coefficients on very different scales, each zeroed now and then, c_spec sometimes huge."""
+    def pick(scale: float) -> float:
+        return 0.0 if rng.random() < 0.25 else float(rng.uniform(0, scale))
+
+    return CostModel(
+        c_fixed_ms=float(rng.uniform(0.5, 100)),  # > 0: a step always takes some time
+        c_spec_ms=float(rng.choice([pick(50.0), float(rng.uniform(100, 2000))])),
+        c_tok_ms=pick(20.0),
+        c_kv_ms=pick(0.05),
+        d_fixed_ms=pick(50.0),
+        d_tok_ms=pick(5.0),
+        d_kv_ms=pick(0.01),
+        overhead_ms=pick(5.0),
+    )
+
+
+def test_expected_tokens_matches_closed_form_and_edges():
+    a = np.array([0.0, 0.3, 0.9, 1.0])
+    table = expected_tokens_table(a, 5)
+    for i, rate in enumerate(a):
+        for k in range(6):
+            closed = k + 1 if rate == 1.0 else (1 - rate ** (k + 1)) / (1 - rate)
+            assert table[i, k] == pytest.approx(closed, rel=1e-12)
+    assert expected_tokens(0.0, 7) == 1.0  # nothing accepted: only the bonus token
+    assert expected_tokens(1.0, 7) == 8.0
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_matches_brute_force_on_random_small_batches(seed):
+    rng = np.random.default_rng(seed)
+    batch = int(rng.integers(1, 5))
+    max_k = int(rng.integers(1, 5))
+    acceptance = [float(rng.choice([0.0, 1.0, rng.uniform()])) for _ in range(batch)]
+    contexts = [int(rng.integers(1, 4000)) for _ in range(batch)]
+    prefills = [int(rng.choice([0, 0, rng.integers(1, 300)])) for _ in range(batch)]
+    cost = random_cost(rng)
+
+    plan = optimize_goodput(acceptance, contexts, prefills, cost, max_k)
+
+    best = brute_force(acceptance, contexts, prefills, cost, max_k)
+    assert plan.goodput == pytest.approx(best, rel=1e-6)
+    # the plan's own bookkeeping agrees with an independent evaluation of its k vector
+    tokens, step_ms = predict_plan(acceptance, contexts, prefills, cost, plan.ks)
+    assert tokens == pytest.approx(plan.expected_tokens, rel=1e-12)
+    assert step_ms == pytest.approx(plan.step_ms, rel=1e-12)
+    assert plan.ks.min() >= 0 and plan.ks.max() <= max_k
+
+
+def test_coupling_term_is_what_makes_per_request_choice_wrong():
+    """With a huge c_spec, a greedy per-request choice (speculate if it pays alone) loses:
+    only the batch as a whole can decide whether the shared cost is worth it."""
+    cost = CostModel(c_fixed_ms=10.0, c_spec_ms=1000.0, c_tok_ms=1.0)
+    acceptance, contexts, prefills = [0.95, 0.2, 0.2], [100] * 3, [0] * 3
+    plan = optimize_goodput(acceptance, contexts, prefills, cost, 4)
+    assert plan.goodput == pytest.approx(brute_force(acceptance, contexts, prefills, cost, 4), rel=1e-9)
+
+
+def test_shared_draft_depth_caps_every_request():
+    """A draft model pays d_fixed per depth for the whole batch. Here each request alone would
+    speculate 3-4 tokens, but the batch optimum shares a shorter depth: the cap must bind."""
+    cost = CostModel(c_fixed_ms=32.9, c_tok_ms=3.44, d_fixed_ms=19.4)
+    acceptance, contexts, prefills = [0.997, 0.981, 0.686], [100] * 3, [0] * 3
+    plan = optimize_goodput(acceptance, contexts, prefills, cost, 4)
+    assert plan.goodput == pytest.approx(brute_force(acceptance, contexts, prefills, cost, 4), rel=1e-9)
+    # at the optimum's own lambda, request 0 alone would go deeper than the shared depth
+    lam = plan.goodput
+    alone = [expected_tokens(0.997, k) - lam * cost.c_tok_ms * k for k in range(5)]
+    assert int(np.argmax(alone)) > plan.ks.max() > 0
+
+
+def test_low_load_high_acceptance_speculates_long():
+    plan = optimize_goodput([0.9], [200], [0], DEFAULT_COST_MODEL, 8)
+    assert plan.ks.tolist() == [8]
+    assert plan.goodput > 2 * plan.baseline_goodput
+
+
+def test_same_requests_in_a_large_batch_with_costly_verify_do_not_speculate():
+    costly = DEFAULT_COST_MODEL.replace(c_tok_ms=20.0, c_spec_ms=200.0)  # compute-bound verify
+    single = optimize_goodput([0.9], [200], [0], costly, 8)
+    assert single.ks[0] > 0  # alone, speculation still pays off despite the cost...
+    plan = optimize_goodput([0.9] * 128, [200] * 128, [0] * 128, costly, 8)
+    assert plan.ks.tolist() == [0] * 128  # ...but at batch 128 the verify compute does not
+
+
+def test_per_request_lengths_follow_acceptance_within_one_batch():
+    acceptance = [0.05, 0.5, 0.95]
+    plan = optimize_goodput(acceptance, [200] * 3, [0] * 3, DEFAULT_COST_MODEL.replace(c_spec_ms=0.0), 8)
+    assert plan.ks[0] <= plan.ks[1] <= plan.ks[2]
+    assert plan.ks[0] < plan.ks[2]
+
+
+def test_ties_prefer_less_speculation():
+    # a = 0: proposals never help, and with zero per-token cost they also never hurt
+    plan = optimize_goodput([0.0, 0.0], [10, 10], [0, 0], CostModel(c_fixed_ms=5.0), 4)
+    assert plan.ks.tolist() == [0, 0]
+
+
+def test_zero_step_time_is_an_error_not_a_division():
+    with pytest.raises(ValueError, match="zero step time"):
+        optimize_goodput([0.5], [0], [0], CostModel(), 4)
+
+
+def test_empty_batch_and_zero_max_k():
+    assert optimize_goodput([], [], [], DEFAULT_COST_MODEL, 8).ks.tolist() == []
+    assert optimize_goodput([1.0, 1.0], [5, 5], [0, 0], DEFAULT_COST_MODEL, 0).ks.tolist() == [0, 0]
