@@ -1,0 +1,78 @@
+"""The Controller gRPC service: thin mapping between the wire and `Decider`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+import grpc
+
+from smartspec.controller.cost_model import CostModel
+from smartspec.controller.decider import Decider, error_plan
+from smartspec.controller.validation import InvalidInput, validate_cost_override, validate_hello
+from smartspec.v1 import controller_pb2, controller_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class ControllerServicer(controller_pb2_grpc.ControllerServicer):
+    def __init__(self, decider: Decider) -> None:
+        self._decider = decider
+
+    def Connect(self, request_iterator: Iterator[controller_pb2.WorkerMessage],
+                context: grpc.ServicerContext) -> Iterator[controller_pb2.StepPlan]:
+        """hello, then one plan per report in order; a bad report gets an error plan, not a closed stream."""
+        first = next(request_iterator, None)
+        if first is None:
+            return
+        if first.WhichOneof("kind") != "hello":
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "hello: the first WorkerMessage of a Connect stream must be a hello")
+        session = self._open(first.hello, context)
+        for message in request_iterator:
+            kind = message.WhichOneof("kind")
+            if kind == "hello":  # a worker may re-introduce itself (e.g. after re-profiling)
+                session = self._open(message.hello, context)
+                continue
+            if kind != "report":
+                self._decider.metrics.rejected_reports.labels("kind").inc()
+                yield error_plan(0, InvalidInput("kind", "WorkerMessage has neither hello nor report"))
+                continue
+            yield self._plan_or_error(session, message.report)
+
+    def _open(self, hello: controller_pb2.WorkerHello, context: grpc.ServicerContext):
+        try:
+            validate_hello(hello, "hello")
+        except InvalidInput as exc:
+            context.abort(exc.code, str(exc))
+        return self._decider.connect(hello)
+
+    def _plan_or_error(self, session, report: controller_pb2.StepReport) -> controller_pb2.StepPlan:
+        try:
+            return self._decider.step(session, report)
+        except InvalidInput as exc:
+            log.warning("rejected report worker_id=%s step=%d field=%s: %s",
+                        session.worker_id, report.step_index, exc.field, exc.message)
+            self._decider.metrics.rejected_reports.labels(exc.field.split("[")[0]).inc()
+            return error_plan(report.step_index, exc)
+        except Exception:  # noqa: BLE001 - a controller bug costs this step's speculation, not the stream
+            log.exception("planning failed worker_id=%s step=%d", session.worker_id, report.step_index)
+            return error_plan(report.step_index, InvalidInput(
+                "", "internal controller error; see controller logs", grpc.StatusCode.INTERNAL))
+
+    def Decide(self, request: controller_pb2.DecideRequest,
+               context: grpc.ServicerContext) -> controller_pb2.StepPlan:
+        """Unary: validate the carried hello and report, plan, and map bad input to INVALID_ARGUMENT."""
+        try:
+            if not request.HasField("worker"):
+                raise InvalidInput("worker", "is required (the worker's hello)")
+            validate_hello(request.worker, "worker")
+            override = None
+            if request.HasField("cost_model_override"):
+                validate_cost_override(request.cost_model_override)
+                override = CostModel.from_proto(request.cost_model_override)
+            session = self._decider.session_for(request.worker)
+            return self._decider.step(session, request.report, field_prefix="report.", cost_override=override)
+        except InvalidInput as exc:
+            self._decider.metrics.rejected_reports.labels(exc.field.split("[")[0]).inc()
+            context.abort(exc.code, str(exc))

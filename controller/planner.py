@@ -1,0 +1,205 @@
+"""One step's bookkeeping and decision, as pure functions of (report, what Redis held).
+
+No gRPC and no Redis here: `plan_step` takes the validated report and the `StepSnapshot` read for it
+and returns the speculation lengths plus the `StepWrites` to store. The servicer does the I/O around
+it, so the same code plans a stream step, a unary Decide and a degraded step (empty snapshot).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+from smartspec.controller.acceptance import (
+    DEFAULT_PRIOR_DECAY,
+    DEFAULT_PRIOR_RATE,
+    DEFAULT_PRIOR_STRENGTH,
+    AcceptanceState,
+    PooledPrior,
+    estimate,
+)
+from smartspec.controller.cost_model import CostModel, OnlineCostFit
+from smartspec.controller.policies import guarded_decide
+from smartspec.controller.policies.base import BatchState, Policy, RequestState
+from smartspec.controller.policies.optimizer import predict_plan
+from smartspec.controller.store import StepSnapshot, StepWrites, WorkerFigures
+from smartspec.v1 import controller_pb2
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    """Knobs of the controller's estimates (not of a policy)."""
+
+    # Weight of the pooled prior in tested positions: a new request's estimate moves halfway to its
+    # own rate after this many tested positions.
+    prior_strength: float = DEFAULT_PRIOR_STRENGTH
+    # Per-step decay of the pooled prior's counts: ~1/(1 - decay) steps of memory.
+    prior_decay: float = DEFAULT_PRIOR_DECAY
+    # Acceptance assumed before any request of a proposer kind was ever verified.
+    cold_rate: float = DEFAULT_PRIOR_RATE
+    # Weight of the newest step in the worker's goodput average.
+    goodput_smoothing: float = 0.2
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """The plan for the next step, the writes that record this one, and figures for metrics."""
+
+    request_ids: tuple[str, ...]                  # unfinished requests, report order
+    speculation_lengths: tuple[int, ...]          # k_i, same order
+    acceptances: tuple[float, ...]                # a_i used to plan
+    predicted_step_ms: float
+    predicted_tokens: float
+    measured_step_ms: float
+    generated_tokens: int
+    writes: StepWrites
+
+
+def attended_context(outcome: controller_pb2.RequestOutcome) -> int:
+    """Context the reported step attended over: the context after it, less what the step added."""
+    return max(0, outcome.context_tokens - outcome.accepted_tokens - 1 - outcome.prefill_tokens)
+
+
+def update_history(history: AcceptanceState, outcome: controller_pb2.RequestOutcome) -> AcceptanceState:
+    """Add one (validated) step's verification result to a request's evidence.
+
+    Not `AcceptanceState.update`: that one insists on tested = accepted + 1 after a partial accept,
+    while a worker may legitimately stop verifying early (EOS among the accepted tokens) and report
+    tested = accepted < proposed; validation.py admits that case.
+    """
+    proposed = outcome.proposed_tokens
+    return AcceptanceState(
+        accepted=history.accepted + outcome.accepted_tokens,
+        tested=history.tested + outcome.tested_positions,
+        steps=history.steps + 1,
+        last_k=proposed,
+        last_fully_accepted=proposed > 0 and outcome.accepted_tokens == proposed,
+        steps_since_speculation=0 if proposed > 0 else history.steps_since_speculation + 1,
+    )
+
+
+def smoothed(previous: float | None, value: float | None, weight: float) -> float | None:
+    if value is None:
+        return previous
+    if previous is None:
+        return value
+    return (1.0 - weight) * previous + weight * value
+
+
+def plan_step(
+    hello: controller_pb2.WorkerHello,
+    report: controller_pb2.StepReport,
+    snapshot: StepSnapshot,
+    *,
+    cost_fit: OnlineCostFit,
+    policy: Policy,
+    params: Mapping[str, Any],
+    settings: PlannerSettings,
+    cost_override: CostModel | None = None,
+    proposer_kind: str,
+    cost_profile_id: str,
+) -> StepDecision:
+    """Record the reported step and choose k for every unfinished request of the next one.
+
+    `cost_fit` is updated in place with the step's measured times (the caller built it from the
+    snapshot or from the seed); the decision uses `cost_override` when given, else the fit.
+    """
+    outcomes: Sequence[controller_pb2.RequestOutcome] = report.requests
+
+    # Acceptance evidence: per request, and pooled for the prior.
+    histories = {o.request_id: update_history(snapshot.histories.get(o.request_id, AcceptanceState()), o)
+                 for o in outcomes}
+    step_accepted = float(sum(o.accepted_tokens for o in outcomes))
+    step_tested = float(sum(o.tested_positions for o in outcomes))
+    # The same decay-and-add the store's script applies in Redis, so new requests in this very
+    # step already see this step's evidence.
+    prior = (snapshot.prior or PooledPrior()).update(step_accepted, step_tested, settings.prior_decay)
+
+    # Cost model: learn from the measured step (if it ran anything), then plan with it.
+    measured_ms = report.total_ms if report.total_ms > 0 else report.draft_ms + report.verify_ms
+    if outcomes and report.draft_ms + report.verify_ms > 0:
+        cost_fit.observe(
+            [o.proposed_tokens for o in outcomes],
+            [attended_context(o) for o in outcomes],
+            [o.prefill_tokens for o in outcomes],
+            report.draft_ms,
+            report.verify_ms,
+            report.total_ms if report.total_ms > 0 else None,
+        )
+    cost = cost_override if cost_override is not None else cost_fit.model()
+
+    # The next step: every unfinished request, in report order.
+    pending = [o for o in outcomes if not o.finished]
+    states = []
+    for o in pending:
+        h = histories[o.request_id]
+        states.append(RequestState(
+            request_id=o.request_id,
+            acceptance=estimate(h.accepted, h.tested, prior.accepted, prior.tested, settings.prior_strength,
+                                settings.cold_rate),
+            context_tokens=o.context_tokens,
+            prefill_tokens=0,
+            last_k=h.last_k,
+            last_fully_accepted=h.last_fully_accepted,
+            steps_since_speculation=h.steps_since_speculation,
+            evidence=float(h.tested),
+        ))
+    batch = BatchState(
+        requests=tuple(states),
+        max_k=hello.max_speculation_length,
+        queued_requests=report.queued_requests,
+        step_index=report.step_index,
+    )
+    ks: list[int] = []
+    if states:
+        ks = guarded_decide(policy, batch, cost, params, prior_acceptance=prior.rate(settings.cold_rate))
+
+    predicted_tokens, predicted_ms = 0.0, 0.0
+    if states:
+        predicted_tokens, predicted_ms = predict_plan(
+            [s.acceptance for s in states], [s.context_tokens for s in states], [0] * len(states), cost, ks
+        )
+
+    # Figures the status page and the next step's metrics read back.
+    generated = sum(o.accepted_tokens + 1 for o in outcomes)
+    goodput = generated * 1000.0 / measured_ms if measured_ms > 0 and outcomes else None
+    figures = WorkerFigures(
+        predicted_step_ms=predicted_ms,
+        predicted_tokens=predicted_tokens,
+        goodput_tok_s=smoothed(snapshot.worker.goodput_tok_s, goodput, settings.goodput_smoothing),
+    )
+    totals = {
+        "steps": 1,
+        "proposed": sum(o.proposed_tokens for o in outcomes),
+        "accepted": int(step_accepted),
+        "tested": int(step_tested),
+        "generated": generated,
+        "planned_k": sum(ks),
+        "planned_requests": len(ks),
+    }
+    writes = StepWrites(
+        worker_id=hello.worker_id,
+        cost_profile_id=cost_profile_id,
+        proposer_kind=proposer_kind,
+        histories={o.request_id: histories[o.request_id] for o in pending},
+        finished=tuple(o.request_id for o in outcomes if o.finished),
+        cost_fit=cost_fit.to_dict(),
+        prior_accepted=step_accepted,
+        prior_tested=step_tested,
+        prior_decay=settings.prior_decay,
+        totals=totals,
+        figures=figures,
+    )
+    if not math.isfinite(predicted_ms):
+        predicted_ms = 0.0
+    return StepDecision(
+        request_ids=tuple(s.request_id for s in states),
+        speculation_lengths=tuple(ks),
+        acceptances=tuple(s.acceptance for s in states),
+        predicted_step_ms=predicted_ms,
+        predicted_tokens=predicted_tokens,
+        measured_step_ms=measured_ms,
+        generated_tokens=generated,
+        writes=writes,
+    )

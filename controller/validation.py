@@ -1,0 +1,120 @@
+"""Checks on what workers send, before anything is read or written.
+
+Each check raises `InvalidInput` naming the offending field the way a caller would write it
+(`requests[2].accepted_tokens`), so a worker bug is found from the error alone. The gRPC layer maps
+`InvalidInput.code` to a status (unary) or a PlanError (stream); nothing here knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import grpc
+
+from smartspec.v1 import common_pb2, controller_pb2
+
+# Controller-side limits, independent of what a worker declares.
+MAX_BATCH_SIZE = 4096
+MAX_SPECULATION_LENGTH = 64
+MAX_ID_LENGTH = 256
+
+
+@dataclass
+class InvalidInput(Exception):
+    """A field of a worker message is wrong; `code` is the gRPC status it maps to."""
+
+    field: str
+    message: str
+    code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}"
+
+
+def _check_id(value: str, field: str, *, allow_colon: bool) -> None:
+    if not value:
+        raise InvalidInput(field, "must not be empty")
+    if len(value.encode()) > MAX_ID_LENGTH:
+        raise InvalidInput(field, f"must be at most {MAX_ID_LENGTH} bytes, got {len(value.encode())}")
+    if not allow_colon and ":" in value:
+        # Redis keys are `req:{worker_id}:{request_id}`: a colon in the worker id would let two
+        # workers' requests share a key.
+        raise InvalidInput(field, f"must not contain ':' (got {value!r})")
+
+
+def _check_ms(value: float, field: str) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise InvalidInput(field, f"must be a finite, non-negative number of milliseconds, got {value}")
+
+
+def validate_hello(hello: controller_pb2.WorkerHello, prefix: str = "hello") -> None:
+    """A worker's self-description: ids usable as keys, limits within the controller's own."""
+    _check_id(hello.worker_id, f"{prefix}.worker_id", allow_colon=False)
+    if hello.cost_profile_id:
+        _check_id(hello.cost_profile_id, f"{prefix}.cost_profile_id", allow_colon=True)
+    if hello.max_speculation_length > MAX_SPECULATION_LENGTH:
+        raise InvalidInput(
+            f"{prefix}.max_speculation_length",
+            f"must be at most {MAX_SPECULATION_LENGTH}, got {hello.max_speculation_length}",
+        )
+    if hello.max_batch_size > MAX_BATCH_SIZE:
+        raise InvalidInput(
+            f"{prefix}.max_batch_size", f"must be at most {MAX_BATCH_SIZE}, got {hello.max_batch_size}"
+        )
+    if hello.proposer_kind not in common_pb2.ProposerKind.values():
+        raise InvalidInput(f"{prefix}.proposer_kind", f"unknown ProposerKind value {hello.proposer_kind}")
+    for index, sample in enumerate(hello.profile):
+        where = f"{prefix}.profile[{index}]"
+        if sample.batch_size == 0:
+            raise InvalidInput(f"{where}.batch_size", "must be at least 1")
+        _check_ms(sample.draft_ms, f"{where}.draft_ms")
+        _check_ms(sample.verify_ms, f"{where}.verify_ms")
+
+
+def batch_limit(hello: controller_pb2.WorkerHello) -> int:
+    """The largest batch this worker may report: its own declaration, else the controller's cap."""
+    return min(hello.max_batch_size or MAX_BATCH_SIZE, MAX_BATCH_SIZE)
+
+
+def validate_report(report: controller_pb2.StepReport, hello: controller_pb2.WorkerHello,
+                    prefix: str = "") -> None:
+    """One step's facts must be internally consistent (see RequestOutcome in controller.proto)."""
+    count = len(report.requests)
+    if count > MAX_BATCH_SIZE:
+        raise InvalidInput(f"{prefix}requests", f"batch of {count} exceeds the controller's limit of "
+                           f"{MAX_BATCH_SIZE}", grpc.StatusCode.RESOURCE_EXHAUSTED)
+    if count > batch_limit(hello):
+        raise InvalidInput(f"{prefix}requests", f"batch of {count} exceeds the hello's max_batch_size "
+                           f"{hello.max_batch_size}")
+    _check_ms(report.draft_ms, f"{prefix}draft_ms")
+    _check_ms(report.verify_ms, f"{prefix}verify_ms")
+    _check_ms(report.total_ms, f"{prefix}total_ms")
+    seen: dict[str, int] = {}
+    for index, outcome in enumerate(report.requests):
+        where = f"{prefix}requests[{index}]"
+        _check_id(outcome.request_id, f"{where}.request_id", allow_colon=True)
+        if outcome.request_id in seen:
+            raise InvalidInput(f"{where}.request_id",
+                               f"duplicate of requests[{seen[outcome.request_id]}] ({outcome.request_id!r})")
+        seen[outcome.request_id] = index
+        proposed, accepted, tested = outcome.proposed_tokens, outcome.accepted_tokens, outcome.tested_positions
+        if accepted > proposed:
+            raise InvalidInput(f"{where}.accepted_tokens",
+                               f"{accepted} accepted exceeds {proposed} proposed")
+        if tested > proposed:
+            raise InvalidInput(f"{where}.tested_positions",
+                               f"{tested} tested exceeds {proposed} proposed")
+        if tested < accepted:
+            raise InvalidInput(f"{where}.tested_positions",
+                               f"{tested} tested is fewer than {accepted} accepted (accepted positions are tested)")
+        if tested > accepted + 1:
+            raise InvalidInput(f"{where}.tested_positions",
+                               f"{tested} tested exceeds accepted + 1 = {accepted + 1} "
+                               "(verification stops at the first rejection)")
+
+
+def validate_cost_override(model: common_pb2.CostModel, field: str = "cost_model_override") -> None:
+    for descriptor, value in model.ListFields():
+        if not math.isfinite(value) or value < 0:
+            raise InvalidInput(f"{field}.{descriptor.name}", f"must be finite and non-negative, got {value}")
