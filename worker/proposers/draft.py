@@ -62,7 +62,7 @@ class DraftModelProposer(Proposer):
         self.model = loaded_model
         self.max_tokens = max_tokens
         self.cache = loaded_model.module.allocate_cache(max_slots, max_tokens)
-        self._device = next(loaded_model.module.parameters()).device
+        self._device = loaded_model.module.device
         self._slots: dict[str, _Slot] = {}
         self._free = list(range(max_slots - 1, -1, -1))  # pop() hands out slot 0 first
 
