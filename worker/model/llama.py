@@ -234,7 +234,8 @@ class LlamaForCausal(nn.Module):
         if logits_rows == "last":
             rows = torch.arange(input_ids.shape[0], device=hidden.device)
             hidden = hidden[rows, query_lengths.to(hidden.device) - 1].unsqueeze(1)        # [B, 1, H]
-        return self.lm_head(self.model.norm(hidden))                                       # [B, S|1, V]
+        # fp32 logits whatever the weights' dtype, so drafts and targets compare like for like.
+        return self.lm_head(self.model.norm(hidden)).float()                               # [B, S|1, V]
 
     def _plan(self, cache, input_ids, slots, start_positions, query_lengths, tree_mask, logits_rows) -> StepPlan:
         if input_ids.dim() != 2:
