@@ -1,0 +1,185 @@
+"""`smartspec up`: Redis, one controller and one worker as local child processes, in one command.
+
+    smartspec up                 # serve until Ctrl-C
+    smartspec up --demo          # then run a small workload without and with speculation, and exit
+    smartspec up --redis redis://127.0.0.1:6379/0 --controller-port 0 --worker-port 0
+
+Without --redis a private redis-server (no persistence) runs on a free port. Each part is started
+as `python -m smartspec.cli ...`, exactly as a user would start it by hand; `up` waits for the gRPC
+health of each, prints where every part listens, and on Ctrl-C (or SIGTERM) stops them all:
+SIGTERM to each process group, SIGKILL after a grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from smartspec.config import add_flag, add_option
+from smartspec.healthcheck import check as health_status
+from smartspec.processes import Child, free_port, start_child, stop_all, wait_port_open
+from smartspec.redis_launcher import find_redis_server, redis_server_argv
+
+
+@dataclass(frozen=True)
+class Ports:
+    controller: int
+    worker: int
+    controller_metrics: int
+    worker_metrics: int
+
+
+def resolve_port(port: int, host: str) -> int:
+    """0 means "any free port": chosen here, because `up` must know it to wait and to print it."""
+    return port if port else free_port(host)
+
+
+def controller_argv(host: str, ports: Ports, redis_url: str) -> list[str]:
+    return [sys.executable, "-m", "smartspec.cli", "controller", "--host", host, "--port", str(ports.controller),
+            "--metrics-port", str(ports.controller_metrics), "--redis", redis_url]
+
+
+def worker_argv(host: str, ports: Ports, model: str, proposer: str) -> list[str]:
+    argv = [sys.executable, "-m", "smartspec.cli", "worker", "--host", host, "--port", str(ports.worker),
+            "--metrics-port", str(ports.worker_metrics), "--controller", f"{host}:{ports.controller}",
+            "--proposer", proposer]
+    return argv + (["--model", model] if model else [])
+
+
+def wait_serving(child: Child, address: str, timeout_s: float, what: str) -> None:
+    """Poll grpc.health.v1 until SERVING, with a spinner; fail fast if the child dies."""
+    from tqdm import tqdm
+
+    deadline = time.monotonic() + timeout_s
+    with tqdm(desc=f"waiting for {child.name} ({what})", total=None, unit="s", leave=False, file=sys.stderr,
+              bar_format="{desc}: {elapsed}") as spinner:
+        while True:
+            if not child.alive():
+                raise RuntimeError(f"{child.name} exited with status {child.process.returncode}; "
+                                   f"last log lines ({child.log_path}):\n{child.log_tail()}")
+            if health_status(address, timeout_s=1.0) == "SERVING":
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{child.name} at {address} not SERVING after {timeout_s:.0f} s; "
+                                   f"see {child.log_path}")
+            time.sleep(0.25)
+            spinner.update(0)  # redraw the elapsed time
+
+
+def start_redis(log_dir: Path) -> tuple[Child, str]:
+    port = free_port("127.0.0.1")
+    child = start_child("redis", redis_server_argv(find_redis_server(), port), log_dir)
+    if not wait_port_open("127.0.0.1", port, timeout_s=10):
+        raise RuntimeError(f"redis-server did not open port {port}:\n{child.log_tail()}")
+    return child, f"redis://127.0.0.1:{port}/0"
+
+
+def listening_lines(host: str, ports: Ports, redis_url: str) -> list[str]:
+    return [
+        f"redis       listening on {redis_url}",
+        f"controller  listening on {host}:{ports.controller} (gRPC)  metrics http://{host}:{ports.controller_metrics}/metrics",
+        f"worker      listening on {host}:{ports.worker} (gRPC)  metrics http://{host}:{ports.worker_metrics}/metrics",
+    ]
+
+
+def _interrupt_on_signals() -> None:
+    """SIGINT and SIGTERM both raise KeyboardInterrupt once (start-up, demo and serving all stop
+    the same way); later signals are ignored so they cannot cut the children's shutdown short."""
+
+    def handle(signum, frame) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+def serve_until_stopped(children: list[Child]) -> int:
+    """Block until a signal (exit 0) or until a child dies on its own (exit 1)."""
+    try:
+        while True:
+            dead = next((c for c in children if not c.alive()), None)
+            if dead is not None:
+                print(f"{dead.name} exited with status {dead.process.returncode}; stopping the rest\n"
+                      f"{dead.log_tail()}", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+
+
+def run_demo(host: str, ports: Ports, max_tokens: int) -> None:
+    from smartspec.client import AsyncClient
+    from smartspec.demo import run_demo as demo
+
+    async def go() -> str:
+        async with AsyncClient(worker=f"{host}:{ports.worker}", controller=f"{host}:{ports.controller}",
+                               stream_timeout=1800) as client:
+            return (await demo(client, max_tokens=max_tokens))["table"]
+
+    print(f"\ndemo: 3 requests at once, max {max_tokens} tokens each, greedy; first with policy `off`, "
+          "then with `goodput`", flush=True)
+    print(asyncio.run(go()), flush=True)
+
+
+def configure(parser) -> None:
+    add_option(parser, "--host", default="127.0.0.1", help="address the controller and worker listen on")
+    add_option(parser, "--controller-port", default=50051, type=int, help="controller gRPC port (0 = any free)")
+    add_option(parser, "--worker-port", default=50052, type=int, help="worker gRPC port (0 = any free)")
+    add_option(parser, "--controller-metrics-port", default=9101, type=int,
+               help="controller Prometheus port (0 = any free)")
+    add_option(parser, "--worker-metrics-port", default=9102, type=int, help="worker Prometheus port (0 = any free)")
+    add_option(parser, "--model", default="", help="worker's target model (default: the worker's default model)")
+    add_option(parser, "--proposer", default="ngram", help="worker's proposer")
+    add_option(parser, "--redis", default="", help="use this Redis URL instead of starting a private redis-server")
+    add_flag(parser, "--demo", help="after start-up, run a small workload with policy off, then goodput; then exit")
+    add_flag(parser, "--serve", help="with --demo: keep serving after the demo")
+    add_option(parser, "--demo-max-tokens", default=64, type=int, help="tokens per demo request")
+    add_option(parser, "--startup-timeout", default=900.0, type=float,
+               help="seconds to wait for each part to become healthy (model load + profile)")
+    add_option(parser, "--log-dir", default="", help="where the children's logs go (default: a new temp dir)")
+    add_option(parser, "--grace", default=10.0, type=float, help="seconds between SIGTERM and SIGKILL at shutdown")
+
+
+def run(args) -> int:
+    _interrupt_on_signals()
+    log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="smartspec-up-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    ports = Ports(*(resolve_port(p, args.host) for p in (args.controller_port, args.worker_port,
+                                                        args.controller_metrics_port, args.worker_metrics_port)))
+    children: list[Child] = []
+    try:
+        redis_url = args.redis
+        if not redis_url:
+            redis_child, redis_url = start_redis(log_dir)
+            children.append(redis_child)
+        controller = start_child("controller", controller_argv(args.host, ports, redis_url), log_dir)
+        children.append(controller)
+        wait_serving(controller, f"{args.host}:{ports.controller}", args.startup_timeout, "connecting to Redis")
+        worker = start_child("worker", worker_argv(args.host, ports, args.model, args.proposer), log_dir)
+        children.append(worker)
+        wait_serving(worker, f"{args.host}:{ports.worker}", args.startup_timeout, "loading the model, profiling")
+        for line in listening_lines(args.host, ports, redis_url):
+            print(line, flush=True)
+        print(f"logs in {log_dir}", flush=True)
+        if args.demo:
+            run_demo(args.host, ports, args.demo_max_tokens)
+            if not args.serve:
+                return 0
+        print("serving; Ctrl-C stops everything", flush=True)
+        return serve_until_stopped(children)
+    except (RuntimeError, TimeoutError, FileNotFoundError, OSError) as exc:
+        print(f"smartspec up: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if children:
+            print("stopping " + ", ".join(c.name for c in reversed(children)), file=sys.stderr, flush=True)
+        stop_all(children, grace_s=args.grace)
