@@ -1,0 +1,189 @@
+"""How many proposals the simulated target accepts: the simulator's stand-in for a proposer.
+
+Each model assigns every simulated request a true per-position acceptance rate (or a recorded
+stream of verification outcomes) and, per step, turns (request, k) into accepted counts. Verification
+stops at the first rejection, so with rate a the accepted count is min(k, G) where
+P(G >= j) = a^j (a geometric run of successes).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+
+def accepted_runs(alphas: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """min(k, G) with P(G >= j) = a^j, vectorised. alphas, ks: [B] -> accepted: [B] (int64)."""
+    a = np.asarray(alphas, dtype=np.float64)  # [B], in [0, 1]
+    k = np.asarray(ks, dtype=np.int64)  # [B]
+    u = rng.random(a.shape)  # [B] in [0, 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # inverse CDF: G = floor(log(1-u) / log a); a = 0 gives log a = -inf, so G = 0
+        run = np.floor(np.log1p(-u) / np.log(a))
+    run = np.where(a >= 1.0, k, run)  # a = 1: every proposal passes
+    return np.minimum(run, k).astype(np.int64)
+
+
+class RequestAcceptance(Protocol):
+    """Acceptance of the requests of one simulation (index = request number)."""
+
+    def mean_rates(self) -> np.ndarray:  # [N] true mean rate per request (for reports)
+        ...
+
+    def accept(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Accepted proposals per row. requests, ks: [B] -> [B]."""
+        ...
+
+
+@dataclass
+class RateAcceptance:
+    """Every request has a constant true rate (fixed, or drawn per request)."""
+
+    rates: np.ndarray  # [N]
+
+    def mean_rates(self) -> np.ndarray:
+        return self.rates
+
+    def accept(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return accepted_runs(self.rates[requests], ks, rng)
+
+    def __post_init__(self) -> None:
+        self.rates = np.clip(np.asarray(self.rates, dtype=np.float64), 0.0, 1.0)
+
+
+class TraceAcceptance:
+    """Replays recorded verification outcomes, so a request's good and bad stretches come back in order.
+
+    A recorded step (k, accepted) tested `accepted` positions that passed and, if accepted < k, one
+    that failed. Concatenated, a request's steps are a stream of Bernoulli outcomes; a simulated step
+    with k' consumes outcomes up to the first failure or k' successes. When a stream runs out, the
+    request continues at its recorded mean rate.
+    """
+
+    def __init__(self, streams: Sequence[np.ndarray], rates: np.ndarray) -> None:
+        self.streams = list(streams)  # per request: bool outcomes in order
+        self.rates = rates  # [N]
+        self.cursor = np.zeros(len(self.streams), dtype=np.int64)
+
+    def mean_rates(self) -> np.ndarray:
+        return self.rates
+
+    def accept(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        out = accepted_runs(self.rates[requests], ks, rng)  # fallback where a stream is spent
+        for row, (req, k) in enumerate(zip(requests.tolist(), ks.tolist())):
+            stream, pos = self.streams[req], int(self.cursor[req])
+            if k <= 0 or pos >= stream.size:
+                continue
+            window = stream[pos:pos + k]
+            fails = np.flatnonzero(~window)
+            if fails.size:  # stopped at the first rejection
+                out[row] = int(fails[0])
+                self.cursor[req] = pos + fails[0] + 1
+            elif window.size == k:
+                out[row] = k
+                self.cursor[req] = pos + k
+            # a stream ending mid-step keeps the geometric fallback for this step
+            else:
+                self.cursor[req] = stream.size
+        return out
+
+
+def stream_from_steps(steps: Sequence[Sequence[int]]) -> np.ndarray:
+    """[(k, accepted), ...] -> the tested outcomes in order (True = accepted)."""
+    out: list[bool] = []
+    for k, accepted in steps:
+        if not 0 <= accepted <= k:
+            raise ValueError(f"recorded step has accepted={accepted} outside 0..k={k}")
+        out.extend([True] * accepted)
+        if accepted < k:
+            out.append(False)
+    return np.array(out, dtype=bool)
+
+
+# --- construction from a spec string ------------------------------------------------------------
+
+AcceptanceFactory = Callable[[int, np.random.Generator], RequestAcceptance]
+
+
+def fixed(alpha: float) -> AcceptanceFactory:
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    return lambda n, rng: RateAcceptance(np.full(n, alpha))
+
+
+def beta(mean: float, concentration: float) -> AcceptanceFactory:
+    """Per-request rates ~ Beta(mean * c, (1 - mean) * c): heterogeneous requests around `mean`."""
+    if not 0.0 < mean < 1.0 or concentration <= 0:
+        raise ValueError("beta needs 0 < mean < 1 and concentration > 0")
+    return lambda n, rng: RateAcceptance(rng.beta(mean * concentration, (1 - mean) * concentration, size=n))
+
+
+def choice(rates: Sequence[float]) -> AcceptanceFactory:
+    """Requests cycle through the given rates (e.g. 0.9,0.1 = summaries and chat interleaved)."""
+    values = np.array(rates, dtype=np.float64)
+    if values.size == 0 or np.any((values < 0) | (values > 1)):
+        raise ValueError("choice needs rates in [0, 1]")
+    return lambda n, rng: RateAcceptance(values[np.arange(n) % values.size])
+
+
+def per_request(rates: Sequence[float]) -> AcceptanceFactory:
+    """Given rates, one per request in order (cycled if fewer): e.g. measured per prompt."""
+    values = np.clip(np.array(rates, dtype=np.float64), 0.0, 1.0)
+    if values.size == 0:
+        raise ValueError("per_request needs at least one rate")
+    return lambda n, rng: RateAcceptance(values[np.arange(n) % values.size])
+
+
+def traces(path: str | Path) -> AcceptanceFactory:
+    """Trace file: {"requests": [{"steps": [[k, accepted], ...]}, ...]} (each request's steps in order).
+
+    Simulated request i replays recorded request i mod R.
+    """
+    data = json.loads(Path(path).read_text())
+    recorded = data.get("requests") if isinstance(data, dict) else None
+    if not recorded:
+        raise ValueError(f"{path}: expected {{'requests': [{{'steps': [[k, accepted], ...]}}, ...]}}")
+    streams = [stream_from_steps(r["steps"]) for r in recorded]
+    rates = np.array([s.mean() if s.size else 0.0 for s in streams])
+
+    def make(n: int, rng: np.random.Generator) -> RequestAcceptance:
+        pick = np.arange(n) % len(streams)
+        return TraceAcceptance([streams[i] for i in pick], rates[pick])
+
+    return make
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split("/") if x]
+
+
+# spec prefix -> builder from the text after "prefix:"
+_SPECS: dict[str, Callable[[str], AcceptanceFactory]] = {
+    "beta": lambda rest: beta(*_floats(rest)),
+    "choice": lambda rest: choice(_floats(rest)),
+    "trace": traces,
+}
+
+
+def parse_acceptance(spec: str | float) -> AcceptanceFactory:
+    """'0.7' (fixed), 'beta:0.7/4' (mean/concentration), 'choice:0.9/0.1', 'trace:FILE.json'."""
+    if isinstance(spec, (int, float)):
+        return fixed(float(spec))
+    kind, _, rest = spec.partition(":")
+    if not rest:
+        try:
+            return fixed(float(kind))
+        except ValueError:
+            raise ValueError(f"bad acceptance spec {spec!r}: expected ALPHA, beta:MEAN/CONC, "
+                             "choice:A/B/..., or trace:FILE") from None
+    builder = _SPECS.get(kind)
+    if builder is None:
+        raise ValueError(f"unknown acceptance model {kind!r}; known: {', '.join(sorted(_SPECS))}")
+    try:
+        return builder(rest)
+    except TypeError as exc:
+        raise ValueError(f"bad acceptance spec {spec!r}: {exc}") from None

@@ -1,0 +1,261 @@
+"""Discrete-event simulation of one continuous-batching worker with speculative decoding.
+
+Why: to see a policy across loads, models and hardware we do not have (the SmartSpec authors'
+H100 fits), in seconds, and to check our CPU benchmark against a model of it. The simulator runs
+the controller's own decision path every step: `guarded_decide(policy, BatchState, cost, params)`
+with acceptance estimates built exactly as `controller.planner` builds them (per-request tested
+positions, a decaying pooled prior, the Beta-posterior blend of `controller.acceptance`), and the
+worker's own admission and clamping rules (`worker.scheduler`).
+
+One step, as the engine runs it:
+  1. decoding requests get k from the policy, clamped (max_k, tokens left);
+  2. queued requests are admitted into free slots with chunked prefill inside the token budget;
+  3. the clock advances by the step model's predicted time (optionally with noise);
+  4. each decoding row accepts min(k, G) proposals (+1 bonus token); a prefill that completes
+     yields the request's first token; requests with all their tokens finish.
+Bookkeeping is numpy arrays indexed by request; the only per-request Python work per step is
+building the `RequestState`s the policy reads.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+from smartspec.bench.acceptance_models import AcceptanceFactory, RequestAcceptance
+from smartspec.bench.report import point_metrics
+from smartspec.bench.workload import Workload
+from smartspec.controller.acceptance import DEFAULT_PRIOR_RATE, PooledPrior
+from smartspec.controller.cost_model import CostModel
+from smartspec.controller.planner import PlannerSettings
+from smartspec.controller.policies import BatchState, Policy, RequestState, guarded_decide
+from smartspec.worker.scheduler import plan_prefill
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """The simulated worker's limits (same meaning as the engine's EngineConfig)."""
+
+    max_batch_size: int = 32
+    max_k: int = 8
+    token_budget: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1 or self.max_k < 0 or self.token_budget < 1:
+            raise ValueError("need max_batch_size >= 1, max_k >= 0, token_budget >= 1")
+
+
+@dataclass(frozen=True)
+class StepModel:
+    """How long a step takes: the cost model's prediction, plus what the cost model leaves out.
+
+    prefill_row_ms: the worker runs each prefill chunk as its own forward, which costs a fixed
+    launch on top of the per-token term; noise_cv: multiplicative lognormal noise per step.
+    """
+
+    cost: CostModel
+    prefill_row_ms: float = 0.0
+    noise_cv: float = 0.0
+
+    def step_ms(self, ks: np.ndarray, contexts: np.ndarray, prefills: np.ndarray, prefill_rows: int,
+                rng: np.random.Generator) -> float:
+        ms = predict_step_ms(self.cost, ks, contexts, prefills) + self.prefill_row_ms * prefill_rows
+        if self.noise_cv > 0:
+            sigma = np.sqrt(np.log1p(self.noise_cv**2))
+            ms *= float(rng.lognormal(-0.5 * sigma * sigma, sigma))  # mean-preserving
+        return ms
+
+
+def predict_step_ms(cost: CostModel, ks: np.ndarray, contexts: np.ndarray, prefills: np.ndarray) -> float:
+    """`CostModel.predict_ms` for one batch, written out for speed (it runs every simulated step).
+
+    ks, contexts, prefills: [B] int arrays. Same formula as controller.cost_model (tested equal).
+    """
+    if ks.size == 0:
+        return cost.c_fixed_ms + cost.overhead_ms
+    k_total = int(ks.sum())
+    verify = (cost.c_fixed_ms + (cost.c_spec_ms if k_total > 0 else 0.0)
+              + cost.c_tok_ms * (k_total + ks.size + int(prefills.sum())) + cost.c_kv_ms * int(contexts.sum()))
+    draft = 0.0
+    if k_total > 0 and (cost.d_fixed_ms or cost.d_tok_ms or cost.d_kv_ms):
+        draft = cost.d_fixed_ms * int(ks.max()) + cost.d_tok_ms * k_total + cost.d_kv_ms * int(ks @ contexts)
+    return verify + draft + cost.overhead_ms
+
+
+def estimate_acceptance(accepted: np.ndarray, tested: np.ndarray, prior_accepted: float, prior_tested: float,
+                        prior_strength: float, default_rate: float = 0.5) -> np.ndarray:
+    """Vectorised `controller.acceptance.estimate`: Beta posterior mean around the pooled rate."""
+    prior_rate = prior_accepted / prior_tested if prior_tested > 0 else default_rate
+    return (accepted + prior_rate * prior_strength) / (tested + prior_strength)
+
+
+@dataclass
+class SimResult:
+    """Per-request outcomes of one run (arrays [N], seconds) and per-step totals."""
+
+    arrival_s: np.ndarray
+    first_token_s: np.ndarray
+    finish_s: np.ndarray
+    completion_tokens: np.ndarray
+    proposed: np.ndarray
+    accepted: np.ndarray
+    tested: np.ndarray
+    k_sum: np.ndarray
+    decode_steps: np.ndarray
+    true_acceptance: np.ndarray
+    steps: int
+    busy_step_s: float
+    batch_size_sum: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        out = point_metrics(
+            arrival_s=self.arrival_s, first_token_s=self.first_token_s, finish_s=self.finish_s,
+            completion_tokens=self.completion_tokens, accepted=self.accepted, tested=self.tested,
+            k_sum=self.k_sum, decode_steps=self.decode_steps,
+        )
+        out["steps"] = self.steps
+        out["mean_batch_size"] = self.batch_size_sum / self.steps if self.steps else 0.0
+        out["step_time_goodput_tok_s"] = float(self.completion_tokens.sum()) / self.busy_step_s if self.busy_step_s else 0.0
+        return out
+
+
+def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, step_model: StepModel,
+             acceptance: AcceptanceFactory | RequestAcceptance, worker: WorkerSpec = WorkerSpec(),
+             planning_cost: CostModel | None = None, settings: PlannerSettings = PlannerSettings(),
+             seed: int = 0) -> SimResult:
+    """Run the workload to completion under `policy`; the policy plans with `planning_cost`
+    (default: the step model's own cost model, i.e. a perfectly fitted controller)."""
+    rng = np.random.default_rng([seed, 11])
+    n = workload.size
+    accept_model = acceptance(n, np.random.default_rng([seed, 13])) if callable(acceptance) else acceptance
+    plan_cost = planning_cost or step_model.cost
+    arrival = workload.arrival_s
+    prompt = workload.prompt_tokens.astype(np.int64)
+    output = workload.output_tokens.astype(np.int64)
+
+    cached = np.zeros(n, np.int64)  # prompt tokens prefilled so far
+    generated = np.zeros(n, np.int64)
+    proposed = np.zeros(n, np.int64)
+    accepted = np.zeros(n, np.int64)
+    tested = np.zeros(n, np.int64)
+    k_sum = np.zeros(n, np.int64)
+    decode_steps = np.zeros(n, np.int64)
+    last_k = np.zeros(n, np.int64)
+    last_full = np.zeros(n, bool)
+    since_spec = np.zeros(n, np.int64)
+    first_token = np.full(n, np.nan)
+    finish = np.full(n, np.nan)
+    ids = [str(i) for i in range(n)]
+
+    cold_rate = float(getattr(settings, "cold_rate", DEFAULT_PRIOR_RATE))
+    prior = PooledPrior()
+    waiting: deque[int] = deque()
+    running: list[int] = []  # admission order
+    next_arrival = 0
+    t = 0.0
+    step_index = 0
+    done = 0
+    busy_step_s = 0.0
+    batch_size_sum = 0
+    no_k = np.zeros(0, np.int64)
+
+    while done < n:
+        while next_arrival < n and arrival[next_arrival] <= t:
+            waiting.append(next_arrival)
+            next_arrival += 1
+        if not running and not waiting:
+            t = float(arrival[next_arrival])  # idle until the next arrival
+            continue
+
+        run = np.array(running, dtype=np.int64)  # [R]
+        decoding_mask = cached[run] >= prompt[run]
+        dec = run[decoding_mask]  # [D]
+        pre = run[~decoding_mask]  # [P] admitted, prompt not yet in
+        ks = no_k
+        if dec.size:
+            context = prompt[dec] + generated[dec]  # [D] tokens the step attends over
+            a_hat = estimate_acceptance(accepted[dec], tested[dec], prior.accepted, prior.tested,
+                                        settings.prior_strength, cold_rate)
+            lk, lf, ss, ev = last_k[dec].tolist(), last_full[dec].tolist(), since_spec[dec].tolist(), tested[dec].tolist()
+            states = tuple(
+                RequestState(ids[r], a, c, 0, lk[j], lf[j], ss[j], float(ev[j]))
+                for j, (r, a, c) in enumerate(zip(dec.tolist(), a_hat.tolist(), context.tolist()))
+            )
+            batch = BatchState(states, worker.max_k, len(waiting), step_index)
+            ks = np.array(guarded_decide(policy, batch, plan_cost, params, prior_acceptance=prior.rate(cold_rate)),
+                          dtype=np.int64)  # [D]
+            # the engine's clamp: no more proposals than tokens still wanted, minus the bonus token
+            ks = np.maximum(np.minimum(ks, output[dec] - generated[dec] - 1), 0)
+
+        free = worker.max_batch_size - len(running)
+        waiting_heads = [waiting[i] for i in range(min(free, len(waiting)))]
+        plan = plan_prefill(
+            token_budget=worker.token_budget,
+            decode_tokens=int(ks.sum() + ks.size),
+            remaining_prompts=(prompt[pre] - cached[pre]).tolist(),
+            waiting_prompts=prompt[waiting_heads].tolist() if waiting_heads else [],
+            free_slots=free,
+        )
+        admitted = [waiting.popleft() for _ in range(plan.admitted)]
+        running.extend(admitted)
+        pre_rows = np.concatenate([pre, np.array(admitted, dtype=np.int64)])  # [P']
+        chunks = np.array(plan.continuing + plan.new_chunks, dtype=np.int64)  # [P']
+        active = chunks > 0
+        pre_rows, chunks = pre_rows[active], chunks[active]
+
+        # Step time over every row the target runs: decode rows (k_i + 1 tokens) and prefill chunks.
+        all_k = np.concatenate([ks, np.zeros(pre_rows.size, np.int64)])  # [B]
+        all_ctx = np.concatenate([prompt[dec] + generated[dec] if dec.size else no_k, cached[pre_rows]])  # [B]
+        all_pre = np.concatenate([np.zeros(dec.size, np.int64), chunks])  # [B]
+        dt = step_model.step_ms(all_k, all_ctx, all_pre, int(pre_rows.size), rng) / 1000.0
+        t += dt
+        busy_step_s += dt
+        batch_size_sum += int(all_k.size)
+        step_index += 1
+
+        # Decode outcomes.
+        step_acc = step_tested = 0
+        if dec.size:
+            acc = np.zeros(dec.size, np.int64)
+            spec = ks > 0
+            if spec.any():
+                acc[spec] = accept_model.accept(dec[spec], ks[spec], rng)
+            tst = acc + (acc < ks)
+            proposed[dec] += ks
+            accepted[dec] += acc
+            tested[dec] += tst
+            k_sum[dec] += ks
+            decode_steps[dec] += 1
+            generated[dec] += acc + 1
+            last_k[dec] = ks
+            last_full[dec] = spec & (acc == ks)
+            since_spec[dec] = np.where(spec, 0, since_spec[dec] + 1)
+            step_acc, step_tested = int(acc.sum()), int(tst.sum())
+
+        # Prefill progress: a completed prompt yields the first token at the end of this step.
+        if pre_rows.size:
+            cached[pre_rows] += chunks
+            complete = pre_rows[cached[pre_rows] >= prompt[pre_rows]]
+            generated[complete] = 1
+            first_token[complete] = t
+
+        prior = prior.update(step_acc, step_tested, settings.prior_decay)
+
+        run = np.array(running, dtype=np.int64)
+        finished = run[generated[run] >= output[run]]
+        if finished.size:
+            finish[finished] = t
+            done += int(finished.size)
+            gone = set(finished.tolist())
+            running = [r for r in running if r not in gone]
+
+    return SimResult(
+        arrival_s=arrival.copy(), first_token_s=first_token, finish_s=finish, completion_tokens=generated,
+        proposed=proposed, accepted=accepted, tested=tested, k_sum=k_sum, decode_steps=decode_steps,
+        true_acceptance=np.asarray(accept_model.mean_rates()), steps=step_index, busy_step_s=busy_step_s,
+        batch_size_sum=batch_size_sum,
+    )
