@@ -32,7 +32,7 @@ class OutcomeError(ValueError):
         self.message = message
 
 
-def tested_positions(proposed: int, accepted: int) -> int:
+def positions_tested(proposed: int, accepted: int) -> int:
     """Positions the target judged: every accepted one, plus the rejection that stopped it (if any)."""
     return accepted + (1 if accepted < proposed else 0)
 
@@ -43,7 +43,7 @@ def check_outcome(proposed: int, accepted: int, tested: int) -> None:
         raise OutcomeError("proposed_tokens", f"must be >= 0, got {proposed}")
     if not 0 <= accepted <= proposed:
         raise OutcomeError("accepted_tokens", f"must be in 0..proposed_tokens ({proposed}), got {accepted}")
-    expected = tested_positions(proposed, accepted)
+    expected = positions_tested(proposed, accepted)
     if tested != expected:
         raise OutcomeError(
             "tested_positions",
@@ -116,7 +116,7 @@ class AcceptanceState:
 
     def update(self, proposed: int, accepted: int, tested: int | None = None) -> "AcceptanceState":
         """The state after one more step in which `proposed` tokens were offered and `accepted` kept."""
-        tested = tested_positions(proposed, accepted) if tested is None else tested
+        tested = positions_tested(proposed, accepted) if tested is None else tested
         check_outcome(proposed, accepted, tested)
         return replace(
             self,

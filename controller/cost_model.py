@@ -249,16 +249,18 @@ class ForgettingLeastSquares:
         )
 
 
-def _relative_weight(measured_ms: float) -> float:
-    """Step-time noise is roughly multiplicative, so weight each step by 1/time^2 (relative error).
-
-    The 1 ms floor keeps a near-zero draft time (n-gram) from dominating the fit.
+def _relative_weight(step_ms: float) -> float:
+    """Step-time noise is roughly multiplicative, and what the policy needs is the step time to a
+    few percent, so both parts weight a step by 1/(its draft + verify time)^2: relative error of the
+    step. (Weighting the draft part by its own time would let a near-zero n-gram draft dominate.)
+    The 1 ms floor keeps an empty step from getting infinite weight.
     """
-    return 1.0 / max(measured_ms, 1.0) ** 2
+    return 1.0 / max(step_ms, 1.0) ** 2
 
 
 def _prior_gram(typical_features: np.ndarray, typical_ms: float, weight: float) -> np.ndarray:
-    """A diagonal prior worth `weight` typical steps in each coefficient's direction."""
+    """A diagonal prior worth `weight` typical steps in each coefficient's direction (in the same
+    relative units as `_relative_weight`, so "weight" really means steps)."""
     scale = np.maximum(np.abs(typical_features), 1e-9) / max(typical_ms, 1.0)
     return weight * np.diag(scale**2)
 
@@ -300,17 +302,16 @@ class OnlineCostFit:
             raise ValueError(f"prior_weight must be > 0, got {prior_weight}")
         ks = np.full(typical_batch, float(typical_k))
         contexts = np.full(typical_batch, float(typical_context))
-        verify_typ = verify_features(ks, contexts)
-        draft_typ = draft_features(ks, contexts)
+        typical_ms = prior.draft_ms(ks, contexts) + prior.verify_ms(ks, contexts)
         return cls(
             verify=ForgettingLeastSquares.seeded(
                 prior.verify_coefficients,
-                _prior_gram(verify_typ, prior.verify_ms(ks, contexts), prior_weight),
+                _prior_gram(verify_features(ks, contexts), typical_ms, prior_weight),
                 forgetting,
             ),
             draft=ForgettingLeastSquares.seeded(
                 prior.draft_coefficients,
-                _prior_gram(draft_typ, prior.draft_ms(ks, contexts), prior_weight),
+                _prior_gram(draft_features(ks, contexts), typical_ms, prior_weight),
                 forgetting,
             ),
             overhead_sum=prior_weight * prior.overhead_ms,
@@ -326,8 +327,9 @@ class OnlineCostFit:
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")
         if len(ks) == 0:
             return
-        self.verify.observe(verify_features(ks, contexts, prefills), verify_ms, _relative_weight(verify_ms))
-        self.draft.observe(draft_features(ks, contexts), draft_ms, _relative_weight(draft_ms))
+        weight = _relative_weight(draft_ms + verify_ms)
+        self.verify.observe(verify_features(ks, contexts, prefills), verify_ms, weight)
+        self.draft.observe(draft_features(ks, contexts), draft_ms, weight)
         if total_ms is not None and math.isfinite(total_ms):
             self.overhead_sum = self.forgetting * self.overhead_sum + max(0.0, total_ms - draft_ms - verify_ms)
             self.overhead_count = self.forgetting * self.overhead_count + 1.0

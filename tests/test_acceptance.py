@@ -1,0 +1,134 @@
+"""Acceptance estimates from tested positions, shrunk toward a pooled prior."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from smartspec.controller.acceptance import (
+    AcceptanceState,
+    OutcomeError,
+    PooledPrior,
+    check_outcome,
+    estimate,
+    positions_tested,
+)
+
+
+def simulate_step(rng: np.random.Generator, rate: float, k: int) -> tuple[int, int]:
+    """One verification: positions accepted independently with probability `rate` until the
+    first rejection. Returns (accepted, tested)."""
+    accepted = 0
+    while accepted < k and rng.random() < rate:
+        accepted += 1
+    return accepted, positions_tested(k, accepted)
+
+
+def test_tested_positions_counts_the_stopping_rejection_only():
+    assert positions_tested(4, 4) == 4  # all accepted: no rejection was tested
+    assert positions_tested(4, 1) == 2  # one accepted, then the rejection
+    assert positions_tested(4, 0) == 1
+    assert positions_tested(0, 0) == 0  # no proposals, nothing tested
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.6, 0.85])
+def test_tested_position_rate_is_unbiased_where_accepted_over_proposed_is_not(rate):
+    rng = np.random.default_rng(int(rate * 100))
+    accepted = tested = proposed = 0
+    for _ in range(20_000):
+        k = int(rng.integers(1, 9))
+        acc, tst = simulate_step(rng, rate, k)
+        accepted, tested, proposed = accepted + acc, tested + tst, proposed + k
+    assert accepted / tested == pytest.approx(rate, abs=0.01)
+    naive = accepted / proposed
+    assert naive < rate - 0.05  # untested positions counted as failures drag it down
+
+
+def test_state_update_accumulates_tested_positions():
+    rng = np.random.default_rng(7)
+    state = AcceptanceState()
+    accepted = tested = 0
+    for _ in range(300):
+        k = int(rng.integers(0, 6))
+        acc, tst = simulate_step(rng, 0.7, k)
+        state = state.update(k, acc, tst)
+        accepted, tested = accepted + acc, tested + tst
+    assert (state.accepted, state.tested, state.steps) == (accepted, tested, 300)
+    # with this much evidence the prior hardly matters
+    assert state.estimate(PooledPrior(accepted=1, tested=100)) == pytest.approx(0.7, abs=0.05)
+
+
+def test_estimate_moves_from_prior_toward_own_rate_as_evidence_grows():
+    prior = dict(prior_accepted=200.0, prior_tested=1000.0)  # pooled rate 0.2
+    own_rate = 0.9
+    previous_gap = None
+    for tested in [0, 5, 20, 100, 1000]:
+        value = estimate(own_rate * tested, tested, **prior, prior_strength=10.0)
+        gap = abs(value - own_rate)
+        assert 0.2 <= value <= 0.9
+        if previous_gap is not None:
+            assert gap < previous_gap
+        previous_gap = gap
+    assert estimate(0, 0, **prior, prior_strength=10.0) == pytest.approx(0.2)
+    assert previous_gap < 0.01
+
+
+def test_prior_strength_not_pool_size_sets_the_shrinkage():
+    small_pool = estimate(9, 10, prior_accepted=1, prior_tested=10, prior_strength=10)
+    huge_pool = estimate(9, 10, prior_accepted=10_000, prior_tested=100_000, prior_strength=10)
+    assert small_pool == pytest.approx(huge_pool)  # same pooled rate, same weight
+    assert small_pool == pytest.approx((9 + 0.1 * 10) / 20)
+
+
+def test_zero_evidence_everywhere_falls_back_to_the_default_rate():
+    assert estimate(0, 0, 0, 0, prior_strength=8) == 0.5
+    assert estimate(0, 0, 0, 0, prior_strength=0, default_rate=0.3) == 0.3
+    assert AcceptanceState().estimate() == 0.5
+    # own evidence only, no prior weight: the plain rate
+    assert estimate(3, 4, 0, 0, prior_strength=0) == pytest.approx(0.75)
+
+
+def test_pooled_prior_follows_recent_requests():
+    pool = PooledPrior()
+    for _ in range(2000):
+        pool = pool.update(accepted=9, tested=10, decay=0.99)  # old regime: 0.9
+    assert pool.rate() == pytest.approx(0.9)
+    for _ in range(300):
+        pool = pool.update(accepted=2, tested=10, decay=0.99)  # new regime: 0.2
+    assert pool.rate() == pytest.approx(0.2, abs=0.05)
+    assert PooledPrior.from_dict(pool.to_dict()) == pool
+    with pytest.raises(ValueError):
+        pool.update(accepted=3, tested=2)
+    with pytest.raises(ValueError):
+        pool.update(accepted=1, tested=2, decay=0.0)
+
+
+def test_state_tracks_last_step_and_probing_counter():
+    state = AcceptanceState().update(0, 0).update(0, 0)
+    assert state.steps_since_speculation == 2 and state.last_k == 0 and not state.last_fully_accepted
+    state = state.update(4, 4)
+    assert state.steps_since_speculation == 0 and state.last_k == 4 and state.last_fully_accepted
+    state = state.update(4, 1)
+    assert not state.last_fully_accepted and (state.accepted, state.tested) == (5, 6)
+    assert AcceptanceState.from_dict(state.to_dict()) == state
+    # Redis hands hash fields back as strings
+    as_strings = {key: str(int(value)) for key, value in state.to_dict().items()}
+    assert AcceptanceState.from_dict(as_strings) == state
+
+
+@pytest.mark.parametrize(
+    ("proposed", "accepted", "tested", "field"),
+    [
+        (3, 4, 4, "accepted_tokens"),
+        (3, 1, 1, "tested_positions"),  # a rejection stopped it, so it was tested too
+        (3, 3, 4, "tested_positions"),  # nothing after the last proposal can be tested
+        (0, 0, 1, "tested_positions"),
+        (-1, 0, 0, "proposed_tokens"),
+    ],
+)
+def test_impossible_outcomes_name_the_field(proposed, accepted, tested, field):
+    with pytest.raises(OutcomeError) as info:
+        check_outcome(proposed, accepted, tested)
+    assert info.value.field == field
+    with pytest.raises(OutcomeError):
+        AcceptanceState().update(proposed, accepted, tested)

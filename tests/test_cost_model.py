@@ -1,0 +1,251 @@
+"""Cost model formula, (de)serialisation, and the online fit recovering known coefficients."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from smartspec.controller.cost_model import (
+    DEFAULT_COST_MODEL,
+    CostModel,
+    CostModelError,
+    OnlineCostFit,
+    fit_profile,
+    nonnegative_least_squares,
+)
+from smartspec.v1 import common_pb2
+
+TRUE_MODEL = CostModel(
+    c_fixed_ms=30.0, c_spec_ms=12.0, c_tok_ms=1.5, c_kv_ms=0.004,
+    d_fixed_ms=6.0, d_tok_ms=0.4, d_kv_ms=0.0008, overhead_ms=0.0,
+)
+
+
+def draft_by_depth(cost: CostModel, ks, contexts) -> float:
+    """The draft formula exactly as written in common.proto: one term per draft depth."""
+    total = 0.0
+    for depth in range(1, max(ks, default=0) + 1):
+        active = [i for i, k in enumerate(ks) if k >= depth]
+        total += cost.d_fixed_ms + cost.d_tok_ms * len(active) + cost.d_kv_ms * sum(contexts[i] for i in active)
+    return total
+
+
+def random_step(rng: np.random.Generator):
+    batch = int(rng.integers(1, 33))
+    ks = rng.integers(0, 9, size=batch) * (rng.random() < 0.8)  # some steps do not speculate at all
+    contexts = rng.integers(50, 2000, size=batch)
+    prefills = np.where(rng.random(batch) < 0.1, rng.integers(1, 200, size=batch), 0)
+    return ks, contexts, prefills
+
+
+def noisy_times(rng, cost: CostModel, ks, contexts, prefills, noise=0.05):
+    draft = cost.draft_ms(ks, contexts) * (1 + noise * rng.standard_normal())
+    verify = cost.verify_ms(ks, contexts, prefills) * (1 + noise * rng.standard_normal())
+    return max(0.0, draft), max(0.0, verify)
+
+
+# ---------------------------------------------------------------- formula
+
+
+def test_default_model_reproduces_the_measured_cpu_step_times():
+    # DESIGN.md, SmolLM2-135M on 2 CPU cores, 200 tokens of context
+    measured = {(1, 0): 90.0, (1, 8): 160.0, (32, 0): 250.0, (32, 8): 1050.0}
+    for (batch, k), ms in measured.items():
+        assert DEFAULT_COST_MODEL.predict_ms([k] * batch, [200] * batch) == pytest.approx(ms, rel=0.01)
+
+
+def test_formula_by_hand():
+    ks, contexts, prefills = [0, 3, 1], [100, 200, 300], [0, 0, 50]
+    verify = 30.0 + 12.0 + 1.5 * (1 + 4 + 2 + 50) + 0.004 * 600
+    assert TRUE_MODEL.verify_ms(ks, contexts, prefills) == pytest.approx(verify)
+    assert TRUE_MODEL.draft_ms(ks, contexts) == pytest.approx(draft_by_depth(TRUE_MODEL, ks, contexts))
+    with_overhead = TRUE_MODEL.replace(overhead_ms=2.5)
+    assert with_overhead.predict_ms(ks, contexts, prefills) == pytest.approx(
+        verify + draft_by_depth(TRUE_MODEL, ks, contexts) + 2.5
+    )
+    # no speculation anywhere: no c_spec, no draft
+    assert TRUE_MODEL.predict_ms([0, 0], [10, 10]) == pytest.approx(30.0 + 1.5 * 2 + 0.004 * 20)
+
+
+def test_vectorised_path_matches_row_by_row():
+    rng = np.random.default_rng(3)
+    ks = rng.integers(0, 6, size=(50, 7))  # [N, B]
+    contexts = rng.integers(1, 3000, size=(50, 7))
+    prefills = rng.integers(0, 3, size=(50, 7))
+    many = TRUE_MODEL.predict_ms(ks, contexts, prefills)
+    assert many.shape == (50,)
+    for row in range(50):
+        one = TRUE_MODEL.predict_ms(ks[row].tolist(), contexts[row].tolist(), prefills[row].tolist())
+        assert many[row] == pytest.approx(one)
+        assert TRUE_MODEL.draft_ms(ks[row], contexts[row]) == pytest.approx(
+            draft_by_depth(TRUE_MODEL, ks[row].tolist(), contexts[row].tolist())
+        )
+
+
+@pytest.mark.parametrize(("field", "value"), [("c_tok_ms", -1.0), ("d_kv_ms", math.nan), ("c_spec_ms", math.inf)])
+def test_bad_coefficients_name_the_field(field, value):
+    with pytest.raises(CostModelError) as info:
+        CostModel(**{field: value})
+    assert info.value.field == field
+    with pytest.raises(CostModelError) as info:
+        CostModel.from_proto(common_pb2.CostModel(**{field: value}))
+    assert info.value.field == field
+
+
+def test_round_trips_through_dict_json_and_proto():
+    assert CostModel.from_dict(json.loads(json.dumps(TRUE_MODEL.to_dict()))) == TRUE_MODEL
+    assert CostModel.from_proto(TRUE_MODEL.to_proto()) == TRUE_MODEL
+    assert CostModel.from_dict({"c_fixed_ms": 5}) == CostModel(c_fixed_ms=5.0)
+    with pytest.raises(CostModelError) as info:
+        CostModel.from_dict({"c_fixed": 5})
+    assert info.value.field == "c_fixed"
+
+
+# ---------------------------------------------------------------- non-negative least squares
+
+
+def test_nonnegative_least_squares_satisfies_kkt():
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        x = rng.standard_normal((40, 4))
+        y = x @ rng.standard_normal(4) + 0.1 * rng.standard_normal(40)  # some true coefficients < 0
+        gram, moment = x.T @ x, x.T @ y
+        solution = nonnegative_least_squares(gram, moment)
+        gradient = gram @ solution - moment
+        assert (solution >= 0).all()
+        assert np.allclose(gradient[solution > 0], 0.0, atol=1e-8)  # free coordinates are optimal
+        assert (gradient[solution == 0] >= -1e-8).all()  # pushing a zero up would not help
+
+
+# ---------------------------------------------------------------- online fit
+
+
+def test_online_fit_recovers_known_coefficients_from_noisy_steps():
+    rng = np.random.default_rng(0)
+    fit = OnlineCostFit.create(DEFAULT_COST_MODEL, forgetting=1.0)
+    for _ in range(600):
+        ks, contexts, prefills = random_step(rng)
+        draft, verify = noisy_times(rng, TRUE_MODEL, ks, contexts, prefills)
+        fit.observe(ks, contexts, prefills, draft, verify, total_ms=draft + verify + 1.0)
+    model = fit.model()
+    # well-excited directions come back to a few percent; c_spec (one indicator bit per step) and
+    # the draft's per-token terms (nearly collinear with max k and k * context) are looser
+    tolerance = {"c_fixed_ms": 0.1, "c_tok_ms": 0.1, "c_kv_ms": 0.1, "d_fixed_ms": 0.1,
+                 "c_spec_ms": 0.25, "d_tok_ms": 0.25, "d_kv_ms": 0.25}
+    for name, rel in tolerance.items():
+        assert getattr(model, name) == pytest.approx(getattr(TRUE_MODEL, name), rel=rel), name
+    assert model.overhead_ms == pytest.approx(1.0, rel=0.05)
+    for _ in range(50):  # held-out steps: predictions within a few percent
+        ks, contexts, prefills = random_step(rng)
+        truth = TRUE_MODEL.predict_ms(ks, contexts, prefills) + 1.0
+        assert model.predict_ms(ks, contexts, prefills) == pytest.approx(truth, rel=0.04)
+
+
+def test_online_fit_follows_a_hardware_change():
+    rng = np.random.default_rng(1)
+    slower = TRUE_MODEL.replace(c_fixed_ms=60.0, c_tok_ms=4.0, c_spec_ms=30.0, d_tok_ms=1.0)
+
+    def run(fit: OnlineCostFit, truth: CostModel, steps: int) -> None:
+        for _ in range(steps):
+            ks, contexts, prefills = random_step(rng)
+            fit.observe(ks, contexts, prefills, *noisy_times(rng, truth, ks, contexts, prefills))
+
+    def worst_error(model: CostModel, truth: CostModel) -> float:
+        steps = [random_step(rng) for _ in range(100)]
+        return max(abs(model.predict_ms(*step) / truth.predict_ms(*step) - 1) for step in steps)
+
+    fit = OnlineCostFit.create(DEFAULT_COST_MODEL, forgetting=0.98)  # ~ the last 50 steps count
+    run(fit, TRUE_MODEL, 300)
+    assert worst_error(fit.model(), TRUE_MODEL) < 0.12
+    run(fit, slower, 300)
+    after = fit.model()
+    assert worst_error(after, slower) < 0.12
+    assert after.c_tok_ms == pytest.approx(slower.c_tok_ms, rel=0.08)
+    assert after.c_fixed_ms == pytest.approx(slower.c_fixed_ms, rel=0.2)
+
+    # without forgetting the old hardware still weighs half: the fit sits in between
+    stubborn = OnlineCostFit.create(DEFAULT_COST_MODEL, forgetting=1.0)
+    run(stubborn, TRUE_MODEL, 300)
+    run(stubborn, slower, 300)
+    assert TRUE_MODEL.c_tok_ms < stubborn.model().c_tok_ms < 0.9 * slower.c_tok_ms
+    assert worst_error(stubborn.model(), slower) > 0.2
+
+
+def test_early_fit_stays_near_the_prior_and_non_negative():
+    """One wildly unrepresentative first step (a GC pause, say) must not wreck the model: the
+    prior counts as `prior_weight` steps. With a negligible prior the same step does."""
+    step = ([0] * 8, [200] * 8)
+    predictions = {}
+    for prior_weight in (5.0, 1e-6):
+        fit = OnlineCostFit.create(DEFAULT_COST_MODEL, prior_weight=prior_weight)
+        assert fit.model().predict_ms(*step) == pytest.approx(DEFAULT_COST_MODEL.predict_ms(*step))
+        fit.observe([2, 2], [200, 200], [0, 0], draft_ms=0.0, verify_ms=900.0)
+        model = fit.model()
+        assert all(value >= 0 for value in model.to_dict().values())
+        predictions[prior_weight] = model.predict_ms(*step)
+    assert predictions[5.0] == pytest.approx(DEFAULT_COST_MODEL.predict_ms(*step), rel=0.25)
+    assert predictions[1e-6] > 2 * DEFAULT_COST_MODEL.predict_ms(*step)
+
+
+def test_fit_state_survives_json_and_continues_identically():
+    rng = np.random.default_rng(4)
+    fit = OnlineCostFit.create(DEFAULT_COST_MODEL, forgetting=0.99)
+    for _ in range(20):
+        ks, contexts, prefills = random_step(rng)
+        fit.observe(ks, contexts, prefills, *noisy_times(rng, TRUE_MODEL, ks, contexts, prefills))
+    restored = OnlineCostFit.from_dict(json.loads(json.dumps(fit.to_dict())))
+    assert restored.model() == fit.model()
+    ks, contexts, prefills = random_step(rng)
+    fit.observe(ks, contexts, prefills, 5.0, 80.0)
+    restored.observe(ks, contexts, prefills, 5.0, 80.0)
+    assert restored.model() == fit.model() and restored.steps == fit.steps == 21
+
+
+def test_observe_rejects_nonsense_times():
+    fit = OnlineCostFit.create()
+    with pytest.raises(ValueError, match="verify_ms"):
+        fit.observe([1], [10], [0], draft_ms=1.0, verify_ms=math.nan)
+    with pytest.raises(ValueError, match="draft_ms"):
+        fit.observe([1], [10], [0], draft_ms=-1.0, verify_ms=10.0)
+
+
+# ---------------------------------------------------------------- startup profile
+
+
+def test_fit_profile_from_hello_samples():
+    rng = np.random.default_rng(5)
+    samples = []
+    for batch in (1, 4, 16, 32):
+        for k in (0, 2, 4, 8):
+            for context in (128, 1024):
+                ks, contexts = [k] * batch, [context] * batch
+                draft, verify = noisy_times(rng, TRUE_MODEL, ks, contexts, None, noise=0.03)
+                samples.append(common_pb2.ProfileSample(
+                    batch_size=batch, speculation_length=k, context_tokens=context,
+                    draft_ms=draft, verify_ms=verify,
+                ))
+    model = fit_profile(samples)
+    for batch, k, context in [(2, 3, 500), (24, 6, 300), (8, 0, 2000)]:
+        ks, contexts = [k] * batch, [context] * batch
+        assert model.verify_ms(ks, contexts) == pytest.approx(TRUE_MODEL.verify_ms(ks, contexts), rel=0.06)
+        assert model.draft_ms(ks, contexts) == pytest.approx(TRUE_MODEL.draft_ms(ks, contexts), rel=0.1)
+    assert model.c_spec_ms == pytest.approx(TRUE_MODEL.c_spec_ms, rel=0.3)
+    assert fit_profile([]) == DEFAULT_COST_MODEL
+
+
+def test_unexcited_coefficients_stay_at_the_prior_after_it_is_forgotten():
+    """A worker that never speculates tells us nothing about c_spec or the draft; after its
+    prior has decayed away the fit must still not invent (or zero) them."""
+    rng = np.random.default_rng(6)
+    fit = OnlineCostFit.create(DEFAULT_COST_MODEL.replace(d_tok_ms=0.5), forgetting=0.95)
+    for _ in range(500):  # 0.95^500: the prior's own weight is long gone
+        batch = int(rng.integers(1, 33))
+        ks, contexts = np.zeros(batch, dtype=int), rng.integers(50, 2000, size=batch)
+        fit.observe(ks, contexts, None, *noisy_times(rng, TRUE_MODEL, ks, contexts, None))
+    model = fit.model()
+    assert model.c_spec_ms == pytest.approx(DEFAULT_COST_MODEL.c_spec_ms, rel=1e-6)
+    assert model.d_tok_ms == pytest.approx(0.5, rel=1e-6)
+    assert model.c_tok_ms == pytest.approx(TRUE_MODEL.c_tok_ms, rel=0.2)  # what it did see, it learned
