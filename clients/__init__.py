@@ -4,7 +4,7 @@ The client SDK's public names live here:
 
     from smartspec import Client, AsyncClient, InvalidArgumentError
 
-    with Client(worker="127.0.0.1:50052") as client:
+    with Client(worker="127.0.0.1:50061") as client:
         print(client.complete("Hello", max_tokens=8).text)
 
 Importing the package stays cheap (no grpc, no torch): the SDK names load on first use, so that

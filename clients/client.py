@@ -5,7 +5,7 @@ controller (Admin service: policies, status). Every call has a deadline; idempot
 retried with backoff on UNAVAILABLE; errors arrive as typed `SmartspecError`s. The blocking
 `smartspec.Client` runs this same class on a private event loop (see sync_client.py).
 
-    async with AsyncClient(worker="127.0.0.1:50052", controller="127.0.0.1:50051") as client:
+    async with AsyncClient(worker="127.0.0.1:50061", controller="127.0.0.1:50051") as client:
         stream = client.generate("def fib(n):", max_tokens=32)
         async for delta in stream:
             print(delta.text, end="", flush=True)
@@ -134,7 +134,7 @@ class AsyncClient:
     timeout: deadline of each unary call in seconds; stream_timeout: of each whole generation.
     retries: extra attempts (with exponential backoff) for idempotent calls that hit UNAVAILABLE.
 
-        client = AsyncClient(worker="127.0.0.1:50052")
+        client = AsyncClient(worker="127.0.0.1:50061")
         result = await client.complete("The capital of France is", max_tokens=8)
         await client.close()
     """

@@ -17,7 +17,7 @@ from smartspec.config import add_option
 from smartspec.errors import SmartspecError
 
 DEFAULT_CONTROLLER = "127.0.0.1:50051"
-DEFAULT_WORKER = "127.0.0.1:50052"
+DEFAULT_WORKER = "127.0.0.1:50061"
 
 # Codes that mean "your input was wrong": fix the command, do not retry it.
 BAD_INPUT_CODES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS})

@@ -1,6 +1,6 @@
 """`smartspec generate`: stream a completion from a worker to the terminal.
 
-    smartspec generate --worker 127.0.0.1:50052 "def fibonacci(n):" --max-tokens 64
+    smartspec generate --worker 127.0.0.1:50061 "def fibonacci(n):" --max-tokens 64
     smartspec generate --chat "Summarise the Zen of Python in one line" --json
 
 Text is printed as it arrives; `--json` prints only the final result (text, finish reason, usage,

@@ -5,7 +5,7 @@ public method of `AsyncClient` (same name, signature and docstring), generated b
 executed on the private loop (grpc.aio objects must stay on the loop that made them); coroutines are
 awaited there and async iterators come back as blocking iterators.
 
-    with Client(worker="127.0.0.1:50052", controller="127.0.0.1:50051") as client:
+    with Client(worker="127.0.0.1:50061", controller="127.0.0.1:50051") as client:
         stream = client.generate("def fib(n):", max_tokens=32)
         for delta in stream:
             print(delta.text, end="", flush=True)
@@ -104,7 +104,7 @@ class SyncGenerationStream(_Blocking):
 class Client(_Blocking):
     """Blocking SDK for workers and controllers; same arguments and methods as AsyncClient.
 
-        client = Client(worker="127.0.0.1:50052", controller="127.0.0.1:50051", token="s3cret")
+        client = Client(worker="127.0.0.1:50061", controller="127.0.0.1:50051", token="s3cret")
         print(client.complete("Hello", max_tokens=8).text)
         print(client.get_policy().name)
         client.close()

@@ -131,7 +131,7 @@ def run_demo(host: str, ports: Ports, max_tokens: int) -> None:
 def configure(parser) -> None:
     add_option(parser, "--host", default="127.0.0.1", help="address the controller and worker listen on")
     add_option(parser, "--controller-port", default=50051, type=int, help="controller gRPC port (0 = any free)")
-    add_option(parser, "--worker-port", default=50052, type=int, help="worker gRPC port (0 = any free)")
+    add_option(parser, "--worker-port", default=50061, type=int, help="worker gRPC port (0 = any free)")
     add_option(parser, "--controller-metrics-port", default=9101, type=int,
                help="controller Prometheus port (0 = any free)")
     add_option(parser, "--worker-metrics-port", default=9102, type=int, help="worker Prometheus port (0 = any free)")
