@@ -1,0 +1,217 @@
+"""The worker's side of `Controller.Connect`: send each step's facts, apply the plan that comes back.
+
+The stream lives on its own thread, so a slow or dead controller never blocks a step. After a step
+the engine waits for the plan at most `plan_deadline_ms` (by default a quarter of the last step
+time, at least 5 ms: the controller can then add at most ~25% to a step). A plan that is late,
+missing or carries an error is replaced by a local fallback for that step: each request keeps the k
+of the last plan it got, and a request the controller has not planned yet runs `fallback_k`. A late
+plan that shows up afterwards is discarded by its step_index. A broken stream is reopened with
+capped, jittered exponential backoff while serving goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import grpc
+
+from smartspec.v1 import controller_pb2, controller_pb2_grpc
+
+from .steps import PlanQuery, StepFacts
+
+log = logging.getLogger(__name__)
+
+_CLOSE = object()   # sentinel that ends one stream's request iterator
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    address: str                          # "HOST:PORT" of a controller (or a load balancer in front)
+    plan_deadline_ms: float | None = None  # fixed wait for a plan; None = adaptive (below)
+    min_deadline_ms: float = 5.0
+    deadline_fraction: float = 0.25       # adaptive deadline = max(min, fraction * last step time)
+    fallback_k: int = 0
+    backoff_initial_s: float = 0.1
+    backoff_max_s: float = 2.0
+    connect_timeout_s: float = 2.0
+    auth_token: str = ""                  # sent as `authorization: Bearer ...` when set
+    tls_ca_file: str = ""                 # PEM roots: connect with TLS when set
+
+
+def backoff_delay(attempt: int, initial_s: float, max_s: float, rng: random.Random) -> float:
+    """Exponential backoff capped at max_s, with 'equal jitter' (half fixed, half random) so that
+    many workers losing one controller do not all reconnect in the same instant."""
+    ceiling = min(max_s, initial_s * (2 ** min(attempt, 30)))
+    return ceiling / 2 + rng.uniform(0, ceiling / 2)
+
+
+def report_to_proto(facts: StepFacts) -> controller_pb2.StepReport:
+    return controller_pb2.StepReport(
+        step_index=facts.step_index,
+        requests=[
+            controller_pb2.RequestOutcome(
+                request_id=r.request_id,
+                proposed_tokens=r.proposed_tokens,
+                accepted_tokens=r.accepted_tokens,
+                tested_positions=r.tested_positions,
+                context_tokens=r.context_tokens,
+                prefill_tokens=r.prefill_tokens,
+                finished=r.finished,
+            )
+            for r in facts.requests
+        ],
+        draft_ms=facts.draft_ms,
+        verify_ms=facts.verify_ms,
+        total_ms=facts.total_ms,
+        batched_tokens=facts.batched_tokens,
+        queued_requests=facts.queued_requests,
+    )
+
+
+class ControllerLink:
+    """A Planner backed by a controller stream, with a local fallback."""
+
+    def __init__(self, config: LinkConfig, hello: controller_pb2.WorkerHello, *, metrics: Any = None,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.hello = hello
+        self.metrics = metrics
+        self._rng = rng or random.Random()
+        self._cond = threading.Condition()
+        self._latest: controller_pb2.StepPlan | None = None   # newest plan received
+        self._last_k: dict[str, int] = {}                      # k of the last plan each request got
+        self._outbox: queue.Queue | None = None                # the open stream's requests
+        self._call = None
+        self._closed = False
+        self._last_step_ms = 0.0
+        self.connected = False
+        self.fallback_steps = 0
+        self.plans_applied = 0
+        self.connections = 0                                   # successful (re)connections
+        self._thread = threading.Thread(target=self._run, name="smartspec-controller-link", daemon=True)
+
+    # ---- Planner ----------------------------------------------------------------------------
+
+    def plan(self, step_index: int, queries: Sequence[PlanQuery], queued_requests: int) -> dict[str, int]:
+        with self._cond:
+            plan = self._latest
+            fresh = plan is not None and plan.step_index == step_index - 1 and not plan.HasField("error")
+            if fresh:
+                for entry in plan.requests:
+                    self._last_k[entry.request_id] = entry.speculation_length
+        if fresh:
+            self.plans_applied += 1
+        else:
+            self.fallback_steps += 1
+            if self.metrics is not None:
+                self.metrics.observe_fallback()
+        return {q.request_id: self._last_k.get(q.request_id, self.config.fallback_k) for q in queries}
+
+    def observe(self, facts: StepFacts) -> None:
+        for outcome in facts.requests:
+            if outcome.finished:
+                self._last_k.pop(outcome.request_id, None)
+        deadline_s = self.deadline_ms() / 1000.0
+        self._last_step_ms = facts.total_ms
+        outbox = self._outbox
+        if outbox is None or not self.connected:
+            return
+        outbox.put(controller_pb2.WorkerMessage(report=report_to_proto(facts)))
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._latest is not None and self._latest.step_index >= facts.step_index,
+                timeout=deadline_s,
+            )
+
+    def deadline_ms(self) -> float:
+        if self.config.plan_deadline_ms is not None:
+            return self.config.plan_deadline_ms
+        return max(self.config.min_deadline_ms, self.config.deadline_fraction * self._last_step_ms)
+
+    # ---- the stream thread ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed = True
+        self._end_stream()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        attempt = 0
+        while not self._closed:
+            if self._stream_once():
+                attempt = 0
+            if self._closed:
+                break
+            delay = backoff_delay(attempt, self.config.backoff_initial_s, self.config.backoff_max_s, self._rng)
+            attempt += 1
+            log.info("controller %s unreachable; retrying in %.2fs", self.config.address, delay)
+            threading.Event().wait(delay)
+
+    def _channel(self) -> grpc.Channel:
+        if self.config.tls_ca_file:
+            with open(self.config.tls_ca_file, "rb") as f:
+                return grpc.secure_channel(self.config.address, grpc.ssl_channel_credentials(f.read()))
+        return grpc.insecure_channel(self.config.address)
+
+    def _stream_once(self) -> bool:
+        """Open one Connect stream and read plans until it breaks; True if it got connected."""
+        channel = self._channel()
+        got_connected = False
+        try:
+            grpc.channel_ready_future(channel).result(timeout=self.config.connect_timeout_s)
+            outbox: queue.Queue = queue.Queue()
+            metadata = [("authorization", f"Bearer {self.config.auth_token}")] if self.config.auth_token else None
+            self._call = controller_pb2_grpc.ControllerStub(channel).Connect(
+                self._requests(outbox), metadata=metadata
+            )
+            self._outbox = outbox
+            self._set_connected(True)
+            got_connected = True
+            self.connections += 1
+            for plan in self._call:
+                with self._cond:
+                    if self._latest is None or plan.step_index >= self._latest.step_index:
+                        self._latest = plan
+                    self._cond.notify_all()
+                if plan.HasField("error"):
+                    log.warning("controller rejected step %d: %s (%s)", plan.step_index,
+                                plan.error.message, plan.error.field)
+        except grpc.FutureTimeoutError:
+            pass
+        except grpc.RpcError as exc:
+            if not self._closed:
+                log.warning("controller stream ended: %s %s", exc.code(), exc.details())
+        finally:
+            self._set_connected(False)
+            self._end_stream()
+            channel.close()
+        return got_connected
+
+    def _requests(self, outbox: queue.Queue):
+        yield controller_pb2.WorkerMessage(hello=self.hello)
+        while True:
+            item = outbox.get()
+            if item is _CLOSE:
+                return
+            yield item
+
+    def _end_stream(self) -> None:
+        outbox, self._outbox = self._outbox, None
+        if outbox is not None:
+            outbox.put(_CLOSE)
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+
+    def _set_connected(self, value: bool) -> None:
+        self.connected = value
+        if self.metrics is not None:
+            self.metrics.set_controller_connected(value)
