@@ -38,16 +38,22 @@ def positions_tested(proposed: int, accepted: int) -> int:
 
 
 def check_outcome(proposed: int, accepted: int, tested: int) -> None:
-    """Raise OutcomeError (naming the field) unless the numbers can come from one verification."""
+    """Raise OutcomeError (naming the field) unless the numbers can come from one verification.
+
+    tested is accepted + 1 when a rejection stopped the run, accepted when all were accepted, and
+    may also be accepted < proposed when the worker stopped judging early without a rejection
+    (an accepted end-of-sequence token, or the request's token limit).
+    """
     if proposed < 0:
         raise OutcomeError("proposed_tokens", f"must be >= 0, got {proposed}")
     if not 0 <= accepted <= proposed:
         raise OutcomeError("accepted_tokens", f"must be in 0..proposed_tokens ({proposed}), got {accepted}")
-    expected = positions_tested(proposed, accepted)
-    if tested != expected:
+    most = positions_tested(proposed, accepted)
+    if not accepted <= tested <= most:
         raise OutcomeError(
             "tested_positions",
-            f"must be accepted_tokens + (1 if a rejection stopped it) = {expected}, got {tested}",
+            f"must be accepted_tokens ({accepted}) or, after a rejection, accepted_tokens + 1 "
+            f"(at most {most}), got {tested}",
         )
 
 

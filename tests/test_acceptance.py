@@ -116,11 +116,19 @@ def test_state_tracks_last_step_and_probing_counter():
     assert AcceptanceState.from_dict(as_strings) == state
 
 
+def test_early_stop_without_rejection_is_a_legal_outcome():
+    """An accepted end-of-sequence token ends judging without a rejection: tested = accepted < k."""
+    check_outcome(4, 2, 2)
+    state = AcceptanceState().update(4, 2, 2)
+    assert (state.accepted, state.tested, state.last_fully_accepted) == (2, 2, False)
+
+
 @pytest.mark.parametrize(
     ("proposed", "accepted", "tested", "field"),
     [
         (3, 4, 4, "accepted_tokens"),
-        (3, 1, 1, "tested_positions"),  # a rejection stopped it, so it was tested too
+        (3, 1, 3, "tested_positions"),  # nothing after the first rejection is tested
+        (3, 1, 0, "tested_positions"),  # the accepted ones were tested
         (3, 3, 4, "tested_positions"),  # nothing after the last proposal can be tested
         (0, 0, 1, "tested_positions"),
         (-1, 0, 0, "proposed_tokens"),

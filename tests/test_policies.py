@@ -225,6 +225,9 @@ def test_registry_get_unknown_names_the_field():
         get("no-such-policy")
     assert info.value.field == "name"
     assert "goodput" in info.value.message  # lists what exists
+    assert str(info.value).startswith("name: unknown policy 'no-such-policy'")
+    with pytest.raises(KeyError):  # a failed lookup is also a KeyError
+        get("no-such-policy")
 
 
 def test_registry_rejects_duplicates_and_non_policies():

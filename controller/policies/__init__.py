@@ -8,6 +8,7 @@ from smartspec.controller.policies.base import (
     Policy,
     PolicyError,
     RequestState,
+    UnknownPolicyError,
     validate_parameters,
 )
 from smartspec.controller.policies.guard import guarded_decide, sanitize_batch
@@ -35,6 +36,7 @@ __all__ = [
     "PolicyError",
     "Registry",
     "RequestState",
+    "UnknownPolicyError",
     "default_registry",
     "expected_tokens",
     "get",

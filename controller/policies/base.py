@@ -53,6 +53,13 @@ class PolicyError(ValueError):
         self.message = message
 
 
+class UnknownPolicyError(PolicyError, KeyError):
+    """No policy is registered under that name (field "name"). Also a KeyError, for lookups."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return f"{self.field}: {self.message}"
+
+
 class ParameterType(enum.Enum):
     """Values match smartspec.v1.ParameterType, so the wire mapping is `ParameterType(v).value`."""
 

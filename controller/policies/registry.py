@@ -8,7 +8,7 @@ from importlib import metadata
 from typing import Any, Callable, Iterable
 
 from smartspec.controller.policies import batch_threshold, fixed, goodput, heuristic, off, table
-from smartspec.controller.policies.base import Policy, PolicyError
+from smartspec.controller.policies.base import Policy, UnknownPolicyError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class Registry:
             return self._policies[name]
         except KeyError:
             known = ", ".join(self.names())
-            raise PolicyError("name", f"unknown policy {name!r} (registered: {known})") from None
+            raise UnknownPolicyError("name", f"unknown policy {name!r} (registered: {known})") from None
 
     def names(self) -> list[str]:
         return sorted(self._policies)
