@@ -1,0 +1,127 @@
+"""Replicas share nothing but Redis: any replica serves any step with the same answer."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import grpc
+import pytest
+import redis
+
+from smartspec.controller.server import ControllerServer
+from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
+
+
+def hello(worker_id="w0") -> controller_pb2.WorkerHello:
+    return controller_pb2.WorkerHello(
+        worker_id=worker_id, proposer_kind=common_pb2.PROPOSER_KIND_NGRAM, max_speculation_length=6,
+        max_batch_size=16, cost_profile_id="cpu-smollm2",
+        profile=[common_pb2.ProfileSample(batch_size=b, speculation_length=k, context_tokens=200,
+                                              draft_ms=0.2 * k, verify_ms=80.0 + 3.0 * b * (k + 1) + (30.0 if k else 0))
+                 for b in (1, 8) for k in (0, 4)],
+    )
+
+
+def outcome(request_id, proposed, accepted, context, finished=False):
+    return controller_pb2.RequestOutcome(
+        request_id=request_id, proposed_tokens=proposed, accepted_tokens=accepted,
+        tested_positions=accepted + (1 if accepted < proposed else 0), context_tokens=context, finished=finished)
+
+
+def workload() -> list[controller_pb2.StepReport]:
+    """A few steps of three requests with different acceptance, one finishing, one joining."""
+    steps = []
+    for step in range(8):
+        outcomes = [outcome("good", 4 if step else 0, 4 if step else 0, 50 + 5 * step),
+                    outcome("poor", 2 if step else 0, 0, 80 + step)]
+        if step >= 3:
+            outcomes.append(outcome("late", 1 if step > 3 else 0, 1 if step > 3 else 0, 30 + 2 * step,
+                                    finished=step == 7))
+        steps.append(controller_pb2.StepReport(step_index=step, requests=outcomes, draft_ms=1.0,
+                                               verify_ms=90.0 + 10.0 * step, total_ms=95.0 + 10.0 * step))
+    return steps
+
+
+def comparable(plan: controller_pb2.StepPlan) -> controller_pb2.StepPlan:
+    """Everything but the time the replica spent deciding."""
+    copy = controller_pb2.StepPlan()
+    copy.CopyFrom(plan)
+    copy.ClearField("decision_ms")
+    return copy
+
+
+@pytest.fixture
+def replicas(redis_url, redis_prefix):
+    servers = [ControllerServer(0, redis_url, redis_prefix, redis_retry_after_s=0.0) for _ in range(2)]
+    for s in servers:
+        s.start()
+    channels = [grpc.insecure_channel(s.address) for s in servers]
+    yield channels
+    for ch in channels:
+        ch.close()
+    for s in servers:
+        s.stop(0)
+
+
+def test_policy_set_on_one_replica_is_used_by_the_other_next_step(replicas):
+    a, b = replicas
+    decide_b = controller_pb2_grpc.ControllerStub(b).Decide
+    request = controller_pb2.DecideRequest(worker=hello(), report=controller_pb2.StepReport(
+        step_index=0, requests=[outcome("x", 0, 0, 10)]))
+    assert decide_b(request).policy_name == "goodput"
+
+    admin_pb2_grpc.AdminStub(a).SetPolicy(admin_pb2.SetPolicyRequest(policy=common_pb2.PolicySpec(
+        name="fixed", parameters={"k": common_pb2.ParameterValue(int_value=5)})))
+    plan = decide_b(request)
+    assert (plan.policy_name, plan.policy_version) == ("fixed", 1)
+    assert [r.speculation_length for r in plan.requests] == [5]
+    got = admin_pb2_grpc.AdminStub(b).GetPolicy(admin_pb2.GetPolicyRequest())
+    assert (got.policy.name, got.version) == ("fixed", 1)
+
+    admin_pb2_grpc.AdminStub(b).SetPolicy(admin_pb2.SetPolicyRequest(policy=common_pb2.PolicySpec(name="off")))
+    plan = controller_pb2_grpc.ControllerStub(a).Decide(request)
+    assert (plan.policy_name, plan.policy_version, plan.requests[0].speculation_length) == ("off", 2, 0)
+
+
+def test_alternating_replicas_answer_exactly_like_one(redis_url, replicas):
+    """Steps spread over two replicas give the same plans as all steps on one replica (fresh prefix)."""
+    stubs = [controller_pb2_grpc.ControllerStub(ch) for ch in replicas]
+    alternating = [comparable(stubs[i % 2].Decide(controller_pb2.DecideRequest(worker=hello(), report=r)))
+                   for i, r in enumerate(workload())]
+
+    solo_prefix = f"smartspec-test:{uuid.uuid4().hex[:12]}:"
+    solo = ControllerServer(0, redis_url, solo_prefix)
+    solo.start()
+    try:
+        with grpc.insecure_channel(solo.address) as ch:
+            stub = controller_pb2_grpc.ControllerStub(ch)
+            single = [comparable(stub.Decide(controller_pb2.DecideRequest(worker=hello(), report=r)))
+                      for r in workload()]
+    finally:
+        solo.stop(0)
+        client = redis.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(match=solo_prefix + "*"))
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+    assert alternating == single
+    # The workload is informative: the learned acceptance separates the requests.
+    last = {r.request_id: r.speculation_length for r in single[-2].requests}
+    assert last["good"] > last["poor"]
+
+
+def test_stream_moves_to_another_replica_without_losing_history(replicas, redis_url, redis_prefix):
+    """Kill-free failover: a worker reconnects to replica B and B continues A's request history."""
+    steps = workload()
+    first = [controller_pb2.WorkerMessage(hello=hello())] + [controller_pb2.WorkerMessage(report=r) for r in steps[:4]]
+    rest = [controller_pb2.WorkerMessage(hello=hello())] + [controller_pb2.WorkerMessage(report=r) for r in steps[4:]]
+    list(controller_pb2_grpc.ControllerStub(replicas[0]).Connect(iter(first)))
+    plans = list(controller_pb2_grpc.ControllerStub(replicas[1]).Connect(iter(rest)))
+    assert [p.step_index for p in plans] == [4, 5, 6, 7]
+
+    client = redis.Redis.from_url(redis_url)
+    good = json.loads(client.get(f"{redis_prefix}req:w0:good"))
+    client.close()
+    assert (good["accepted"], good["tested"], good["steps"]) == (4 * 7, 4 * 7, 8)

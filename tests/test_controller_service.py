@@ -1,0 +1,219 @@
+"""The controller as workers and operators see it: real gRPC on loopback, real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from smartspec.controller.server import ControllerServer
+from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
+
+
+def hello(worker_id="w0", max_k=8, max_batch=256, **kw) -> controller_pb2.WorkerHello:
+    return controller_pb2.WorkerHello(worker_id=worker_id, proposer_kind=common_pb2.PROPOSER_KIND_NGRAM,
+                                      max_speculation_length=max_k, max_batch_size=max_batch, **kw)
+
+
+def outcome(request_id, proposed=0, accepted=0, tested=None, context=100, finished=False):
+    if tested is None:
+        tested = accepted + (1 if accepted < proposed else 0)
+    return controller_pb2.RequestOutcome(request_id=request_id, proposed_tokens=proposed, accepted_tokens=accepted,
+                                         tested_positions=tested, context_tokens=context, finished=finished)
+
+
+def report(step, outcomes, draft_ms=1.0, verify_ms=90.0) -> controller_pb2.StepReport:
+    return controller_pb2.StepReport(step_index=step, requests=outcomes, draft_ms=draft_ms, verify_ms=verify_ms,
+                                     total_ms=draft_ms + verify_ms + 1.0)
+
+
+def stream(channel, first, reports):
+    messages = [controller_pb2.WorkerMessage(hello=first)]
+    messages += [controller_pb2.WorkerMessage(report=r) for r in reports]
+    return list(controller_pb2_grpc.ControllerStub(channel).Connect(iter(messages), timeout=30))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def server(redis_url, redis_prefix):
+    srv = ControllerServer(0, redis_url, redis_prefix, redis_retry_after_s=0.0, metrics_port=free_port())
+    srv.start()
+    yield srv
+    srv.stop(0)
+
+
+@pytest.fixture
+def channel(server):
+    with grpc.insecure_channel(server.address) as ch:
+        yield ch
+
+
+@pytest.fixture
+def raw(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def test_stream_answers_each_report_in_order(channel, raw, redis_prefix):
+    reports = [
+        report(10, [outcome("a", context=50), outcome("b", context=60)]),
+        report(11, [outcome("a", 4, 4, context=55), outcome("b", 4, 1, context=62), outcome("c", context=20)]),
+        report(12, [outcome("c", 2, 2, context=23, finished=True), outcome("a", 4, 3, context=59)]),
+    ]
+    plans = stream(channel, hello(), reports)
+    assert [p.step_index for p in plans] == [10, 11, 12]
+    assert [[r.request_id for r in p.requests] for p in plans] == [["a", "b"], ["a", "b", "c"], ["a"]]
+    for p in plans:
+        assert not p.HasField("error") and not p.degraded
+        assert p.policy_name == "goodput" and p.policy_version == 0
+        assert all(r.speculation_length <= 8 for r in p.requests)
+        assert p.predicted_step_ms > 0 and p.predicted_tokens >= len(p.requests)
+
+    # Acceptance history: a = 0+4+3 accepted over 0+4+4 tested; c finished and was forgotten.
+    a = json.loads(raw.get(f"{redis_prefix}req:w0:a"))
+    assert (a["accepted"], a["tested"], a["steps"], a["last_k"]) == (7, 8, 3, 4)
+    b = json.loads(raw.get(f"{redis_prefix}req:w0:b"))
+    assert (b["accepted"], b["tested"]) == (1, 2)
+    assert raw.exists(f"{redis_prefix}req:w0:c") == 0
+    assert 0 < raw.ttl(f"{redis_prefix}req:w0:a") <= 600
+
+
+def test_decide_low_load_high_acceptance_speculates_fully_and_costly_big_batch_does_not(channel):
+    stub = controller_pb2_grpc.ControllerStub(channel)
+    worker = hello(max_k=6)
+    # Three steps of a request whose every proposal is accepted: a -> 1, so E(k) = k + 1 grows
+    # faster than the step time and the largest k wins.
+    plan = None
+    for step in range(3):
+        plan = stub.Decide(controller_pb2.DecideRequest(
+            worker=worker, report=report(step, [outcome("hot", 4, 4, context=100 + 5 * step)])))
+    assert [(r.request_id, r.speculation_length) for r in plan.requests] == [("hot", 6)]
+
+    # The same request among 128, with a cost model where every speculated token is dear and any
+    # speculation costs a whole extra step: k = 0 for all is the goodput optimum.
+    costly = common_pb2.CostModel(c_fixed_ms=10.0, c_spec_ms=500.0, c_tok_ms=20.0, c_kv_ms=0.0)
+    batch = [outcome("hot", 4, 4, context=120)] + [outcome(f"r{i}", context=100) for i in range(127)]
+    plan = stub.Decide(controller_pb2.DecideRequest(worker=worker, report=report(3, batch),
+                                                    cost_model_override=costly))
+    assert len(plan.requests) == 128 and plan.requests[0].request_id == "hot"
+    assert all(r.speculation_length == 0 for r in plan.requests)
+    # The prediction uses the override: 10 + 20 * 128 tokens (+ negligible nothing else).
+    assert plan.predicted_step_ms == pytest.approx(10.0 + 20.0 * 128)
+
+
+def test_admin_list_get_set_and_next_plan_uses_it(channel):
+    admin = admin_pb2_grpc.AdminStub(channel)
+    listed = {p.name: p for p in admin.ListPolicies(admin_pb2.ListPoliciesRequest()).policies}
+    assert {"goodput", "off", "fixed"} <= set(listed)
+    k_schema = {s.name: s for s in listed["fixed"].parameters}["k"]
+    assert k_schema.type == admin_pb2.PARAMETER_TYPE_INT and k_schema.HasField("maximum")
+
+    active = admin.GetPolicy(admin_pb2.GetPolicyRequest())
+    assert (active.policy.name, active.version) == ("goodput", 0)
+
+    set_to = admin.SetPolicy(admin_pb2.SetPolicyRequest(policy=common_pb2.PolicySpec(
+        name="fixed", parameters={"k": common_pb2.ParameterValue(int_value=3)})))
+    assert (set_to.policy.name, set_to.version, set_to.policy.parameters["k"].int_value) == ("fixed", 1, 3)
+    got = admin.GetPolicy(admin_pb2.GetPolicyRequest())
+    assert (got.policy.name, got.version, got.updated_unix_ms) == ("fixed", 1, set_to.updated_unix_ms)
+
+    plan = controller_pb2_grpc.ControllerStub(channel).Decide(controller_pb2.DecideRequest(
+        worker=hello(), report=report(0, [outcome("x"), outcome("y")])))
+    assert (plan.policy_name, plan.policy_version) == ("fixed", 1)
+    assert [r.speculation_length for r in plan.requests] == [3, 3]
+
+    # Compare-and-set on the version.
+    with pytest.raises(grpc.RpcError) as info:
+        admin.SetPolicy(admin_pb2.SetPolicyRequest(policy=common_pb2.PolicySpec(name="off"), expected_version=7))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert admin.SetPolicy(admin_pb2.SetPolicyRequest(policy=common_pb2.PolicySpec(name="off"),
+                                                      expected_version=1)).version == 2
+
+
+def test_status_reports_workers_totals_and_cost_model(channel):
+    stream(channel, hello("w-status", model="SmolLM2", proposer="ngram", device="cpu"), [
+        report(0, [outcome("a", context=10)]),
+        report(1, [outcome("a", 4, 2, context=13)]),
+        report(2, [outcome("a", 4, 4, context=18)]),
+    ])
+    status = admin_pb2_grpc.AdminStub(channel).GetStatus(admin_pb2.GetStatusRequest())
+    assert status.redis_ok and status.controller_id
+    (worker,) = [w for w in status.workers if w.worker_id == "w-status"]
+    assert (worker.model, worker.proposer, worker.device, worker.max_speculation_length) == \
+        ("SmolLM2", "ngram", "cpu", 8)
+    assert (worker.steps, worker.proposed_tokens, worker.accepted_tokens) == (3, 8, 6)
+    assert worker.generated_tokens == 1 + 3 + 5
+    assert worker.acceptance_rate == pytest.approx(6 / 7)  # tested: 0 + 3 + 4
+    assert worker.goodput_tok_s > 0 and worker.cost_model.c_tok_ms > 0
+
+
+def test_health_reflection_and_metrics(server, channel):
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "smartspec.v1.Controller", "smartspec.v1.Admin"):
+        assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+            health_pb2.HealthCheckResponse.SERVING
+
+    reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+    answer = next(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = {s.name for s in answer.list_services_response.service}
+    assert {"smartspec.v1.Controller", "smartspec.v1.Admin", "grpc.health.v1.Health"} <= names
+
+    stream(channel, hello(), [report(0, [outcome("a"), outcome("b")]), report(1, [outcome("a", 3, 1)])])
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.bound_metrics_port}/metrics", timeout=5).read().decode()
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+               for line in text.splitlines() if line and not line.startswith("#")}
+    assert samples['smartspec_controller_steps_total{policy="goodput"}'] == 2
+    assert samples["smartspec_controller_chosen_k_count"] == 3  # planned request-steps: 2 + 1
+    assert samples["smartspec_controller_proposed_tokens_total"] == 3
+    assert samples["smartspec_controller_accepted_tokens_total"] == 1
+    assert samples["smartspec_controller_redis_ok"] == 1
+    assert samples["smartspec_controller_degraded_steps_total"] == 0
+
+
+def test_cli_subprocess_serves_health_and_exits_on_sigterm(redis_url, redis_prefix):
+    env = {**os.environ, "SMARTSPEC_REDIS_PREFIX": redis_prefix}  # set via env: add_option wiring
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "smartspec.cli", "controller", "--port", "0", "--host", "127.0.0.1",
+         "--redis", redis_url, "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    try:
+        line = ""
+        timer = threading.Timer(30, proc.kill)
+        timer.start()
+        for line in proc.stdout:
+            if line.startswith("controller listening on"):
+                break
+        timer.cancel()
+        assert line.startswith("controller listening on 127.0.0.1:"), proc.stderr.read()
+        address = line.split()[-1]
+        with grpc.insecure_channel(address) as ch:
+            check = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            admin_pb2_grpc.AdminStub(ch).SetPolicy(admin_pb2.SetPolicyRequest(
+                policy=common_pb2.PolicySpec(name="off")), timeout=10)
+        # The prefix came from SMARTSPEC_REDIS_PREFIX.
+        assert redis.Redis.from_url(redis_url).exists(f"{redis_prefix}policy") == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -1,0 +1,162 @@
+"""ControllerStore against a real Redis: key layout, TTLs, atomic policy versions, decayed prior."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import pytest
+import redis
+
+from smartspec.controller.acceptance import AcceptanceState
+from smartspec.controller.store import (
+    ControllerStore,
+    StepWrites,
+    StoreUnavailable,
+    VersionMismatch,
+    WorkerFigures,
+)
+
+
+@pytest.fixture
+def store(redis_url, redis_prefix):
+    s = ControllerStore(redis_url, redis_prefix, request_ttl_s=120, retry_after_s=0.0)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def raw(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def _writes(histories=None, finished=(), prior=(0.0, 0.0), decay=1.0, cost_fit=None, worker_id="w0"):
+    return StepWrites(
+        worker_id=worker_id,
+        cost_profile_id="profile-a",
+        proposer_kind="PROPOSER_KIND_NGRAM",
+        histories=histories or {},
+        finished=tuple(finished),
+        cost_fit=cost_fit,
+        prior_accepted=prior[0],
+        prior_tested=prior[1],
+        prior_decay=decay,
+        totals={"steps": 1, "proposed": 4, "accepted": 3},
+        figures=WorkerFigures(predicted_step_ms=12.5, predicted_tokens=3.25, goodput_tok_s=100.0),
+    )
+
+
+def test_empty_store_reads_nothing(store):
+    snap = store.read_step("w0", ["a", "b"], "profile-a", "PROPOSER_KIND_NGRAM")
+    assert snap.histories == {}
+    assert snap.cost_fit is None and snap.prior is None and snap.policy is None
+    assert snap.worker.predicted_step_ms is None
+
+
+def test_step_round_trip_with_ttls_and_deletion(store, raw, redis_prefix):
+    a = AcceptanceState(accepted=7, tested=9, steps=3, last_k=4, last_fully_accepted=False, steps_since_speculation=0)
+    b = AcceptanceState(accepted=1, tested=1, steps=1, last_k=1, last_fully_accepted=True)
+    store.write_step(_writes({"a": a, "b": b}, cost_fit={"x": [1.5, 2.25]}), info={"model": "m"})
+
+    snap = store.read_step("w0", ["a", "b", "c"], "profile-a", "PROPOSER_KIND_NGRAM")
+    assert snap.histories == {"a": a, "b": b}
+    assert snap.cost_fit == {"x": [1.5, 2.25]}
+    assert snap.worker == WorkerFigures(12.5, 3.25, 100.0)
+
+    ttl = raw.ttl(f"{redis_prefix}req:w0:a")
+    assert 0 < ttl <= 120
+    assert raw.ttl(f"{redis_prefix}cost:profile-a") > 0
+    assert raw.ttl(f"{redis_prefix}worker:w0") > 0
+
+    # Another worker's request with the same id is a different key.
+    assert store.read_step("w1", ["a"], "profile-a", "PROPOSER_KIND_NGRAM").histories == {}
+
+    store.write_step(_writes(finished=["a"]))
+    assert raw.exists(f"{redis_prefix}req:w0:a") == 0
+    assert store.read_step("w0", ["a", "b"], "p", "k").histories == {"b": b}
+
+
+def test_prior_is_decayed_and_added_atomically(store):
+    store.write_step(_writes(prior=(3.0, 4.0), decay=0.5))
+    store.write_step(_writes(prior=(1.0, 2.0), decay=0.5))
+    prior = store.read_step("w0", [], "profile-a", "PROPOSER_KIND_NGRAM").prior
+    assert prior.accepted == pytest.approx(3.0 * 0.5 + 1.0)
+    assert prior.tested == pytest.approx(4.0 * 0.5 + 2.0)
+
+    # Concurrent writers (workers sharing a proposer kind) never lose counts.
+    threads = [threading.Thread(target=lambda: [store.write_step(_writes(prior=(1.0, 1.0))) for _ in range(10)])
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    prior = store.read_step("w0", [], "profile-a", "PROPOSER_KIND_NGRAM").prior
+    assert prior.tested == pytest.approx(4.0 + 40.0)
+
+
+def test_policy_versions_increase_and_compare_and_set(store):
+    assert store.get_policy() is None
+    first = store.set_policy("fixed", {"k": 3})
+    assert first.version == 1
+    second = store.set_policy("table", {"batch_sizes": [1, 8], "ks": [4, 0]}, expected_version=1)
+    assert second.version == 2
+    with pytest.raises(VersionMismatch) as info:
+        store.set_policy("off", {}, expected_version=1)
+    assert info.value.actual == 2
+    stored = store.get_policy()
+    assert (stored.name, stored.parameters, stored.version) == ("table", {"batch_sizes": [1, 8], "ks": [4, 0]}, 2)
+    assert stored.updated_unix_ms == second.updated_unix_ms
+
+
+def test_concurrent_policy_sets_get_distinct_versions(store):
+    versions: list[int] = []
+    lock = threading.Lock()
+
+    def set_many():
+        for i in range(10):
+            record = store.set_policy("fixed", {"k": i})
+            with lock:
+                versions.append(record.version)
+
+    threads = [threading.Thread(target=set_many) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(versions) == list(range(1, 41))
+    assert store.get_policy().version == 40
+
+
+def test_workers_listing_and_reset(store):
+    store.register_worker("w0", {"model": "m0", "cost_profile_id": "p0"}, reset_totals=True)
+    store.write_step(_writes())
+    store.write_step(_writes())
+    (record,) = store.list_workers(seen_within_s=60)
+    assert record.worker_id == "w0" and record.info["model"] == "m0"
+    assert record.totals["steps"] == 2 and record.totals["proposed"] == 8 and record.totals["accepted"] == 6
+    assert record.cost_profile_id == "p0"
+    store.register_worker("w0", {"model": "m0"}, reset_totals=True)  # a new connection
+    (record,) = store.list_workers(seen_within_s=60)
+    assert record.totals["steps"] == 0
+
+
+def test_unreachable_redis_raises_typed_error():
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = ControllerStore(f"redis://127.0.0.1:{port}/0", "x:", timeout_s=0.2, retry_after_s=30.0)
+    with pytest.raises(StoreUnavailable):
+        store.read_step("w0", ["a"], "p", "k")
+    with pytest.raises(StoreUnavailable, match="marked down"):  # no reconnect storm during an outage
+        store.get_policy()
+    assert store.ping() is False
+    store.close()
+
+
+def test_request_ids_with_colons_stay_distinct(store, raw, redis_prefix):
+    store.write_step(_writes({"x:y": AcceptanceState(accepted=1, tested=1)}))
+    assert json.loads(raw.get(f"{redis_prefix}req:w0:x:y"))["accepted"] == 1
+    assert store.read_step("w0", ["x"], "p", "k").histories == {}
