@@ -14,7 +14,6 @@ of a Beta(prior_rate * s, (1 - prior_rate) * s) prior with s = `prior_strength` 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
@@ -160,7 +159,3 @@ def _as_bool(value: Any) -> bool:
         text = value.decode() if isinstance(value, bytes) else value
         return text.strip().lower() in ("1", "true", "yes")
     return bool(value)
-
-
-def is_valid_rate(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value) and 0.0 <= value <= 1.0
