@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import grpc
 
 from smartspec.controller import validation
 from smartspec.controller.acceptance import PooledPrior

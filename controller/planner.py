@@ -61,24 +61,6 @@ def attended_context(outcome: controller_pb2.RequestOutcome) -> int:
     return max(0, outcome.context_tokens - outcome.accepted_tokens - 1 - outcome.prefill_tokens)
 
 
-def update_history(history: AcceptanceState, outcome: controller_pb2.RequestOutcome) -> AcceptanceState:
-    """Add one (validated) step's verification result to a request's evidence.
-
-    Not `AcceptanceState.update`: that one insists on tested = accepted + 1 after a partial accept,
-    while a worker may legitimately stop verifying early (EOS among the accepted tokens) and report
-    tested = accepted < proposed; validation.py admits that case.
-    """
-    proposed = outcome.proposed_tokens
-    return AcceptanceState(
-        accepted=history.accepted + outcome.accepted_tokens,
-        tested=history.tested + outcome.tested_positions,
-        steps=history.steps + 1,
-        last_k=proposed,
-        last_fully_accepted=proposed > 0 and outcome.accepted_tokens == proposed,
-        steps_since_speculation=0 if proposed > 0 else history.steps_since_speculation + 1,
-    )
-
-
 def smoothed(previous: float | None, value: float | None, weight: float) -> float | None:
     if value is None:
         return previous
@@ -108,8 +90,11 @@ def plan_step(
     outcomes: Sequence[controller_pb2.RequestOutcome] = report.requests
 
     # Acceptance evidence: per request, and pooled for the prior.
-    histories = {o.request_id: update_history(snapshot.histories.get(o.request_id, AcceptanceState()), o)
-                 for o in outcomes}
+    histories = {
+        o.request_id: snapshot.histories.get(o.request_id, AcceptanceState()).update(
+            o.proposed_tokens, o.accepted_tokens, o.tested_positions)
+        for o in outcomes
+    }
     step_accepted = float(sum(o.accepted_tokens for o in outcomes))
     step_tested = float(sum(o.tested_positions for o in outcomes))
     # The same decay-and-add the store's script applies in Redis, so new requests in this very

@@ -217,3 +217,33 @@ def test_cli_subprocess_serves_health_and_exits_on_sigterm(redis_url, redis_pref
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_planner_pure_step_bookkeeping():
+    """plan_step without gRPC or Redis: evidence, pooled prior, override vs fit, writes."""
+    from smartspec.controller.cost_model import DEFAULT_COST_MODEL, CostModel, OnlineCostFit
+    from smartspec.controller.planner import PlannerSettings, plan_step
+    from smartspec.controller.policies import get
+    from smartspec.controller.store import StepSnapshot
+
+    step = report(3, [outcome("old", 4, 4, context=40), outcome("new", context=10),
+                      outcome("done", 2, 0, context=70, finished=True)])
+    fit = OnlineCostFit.create(DEFAULT_COST_MODEL)
+    flat = CostModel(c_fixed_ms=5.0, c_tok_ms=1.0)
+    policy = get("fixed")
+    decision = plan_step(hello(max_k=3), step, StepSnapshot(histories={}, cost_fit=None, prior=None, policy=None),
+                         cost_fit=fit, policy=policy, params=policy.validate({"k": 3}),
+                         settings=PlannerSettings(prior_strength=8.0, prior_decay=1.0),
+                         cost_override=flat, proposer_kind="PROPOSER_KIND_NGRAM", cost_profile_id="p")
+    assert decision.request_ids == ("old", "new") and decision.speculation_lengths == (3, 3)
+    # Pooled evidence of this step: 4 + 0 accepted over 4 + 1 tested, so the new request starts at 0.8
+    # and the old one is its own 4/4 shrunk toward 0.8 with weight 8.
+    assert decision.acceptances[1] == pytest.approx(4 / 5)
+    assert decision.acceptances[0] == pytest.approx((4 + 0.8 * 8) / (4 + 8))
+    # Prediction from the override (k = 3 each: 5 + 1 * 2 * (3 + 1)), the fit still learned the step.
+    assert decision.predicted_step_ms == pytest.approx(5.0 + 8.0)
+    assert fit.steps == 1 and decision.writes.cost_fit["steps"] == 1
+    writes = decision.writes
+    assert set(writes.histories) == {"old", "new"} and writes.finished == ("done",)
+    assert (writes.prior_accepted, writes.prior_tested) == (4.0, 5.0)
+    assert writes.totals["generated"] == 5 + 1 + 1 and writes.totals["planned_k"] == 6
