@@ -133,3 +133,28 @@ def test_zero_step_time_is_an_error_not_a_division():
 def test_empty_batch_and_zero_max_k():
     assert optimize_goodput([], [], [], DEFAULT_COST_MODEL, 8).ks.tolist() == []
     assert optimize_goodput([1.0, 1.0], [5, 5], [0, 0], DEFAULT_COST_MODEL, 0).ks.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_large_batch_plan_has_no_improving_single_change(seed):
+    """Too big for brute force (B = 64, K = 8): check that no one request's k can be moved to any
+    other value, nor every k lowered by one, to raise goodput: necessary for the optimum."""
+    rng = np.random.default_rng(100 + seed)
+    batch, max_k = 64, 8
+    acceptance = rng.uniform(size=batch)
+    contexts = rng.integers(1, 4000, size=batch)
+    prefills = np.zeros(batch, dtype=int)
+    cost = random_cost(rng)
+    plan = optimize_goodput(acceptance, contexts, prefills, cost, max_k)
+
+    def goodput(ks) -> float:
+        tokens, step_ms = predict_plan(acceptance, contexts, prefills, cost, ks)
+        return tokens / step_ms
+
+    assert goodput(plan.ks) == pytest.approx(plan.goodput, rel=1e-12)
+    for i in range(batch):
+        for k in range(max_k + 1):
+            moved = plan.ks.copy()
+            moved[i] = k
+            assert goodput(moved) <= plan.goodput * (1 + 1e-9)
+    assert goodput(np.maximum(plan.ks - 1, 0)) <= plan.goodput * (1 + 1e-9)

@@ -23,6 +23,8 @@ def sanitize_batch(batch: BatchState, prior_acceptance: float = DEFAULT_PRIOR_RA
     """Non-finite acceptance -> the prior; finite values clipped into [0, 1]; max_k >= 0."""
     if not (math.isfinite(prior_acceptance) and 0.0 <= prior_acceptance <= 1.0):
         prior_acceptance = DEFAULT_PRIOR_RATE
+    if batch.max_k >= 0 and all(0.0 <= r.acceptance <= 1.0 for r in batch.requests):  # NaN fails this
+        return batch
     requests = []
     for request in batch.requests:
         a = request.acceptance
