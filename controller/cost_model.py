@@ -253,7 +253,8 @@ def _relative_weight(step_ms: float) -> float:
     """Step-time noise is roughly multiplicative, and what the policy needs is the step time to a
     few percent, so both parts weight a step by 1/(its draft + verify time)^2: relative error of the
     step. (Weighting the draft part by its own time would let a near-zero n-gram draft dominate.)
-    The 1 ms floor keeps an empty step from getting infinite weight.
+    The 1 ms floor keeps an empty step from getting infinite weight. (Weighting by the measured
+    rather than the predicted time biases the fit low by about noise^2, 0.25% at 5% noise.)
     """
     return 1.0 / max(step_ms, 1.0) ** 2
 
