@@ -283,3 +283,10 @@ def test_entry_point_plugins_load_from_a_dist_info_on_sys_path(tmp_path, monkeyp
     assert "broken" in caplog.text and "missing" in caplog.text  # bad plugins are skipped, loudly
     plugin = registry.get("plugin-factory")
     assert guarded_decide(plugin, batch_of([0.5] * 2), DEFAULT_COST_MODEL, plugin.validate({"k": 3})) == [3, 3]
+
+
+def test_parameter_types_match_the_wire_enum():
+    from smartspec.v1 import admin_pb2
+
+    for kind in ParameterType:
+        assert admin_pb2.ParameterType.Value(f"PARAMETER_TYPE_{kind.name}") == kind.value
