@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 import redis
@@ -133,6 +133,14 @@ return {1, version}
 """
 
 
+_HISTORY_FIELDS = tuple(f.name for f in fields(AcceptanceState))
+
+
+def _history_json(history: AcceptanceState) -> str:
+    """Compact JSON of a request's state (a flat dict: cheaper than dataclasses.asdict per request)."""
+    return json.dumps({name: getattr(history, name) for name in _HISTORY_FIELDS}, separators=(",", ":"))
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -160,7 +168,6 @@ class ControllerStore:
             redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
-        self._decay_prior = self._redis.register_script(_DECAY_PRIOR_LUA)
         self._set_policy = self._redis.register_script(_SET_POLICY_LUA)
         self._lock = threading.Lock()
         self._down_until = 0.0
@@ -245,17 +252,16 @@ class ControllerStore:
         def run():
             pipe = self._redis.pipeline(transaction=False)
             for request_id, history in writes.histories.items():
-                pipe.set(self.request_key(writes.worker_id, request_id), json.dumps(history.to_dict(), separators=(",", ":")), ex=self.request_ttl_s)
+                pipe.set(self.request_key(writes.worker_id, request_id), _history_json(history), ex=self.request_ttl_s)
             if writes.finished:
                 pipe.delete(*(self.request_key(writes.worker_id, r) for r in writes.finished))
             if writes.cost_fit is not None:
                 pipe.set(self.cost_key(writes.cost_profile_id), json.dumps(writes.cost_fit), ex=COST_FIT_TTL_S)
             if writes.prior_tested > 0 or writes.prior_decay < 1.0:
-                self._decay_prior(
-                    keys=[self.prior_key(writes.proposer_kind)],
-                    args=[writes.prior_decay, writes.prior_accepted, writes.prior_tested, PRIOR_TTL_S],
-                    client=pipe,
-                )
+                # Plain EVAL, not a registered Script: in a pipeline redis-py would first send
+                # SCRIPT EXISTS, an extra round trip per step. Redis caches the compiled script.
+                pipe.eval(_DECAY_PRIOR_LUA, 1, self.prior_key(writes.proposer_kind),
+                          writes.prior_decay, writes.prior_accepted, writes.prior_tested, PRIOR_TTL_S)
             worker_key = self.worker_key(writes.worker_id)
             for name, amount in writes.totals.items():
                 if amount:
