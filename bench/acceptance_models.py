@@ -176,10 +176,11 @@ def parse_acceptance(spec: str | float) -> AcceptanceFactory:
     kind, _, rest = spec.partition(":")
     if not rest:
         try:
-            return fixed(float(kind))
+            alpha = float(kind)
         except ValueError:
             raise ValueError(f"bad acceptance spec {spec!r}: expected ALPHA, beta:MEAN/CONC, "
                              "choice:A/B/..., or trace:FILE") from None
+        return fixed(alpha)
     builder = _SPECS.get(kind)
     if builder is None:
         raise ValueError(f"unknown acceptance model {kind!r}; known: {', '.join(sorted(_SPECS))}")

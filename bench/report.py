@@ -159,7 +159,8 @@ def _baseline(records: Sequence[Mapping[str, Any]], rate: Any, group: Any) -> Ma
 def markdown_table(records: Sequence[Mapping[str, Any]], title: str | None = None) -> str:
     """One row per point, with speedup vs `off` at the same rate (mean latency ratio)."""
     check_records(records)
-    head = ("| policy | rate (req/s) | requests | mean lat (s) | p50 (s) | p99 (s) | TTFT (s) | TPOT (ms) "
+    grouped = any(r.get("group") for r in records)
+    head = ("| " + ("group | " if grouped else "") + "policy | rate (req/s) | requests | mean lat (s) | p50 (s) | p99 (s) | TTFT (s) | TPOT (ms) "
             "| tok/s | goodput tok/s | accept | mean k | speedup vs off |")
     lines = [f"### {title}", ""] if title else []
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -168,6 +169,7 @@ def markdown_table(records: Sequence[Mapping[str, Any]], title: str | None = Non
         base = _baseline(records, r["rate"], r.get("group"))
         speedup = base["mean_latency_s"] / r["mean_latency_s"] if base and r["mean_latency_s"] > 0 else math.nan
         lines.append(
+            ("| " + str(r.get("group", "")) + " " if grouped else "") +
             f"| {r['policy']} | {_num(r['rate'])} | {r['requests']} | {r['mean_latency_s']:.3f} "
             f"| {r['p50_latency_s']:.3f} | {r['p99_latency_s']:.3f} | {r['mean_ttft_s']:.3f} "
             f"| {1000 * r['mean_tpot_s']:.1f} | {r['throughput_tok_s']:.1f} | {r['goodput_tok_s']:.1f} "
@@ -185,35 +187,40 @@ def _num(value: Any, digits: int = 3) -> str:
 
 
 def plot(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> None:
-    """Mean latency vs rate (one line per policy) and speedup vs `off` (PNG, Agg backend)."""
+    """Mean latency vs rate (one line per policy) and speedup vs `off`, one row per group (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     check_records(records)
-    fig, (ax_lat, ax_speed) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for policy in _policies_in_order(records):
-        points = sorted((float(r["rate"]), r) for r in records if r["policy"] == policy)
-        rates = [p[0] for p in points]
-        ax_lat.plot(rates, [p[1]["mean_latency_s"] for p in points], marker="o", label=policy)
-        speed = []
-        for rate, r in points:
-            base = _baseline(records, r["rate"], r.get("group"))
-            speed.append(base["mean_latency_s"] / r["mean_latency_s"] if base else math.nan)
-        ax_speed.plot(rates, speed, marker="o", label=policy)
-    ax_lat.set_xlabel("request rate (req/s)")
-    ax_lat.set_ylabel("mean latency (s)")
-    ax_lat.set_yscale("log")
-    ax_lat.set_title("mean end-to-end latency")
-    ax_speed.axhline(1.0, color="grey", linewidth=0.8)
-    ax_speed.set_xlabel("request rate (req/s)")
-    ax_speed.set_ylabel("speedup vs off (latency ratio)")
-    ax_speed.set_title("speedup vs no speculation")
-    for ax in (ax_lat, ax_speed):
-        ax.set_xscale("log", base=2)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_speed.legend(fontsize=8)
+    groups = list(dict.fromkeys(r.get("group") for r in records))
+    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
+    for (ax_lat, ax_speed), group in zip(axes, groups):
+        rows = [r for r in records if r.get("group") == group]
+        for policy in _policies_in_order(rows):
+            points = sorted(((float(r["rate"]), r) for r in rows if r["policy"] == policy), key=lambda p: p[0])
+            rates = [p[0] for p in points]
+            ax_lat.plot(rates, [p[1]["mean_latency_s"] for p in points], marker="o", label=policy)
+            speed = []
+            for _, r in points:
+                base = _baseline(rows, r["rate"], group)
+                speed.append(base["mean_latency_s"] / r["mean_latency_s"] if base else math.nan)
+            ax_speed.plot(rates, speed, marker="o", label=policy)
+        suffix = f" ({group})" if group else ""
+        ax_lat.set_xlabel("request rate (req/s)")
+        ax_lat.set_ylabel("mean latency (s)")
+        ax_lat.set_yscale("log")
+        ax_lat.set_title("mean end-to-end latency" + suffix)
+        ax_speed.axhline(1.0, color="grey", linewidth=0.8)
+        ax_speed.set_xlabel("request rate (req/s)")
+        ax_speed.set_ylabel("speedup vs off (latency ratio)")
+        ax_speed.set_title("speedup vs no speculation" + suffix)
+        for ax in (ax_lat, ax_speed):
+            if len({float(r["rate"]) for r in rows}) > 1:
+                ax.set_xscale("log", base=2)
+            ax.grid(True, which="both", alpha=0.3)
+        ax_speed.legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -1,0 +1,180 @@
+"""The simulator: the controller's estimators and policies inside, and results a wrong model would break."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+
+from smartspec.bench.acceptance_models import (TraceAcceptance, accepted_runs, fixed, parse_acceptance,
+                                               stream_from_steps)
+from smartspec.bench.arrivals import poisson_arrivals
+from smartspec.bench.simulator import StepModel, WorkerSpec, estimate_acceptance, predict_step_ms, simulate
+from smartspec.bench.step_models import PRESETS, parse_step_model
+from smartspec.bench.workload import Workload, make_workload
+from smartspec.controller.acceptance import estimate
+from smartspec.controller.cost_model import CostModel
+from smartspec.controller.policies import get
+
+H100_8B = PRESETS["h100-llama8b"]
+CPU = PRESETS["cpu-smollm2"]
+
+
+def run(policy_spec, workload, alpha, cost=H100_8B, worker=WorkerSpec(), seed=0):
+    from smartspec.bench.policy_spec import parse_policy_spec
+
+    name, params = parse_policy_spec(policy_spec)
+    return simulate(workload, get(name), params, step_model=StepModel(cost), acceptance=fixed(alpha),
+                    worker=worker, seed=seed)
+
+
+def small_workload(n, rate, seed=0, prompt="100:300", output="48:96"):
+    return make_workload(poisson_arrivals(n, rate, seed=seed), prompt, output, seed=seed)
+
+
+# --- building blocks ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 0.8, 1.0])
+def test_accepted_runs_are_truncated_geometric(alpha):
+    rng = np.random.default_rng(0)
+    k = 4
+    acc = accepted_runs(np.full(100_000, alpha), np.full(100_000, k), rng)
+    for j in range(k + 1):  # P(accepted >= j) = alpha^j for j <= k
+        assert np.mean(acc >= j) == pytest.approx(alpha**j, abs=0.01)
+    assert acc.max() <= k
+
+
+def test_fast_step_time_equals_the_cost_model():
+    rng = np.random.default_rng(1)
+    cost = CostModel(c_fixed_ms=5, c_spec_ms=3, c_tok_ms=0.2, c_kv_ms=0.01, d_fixed_ms=1.5, d_tok_ms=0.1,
+                     d_kv_ms=0.002, overhead_ms=0.7)
+    for _ in range(50):
+        b = int(rng.integers(1, 20))
+        ks, ctx, pre = rng.integers(0, 6, b), rng.integers(10, 900, b), rng.integers(0, 50, b)
+        assert predict_step_ms(cost, ks, ctx, pre) == pytest.approx(cost.predict_ms(ks, ctx, pre))
+
+
+def test_vectorised_estimate_is_the_controllers_estimate():
+    rng = np.random.default_rng(2)
+    tested = rng.integers(0, 40, 30)
+    accepted = (tested * rng.random(30)).astype(int)
+    ours = estimate_acceptance(accepted, tested, 13.0, 20.0, 8.0)
+    theirs = [estimate(a, t, 13.0, 20.0, 8.0) for a, t in zip(accepted, tested)]
+    assert np.allclose(ours, theirs)
+    assert np.allclose(estimate_acceptance(accepted, tested, 0.0, 0.0, 8.0, 0.5),
+                       [estimate(a, t, 0.0, 0.0, 8.0, 0.5) for a, t in zip(accepted, tested)])
+
+
+def test_trace_replay_consumes_outcomes_in_order():
+    stream = stream_from_steps([(3, 3), (3, 1)])  # T T T T F
+    assert stream.tolist() == [True, True, True, True, False]
+    model = TraceAcceptance([stream], np.array([0.8]))
+    rng = np.random.default_rng(0)
+    first = model.accept(np.array([0]), np.array([2]), rng)  # T T
+    second = model.accept(np.array([0]), np.array([5]), rng)  # T T F -> 2, rejection consumed
+    assert first.tolist() == [2] and second.tolist() == [2]
+    assert model.cursor[0] == 5
+
+
+def test_spec_parsers_reject_nonsense():
+    assert parse_step_model("c_fixed=6.94,c_tok=0.0184,c_kv=4.86e-5") == H100_8B
+    with pytest.raises(ValueError, match="NAME=NUMBER"):
+        parse_step_model("c_fixed=fast")
+    with pytest.raises(ValueError, match="unknown acceptance model"):
+        parse_acceptance("zipf:1")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        parse_acceptance("1.5")
+
+
+# --- the policy runs inside, fed as the controller feeds it -------------------------------------
+
+@dataclass
+class RecordingPolicy:
+    """A Policy (protocol) that always asks for k = 2 and keeps what it was shown."""
+
+    name: str = "recording"
+    description: str = "test"
+    parameters: tuple = ()
+    batches: list = field(default_factory=list)
+
+    def validate(self, raw):
+        return {}
+
+    def decide(self, batch, cost, params):
+        self.batches.append(batch)
+        return [2] * len(batch.requests)
+
+
+def test_policy_sees_bounded_batches_and_estimates_that_learn_the_true_rate():
+    policy = RecordingPolicy()
+    workload = Workload(np.zeros(6), np.full(6, 50), np.full(6, 400))
+    result = simulate(workload, policy, {}, step_model=StepModel(H100_8B), acceptance=fixed(0.9),
+                      worker=WorkerSpec(max_batch_size=4, max_k=5), seed=3)
+    assert max(b.batch_size for b in policy.batches) == 4
+    assert all(b.max_k == 5 for b in policy.batches)
+    assert policy.batches[0].queued_requests == 2  # 6 arrive at once, 4 slots
+    first, last = policy.batches[0].requests[0], policy.batches[-1].requests[0]
+    assert first.acceptance == pytest.approx(0.5)  # the cold prior, before any evidence
+    assert last.acceptance == pytest.approx(0.9, abs=0.05)  # own history dominates after ~150 steps
+    assert last.evidence > 100 and last.context_tokens > 400
+    assert np.all(result.completion_tokens == 400)
+    assert np.all(result.proposed == result.k_sum)
+
+
+# --- outcomes ----------------------------------------------------------------------------------
+
+def test_conservation_and_ordering():
+    wl = small_workload(200, rate=20)
+    r = run("goodput", wl, 0.7)
+    assert np.array_equal(r.completion_tokens, wl.output_tokens)
+    assert np.all(r.accepted <= r.proposed) and np.all(r.tested <= r.proposed)
+    assert np.all(wl.arrival_s < r.first_token_s) and np.all(r.first_token_s <= r.finish_s)
+    m = r.metrics()
+    assert m["acceptance_rate"] == pytest.approx(0.7, abs=0.03)
+
+
+def test_without_acceptance_speculation_only_costs():
+    wl = small_workload(120, rate=1)
+    off, fixed5 = run("off", wl, 0.0, cost=CPU), run("fixed:5", wl, 0.0, cost=CPU)
+    assert off.metrics()["mean_latency_s"] < 0.8 * fixed5.metrics()["mean_latency_s"]
+    assert fixed5.metrics()["acceptance_rate"] == 0.0
+
+
+def test_with_good_acceptance_at_low_load_speculation_pays():
+    wl = small_workload(150, rate=0.5)
+    off, fixed3 = run("off", wl, 0.9, cost=CPU), run("fixed:3", wl, 0.9, cost=CPU)
+    # ~3.4 tokens per step for ~1.5x the step time: well over 1.5x faster
+    assert fixed3.metrics()["mean_latency_s"] < off.metrics()["mean_latency_s"] / 1.5
+
+
+def test_latency_grows_with_load_and_littles_law_holds():
+    latencies = []
+    for rate in (2.0, 10.0, 25.0):  # below the H100 model's capacity (~35 req/s): a steady state exists
+        wl = small_workload(600, rate, seed=5)
+        r = run("off", wl, 0.7)
+        latencies.append(r.metrics()["mean_latency_s"])
+        # Little: time-average requests in the system = arrival rate x mean time in system
+        horizon = wl.arrival_s[-1]
+        probes = np.random.default_rng(0).uniform(0.1 * horizon, horizon, 4000)
+        in_system = ((wl.arrival_s[None, :] <= probes[:, None]) & (r.finish_s[None, :] > probes[:, None])).sum(1)
+        assert in_system.mean() == pytest.approx(rate * latencies[-1], rel=0.2)
+    assert latencies[0] < latencies[1] < latencies[2]
+
+
+def test_saturated_throughput_matches_the_cost_model():
+    n, prompt, out = 400, 100, 200
+    wl = Workload(np.zeros(n), np.full(n, prompt), np.full(n, out))
+    r = run("off", wl, 0.5, cost=CPU, worker=WorkerSpec(max_batch_size=16))
+    # identical requests move in cohorts of 16: one step prefills all 16 prompts (first tokens),
+    # then out - 1 decode steps of 16 single-token rows over a growing context
+    prefill_ms = CPU.predict_ms([0] * 16, [0] * 16, [prompt] * 16)
+    decode_ms = sum(CPU.predict_ms([0] * 16, [prompt + g] * 16) for g in range(1, out))
+    expected = 16 * out * 1000.0 / (prefill_ms + decode_ms)
+    assert r.metrics()["throughput_tok_s"] == pytest.approx(expected, rel=0.01)
+    assert r.steps == (n // 16) * out
+
+
+def test_goodput_is_not_worse_than_the_best_fixed_k():
+    wl = small_workload(250, rate=4, seed=2)
+    means = {spec: run(spec, wl, 0.7).metrics()["mean_latency_s"] for spec in ("off", "fixed:1", "fixed:3", "fixed:5")}
+    goodput = run("goodput", wl, 0.7).metrics()["mean_latency_s"]
+    assert goodput <= 1.03 * min(means.values())
