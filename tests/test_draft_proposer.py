@@ -11,7 +11,13 @@ import torch
 
 from smartspec.v1 import common_pb2
 from smartspec.worker.model import LlamaForCausal, LoadedModel, ModelConfig
-from smartspec.worker.proposers import ProposalRequest, SamplingParams, make_proposer, probs_from_logits
+from smartspec.worker.proposers import (
+    ProposalRequest,
+    SamplingParams,
+    greedy_verify,
+    make_proposer,
+    probs_from_logits,
+)
 from smartspec.worker.proposers.draft import DraftModelProposer
 
 VOCAB = 48
@@ -170,3 +176,78 @@ def test_registry_builds_a_draft_proposer(tiny_draft):
     proposer = make_proposer("draft", loaded_model=tiny_draft, max_slots=1, max_tokens=16)
     assert isinstance(proposer, DraftModelProposer)
     assert proposer.kind == common_pb2.PROPOSER_KIND_DRAFT
+
+
+def test_common_prefix_length_matches_a_plain_scan():
+    import random
+
+    from smartspec.worker.proposers.draft import _common_prefix_length
+
+    rng = random.Random(0)
+    for _ in range(2000):
+        a = [rng.randrange(3) for _ in range(rng.randint(0, 40))]
+        b = a[: rng.randint(0, len(a))] + [rng.randrange(3) for _ in range(rng.randint(0, 5))]
+        scan = 0
+        while scan < min(len(a), len(b)) and a[scan] == b[scan]:
+            scan += 1
+        assert _common_prefix_length(a, b) == _common_prefix_length(b, a) == scan
+
+
+# ---------------------------------------------------------------- real model, end to end
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> LoadedModel:
+    from smartspec.worker.model import load_model
+
+    return load_model()
+
+
+def _target_greedy(model: LoadedModel, prompt: list[int], steps: int) -> list[int]:
+    """Plain decoding: one token per forward, through the target's own cache."""
+    cache = model.module.allocate_cache(1, len(prompt) + steps)
+    tokens, fed = list(prompt), 0
+    while len(tokens) < len(prompt) + steps:
+        new = tokens[fed:]
+        logits = model.module.forward_step(cache, torch.tensor([new]), torch.tensor([0]), torch.tensor([fed]),
+                                           torch.tensor([len(new)]), logits_rows="last")  # [1, 1, V]
+        fed = len(tokens)
+        tokens.append(int(logits[0, 0].argmax()))
+    return tokens[len(prompt):]
+
+
+@pytest.mark.slow
+def test_speculative_greedy_with_real_draft_matches_target_and_is_accepted(smollm2):
+    """SmolLM2 drafting for itself in a batch of two: output equals plain greedy decoding, and the
+    proposals are almost all accepted (a draft that lost track of its context would be rejected)."""
+    tokenizer = smollm2.tokenizer
+    prompts = [tokenizer.encode("The capital of France is"), tokenizer.encode("def fibonacci(n):\n   ")]
+    steps, k_of = 10, [3, 2]
+    expected = [_target_greedy(smollm2, p, steps) for p in prompts]
+
+    proposer = DraftModelProposer(smollm2, max_slots=2, max_tokens=64)
+    cache = smollm2.module.allocate_cache(2, 64)
+    contexts = [list(p) for p in prompts]
+    cached = [len(p) - 1 for p in prompts]  # target K/V written for all but each context's last token
+    for slot, prompt in enumerate(prompts):  # prefill the target
+        smollm2.module.forward_step(cache, torch.tensor([prompt[:-1]]), torch.tensor([slot]), torch.tensor([0]),
+                                    torch.tensor([len(prompt) - 1]), logits_rows="last")
+    accepted = tested = 0
+    while any(len(c) - len(p) < steps for c, p in zip(contexts, prompts)):
+        asks = [_request(str(i), c, k_of[i]) for i, c in enumerate(contexts)]
+        proposals = proposer.propose(asks)
+        rows = [[c[-1]] + proposal.tokens for c, proposal in zip(contexts, proposals)]
+        width = max(map(len, rows))
+        input_ids = torch.tensor([row + [0] * (width - len(row)) for row in rows])  # [2, S] right-padded
+        logits = smollm2.module.forward_step(cache, input_ids, torch.tensor([0, 1]), torch.tensor(cached),
+                                             torch.tensor([len(r) for r in rows]))  # [2, S, V]
+        for i, proposal in enumerate(proposals):
+            n = len(proposal.tokens)
+            num_accepted, next_token = greedy_verify(logits[i, : n + 1], proposal.tokens)
+            contexts[i] += proposal.tokens[:num_accepted] + [next_token]
+            cached[i] += 1 + num_accepted
+            accepted += num_accepted
+            tested += num_accepted + (num_accepted < n)
+    for context, prompt, want in zip(contexts, prompts, expected):
+        assert context[len(prompt):][:steps] == want
+    assert tested > 0 and accepted / tested > 0.9, (accepted, tested)

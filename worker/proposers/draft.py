@@ -41,12 +41,22 @@ class _Row:
     probs: list[torch.Tensor] = field(default_factory=list)  # [V] each, sampled rows only
 
 
-def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    limit = min(len(a), len(b))
-    for i in range(limit):
-        if a[i] != b[i]:
-            return i
-    return limit
+def _common_prefix_length(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix, by bisection over C-speed slice compares.
+
+    Called for every request every step on contexts of thousands of tokens; the mismatch (a
+    rejected proposal) is usually near the end, where a Python loop from the start would be slow.
+    """
+    low, high = 0, min(len(a), len(b))  # a[:low] == b[:low] holds; the answer is <= high
+    if a[:high] == b[:high]:
+        return high
+    while high - low > 1:
+        middle = (low + high) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 class DraftModelProposer(Proposer):
