@@ -41,7 +41,14 @@ class Conversation:
         self._plans = controller_pb2_grpc.ControllerStub(channel).Connect(iter(self._outbox.get, None), timeout=30)
 
     def send(self, step: controller_pb2.StepReport) -> controller_pb2.StepPlan:
-        self._outbox.put(controller_pb2.WorkerMessage(report=step))
+        return self.send_message(controller_pb2.WorkerMessage(report=step))
+
+    def send_hello(self, worker: controller_pb2.WorkerHello) -> None:
+        """A hello is answered by no plan."""
+        self._outbox.put(controller_pb2.WorkerMessage(hello=worker))
+
+    def send_message(self, message: controller_pb2.WorkerMessage) -> controller_pb2.StepPlan:
+        self._outbox.put(message)
         return next(self._plans)
 
     def close(self) -> None:
@@ -119,6 +126,18 @@ def test_batch_over_controller_cap_is_resource_exhausted(channel):
     plan = talk.send(report(1, [outcome(f"r{i}") for i in range(4097)]))
     assert plan.error.field == "requests"
     assert plan.error.grpc_status_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert not talk.send(report(2, [outcome("a")])).HasField("error")
+    talk.close()
+
+
+def test_empty_message_gets_an_error_plan_and_a_new_hello_applies(channel):
+    talk = Conversation(channel, controller_pb2.WorkerMessage(hello=hello(max_k=4)))
+    plan = talk.send_message(controller_pb2.WorkerMessage())
+    assert plan.error.field == "kind" and plan.error.grpc_status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    # A second hello (say, after re-profiling) changes the limits the next reports are checked against.
+    talk.send_hello(hello(max_k=4, max_batch=1))
+    plan = talk.send(report(1, [outcome("a"), outcome("b")]))
+    assert plan.error.field == "requests"
     assert not talk.send(report(2, [outcome("a")])).HasField("error")
     talk.close()
 

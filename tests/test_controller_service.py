@@ -247,3 +247,27 @@ def test_planner_pure_step_bookkeeping():
     assert set(writes.histories) == {"old", "new"} and writes.finished == ("done",)
     assert (writes.prior_accepted, writes.prior_tested) == (4.0, 5.0)
     assert writes.totals["generated"] == 5 + 1 + 1 and writes.totals["planned_k"] == 6
+
+
+def test_bearer_token_guards_services_but_not_health(redis_url, redis_prefix):
+    from smartspec.security import ServerSecurity
+
+    srv = ControllerServer(0, redis_url, redis_prefix, security=ServerSecurity(auth_token="s3cret"))
+    srv.start()
+    try:
+        with grpc.insecure_channel(srv.address) as ch:
+            admin = admin_pb2_grpc.AdminStub(ch)
+            with pytest.raises(grpc.RpcError) as info:
+                admin.GetPolicy(admin_pb2.GetPolicyRequest(), timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as info:
+                list(controller_pb2_grpc.ControllerStub(ch).Connect(
+                    iter([controller_pb2.WorkerMessage(hello=hello())]), timeout=10))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            got = admin.GetPolicy(admin_pb2.GetPolicyRequest(), timeout=10,
+                                  metadata=[("authorization", "Bearer s3cret")])
+            assert got.policy.name == "goodput"
+    finally:
+        srv.stop(0)
