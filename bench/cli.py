@@ -1,0 +1,199 @@
+"""`smartspec bench`: open-loop load across policies and rates on one running stack.
+
+    smartspec bench --worker 127.0.0.1:50061 --controller 127.0.0.1:50051 \\
+        --dataset summarise --rates 0.1,0.2,0.4,0.8 --policies off,fixed:1,fixed:3,fixed:5,goodput \\
+        --requests 40 --json bench.json --markdown bench.md --plot bench.png
+    smartspec bench --start ...        # start Redis, a controller and a worker first (as `smartspec up`)
+
+For each policy (switched through the controller's admin API, workers keep running), for each rate,
+the same prompts are sent at the same seeded arrival times, so points differ only by policy and load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from smartspec.config import add_flag, add_option
+
+DEFAULT_POLICIES = "off,fixed:1,fixed:3,fixed:5,goodput"
+
+
+def configure(parser) -> None:
+    add_option(parser, "--worker", default="", help="worker HOST:PORT (with --controller; else use --start)")
+    add_option(parser, "--controller", default="", help="controller HOST:PORT (its admin API switches policies)")
+    add_flag(parser, "--start", help="start Redis (unless --redis), a controller and a worker, as `smartspec up`")
+    add_option(parser, "--redis", default="", help="with --start: use this Redis URL instead of a private one")
+    add_option(parser, "--model", default="", help="with --start: worker model (default: the worker's default)")
+    add_option(parser, "--proposer", default="ngram", help="with --start: worker proposer")
+    add_option(parser, "--startup-timeout", default=900.0, type=float, help="with --start: seconds to wait for health")
+    add_option(parser, "--dataset", default="summarise", help="summarise, code-edit, chat or mixed")
+    add_option(parser, "--max-tokens", default=0, type=int, help="completion tokens per request (0: dataset default)")
+    add_option(parser, "--rates", default="0.1,0.2,0.4,0.8", help="request rates (req/s), comma-separated")
+    add_option(parser, "--policies", default=DEFAULT_POLICIES, help="policy specs NAME[:ARG...], comma-separated")
+    add_option(parser, "--requests", default=40, type=int, help="measured requests per point")
+    add_option(parser, "--warmup", default=2, type=int, help="unmeasured requests before the first point")
+    add_option(parser, "--arrival", default="poisson", choices=["poisson", "gamma"], help="arrival process")
+    add_option(parser, "--cv", default=1.0, type=float, help="gamma arrivals: CV of the gaps")
+    add_option(parser, "--phases", default="", help="phased trace DURATION_S:RATE,... (replaces --rates)")
+    add_option(parser, "--temperature", default=0.0, type=float, help="sampling temperature (0 = greedy)")
+    add_option(parser, "--seed", default=0, type=int, help="seed for prompts and arrivals")
+    add_option(parser, "--json", default="bench.json", help="write records here ('' = no JSON)")
+    add_option(parser, "--markdown", default="", help="write the markdown table here")
+    add_option(parser, "--plot", default="", help="write the latency/speedup PNG here")
+
+
+@contextmanager
+def _stack(args) -> Iterator[tuple[str, str]]:
+    """(worker, controller) addresses: given, or of children started like `smartspec up` does."""
+    if not args.start:
+        if not (args.worker and args.controller):
+            raise ValueError("give --worker and --controller, or --start")
+        yield args.worker, args.controller
+        return
+    from smartspec.processes import free_port, start_child, stop_all
+    from smartspec.up import Ports, controller_argv, start_redis, wait_serving, worker_argv
+
+    host = "127.0.0.1"
+    log_dir = Path(tempfile.mkdtemp(prefix="smartspec-bench-"))
+    ports = Ports(*(free_port(host) for _ in range(4)))
+    children = []
+    try:
+        redis_url = args.redis
+        if not redis_url:
+            child, redis_url = start_redis(log_dir)
+            children.append(child)
+        controller = start_child("controller", controller_argv(host, ports, redis_url), log_dir)
+        children.append(controller)
+        wait_serving(controller, f"{host}:{ports.controller}", args.startup_timeout, "connecting to Redis")
+        worker = start_child("worker", worker_argv(host, ports, args.model, args.proposer), log_dir)
+        children.append(worker)
+        wait_serving(worker, f"{host}:{ports.worker}", args.startup_timeout, "loading the model, profiling")
+        print(f"stack up (logs in {log_dir})", file=sys.stderr)
+        yield f"{host}:{ports.worker}", f"{host}:{ports.controller}"
+    finally:
+        stop_all(children)
+
+
+async def wait_idle(client, timeout_s: float = 600.0) -> None:
+    """Let the previous point drain (no running or queued request) before the next starts."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        info = await client.worker_info()
+        if info.running_requests == 0 and info.queued_requests == 0:
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError("the worker did not become idle between points")
+
+
+async def bench(client, *, dataset, policies, rates, phases, requests: int, warmup: int, arrival: str, cv: float,
+                temperature: float, seed: int, set_policy=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Run every (policy, rate) point; returns (records, meta facts learned from the stack).
+
+    `set_policy(name, params)` switches the policy (default: the client's admin API).
+    """
+    from tqdm import tqdm
+
+    from smartspec.bench.arrivals import make_arrivals, mean_rate
+    from smartspec.bench.loadgen import run_point, summarise_point
+
+    set_policy = set_policy or (lambda name, params: client.set_policy(name, **params))
+    prompts = list(dataset.prompts[:requests])
+    points = [None] if phases else list(rates)
+    bar = tqdm(total=len(policies) * len(points) * len(prompts), desc="bench", unit="req", file=sys.stderr)
+    records = []
+    if warmup:
+        await set_policy(policies[0][1], policies[0][2])
+        await asyncio.gather(*(client.chat(p.as_message_dicts(), max_tokens=8).collect() for p in prompts[:warmup]))
+    for label, name, params in policies:
+        await set_policy(name, params)
+        for rate in points:
+            await wait_idle(client)
+            arrivals = make_arrivals(len(prompts), rate, process=arrival, cv=cv, phases=phases, seed=seed)
+            offered = mean_rate(phases) if phases else rate
+            bar.set_postfix_str(f"{label} @ {offered:g} req/s")
+            started = time.time()
+            outcomes = await run_point(client, prompts, arrivals, temperature=temperature, seed=seed,
+                                       on_done=lambda _o: bar.update(1))
+            record = {"policy": label, "rate": offered, "group": dataset.name, **summarise_point(outcomes),
+                      "arrivals": "phased" if phases else arrival, "started_unix_s": started}
+            records.append(record)
+            bar.write(f"{label:>16} @ {offered:g} req/s: mean latency {record['mean_latency_s']:.2f} s, "
+                      f"accept {record['acceptance_rate']:.2f}, mean k {record['mean_k']:.2f}, "
+                      f"failed {record['failed']}")
+    bar.close()
+    return records, {}
+
+
+def run(args) -> int:
+    from smartspec.bench.arrivals import parse_phases
+    from smartspec.bench.datasets import load_dataset
+    from smartspec.bench.policy_spec import parse_policy_list
+    from smartspec.bench.report import git_commit, machine_meta, write_outputs
+    from smartspec.controller.policies import PolicyError
+
+    try:
+        policies = parse_policy_list(args.policies)
+        phases = parse_phases(args.phases) if args.phases else None
+        rates = [float(r) for r in args.rates.split(",") if r.strip()]
+        dataset = load_dataset(args.dataset, args.requests, seed=args.seed, max_tokens=args.max_tokens or None)
+        if args.requests < 1:
+            raise ValueError("--requests must be >= 1")
+    except (ValueError, PolicyError) as exc:
+        print(f"smartspec bench: error: {exc}", file=sys.stderr)
+        return 2
+
+    async def go(worker: str, controller: str) -> tuple[list, dict]:
+        from smartspec.client import AsyncClient
+
+        async with AsyncClient(worker=worker, controller=controller, stream_timeout=3600) as client:
+            info = await client.worker_info()
+            records, _ = await bench(client, dataset=dataset, policies=policies, rates=rates, phases=phases,
+                                     requests=args.requests, warmup=args.warmup, arrival=args.arrival, cv=args.cv,
+                                     temperature=args.temperature, seed=args.seed)
+            status = await client.status()
+            cost = next((w.cost_model for w in status.workers if w.worker_id == info.worker_id), None)
+            stack = {
+                "worker_id": info.worker_id, "model": info.model, "proposer": info.proposer,
+                "device": info.device, "dtype": info.dtype,
+                "worker": {"max_batch_size": info.max_batch_size,
+                           "max_k": info.max_speculation_length},
+                "cost_model": _as_dict(cost),
+            }
+            return records, stack
+
+    started = time.perf_counter()
+    try:
+        with _stack(args) as (worker, controller):
+            records, stack = asyncio.run(go(worker, controller))
+    except (ValueError, RuntimeError, TimeoutError, OSError) as exc:
+        print(f"smartspec bench: error: {exc}", file=sys.stderr)
+        return 1
+    meta = {
+        "kind": "bench",
+        **stack,
+        "dataset": dataset.meta() | {"max_tokens": dataset.prompts[0].max_tokens},
+        "policies": [label for label, _, _ in policies],
+        "rates": rates, "arrival": args.arrival, "cv": args.cv, "phases": args.phases or None,
+        "requests": args.requests, "warmup": args.warmup, "temperature": args.temperature, "seed": args.seed,
+        "machine": machine_meta(), "git_commit": git_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_s": time.perf_counter() - started,
+    }
+    title = f"bench: {stack.get('model', '?')} + {stack.get('proposer', '?')}, {dataset.name}"
+    print(write_outputs(meta, records, json_path=args.json or None, markdown_path=args.markdown or None,
+                        plot_path=args.plot or None, title=title))
+    return 0
+
+
+def _as_dict(cost: Any) -> dict[str, float] | None:
+    if cost is None:
+        return None
+    from dataclasses import asdict, is_dataclass
+
+    return asdict(cost) if is_dataclass(cost) else dict(cost)
