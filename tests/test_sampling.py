@@ -47,6 +47,12 @@ def test_temperature_matches_softmax_of_scaled_logits():
     assert probs.tolist() == pytest.approx(expected, rel=1e-5)
 
 
+def test_tiny_temperature_approaches_greedy_without_overflow():
+    logits = torch.tensor([1.0, 3.0, 2.0, -5.0])
+    probs = probs_from_logits(logits, SamplingParams(temperature=1e-39))
+    assert probs.tolist() == [0.0, 1.0, 0.0, 0.0]
+
+
 def test_greedy_gives_one_hot_of_argmax():
     logits = torch.tensor([[0.1, 3.0, 2.9], [5.0, -1.0, 4.0]])
     probs = probs_from_logits(logits, SamplingParams())

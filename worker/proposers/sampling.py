@@ -52,7 +52,9 @@ def probs_from_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Ten
     if params.is_greedy:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), vocab_size).float()  # [..., V]
 
-    scaled = logits / params.temperature  # [..., V]
+    # Shift the maximum to 0 before dividing: a tiny temperature then sends the other logits to
+    # -inf (a one-hot, the greedy limit) instead of overflowing the maximum to +inf (NaN probs).
+    scaled = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature  # [..., V]
     keep_top_k = 0 < params.top_k < vocab_size
     if not keep_top_k and params.top_p >= 1.0:
         return torch.softmax(scaled, dim=-1)
