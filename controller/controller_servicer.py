@@ -51,8 +51,8 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         try:
             return self._decider.step(session, report)
         except InvalidInput as exc:
-            log.warning("rejected report worker_id=%s step=%d field=%s: %s",
-                        session.worker_id, report.step_index, exc.field, exc.message)
+            log.warning("rejected report worker_id=%s step=%d request_id=%s field=%s: %s",
+                        session.worker_id, report.step_index, exc.request_id or "-", exc.field, exc.message)
             self._decider.metrics.rejected_reports.labels(exc.field.split("[")[0]).inc()
             return error_plan(report.step_index, exc)
         except Exception:  # noqa: BLE001 - a controller bug costs this step's speculation, not the stream

@@ -121,6 +121,7 @@ class Decider:
         # Last values read from Redis, used only while it is unreachable.
         self._last_policy: PolicyRecord | None = None
         self._last_priors: dict[str, PooledPrior] = {}
+        self._unusable_warned: set[tuple[str, int]] = set()
 
     # -- policy -------------------------------------------------------------------------------
     def default_policy(self) -> PolicyRecord:
@@ -135,8 +136,10 @@ class Decider:
             policy = self.registry.get(record.name)
             return record, policy, policy.validate(record.parameters)
         except PolicyError as exc:
-            log.warning("active policy %r v%d unusable on this replica (%s); using %r",
-                        record.name, record.version, exc, DEFAULT_POLICY)
+            if (record.name, record.version) not in self._unusable_warned:  # once, not every step
+                self._unusable_warned.add((record.name, record.version))
+                log.warning("active policy %r v%d unusable on this replica (%s); using %r",
+                            record.name, record.version, exc, DEFAULT_POLICY)
             fallback = self.default_policy()
             policy = self.registry.get(fallback.name)
             return PolicyRecord(fallback.name, fallback.parameters, record.version), policy, fallback.parameters

@@ -27,6 +27,7 @@ class InvalidInput(Exception):
     field: str
     message: str
     code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
+    request_id: str = ""  # the request at fault, for logs, when the field is inside one
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}"
@@ -92,26 +93,34 @@ def validate_report(report: controller_pb2.StepReport, hello: controller_pb2.Wor
     _check_ms(report.total_ms, f"{prefix}total_ms")
     seen: dict[str, int] = {}
     for index, outcome in enumerate(report.requests):
-        where = f"{prefix}requests[{index}]"
-        _check_id(outcome.request_id, f"{where}.request_id", allow_colon=True)
-        if outcome.request_id in seen:
-            raise InvalidInput(f"{where}.request_id",
-                               f"duplicate of requests[{seen[outcome.request_id]}] ({outcome.request_id!r})")
-        seen[outcome.request_id] = index
-        proposed, accepted, tested = outcome.proposed_tokens, outcome.accepted_tokens, outcome.tested_positions
-        if accepted > proposed:
-            raise InvalidInput(f"{where}.accepted_tokens",
-                               f"{accepted} accepted exceeds {proposed} proposed")
-        if tested > proposed:
-            raise InvalidInput(f"{where}.tested_positions",
-                               f"{tested} tested exceeds {proposed} proposed")
-        if tested < accepted:
-            raise InvalidInput(f"{where}.tested_positions",
-                               f"{tested} tested is fewer than {accepted} accepted (accepted positions are tested)")
-        if tested > accepted + 1:
-            raise InvalidInput(f"{where}.tested_positions",
-                               f"{tested} tested exceeds accepted + 1 = {accepted + 1} "
-                               "(verification stops at the first rejection)")
+        try:
+            _check_outcome(outcome, f"{prefix}requests[{index}]", seen, index)
+        except InvalidInput as exc:
+            exc.request_id = outcome.request_id
+            raise
+
+
+def _check_outcome(outcome: controller_pb2.RequestOutcome, where: str, seen: dict[str, int], index: int) -> None:
+    """One request's counts must come from a single verification (see RequestOutcome)."""
+    _check_id(outcome.request_id, f"{where}.request_id", allow_colon=True)
+    if outcome.request_id in seen:
+        raise InvalidInput(f"{where}.request_id",
+                           f"duplicate of requests[{seen[outcome.request_id]}] ({outcome.request_id!r})")
+    seen[outcome.request_id] = index
+    proposed, accepted, tested = outcome.proposed_tokens, outcome.accepted_tokens, outcome.tested_positions
+    if accepted > proposed:
+        raise InvalidInput(f"{where}.accepted_tokens",
+                           f"{accepted} accepted exceeds {proposed} proposed")
+    if tested > proposed:
+        raise InvalidInput(f"{where}.tested_positions",
+                           f"{tested} tested exceeds {proposed} proposed")
+    if tested < accepted:
+        raise InvalidInput(f"{where}.tested_positions",
+                           f"{tested} tested is fewer than {accepted} accepted (accepted positions are tested)")
+    if tested > accepted + 1:
+        raise InvalidInput(f"{where}.tested_positions",
+                           f"{tested} tested exceeds accepted + 1 = {accepted + 1} "
+                           "(verification stops at the first rejection)")
 
 
 def validate_cost_override(model: common_pb2.CostModel, field: str = "cost_model_override") -> None:

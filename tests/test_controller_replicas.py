@@ -9,6 +9,8 @@ import grpc
 import pytest
 import redis
 
+from smartspec.controller.policies import BasePolicy, Registry
+from smartspec.controller.policies.registry import BUILTIN_POLICIES
 from smartspec.controller.server import ControllerServer
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
 
@@ -125,3 +127,40 @@ def test_stream_moves_to_another_replica_without_losing_history(replicas, redis_
     good = json.loads(client.get(f"{redis_prefix}req:w0:good"))
     client.close()
     assert (good["accepted"], good["tested"], good["steps"]) == (4 * 7, 4 * 7, 8)
+
+
+class AlwaysOne(BasePolicy):
+    """A plugin policy installed on one replica only."""
+
+    name = "always-one"
+    description = "k = 1 for every request"
+
+    def decide(self, batch, cost, params):
+        return [1] * len(batch.requests)
+
+
+def test_replica_without_a_plugin_falls_back_to_the_default_policy(redis_url, redis_prefix):
+    with_plugin = Registry(BUILTIN_POLICIES)
+    with_plugin.register(AlwaysOne())
+    servers = [ControllerServer(0, redis_url, redis_prefix, registry=with_plugin),
+               ControllerServer(0, redis_url, redis_prefix)]
+    for s in servers:
+        s.start()
+    try:
+        a, b = (grpc.insecure_channel(s.address) for s in servers)
+        admin_pb2_grpc.AdminStub(a).SetPolicy(admin_pb2.SetPolicyRequest(
+            policy=common_pb2.PolicySpec(name="always-one")))
+        request = controller_pb2.DecideRequest(worker=hello(), report=controller_pb2.StepReport(
+            step_index=0, requests=[outcome("x", 0, 0, 10), outcome("y", 0, 0, 10)]))
+        plan_a = controller_pb2_grpc.ControllerStub(a).Decide(request)
+        assert (plan_a.policy_name, plan_a.policy_version) == ("always-one", 1)
+        assert [r.speculation_length for r in plan_a.requests] == [1, 1]
+        # Replica B cannot run it: it plans with the default and says so, instead of failing the step.
+        plan_b = controller_pb2_grpc.ControllerStub(b).Decide(request)
+        assert (plan_b.policy_name, plan_b.policy_version) == ("goodput", 1)
+        assert not plan_b.HasField("error") and len(plan_b.requests) == 2
+        a.close()
+        b.close()
+    finally:
+        for s in servers:
+            s.stop(0)
