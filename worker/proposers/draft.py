@@ -84,13 +84,15 @@ class DraftModelProposer(Proposer):
     @torch.inference_mode()
     def propose(self, requests: Sequence[ProposalRequest]) -> list[Proposal]:
         rows = [self._start_row(request) for request in requests]
-        drafting = [row for row in rows if row.k > 0]
+        # in slot order: consecutive slots let the model read the cache as a slice, not a gather
+        drafting = sorted((row for row in rows if row.k > 0), key=lambda row: row.slot.index)
         self._prefill_long_catch_up(drafting)
         while drafting:
             # depth d: feed each row's pending tokens, draft one token from the last position
             logits = self._forward(drafting)  # [B, V]
-            for row, row_logits in zip(drafting, logits):
-                self._take_draft(row, row_logits)
+            greedy_choice = logits.argmax(dim=-1).tolist()  # [B], one host sync for the batch
+            for row, row_logits, choice in zip(drafting, logits, greedy_choice):
+                self._take_draft(row, row_logits, choice)
             drafting = [row for row in drafting if len(row.tokens) < row.k]
         return [self._proposal(row) for row in rows]
 
@@ -152,11 +154,11 @@ class DraftModelProposer(Proposer):
             slot.cached.extend(feed)
         return logits[:, 0, :]
 
-    def _take_draft(self, row: _Row, logits: torch.Tensor) -> None:
+    def _take_draft(self, row: _Row, logits: torch.Tensor, greedy_choice: int) -> None:
         """Draft one token for `row` from its logits [V]; queue it to feed unless it is the last."""
         params = row.request.sampling
         if params.is_greedy:
-            token = int(logits.argmax())
+            token = greedy_choice
         else:
             probs = probs_from_logits(logits, params)  # [V] float32
             token = int(sample(probs, row.request.generator))
