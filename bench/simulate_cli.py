@@ -61,9 +61,10 @@ def sweep(*, step_model, alphas: Sequence[str], rates: Sequence[float], policies
 
 
 def configure(parser) -> None:
-    add_option(parser, "--step-model", default="h100-llama8b",
+    add_option(parser, "--step-model", default="",
                help="step-time model: c_fixed=6.94,c_tok=0.0184,c_kv=4.86e-5 (ms), a preset "
-                    "(h100-llama8b, h100x4-llama70b, cpu-smollm2) or a JSON file with a cost model")
+                    "(h100-llama8b, h100x4-llama70b, cpu-smollm2) or a JSON file with a cost model; default h100-llama8b, "
+                    "or with --calibrate-from the bench's fitted model")
     add_option(parser, "--alpha", default="0.7",
                help="acceptance model(s), comma-separated: ALPHA, beta:MEAN/CONC, choice:A/B, trace:FILE.json")
     add_option(parser, "--rates", default="1,2,4,8,16,32", help="request rates (req/s), comma-separated")
@@ -99,7 +100,7 @@ def run(args) -> int:
         if args.calibrate_from:
             from smartspec.bench.calibrate import calibrate_cli
             return calibrate_cli(args)
-        cost = parse_step_model(args.step_model)
+        cost = parse_step_model(args.step_model or "h100-llama8b")
         policies = parse_policy_list(args.policies)
         phases = parse_phases(args.phases) if args.phases else None
         rates = _floats(args.rates)
@@ -128,7 +129,7 @@ def run(args) -> int:
         "wall_s": time.perf_counter() - started,
     }
     table = write_outputs(meta, records, json_path=args.json or None, markdown_path=args.markdown or None,
-                          plot_path=args.plot or None, title=f"simulation: {args.step_model}")
+                          plot_path=args.plot or None, title=f"simulation: {args.step_model or 'h100-llama8b'}")
     print(table)
     print(f"{len(records)} points, {args.requests} requests each, in {meta['wall_s']:.1f} s", file=sys.stderr)
     return 0

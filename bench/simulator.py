@@ -111,6 +111,17 @@ class SimResult:
     batch_size_sum: int
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def detail(self, prompt_tokens: np.ndarray) -> dict[str, list]:
+        """Per-request columns in the bench record's `detail` format (for calibration round trips)."""
+        return {
+            "index": list(range(self.arrival_s.size)),
+            "prompt_tokens": np.asarray(prompt_tokens).tolist(),
+            "completion_tokens": self.completion_tokens.tolist(),
+            "accepted": self.accepted.tolist(),
+            "tested": self.tested.tolist(),
+            "latency_s": (self.finish_s - self.arrival_s).round(4).tolist(),
+        }
+
     def metrics(self) -> dict[str, float]:
         out = point_metrics(
             arrival_s=self.arrival_s, first_token_s=self.first_token_s, finish_s=self.finish_s,

@@ -1,0 +1,124 @@
+"""Point metrics, the JSON/markdown/PNG outputs, the simulate CLI end to end, and calibration."""
+
+import json
+
+import jsonschema
+import numpy as np
+import pytest
+
+from smartspec.bench.calibrate import predict_points
+from smartspec.bench.report import (REQUIRED_FIELDS, busy_seconds, markdown_table, plot, point_metrics, read_json,
+                                    write_json)
+from smartspec.bench.simulator import StepModel, WorkerSpec, simulate
+from smartspec.bench.acceptance_models import per_request
+from smartspec.bench.arrivals import make_arrivals
+from smartspec.bench.step_models import PRESETS
+from smartspec.bench.workload import Workload
+from smartspec.cli import main
+from smartspec.controller.policies import get
+
+RECORD_SCHEMA = {
+    "type": "object",
+    "required": ["meta", "records"],
+    "properties": {
+        "meta": {"type": "object", "required": ["machine", "git_commit", "date", "definitions"]},
+        "records": {
+            "type": "array", "minItems": 1,
+            "items": {
+                "type": "object", "required": list(REQUIRED_FIELDS),
+                "properties": {"policy": {"type": "string"}, "rate": {"type": "number"},
+                               "requests": {"type": "integer", "minimum": 1},
+                               **{f: {"type": "number"} for f in REQUIRED_FIELDS[3:]}},
+            },
+        },
+    },
+}
+
+
+def test_busy_seconds_is_the_union_of_intervals():
+    # [0, 1] and [0.5, 2] overlap -> 2 s; [3, 4] after an idle second -> 1 s
+    assert busy_seconds(np.array([0.0, 0.5, 3.0]), np.array([1.0, 2.0, 4.0])) == pytest.approx(3.0)
+    assert busy_seconds(np.array([3.0, 0.0]), np.array([4.0, 10.0])) == pytest.approx(10.0)  # nested
+
+
+def test_point_metrics_by_hand():
+    m = point_metrics(arrival_s=[0.0, 1.0], first_token_s=[0.5, 1.2], finish_s=[2.0, 1.6],
+                      completion_tokens=[4, 5], accepted=[3, 0], tested=[4, 2], k_sum=[6, 2], decode_steps=[3, 4])
+    assert m["mean_latency_s"] == pytest.approx((2.0 + 0.6) / 2)
+    assert m["mean_ttft_s"] == pytest.approx((0.5 + 0.2) / 2)
+    assert m["mean_tpot_s"] == pytest.approx((1.5 / 3 + 0.4 / 4) / 2)
+    assert m["throughput_tok_s"] == pytest.approx(9 / 2.0)
+    assert m["goodput_tok_s"] == pytest.approx(9 / 2.0)
+    assert m["acceptance_rate"] == pytest.approx(3 / 6)
+    assert m["mean_k"] == pytest.approx(8 / 7)
+
+
+def _record(policy, rate, latency, group="g"):
+    return {"policy": policy, "rate": rate, "requests": 3, "mean_latency_s": latency, "p50_latency_s": latency,
+            "p99_latency_s": latency, "mean_ttft_s": 0.1, "mean_tpot_s": 0.01, "throughput_tok_s": 10.0,
+            "goodput_tok_s": 12.0, "acceptance_rate": 0.5, "mean_k": 1.0, "group": group}
+
+
+def test_outputs_round_trip_and_speedup(tmp_path):
+    records = [_record("off", 1.0, 2.0), _record("goodput", 1.0, 0.8), _record("off", 4.0, 3.0),
+               _record("goodput", 4.0, 3.0)]
+    path = tmp_path / "r.json"
+    write_json(path, {"machine": {}, "git_commit": "x", "date": "d"}, records)
+    meta, back = read_json(path)
+    jsonschema.validate(json.loads(path.read_text()), RECORD_SCHEMA)
+    assert back == records and "goodput_tok_s" in meta["definitions"]
+    table = markdown_table(records)
+    assert "| g | goodput | 1 | 3 | 0.800 |" in table and "2.50x" in table and "1.00x" in table
+    plot(records, tmp_path / "r.png")
+    png = (tmp_path / "r.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    with pytest.raises(ValueError, match="mean_k"):
+        write_json(path, {}, [{k: v for k, v in records[0].items() if k != "mean_k"}])
+
+
+def test_simulate_cli_writes_valid_outputs(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    code = main(["simulate", "--step-model", "c_fixed=6.94,c_tok=0.0184,c_kv=4.86e-5", "--alpha", "0.6,0.9",
+                 "--rates", "2,8", "--policies", "off,fixed:3,goodput", "--requests", "40", "--json", str(out),
+                 "--markdown", str(tmp_path / "s.md"), "--plot", str(tmp_path / "s.png")])
+    assert code == 0
+    data = json.loads(out.read_text())
+    jsonschema.validate(data, RECORD_SCHEMA)
+    assert len(data["records"]) == 2 * 2 * 3
+    assert data["meta"]["step_model"]["c_fixed_ms"] == 6.94
+    by = {(r["group"], r["policy"], r["rate"]): r for r in data["records"]}
+    assert by[("alpha=0.9", "fixed:3", 2.0)]["acceptance_rate"] > by[("alpha=0.6", "fixed:3", 2.0)]["acceptance_rate"]
+    assert (tmp_path / "s.png").stat().st_size > 10_000
+    assert "| alpha=0.9 | goodput |" in capsys.readouterr().out
+
+
+def test_simulate_cli_rejects_bad_policy(capsys):
+    assert main(["simulate", "--policies", "off,warp:9", "--requests", "5"]) == 2
+    assert "unknown policy 'warp'" in capsys.readouterr().err
+
+
+def _measured_run(cost, alphas, rate, policy, seed):
+    """A 'bench' point produced by the simulator itself: the calibration must recover it."""
+    n = len(alphas)
+    arrivals = make_arrivals(n, rate, seed=seed)
+    rng = np.random.default_rng(seed)
+    wl = Workload(arrivals, rng.integers(80, 250, n), rng.integers(40, 90, n))
+    name, params = (policy.split(":")[0], {"k": int(policy.split(":")[1])}) if ":" in policy else (policy, {})
+    r = simulate(wl, get(name), get(name).validate(params), step_model=StepModel(cost),
+                 acceptance=per_request(alphas), worker=WorkerSpec(max_batch_size=8, max_k=6), seed=seed + 99)
+    return {"policy": policy, "rate": rate, **r.metrics(), "detail": r.detail(wl.prompt_tokens)}
+
+
+def test_calibration_recovers_a_known_system_and_flags_a_wrong_cost_model():
+    cost = PRESETS["cpu-smollm2"]
+    alphas = list(np.random.default_rng(0).uniform(0.1, 0.9, 60))
+    meta = {"requests": 60, "seed": 3, "arrival": "poisson", "cv": 1.0}
+    records = [_measured_run(cost, alphas, rate, policy, seed=3) for rate in (0.1, 0.3)
+               for policy in ("off", "fixed:3", "goodput")]
+    rows = predict_points(meta, records, StepModel(cost), WorkerSpec(max_batch_size=8, max_k=6), seed=7)
+    assert [r["policy"] for r in rows] == [r["policy"] for r in records]
+    for row in rows:  # same system, other random draws: close
+        assert row["ratio"] == pytest.approx(1.0, abs=0.1)
+    slow = StepModel(cost.replace(c_fixed_ms=2 * cost.c_fixed_ms, c_tok_ms=2 * cost.c_tok_ms))
+    wrong = predict_points(meta, records, slow, WorkerSpec(max_batch_size=8, max_k=6), seed=7)
+    assert all(r["ratio"] > 1.5 for r in wrong)
