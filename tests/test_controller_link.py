@@ -1,0 +1,209 @@
+"""The worker's controller link against a real controller (real Redis, loopback gRPC).
+
+The link alone is driven with the step facts an engine would report; the slow tests run a whole
+worker with the real model: plans applied, the controller killed mid-generation (serving goes on,
+fallbacks are counted) and restarted on the same port (the link reconnects).
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import time
+
+import grpc
+import pytest
+
+from smartspec.controller.server import ControllerServer
+from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2
+from smartspec.v1 import generation_pb2 as pb
+from smartspec.v1 import generation_pb2_grpc
+from smartspec.worker.controller_link import ControllerLink, LinkConfig, backoff_delay
+from smartspec.worker.steps import PlanQuery, RequestFacts, StepFacts
+
+
+def wait_until(condition, timeout: float = 15.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def hello(worker_id: str = "link-test") -> controller_pb2.WorkerHello:
+    return controller_pb2.WorkerHello(worker_id=worker_id, proposer_kind=common_pb2.PROPOSER_KIND_NGRAM,
+                                      max_speculation_length=4, max_batch_size=4)
+
+
+def prefill_step(index: int, request_id: str) -> StepFacts:
+    return StepFacts(index, (RequestFacts(request_id, 0, 0, 0, context_tokens=40, prefill_tokens=39),),
+                     draft_ms=0.0, verify_ms=90.0, total_ms=91.0, batched_tokens=39, queued_requests=0)
+
+
+def set_fixed_policy(address: str, k: int) -> None:
+    with grpc.insecure_channel(address) as channel:
+        admin_pb2_grpc.AdminStub(channel).SetPolicy(admin_pb2.SetPolicyRequest(policy=common_pb2.PolicySpec(
+            name="fixed", parameters={"k": common_pb2.ParameterValue(int_value=k)})), timeout=10)
+
+
+@pytest.fixture
+def controller(redis_url, redis_prefix):
+    server = ControllerServer(0, redis_url, redis_prefix, redis_retry_after_s=0.0)
+    server.start()
+    yield server
+    server.stop(0)
+
+
+def test_backoff_grows_is_capped_and_jittered():
+    rng = random.Random(1)
+    delays = [backoff_delay(attempt, 0.1, 2.0, rng) for attempt in range(12)]
+    for attempt, delay in enumerate(delays):
+        ceiling = min(2.0, 0.1 * 2 ** attempt)
+        assert ceiling / 2 <= delay <= ceiling
+    assert max(delays) <= 2.0
+    assert len({round(d, 6) for d in delays[6:]}) > 1          # capped, but not in lockstep
+
+
+def test_without_a_controller_every_step_falls_back_and_nothing_blocks():
+    link = ControllerLink(LinkConfig(f"127.0.0.1:{closed_port()}", plan_deadline_ms=5000, fallback_k=2,
+                                     connect_timeout_s=0.2), hello())
+    link.start()
+    try:
+        started = time.monotonic()
+        for step in range(3):
+            link.observe(prefill_step(step, f"r{step}"))       # not connected: returns at once
+            assert link.plan(step + 1, [PlanQuery("r0", 41)], 0) == {"r0": 2}
+        assert time.monotonic() - started < 2.0                 # far below one 5 s plan deadline
+        assert link.fallback_steps == 3 and not link.connected
+    finally:
+        link.close()
+
+
+def test_plan_from_the_controller_is_applied(controller):
+    set_fixed_policy(controller.address, 3)
+    link = ControllerLink(LinkConfig(controller.address, plan_deadline_ms=5000, fallback_k=0), hello())
+    link.start()
+    try:
+        wait_until(lambda: link.connected, what="link connected")
+        link.observe(prefill_step(0, "a"))
+        assert link.plan(1, [PlanQuery("a", 40)], 0) == {"a": 3}
+        assert link.fallback_steps == 0 and link.plans_applied == 1
+        # A request the plan did not cover (admitted after the report) gets the fallback k.
+        link.observe(prefill_step(1, "b"))
+        assert link.plan(2, [PlanQuery("b", 40), PlanQuery("c", 12)], 0) == {"b": 3, "c": 0}
+    finally:
+        link.close()
+
+
+def test_late_plan_is_discarded_by_step_index(controller):
+    set_fixed_policy(controller.address, 3)
+    link = ControllerLink(LinkConfig(controller.address, plan_deadline_ms=0.0, fallback_k=1), hello("late"))
+    link.start()
+    try:
+        wait_until(lambda: link.connected, what="link connected")
+        link.observe(prefill_step(0, "a"))                      # no wait at all: the plan is late
+        wait_until(lambda: link._latest is not None, what="the late plan")
+        # The engine ran step 1 meanwhile; the plan answering step 0 is stale for step 2.
+        assert link.plan(2, [PlanQuery("a", 41)], 0) == {"a": 1}
+        assert link.fallback_steps == 1
+    finally:
+        link.close()
+
+
+# ---- whole worker, real model -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model():
+    from smartspec.worker.model import load_model
+
+    return load_model()
+
+
+def start_worker(model, controller_address: str, deadline_ms: float = 5000):
+    from smartspec.worker.engine import EngineConfig
+    from smartspec.worker.proposers import make_proposer
+    from smartspec.worker.server import WorkerOptions, WorkerServer
+
+    options = WorkerOptions(
+        worker_id="link-e2e",
+        engine=EngineConfig(max_batch_size=2, max_context_tokens=256, token_budget=256, max_k=4, fallback_k=0),
+        controller=controller_address,
+        plan_deadline_ms=deadline_ms,
+        profile_steps=0,
+    )
+    server = WorkerServer(model, make_proposer("ngram"), options)
+    port = server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return server, channel, generation_pb2_grpc.GenerationStub(channel)
+
+
+def info(stub) -> pb.WorkerInfo:
+    return stub.GetWorkerInfo(pb.GetWorkerInfoRequest(), timeout=10)
+
+
+def result_of(call) -> pb.GenerationResult:
+    return [m.result for m in call if m.HasField("result")][0]
+
+
+@pytest.mark.slow
+def test_worker_runs_the_controllers_plan(model, controller):
+    set_fixed_policy(controller.address, 3)
+    server, channel, stub = start_worker(model, controller.address)
+    try:
+        wait_until(lambda: info(stub).controller_connected, what="worker connected")
+        result = result_of(stub.Generate(pb.GenerateRequest(prompt="1, 2, 3, 4,", max_tokens=20, ignore_eos=True)))
+        ks = list(result.speculation.speculation_lengths)
+        # Every step runs the planned k = 3, except where fewer tokens were left to generate
+        # (k is clamped to tokens_left - 1, which is below 3 in at most the last 3 steps).
+        assert ks[0] == 3 and all(k == 3 for k in ks[:-3])
+        assert ks == sorted(ks, reverse=True) and sum(k < 3 for k in ks) <= 3
+        assert info(stub).fallback_steps == 0
+    finally:
+        channel.close()
+        server.stop(0)
+
+
+@pytest.mark.slow
+def test_controller_killed_mid_run_then_restarted_on_the_same_port(model, redis_url, redis_prefix):
+    first = ControllerServer(0, redis_url, redis_prefix, redis_retry_after_s=0.0)
+    port = first.start()
+    set_fixed_policy(first.address, 2)
+    server, channel, stub = start_worker(model, first.address)
+    try:
+        wait_until(lambda: info(stub).controller_connected, what="worker connected")
+        call = stub.Generate(pb.GenerateRequest(prompt="a b c d e f g", max_tokens=40, ignore_eos=True))
+        for _ in range(3):
+            next(call)
+        first.stop(0)                                            # the controller dies mid-generation
+        result = result_of(call)
+        assert result.finish_reason == pb.FINISH_REASON_LENGTH
+        assert result.usage.completion_tokens == 40               # serving went on
+        after_kill = info(stub)
+        assert after_kill.fallback_steps > 0 and not after_kill.controller_connected
+        assert server.metrics.registry.get_sample_value("smartspec_worker_fallback_steps_total") == \
+            after_kill.fallback_steps
+
+        second = ControllerServer(port, redis_url, redis_prefix, redis_retry_after_s=0.0)
+        second.start()
+        try:
+            wait_until(lambda: info(stub).controller_connected, timeout=20, what="reconnect")
+            fallbacks = info(stub).fallback_steps
+            result = result_of(stub.Generate(pb.GenerateRequest(prompt="x y z", max_tokens=12, ignore_eos=True)))
+            ks = list(result.speculation.speculation_lengths)
+            # the policy in Redis survived the restart (k < 2 only for the last tokens)
+            assert ks[0] == 2 and all(k == 2 for k in ks[:-2]) and sum(k < 2 for k in ks) <= 2
+            assert info(stub).fallback_steps == fallbacks         # plans arrive again
+            assert server.link.connections == 2
+        finally:
+            second.stop(0)
+    finally:
+        channel.close()
+        server.stop(0)
