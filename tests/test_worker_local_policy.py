@@ -1,0 +1,84 @@
+"""Planning with `--controller none`: policy specs, in-process acceptance estimates (no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from smartspec.controller.policies.base import PolicyError
+from smartspec.worker.local_policy import AcceptanceBook, LocalPolicyPlanner, parse_policy_spec
+from smartspec.worker.steps import PlanQuery, RequestFacts, StepFacts
+
+
+def step(index: int, *outcomes: RequestFacts) -> StepFacts:
+    return StepFacts(index, outcomes, draft_ms=1.0, verify_ms=90.0, total_ms=91.0, batched_tokens=10,
+                     queued_requests=0)
+
+
+def decode(request_id: str, proposed: int, accepted: int, finished: bool = False) -> RequestFacts:
+    tested = accepted + (1 if accepted < proposed else 0)
+    return RequestFacts(request_id, proposed, accepted, tested, context_tokens=100, finished=finished,
+                        planned_k=proposed)
+
+
+def test_shorthand_sets_the_first_parameter():
+    choice = parse_policy_spec("fixed:3")
+    assert choice.name == "fixed" and choice.params["k"] == 3
+
+
+def test_key_value_parameters_are_typed_by_the_schema():
+    choice = parse_policy_spec("fixed", ["k=5"])
+    assert choice.params["k"] == 5
+
+
+@pytest.mark.parametrize(
+    "spec, extra, field",
+    [
+        ("no-such-policy", [], "local_policy"),
+        ("fixed:lots", [], "k"),
+        ("fixed", ["nope=1"], "nope"),
+        ("fixed", ["k"], "local_policy_param"),
+        ("fixed:999", [], "k"),                 # out of the parameter's bounds
+    ],
+)
+def test_bad_specs_name_the_culprit(spec, extra, field):
+    with pytest.raises(PolicyError) as caught:
+        parse_policy_spec(spec, extra)
+    assert caught.value.field == field
+
+
+def test_fixed_policy_plans_every_request_and_clamps_to_max_k():
+    planner = LocalPolicyPlanner(parse_policy_spec("fixed:6"), max_k=4)
+    plan = planner.plan(0, [PlanQuery("a", 10), PlanQuery("b", 20)], queued_requests=0)
+    assert plan == {"a": 4, "b": 4}
+
+
+def test_acceptance_is_counted_over_tested_positions_and_pooled_when_requests_finish():
+    book = AcceptanceBook()
+    book.observe(step(0, RequestFacts("a", 0, 0, 0, context_tokens=50, prefill_tokens=50)))
+    assert book.requests["a"].tested == 0                       # a prefill step is no evidence
+    book.observe(step(1, decode("a", 4, 1)))                    # tested 2: one accept, one reject
+    book.observe(step(2, decode("a", 4, 4)))                    # tested 4
+    state = book.requests["a"]
+    assert (state.accepted, state.tested) == (5, 6)
+    high = book.request_state(PlanQuery("a", 110)).acceptance
+    fresh = book.request_state(PlanQuery("new", 10)).acceptance
+    assert high > fresh                                         # own history pulls it up from the prior
+    book.observe(step(3, decode("a", 2, 2, finished=True)))
+    assert "a" not in book.requests
+    assert (book.prior.accepted, book.prior.tested) == (7, 8)   # the finished request feeds the prior
+    assert book.request_state(PlanQuery("next", 10)).acceptance > fresh
+
+
+def test_cancellation_record_is_not_evidence():
+    book = AcceptanceBook()
+    book.observe(step(0, decode("a", 2, 0)))
+    book.observe(step(1, RequestFacts("a", 0, 0, 0, context_tokens=60, finished=True)))
+    assert (book.prior.accepted, book.prior.tested) == (0, 1)
+
+
+def test_goodput_policy_speculates_less_for_a_request_that_is_always_rejected():
+    planner = LocalPolicyPlanner(parse_policy_spec("goodput"), max_k=8)
+    for index in range(30):
+        planner.observe(step(index, decode("good", 4, 4), decode("bad", 4, 0)))
+    plan = planner.plan(30, [PlanQuery("good", 200), PlanQuery("bad", 200)], queued_requests=0)
+    assert plan["good"] > plan["bad"]
