@@ -171,6 +171,7 @@ class ControllerStore:
         self._set_policy = self._redis.register_script(_SET_POLICY_LUA)
         self._lock = threading.Lock()
         self._down_until = 0.0
+        self._closed = False
 
     # -- keys ---------------------------------------------------------------------------------
     def request_key(self, worker_id: str, request_id: str) -> str:
@@ -194,6 +195,8 @@ class ControllerStore:
     # -- failure handling ---------------------------------------------------------------------
     def _call(self, fn):
         """Run `fn()` against Redis, mapping every Redis failure to StoreUnavailable."""
+        if self._closed:
+            raise StoreUnavailable("store closed (server stopping)")
         if time.monotonic() < self._down_until:
             raise StoreUnavailable("redis marked down after a recent failure; retrying shortly")
         try:
@@ -202,6 +205,12 @@ class ControllerStore:
             with self._lock:
                 self._down_until = time.monotonic() + self.retry_after_s
             raise StoreUnavailable(f"redis: {exc}") from exc
+        except Exception as exc:
+            # A step still in flight while the server stops finds its socket closed under it
+            # (ValueError "I/O operation on closed file"): that is an unavailable store, not a bug.
+            if self._closed:
+                raise StoreUnavailable("store closed (server stopping)") from exc
+            raise
 
     def ping(self) -> bool:
         try:
@@ -210,6 +219,7 @@ class ControllerStore:
             return False
 
     def close(self) -> None:
+        self._closed = True
         self._redis.close()
 
     # -- per step -----------------------------------------------------------------------------

@@ -160,3 +160,12 @@ def test_request_ids_with_colons_stay_distinct(store, raw, redis_prefix):
     store.write_step(_writes({"x:y": AcceptanceState(accepted=1, tested=1)}))
     assert json.loads(raw.get(f"{redis_prefix}req:w0:x:y"))["accepted"] == 1
     assert store.read_step("w0", ["x"], "p", "k").histories == {}
+
+
+def test_closed_store_is_unavailable_not_a_crash(redis_url, redis_prefix):
+    """Steps still in flight while a server stops must degrade, not fail with INTERNAL."""
+    store = ControllerStore(redis_url, redis_prefix)
+    store.read_step("w0", ["a"], "p", "k")
+    store.close()
+    with pytest.raises(StoreUnavailable, match="closed"):
+        store.read_step("w0", ["a"], "p", "k")
