@@ -72,8 +72,8 @@ class SeededRandomPolicy(BasePolicy):
         return [self._rng.randint(0, batch.max_k) for _ in batch.requests]
 
 
-def make_engine(model, proposer, planner, max_k: int = 8) -> Engine:
-    config = EngineConfig(max_batch_size=4, max_context_tokens=512, token_budget=512, max_k=max_k)
+def make_engine(model, proposer, planner, max_k: int = 8, token_budget: int = 512) -> Engine:
+    config = EngineConfig(max_batch_size=4, max_context_tokens=512, token_budget=token_budget, max_k=max_k)
     engine = Engine(model, proposer, config, planner)
     engine.start()
     return engine
@@ -170,3 +170,14 @@ def test_speculation_really_happened_and_ngram_hits_the_summary(model, prompts):
     # fewer decode steps than tokens: proposals were accepted, so the equality above is not vacuous
     assert stats.mean_accepted_length > 1.0
     assert stats.decode_steps < outcome.completion_tokens - 1
+
+
+def test_chunked_prefill_gives_the_same_output(model, prompts, reference):
+    # A 40-token budget prefills the ~80-token summary prompt in several chunks, next to decoding rows.
+    assert len(prompts[0]) > 40
+    engine = make_engine(model, make_proposer("ngram"), StaticPlanner(3), max_k=3, token_budget=40)
+    try:
+        outputs = run_staggered(engine, prompts)
+    finally:
+        engine.stop(0)
+    assert outputs == reference

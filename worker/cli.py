@@ -76,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from smartspec.worker.engine import EngineConfig
+    from smartspec.worker.local_policy import parse_policy_spec
     from smartspec.worker.model import load_model
     from smartspec.worker.server import WorkerOptions, WorkerServer
 
@@ -89,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
             max_k=args.max_k,
             fallback_k=args.fallback_k,
         )
+        if args.controller == "none":   # check the policy before spending seconds on the model
+            parse_policy_spec(args.local_policy, args.local_policy_param or ())
     except ValueError as exc:
         print(f"smartspec worker: {exc}", file=sys.stderr)
         return 2
@@ -113,11 +116,7 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         proposer_name=args.proposer if args.proposer == "ngram" else f"draft:{args.draft}",
     )
-    try:
-        server = WorkerServer(model, proposer, options, security=security_from_args(args))
-    except ValueError as exc:  # e.g. an unknown --local-policy or a bad parameter
-        print(f"smartspec worker: {exc}", file=sys.stderr)
-        return 2
+    server = WorkerServer(model, proposer, options, security=security_from_args(args))
     port = server.start()
     print(f"worker listening on {args.host}:{port}", flush=True)
 
