@@ -3,6 +3,7 @@ the target distribution (checked by a chi-square test that also catches delibera
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -14,6 +15,16 @@ from smartspec.worker.proposers.sampling import sample
 from smartspec.worker.proposers.verify import greedy_verify, rejection_verify, verify_batch
 
 V = 8
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """These tests run thousands of tiny tensor ops: with intra-op threads on a busy machine the
+    threads spin against each other and a tiny op takes milliseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _logits_with_argmax(argmaxes: list[int], vocab: int = V) -> torch.Tensor:
@@ -128,7 +139,27 @@ DRAFT = _chain(seed=2, sharpness=2.0)  # a different, sharper chain: far from th
 DETERMINISTIC_DRAFT = TARGET.argsort(dim=-1)[:, V // 2].tolist()  # a middling token under p
 
 
-def _generate_two(verifier, deterministic: bool, generator: torch.Generator) -> tuple[int, int]:
+@functools.cache
+def _stacked(chain: str, *states: int) -> torch.Tensor:
+    """[len(states), V]: the chain's next-token distributions after each state (built once)."""
+    return torch.stack([{"target": TARGET, "draft": DRAFT}[chain][s] for s in states])
+
+
+class DraftDraws:
+    """Independent draws from DRAFT[state], drawn in bulk per state (the same law as one at a time)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+        self.pools: dict[int, list[int]] = {}
+
+    def __call__(self, state: int) -> int:
+        pool = self.pools.get(state)
+        if not pool:
+            pool = self.pools[state] = sample(DRAFT[state].expand(4096, V), self.generator).tolist()
+        return pool.pop()
+
+
+def _generate_two(verifier, deterministic: bool, draws: DraftDraws, generator: torch.Generator) -> tuple[int, int]:
     """Speculate k = 2 from the draft chain, verify against the target chain, until 2 tokens exist."""
     out: list[int] = []
     while len(out) < 2:
@@ -138,10 +169,10 @@ def _generate_two(verifier, deterministic: bool, generator: torch.Generator) -> 
             x1 = DETERMINISTIC_DRAFT[x0]
             draft_probs = None
         else:
-            x0 = int(sample(DRAFT[prev], generator))
-            x1 = int(sample(DRAFT[x0], generator))
-            draft_probs = torch.stack([DRAFT[prev], DRAFT[x0]])  # [2, V]
-        target_probs = torch.stack([TARGET[prev], TARGET[x0], TARGET[x1]])  # [3, V]: p conditioned on proposals
+            x0 = draws(prev)
+            x1 = draws(x0)
+            draft_probs = _stacked("draft", prev, x0)  # [2, V]
+        target_probs = _stacked("target", prev, x0, x1)  # [3, V]: p conditioned on the proposals
         accepted, next_token = verifier(target_probs, [x0, x1], draft_probs, generator)
         out += [x0, x1][:accepted] + [next_token]
     return out[0], out[1]
@@ -156,10 +187,11 @@ def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
 
 def _marginal_p_values(verifier, deterministic: bool, trials: int = 20_000) -> tuple[float, float]:
     generator = torch.Generator().manual_seed(99)
+    draws = DraftDraws(torch.Generator().manual_seed(98))
     first = torch.zeros(V)
     second = torch.zeros(V)
     for _ in range(trials):
-        y0, y1 = _generate_two(verifier, deterministic, generator)
+        y0, y1 = _generate_two(verifier, deterministic, draws, generator)
         first[y0] += 1
         second[y1] += 1
     p_first = TARGET[START]  # [V]
