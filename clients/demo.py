@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
+import json  # its module docstring is the text the summarise prompt summarises
 import statistics
 import textwrap
 from dataclasses import dataclass
@@ -49,14 +49,14 @@ async def run_round(client: AsyncClient, prompts: Sequence[DemoPrompt], max_toke
 
 
 def compact_ks(ks: Sequence[int], limit: int = 8) -> str:
-    """k over time as runs, e.g. [0,0,3,3,3,2] -> "0x2 3x3 2"; long histories keep the first runs."""
+    """k over time as runs of k*repeats, e.g. [0,0,3,3,3,2] -> "0*2 3*3 2"; long histories keep the first runs."""
     runs: list[list[int]] = []
     for k in ks:
         if runs and runs[-1][0] == k:
             runs[-1][1] += 1
         else:
             runs.append([k, 1])
-    parts = [f"{k}x{n}" if n > 1 else str(k) for k, n in runs]
+    parts = [f"{k}*{n}" if n > 1 else str(k) for k, n in runs]
     return " ".join(parts[:limit]) + (" ..." if len(parts) > limit else "")
 
 
@@ -83,7 +83,7 @@ def report_table(prompts: Sequence[DemoPrompt], baseline: Sequence[GenerationRes
     total_off = sum(r.total_ms for r in baseline)
     total_on = sum(r.total_ms for r in speculative)
     table = format_table(
-        ("request", "tokens", "off ms", "goodput ms", "speedup", "acceptance", "k min/med/max", "k over time",
+        ("request", "tokens", "off ms", "goodput ms", "speedup", "acceptance", "k min/med/max", "k over time (k*repeats)",
          "same text"),
         rows,
     )
@@ -101,8 +101,3 @@ async def run_demo(client: AsyncClient, max_tokens: int = 64) -> dict[str, Any]:
     return {"prompts": prompts, "off": baseline, "goodput": speculative,
             "table": report_table(prompts, baseline, speculative)}
 
-
-def results_json(outcome: dict[str, Any]) -> str:
-    import dataclasses
-
-    return json.dumps({key: [dataclasses.asdict(r) for r in outcome[key]] for key in ("off", "goodput")}, indent=2)

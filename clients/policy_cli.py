@@ -106,9 +106,13 @@ def format_policies(policies: list[PolicyInfo]) -> str:
 
 
 def format_active(active: ActivePolicy) -> str:
-    when = datetime.fromtimestamp(active.updated_unix_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    if active.updated_unix_ms:
+        when = datetime.fromtimestamp(active.updated_unix_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        origin = f"version {active.version}, updated {when}"
+    else:
+        origin = f"version {active.version}, the built-in default: never set"
     params = " ".join(f"{k}={_format_value(v)}" for k, v in active.parameters.items())
-    return f"{active.name} (version {active.version}, updated {when})" + (f"\n  {params}" if params else "")
+    return f"{active.name} ({origin})" + (f"\n  {params}" if params else "")
 
 
 def _print(args, value: Any, text: str) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smartspec.config import add_flag, add_option
+from smartspec.errors import SmartspecError
 from smartspec.healthcheck import check as health_status
 from smartspec.processes import Child, free_port, start_child, stop_all, wait_port_open
 from smartspec.redis_launcher import find_redis_server, redis_server_argv
@@ -39,9 +40,9 @@ def resolve_port(port: int, host: str) -> int:
     return port if port else free_port(host)
 
 
-def controller_argv(host: str, ports: Ports, redis_url: str) -> list[str]:
+def controller_argv(host: str, ports: Ports, redis_url: str, redis_prefix: str) -> list[str]:
     return [sys.executable, "-m", "smartspec.cli", "controller", "--host", host, "--port", str(ports.controller),
-            "--metrics-port", str(ports.controller_metrics), "--redis", redis_url]
+            "--metrics-port", str(ports.controller_metrics), "--redis", redis_url, "--redis-prefix", redis_prefix]
 
 
 def worker_argv(host: str, ports: Ports, model: str, proposer: str) -> list[str]:
@@ -52,12 +53,15 @@ def worker_argv(host: str, ports: Ports, model: str, proposer: str) -> list[str]
 
 
 def wait_serving(child: Child, address: str, timeout_s: float, what: str) -> None:
-    """Poll grpc.health.v1 until SERVING, with a spinner; fail fast if the child dies."""
+    """Poll grpc.health.v1 until SERVING, with a spinner on a terminal; fail fast if the child dies."""
     from tqdm import tqdm
 
+    interactive = sys.stderr.isatty()
+    if not interactive:
+        print(f"waiting for {child.name} ({what})", file=sys.stderr, flush=True)
     deadline = time.monotonic() + timeout_s
-    with tqdm(desc=f"waiting for {child.name} ({what})", total=None, unit="s", leave=False, file=sys.stderr,
-              bar_format="{desc}: {elapsed}") as spinner:
+    with tqdm(desc=f"waiting for {child.name} ({what})", total=None, leave=False, file=sys.stderr,
+              bar_format="{desc}: {elapsed}", disable=not interactive) as spinner:
         while True:
             if not child.alive():
                 raise RuntimeError(f"{child.name} exited with status {child.process.returncode}; "
@@ -79,11 +83,15 @@ def start_redis(log_dir: Path) -> tuple[Child, str]:
     return child, f"redis://127.0.0.1:{port}/0"
 
 
-def listening_lines(host: str, ports: Ports, redis_url: str) -> list[str]:
+def listening_lines(host: str, ports: Ports, redis_url: str, children: dict[str, Child]) -> list[str]:
+    """What `up` prints once everything is healthy (tests and scripts wait for these lines)."""
+    redis = children.get("redis")
     return [
-        f"redis       listening on {redis_url}",
-        f"controller  listening on {host}:{ports.controller} (gRPC)  metrics http://{host}:{ports.controller_metrics}/metrics",
-        f"worker      listening on {host}:{ports.worker} (gRPC)  metrics http://{host}:{ports.worker_metrics}/metrics",
+        f"redis       {'listening on' if redis else 'using'} {redis_url}" + (f"  pid {redis.process.pid}" if redis else ""),
+        f"controller  listening on {host}:{ports.controller} (gRPC)  metrics "
+        f"http://{host}:{ports.controller_metrics}/metrics  pid {children['controller'].process.pid}",
+        f"worker      listening on {host}:{ports.worker} (gRPC)  metrics "
+        f"http://{host}:{ports.worker_metrics}/metrics  pid {children['worker'].process.pid}",
     ]
 
 
@@ -138,6 +146,7 @@ def configure(parser) -> None:
     add_option(parser, "--model", default="", help="worker's target model (default: the worker's default model)")
     add_option(parser, "--proposer", default="ngram", help="worker's proposer")
     add_option(parser, "--redis", default="", help="use this Redis URL instead of starting a private redis-server")
+    add_option(parser, "--redis-prefix", default="smartspec:", help="prefix of the controller's Redis keys")
     add_flag(parser, "--demo", help="after start-up, run a small workload with policy off, then goodput; then exit")
     add_flag(parser, "--serve", help="with --demo: keep serving after the demo")
     add_option(parser, "--demo-max-tokens", default=64, type=int, help="tokens per demo request")
@@ -159,13 +168,13 @@ def run(args) -> int:
         if not redis_url:
             redis_child, redis_url = start_redis(log_dir)
             children.append(redis_child)
-        controller = start_child("controller", controller_argv(args.host, ports, redis_url), log_dir)
+        controller = start_child("controller", controller_argv(args.host, ports, redis_url, args.redis_prefix), log_dir)
         children.append(controller)
         wait_serving(controller, f"{args.host}:{ports.controller}", args.startup_timeout, "connecting to Redis")
         worker = start_child("worker", worker_argv(args.host, ports, args.model, args.proposer), log_dir)
         children.append(worker)
         wait_serving(worker, f"{args.host}:{ports.worker}", args.startup_timeout, "loading the model, profiling")
-        for line in listening_lines(args.host, ports, redis_url):
+        for line in listening_lines(args.host, ports, redis_url, {c.name: c for c in children}):
             print(line, flush=True)
         print(f"logs in {log_dir}", flush=True)
         if args.demo:
@@ -174,7 +183,7 @@ def run(args) -> int:
                 return 0
         print("serving; Ctrl-C stops everything", flush=True)
         return serve_until_stopped(children)
-    except (RuntimeError, TimeoutError, FileNotFoundError, OSError) as exc:
+    except (RuntimeError, TimeoutError, OSError, SmartspecError) as exc:
         print(f"smartspec up: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
