@@ -29,6 +29,7 @@ def configure(parser) -> None:
     add_option(parser, "--controller", default="", help="controller HOST:PORT (its admin API switches policies)")
     add_flag(parser, "--start", help="start Redis (unless --redis), a controller and a worker, as `smartspec up`")
     add_option(parser, "--redis", default="", help="with --start: use this Redis URL instead of a private one")
+    add_option(parser, "--redis-prefix", default="smartspec-bench:", help="with --start: the controller's Redis key prefix")
     add_option(parser, "--model", default="", help="with --start: worker model (default: the worker's default)")
     add_option(parser, "--proposer", default="ngram", help="with --start: worker proposer")
     add_option(parser, "--startup-timeout", default=900.0, type=float, help="with --start: seconds to wait for health")
@@ -68,7 +69,7 @@ def _stack(args) -> Iterator[tuple[str, str]]:
         if not redis_url:
             child, redis_url = start_redis(log_dir)
             children.append(child)
-        controller = start_child("controller", controller_argv(host, ports, redis_url), log_dir)
+        controller = start_child("controller", controller_argv(host, ports, redis_url, args.redis_prefix), log_dir)
         children.append(controller)
         wait_serving(controller, f"{host}:{ports.controller}", args.startup_timeout, "connecting to Redis")
         worker = start_child("worker", worker_argv(host, ports, args.model, args.proposer), log_dir)

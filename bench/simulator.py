@@ -137,9 +137,13 @@ class SimResult:
 def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, step_model: StepModel,
              acceptance: AcceptanceFactory | RequestAcceptance, worker: WorkerSpec = WorkerSpec(),
              planning_cost: CostModel | None = None, settings: PlannerSettings = PlannerSettings(),
-             seed: int = 0) -> SimResult:
+             initial_prior: PooledPrior | None = None, seed: int = 0) -> SimResult:
     """Run the workload to completion under `policy`; the policy plans with `planning_cost`
-    (default: the step model's own cost model, i.e. a perfectly fitted controller)."""
+    (default: the step model's own cost model, i.e. a perfectly fitted controller).
+
+    `initial_prior`: the pooled acceptance counts the controller already holds (a real controller
+    keeps them in Redis across benchmark points); default: none, a cold start.
+    """
     rng = np.random.default_rng([seed, 11])
     n = workload.size
     accept_model = acceptance(n, np.random.default_rng([seed, 13])) if callable(acceptance) else acceptance
@@ -163,34 +167,31 @@ def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, s
     ids = [str(i) for i in range(n)]
 
     cold_rate = float(getattr(settings, "cold_rate", DEFAULT_PRIOR_RATE))
-    prior = PooledPrior()
+    prior = initial_prior or PooledPrior()
     waiting: deque[int] = deque()
-    running: list[int] = []  # admission order
+    prefilling: list[int] = []  # admitted, prompt not fully in yet (admission order)
+    dec = np.zeros(0, np.int64)  # [D] decoding requests, rebuilt only when membership changes
     next_arrival = 0
     t = 0.0
     step_index = 0
     done = 0
     busy_step_s = 0.0
     batch_size_sum = 0
-    no_k = np.zeros(0, np.int64)
+    no_rows = np.zeros(0, np.int64)
 
     while done < n:
         while next_arrival < n and arrival[next_arrival] <= t:
             waiting.append(next_arrival)
             next_arrival += 1
-        if not running and not waiting:
+        if not dec.size and not prefilling and not waiting:
             t = float(arrival[next_arrival])  # idle until the next arrival
             continue
 
-        run = np.array(running, dtype=np.int64)  # [R]
-        decoding_mask = cached[run] >= prompt[run]
-        dec = run[decoding_mask]  # [D]
-        pre = run[~decoding_mask]  # [P] admitted, prompt not yet in
-        ks = no_k
+        ks, context = no_rows, no_rows
         if dec.size:
             context = prompt[dec] + generated[dec]  # [D] tokens the step attends over
             a_hat = estimate_acceptance(accepted[dec], tested[dec], prior.accepted, prior.tested,
-                                        settings.prior_strength, cold_rate)
+                                        settings.prior_strength, cold_rate)  # [D]
             lk, lf, ss, ev = last_k[dec].tolist(), last_full[dec].tolist(), since_spec[dec].tolist(), tested[dec].tolist()
             states = tuple(
                 RequestState(ids[r], a, c, 0, lk[j], lf[j], ss[j], float(ev[j]))
@@ -202,33 +203,38 @@ def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, s
             # the engine's clamp: no more proposals than tokens still wanted, minus the bonus token
             ks = np.maximum(np.minimum(ks, output[dec] - generated[dec] - 1), 0)
 
-        free = worker.max_batch_size - len(running)
-        waiting_heads = [waiting[i] for i in range(min(free, len(waiting)))]
-        plan = plan_prefill(
-            token_budget=worker.token_budget,
-            decode_tokens=int(ks.sum() + ks.size),
-            remaining_prompts=(prompt[pre] - cached[pre]).tolist(),
-            waiting_prompts=prompt[waiting_heads].tolist() if waiting_heads else [],
-            free_slots=free,
-        )
-        admitted = [waiting.popleft() for _ in range(plan.admitted)]
-        running.extend(admitted)
-        pre_rows = np.concatenate([pre, np.array(admitted, dtype=np.int64)])  # [P']
-        chunks = np.array(plan.continuing + plan.new_chunks, dtype=np.int64)  # [P']
-        active = chunks > 0
-        pre_rows, chunks = pre_rows[active], chunks[active]
+        # Admission and chunked prefill within what decoding leaves of the token budget.
+        pre_rows, chunks = no_rows, no_rows
+        if prefilling or waiting:
+            free = worker.max_batch_size - dec.size - len(prefilling)
+            heads = [waiting[i] for i in range(min(max(free, 0), len(waiting)))]
+            plan = plan_prefill(
+                token_budget=worker.token_budget,
+                decode_tokens=int(ks.sum()) + int(ks.size),
+                remaining_prompts=[int(prompt[r] - cached[r]) for r in prefilling],
+                waiting_prompts=prompt[heads].tolist() if heads else [],
+                free_slots=free,
+            )
+            prefilling.extend(waiting.popleft() for _ in range(plan.admitted))
+            rows = np.array(prefilling, dtype=np.int64)  # [P]
+            sizes = np.array(plan.continuing + plan.new_chunks, dtype=np.int64)  # [P]
+            active = sizes > 0
+            pre_rows, chunks = rows[active], sizes[active]
 
         # Step time over every row the target runs: decode rows (k_i + 1 tokens) and prefill chunks.
-        all_k = np.concatenate([ks, np.zeros(pre_rows.size, np.int64)])  # [B]
-        all_ctx = np.concatenate([prompt[dec] + generated[dec] if dec.size else no_k, cached[pre_rows]])  # [B]
-        all_pre = np.concatenate([np.zeros(dec.size, np.int64), chunks])  # [B]
+        if pre_rows.size:
+            all_k = np.concatenate([ks, np.zeros(pre_rows.size, np.int64)])  # [B]
+            all_ctx = np.concatenate([prompt[dec] + generated[dec], cached[pre_rows]])  # [B]
+            all_pre = np.concatenate([np.zeros(dec.size, np.int64), chunks])  # [B]
+        else:
+            all_k, all_ctx, all_pre = ks, context, np.zeros(ks.size, np.int64)
         dt = step_model.step_ms(all_k, all_ctx, all_pre, int(pre_rows.size), rng) / 1000.0
         t += dt
         busy_step_s += dt
         batch_size_sum += int(all_k.size)
         step_index += 1
 
-        # Decode outcomes.
+        # Decode outcomes: min(k, run of acceptances) proposals kept, plus the target's own token.
         step_acc = step_tested = 0
         if dec.size:
             acc = np.zeros(dec.size, np.int64)
@@ -244,25 +250,29 @@ def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, s
             generated[dec] += acc + 1
             last_k[dec] = ks
             last_full[dec] = spec & (acc == ks)
-            since_spec[dec] = np.where(spec, 0, since_spec[dec] + 1)
+            since_spec[dec] = (since_spec[dec] + 1) * ~spec
             step_acc, step_tested = int(acc.sum()), int(tst.sum())
+            ended = generated[dec] >= output[dec]
+            if ended.any():
+                finish[dec[ended]] = t
+                done += int(ended.sum())
+                dec = dec[~ended]
 
         # Prefill progress: a completed prompt yields the first token at the end of this step.
         if pre_rows.size:
             cached[pre_rows] += chunks
             complete = pre_rows[cached[pre_rows] >= prompt[pre_rows]]
-            generated[complete] = 1
-            first_token[complete] = t
+            if complete.size:
+                generated[complete] = 1
+                first_token[complete] = t
+                gone = set(complete.tolist())
+                prefilling = [r for r in prefilling if r not in gone]
+                one_token = complete[output[complete] <= 1]
+                finish[one_token] = t
+                done += int(one_token.size)
+                dec = np.concatenate([dec, complete[output[complete] > 1]])
 
         prior = prior.update(step_acc, step_tested, settings.prior_decay)
-
-        run = np.array(running, dtype=np.int64)
-        finished = run[generated[run] >= output[run]]
-        if finished.size:
-            finish[finished] = t
-            done += int(finished.size)
-            gone = set(finished.tolist())
-            running = [r for r in running if r not in gone]
 
     return SimResult(
         arrival_s=arrival.copy(), first_token_s=first_token, finish_s=finish, completion_tokens=generated,
