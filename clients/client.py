@@ -15,6 +15,7 @@ retried with backoff on UNAVAILABLE; errors arrive as typed `SmartspecError`s. T
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar, Union
 
@@ -111,6 +112,9 @@ class GenerationStream:
         except grpc.aio.AioRpcError as exc:
             self._done = True
             raise error_from_rpc(exc) from None
+        except asyncio.CancelledError:
+            self.cancel()  # the caller gave up (task cancelled, Ctrl-C in the sync client): free the slot
+            raise
 
     async def collect(self) -> GenerationResult:
         """Drain the stream and return its result."""

@@ -40,6 +40,19 @@ def resolve_port(port: int, host: str) -> int:
     return port if port else free_port(host)
 
 
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Fail before starting anything when a requested port is taken (clearer than a child's bind error)."""
+    import socket
+
+    for option, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise OSError(f"{option} {port} on {host} is not free ({exc.strerror}); "
+                              f"pick another or 0 for any free port") from None
+
+
 def controller_argv(host: str, ports: Ports, redis_url: str, redis_prefix: str) -> list[str]:
     return [sys.executable, "-m", "smartspec.cli", "controller", "--host", host, "--port", str(ports.controller),
             "--metrics-port", str(ports.controller_metrics), "--redis", redis_url, "--redis-prefix", redis_prefix]
@@ -160,10 +173,13 @@ def run(args) -> int:
     _interrupt_on_signals()
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="smartspec-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    ports = Ports(*(resolve_port(p, args.host) for p in (args.controller_port, args.worker_port,
-                                                        args.controller_metrics_port, args.worker_metrics_port)))
+    requested = {"--controller-port": args.controller_port, "--worker-port": args.worker_port,
+                 "--controller-metrics-port": args.controller_metrics_port,
+                 "--worker-metrics-port": args.worker_metrics_port}
     children: list[Child] = []
     try:
+        check_ports_free(args.host, {option: port for option, port in requested.items() if port})
+        ports = Ports(*(resolve_port(port, args.host) for port in requested.values()))
         redis_url = args.redis
         if not redis_url:
             redis_child, redis_url = start_redis(log_dir)

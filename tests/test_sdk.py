@@ -250,6 +250,24 @@ def test_cancel_frees_the_server_side_request(echo):
     assert servicer.cancelled.wait(5), "the server never saw the cancellation"
 
 
+def test_cancelling_the_awaiting_task_cancels_the_call(echo):
+    server, servicer = echo
+
+    async def run():
+        async with AsyncClient(worker=server.address) as client:
+            stream = client.generate("slow " * 20, max_tokens=20)
+            await stream.__anext__()
+            task = asyncio.ensure_future(stream.__anext__())
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            # checked while the channel is still open: closing it would cancel the call anyway
+            return await asyncio.to_thread(servicer.cancelled.wait, 5)
+
+    assert asyncio.run(run()), "a cancelled caller left the generation running"
+
+
 # --- errors ----------------------------------------------------------------------------------------
 
 

@@ -168,3 +168,19 @@ def test_up_demo_serve_generate_then_sigint_stops_every_child(redis_url, redis_p
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_up_refuses_a_busy_port_before_starting_anything(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "smartspec.cli", "up", "--controller-port", str(port), "--log-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert done.returncode == 1
+    assert "--controller-port" in done.stderr and str(port) in done.stderr
+    assert list(tmp_path.iterdir()) == []  # no child was started (no logs)
