@@ -5,7 +5,9 @@ Validation, streaming, stop conditions, seeded sampling, cancellation, queue lim
 
 from __future__ import annotations
 
+import socket
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -30,8 +32,10 @@ def model():
     return load_model()
 
 
-def start_server(model, *, max_batch_size=4, max_queue=4, policy="fixed:3", security=ServerSecurity()):
+def start_server(model, *, max_batch_size=4, max_queue=4, policy="fixed:3", security=ServerSecurity(),
+                 metrics_port=0):
     options = WorkerOptions(
+        metrics_port=metrics_port,
         engine=EngineConfig(max_batch_size=max_batch_size, max_context_tokens=CONTEXT, max_queue=max_queue,
                             token_budget=256, max_k=4),
         local_policy=policy,
@@ -261,3 +265,31 @@ def test_graceful_stop_finishes_running_requests(model):
     assert results[0].finish_reason == pb.FINISH_REASON_LENGTH
     assert results[0].usage.completion_tokens == 12
     channel.close()
+
+
+def test_metrics_endpoint_exposes_per_position_speculation_counters(model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    server, channel = start_server(model, metrics_port=metrics_port)
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    try:
+        _, _, result = generate(stub, prompt="a b c a b c a b c a b c", max_tokens=12, ignore_eos=True)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        registry = server.metrics.registry
+
+        def counter(name, position):
+            return registry.get_sample_value(f"smartspec_worker_{name}_tokens_total", {"position": str(position)}) or 0
+
+        assert "smartspec_worker_proposed_tokens_total" in body
+        assert counter("proposed", 1) > 0
+        # A proposal at position j exists only if there was one at j - 1; acceptance likewise.
+        for position in (1, 2):
+            assert counter("proposed", position) >= counter("proposed", position + 1)
+            assert counter("accepted", position) >= counter("accepted", position + 1)
+            assert counter("accepted", position) <= counter("proposed", position)
+        assert sum(counter("accepted", p) for p in (1, 2, 3)) == result.speculation.accepted_tokens
+        assert registry.get_sample_value("smartspec_worker_speculation_length_count") == result.speculation.steps
+    finally:
+        channel.close()
+        server.stop(0)

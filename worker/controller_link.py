@@ -116,8 +116,8 @@ class ControllerLink:
         for outcome in facts.requests:
             if outcome.finished:
                 self._last_k.pop(outcome.request_id, None)
-        deadline_s = self.deadline_ms() / 1000.0
         self._last_step_ms = facts.total_ms
+        deadline_s = self.deadline_ms() / 1000.0
         outbox = self._outbox
         if outbox is None or not self.connected:
             return

@@ -255,6 +255,7 @@ class Engine:
             now = self._clock()
             self._waiting.extend((handle, now) for handle in incoming)
             self._apply_cancels(cancels)
+            self._publish_counts()
             if stopping and not self._running and not self._waiting:
                 return
             if not (self._running or self._waiting):
@@ -281,6 +282,11 @@ class Engine:
             if seq is not None:
                 self._finish(seq, FinishReason.CANCELLED)
                 self._pending_finished.append(self._facts(seq, 0, 0, 0, 0, 0, finished=True))
+
+    def _publish_counts(self) -> None:
+        """What GetWorkerInfo reads (the loop's own structures are not shared)."""
+        with self._lock:
+            self._counts = EngineSnapshot(len(self._running), len(self._waiting), self._step_index)
 
     def _flush_idle_report(self) -> None:
         """Cancellations with nothing else to run still tell the planner those requests ended."""
@@ -351,8 +357,7 @@ class Engine:
         self._pending_finished = []
         self._step_index += 1
         decode_ks = [f.planned_k for f in facts if f.prefill_tokens == 0]
-        with self._lock:
-            self._counts = EngineSnapshot(len(self._running), len(self._waiting), self._step_index)
+        self._publish_counts()
         if self.metrics is not None:
             self.metrics.observe_step(step, batch_size=len(facts), decode_ks=decode_ks,
                                       running=len(self._running), queued=len(self._waiting))
@@ -363,7 +368,9 @@ class Engine:
         sampling = SamplingParams(request.temperature, request.top_p, request.top_k)
         generator = None
         if not sampling.is_greedy:
-            generator = torch.Generator(device=self._device)
+            # A CPU generator on every device: the same seed gives the same draws on CPU and GPU
+            # (the verify and sampling functions move what they draw to the logits' device).
+            generator = torch.Generator()
             generator.manual_seed(request.seed if request.seed is not None else random.getrandbits(63))
         seq = _Running(
             handle=handle,
@@ -380,7 +387,7 @@ class Engine:
 
     def _propose(self, decoding: list[_Running], ks: dict[str, int]) -> dict[str, Proposal]:
         asks = [
-            ProposalRequest(s.request.request_id, s.tokens, ks[s.request.request_id], s.sampling, s.generator)
+            ProposalRequest(s.request.request_id, list(s.tokens), ks[s.request.request_id], s.sampling, s.generator)
             for s in decoding
             if ks[s.request.request_id] > 0
         ]
@@ -535,7 +542,7 @@ class Engine:
             proposed_tokens=proposed,
             accepted_tokens=accepted,
             tested_positions=tested,
-            context_tokens=len(seq.tokens),
+            context_tokens=seq.cached if seq.prefilling else len(seq.tokens),
             prefill_tokens=prefill,
             finished=finished,
             planned_k=k,

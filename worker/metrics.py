@@ -40,7 +40,15 @@ class WorkerMetrics:
         self.running = Gauge("smartspec_worker_running_requests", "Requests holding a slot.", registry=r)
 
     def serve(self, port: int, host: str = "0.0.0.0") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+        """Expose /metrics on `port` until `close()`."""
+        self._http = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        http = getattr(self, "_http", None)
+        if isinstance(http, tuple):          # prometheus_client >= 0.20 returns (server, thread)
+            http[0].shutdown()
+            http[0].server_close()
+        self._http = None
 
     def observe_step(self, step: StepFacts, *, batch_size: int, decode_ks: list[int], running: int,
                      queued: int) -> None:

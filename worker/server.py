@@ -255,6 +255,7 @@ class WorkerServer:
             self._server.stop(0.5).wait()
         if self.engine.planner is not None:
             self.engine.planner.close()
+        self.metrics.close()
         self._stopped.set()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
