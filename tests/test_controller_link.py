@@ -117,6 +117,26 @@ def test_late_plan_is_discarded_by_step_index(controller):
         link.close()
 
 
+def test_plan_with_an_error_falls_back(controller):
+    set_fixed_policy(controller.address, 3)
+    link = ControllerLink(LinkConfig(controller.address, plan_deadline_ms=5000, fallback_k=1), hello("bad"))
+    link.start()
+    try:
+        wait_until(lambda: link.connected, what="link connected")
+        link.observe(prefill_step(0, "a"))
+        assert link.plan(1, [PlanQuery("a", 40)], 0) == {"a": 3}
+        impossible = StepFacts(1, (RequestFacts("a", proposed_tokens=2, accepted_tokens=5, tested_positions=5,
+                                                context_tokens=46),),
+                               draft_ms=1.0, verify_ms=90.0, total_ms=91.0, batched_tokens=3, queued_requests=0)
+        link.observe(impossible)
+        assert link._latest.step_index == 1 and link._latest.HasField("error")
+        # The error plan is not applied: "a" keeps the k of its last good plan; the stream stays up.
+        assert link.plan(2, [PlanQuery("a", 46)], 0) == {"a": 3}
+        assert link.fallback_steps == 1 and link.connected
+    finally:
+        link.close()
+
+
 # ---- whole worker, real model -------------------------------------------------------------------
 
 
