@@ -24,6 +24,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Raise OSError naming the option when one of `ports` (option -> port) cannot be bound on `host`."""
+    for option, port in ports.items():
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is fine
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise OSError(f"{option} {port} on {host} is not free ({exc.strerror}); "
+                              f"pick another or 0 for any free port") from None
+
+
 @dataclass
 class Child:
     """One started child: its name, argv, log file and Popen handle."""

@@ -23,7 +23,7 @@ from pathlib import Path
 from smartspec.config import add_flag, add_option
 from smartspec.errors import SmartspecError
 from smartspec.healthcheck import check as health_status
-from smartspec.processes import Child, free_port, start_child, stop_all, wait_port_open
+from smartspec.processes import Child, check_ports_free, free_port, start_child, stop_all, wait_port_open
 from smartspec.redis_launcher import find_redis_server, redis_server_argv
 
 
@@ -38,19 +38,6 @@ class Ports:
 def resolve_port(port: int, host: str) -> int:
     """0 means "any free port": chosen here, because `up` must know it to wait and to print it."""
     return port if port else free_port(host)
-
-
-def check_ports_free(host: str, ports: dict[str, int]) -> None:
-    """Fail before starting anything when a requested port is taken (clearer than a child's bind error)."""
-    import socket
-
-    for option, port in ports.items():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                raise OSError(f"{option} {port} on {host} is not free ({exc.strerror}); "
-                              f"pick another or 0 for any free port") from None
 
 
 def controller_argv(host: str, ports: Ports, redis_url: str, redis_prefix: str) -> list[str]:

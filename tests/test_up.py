@@ -49,24 +49,21 @@ def test_private_redis_starts_answers_and_stops(tmp_path):
 
 def test_stop_child_ends_the_whole_process_group(tmp_path):
     # a shell that ignores SIGTERM and leaves a grandchild: both must be gone afterwards
-    script = "trap '' TERM; sleep 300 & echo $! > grandchild.pid; wait"
+    pid_file = tmp_path / "grandchild.pid"
+    script = f"trap '' TERM; sleep 300 & echo $! > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}; wait"
     child = start_child("stubborn", ["bash", "-c", script], tmp_path)
-    pid_file = Path.cwd() / "grandchild.pid"
-    try:
-        deadline = time.monotonic() + 10
-        while not pid_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        grandchild = int(pid_file.read_text())
-        started = time.monotonic()
-        stop_child(child, grace_s=0.5)
-        assert time.monotonic() - started < 5
-        assert not alive(child.process.pid)
-        deadline = time.monotonic() + 5
-        while alive(grandchild) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not alive(grandchild)
-    finally:
-        pid_file.unlink(missing_ok=True)
+    deadline = time.monotonic() + 10
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    grandchild = int(pid_file.read_text())
+    started = time.monotonic()
+    stop_child(child, grace_s=0.5)
+    assert time.monotonic() - started < 5
+    assert not alive(child.process.pid)
+    deadline = time.monotonic() + 5
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(grandchild)
 
 
 def test_demo_prompts_come_from_the_standard_library():
