@@ -14,7 +14,7 @@ from smartspec.policy_cli import parse_parameter, parse_parameters
 from smartspec.security import ServerSecurity
 from smartspec.types import ParameterSchema, PolicyInfo
 from smartspec.v1 import generation_pb2_grpc
-from test_sdk import AioServerThread, EchoGeneration, free_closed_port
+from test_sdk import AioServerThread, EchoGeneration, free_closed_port, self_signed_certificate
 
 
 @pytest.fixture
@@ -161,3 +161,17 @@ def test_parameter_parsing_follows_the_schema():
     assert parse_parameters(policy, ["k=2"]) == {"k": 2}
     with pytest.raises(InvalidArgumentError, match="KEY=VALUE"):
         parse_parameters(policy, ["k"])
+
+
+def test_generate_over_tls_with_token(tmp_path, capsys):
+    key, cert = self_signed_certificate(tmp_path)
+    server = AioServerThread([(generation_pb2_grpc.add_GenerationServicer_to_server, EchoGeneration())],
+                             ServerSecurity(auth_token="tok", tls_cert_file=str(cert), tls_key_file=str(key)))
+    try:
+        worker = ("--worker", f"localhost:{server.port}")
+        code, out, _ = smartspec(capsys, "generate", *worker, "--tls-ca", str(cert), "--token", "tok", "over tls", "--max-tokens", "5")
+        assert code == 0 and out == "over tls \n"
+        code, _, err = smartspec(capsys, "generate", *worker, "--tls-ca", str(cert), "over tls", "--max-tokens", "5")
+        assert code == 1 and "UNAUTHENTICATED" in err
+    finally:
+        server.stop()

@@ -325,13 +325,19 @@ def test_wrong_token_is_unauthenticated_and_right_token_works():
         server.stop()
 
 
-def test_tls_with_root_certificate(tmp_path: Path):
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """(key, cert) for localhost, made with the openssl CLI."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
          "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
         check=True, capture_output=True,
     )
+    return key, cert
+
+
+def test_tls_with_root_certificate(tmp_path: Path):
+    key, cert = self_signed_certificate(tmp_path)
     servicer = EchoGeneration()
     server = AioServerThread([(generation_pb2_grpc.add_GenerationServicer_to_server, servicer)],
                              ServerSecurity(tls_cert_file=str(cert), tls_key_file=str(key)))
