@@ -181,3 +181,28 @@ def test_chunked_prefill_gives_the_same_output(model, prompts, reference):
     finally:
         engine.stop(0)
     assert outputs == reference
+
+
+class BrokenPlanner:
+    """A planner whose every call raises (a buggy remote planner)."""
+
+    def plan(self, step_index, queries, queued_requests):
+        raise RuntimeError("plan exploded")
+
+    def observe(self, facts):
+        raise RuntimeError("observe exploded")
+
+    def close(self):
+        pass
+
+
+def test_a_failing_planner_costs_speculation_not_requests(model, prompts, reference):
+    config = EngineConfig(max_batch_size=4, max_context_tokens=512, token_budget=512, max_k=4, fallback_k=2)
+    engine = Engine(model, make_proposer("ngram"), config, BrokenPlanner())
+    engine.start()
+    try:
+        outcome = engine.submit(GenerationRequest("b", prompts[1], MAX_TOKENS)).result(timeout=120)
+    finally:
+        engine.stop(0)
+    assert list(outcome.token_ids) == reference[1]
+    assert set(outcome.speculation.ks[:-2]) == {2}          # fallback_k on every step (but the last)

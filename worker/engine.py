@@ -298,7 +298,7 @@ class Engine:
         cfg = self.config
         decoding = [seq for seq in self._running.values() if not seq.prefilling]
         queries = [PlanQuery(s.request.request_id, len(s.tokens)) for s in decoding]
-        plan = self.planner.plan(self._step_index, queries, len(self._waiting)) if queries else {}
+        plan = self._ask_planner(queries) if queries else {}
         ks = {
             s.request.request_id: clamp_speculation(
                 plan.get(s.request.request_id, cfg.fallback_k),
@@ -361,7 +361,17 @@ class Engine:
         if self.metrics is not None:
             self.metrics.observe_step(step, batch_size=len(facts), decode_ks=decode_ks,
                                       running=len(self._running), queued=len(self._waiting))
-        self.planner.observe(step)
+        try:
+            self.planner.observe(step)
+        except Exception:  # a planner bug costs its plans, never the requests
+            log.exception("planner.observe failed at step %d", step.step_index)
+
+    def _ask_planner(self, queries: list[PlanQuery]) -> dict[str, int]:
+        try:
+            return self.planner.plan(self._step_index, queries, len(self._waiting))
+        except Exception:  # fall back to the static k for this step
+            log.exception("planner.plan failed at step %d; using fallback_k", self._step_index)
+            return {}
 
     def _admit(self, handle: RequestHandle, queued_at: float, now: float) -> _Running:
         request = handle.request
