@@ -139,7 +139,9 @@ def per_request(rates: Sequence[float]) -> AcceptanceFactory:
 
 
 def traces(path: str | Path) -> AcceptanceFactory:
-    """Trace file: {"requests": [{"steps": [[k, accepted], ...]}, ...]} (each request's steps in order).
+    """Trace file: {"requests": [{"steps": [[k, accepted], ...]}, ...]} (each request's steps in order),
+    or per-request totals {"accepted": A, "tested": T} where only those were recorded (then the
+    request runs at rate A / T throughout).
 
     Simulated request i replays recorded request i mod R.
     """
@@ -147,8 +149,19 @@ def traces(path: str | Path) -> AcceptanceFactory:
     recorded = data.get("requests") if isinstance(data, dict) else None
     if not recorded:
         raise ValueError(f"{path}: expected {{'requests': [{{'steps': [[k, accepted], ...]}}, ...]}}")
-    streams = [stream_from_steps(r["steps"]) for r in recorded]
-    rates = np.array([s.mean() if s.size else 0.0 for s in streams])
+    streams, rates_list = [], []
+    for i, r in enumerate(recorded):
+        if "steps" in r:
+            stream = stream_from_steps(r["steps"])
+            rate = float(stream.mean()) if stream.size else 0.0
+        elif "accepted" in r and "tested" in r:
+            stream = np.zeros(0, dtype=bool)
+            rate = float(r["accepted"]) / float(r["tested"]) if float(r["tested"]) > 0 else 0.0
+        else:
+            raise ValueError(f"{path}: request {i} has neither 'steps' nor 'accepted'/'tested'")
+        streams.append(stream)
+        rates_list.append(rate)
+    rates = np.array(rates_list)
 
     def make(n: int, rng: np.random.Generator) -> RequestAcceptance:
         pick = np.arange(n) % len(streams)

@@ -26,6 +26,20 @@ def _field(key: str) -> str:
     return key if key.endswith("_ms") else f"{key}_ms"
 
 
+def cost_model_from_profile(samples: list[Mapping[str, Any]]) -> CostModel:
+    """Fit a startup profile: [{batch_size, speculation_length, context_tokens, draft_ms, verify_ms}, ...]."""
+    from types import SimpleNamespace
+
+    from smartspec.controller.cost_model import fit_profile
+
+    needed = ("batch_size", "speculation_length", "context_tokens", "draft_ms", "verify_ms")
+    for i, sample in enumerate(samples):
+        missing = [k for k in needed if k not in sample]
+        if missing:
+            raise ValueError(f"profile sample {i} lacks {', '.join(missing)}")
+    return fit_profile([SimpleNamespace(**{k: float(sample[k]) for k in needed}) for sample in samples])
+
+
 def cost_model_from_mapping(data: Mapping[str, Any]) -> CostModel:
     """{'c_fixed': 6.94, ...} or {'c_fixed_ms': 6.94, ...} or {'cost_model': {...}} (a status/bench dump)."""
     if "cost_model" in data and isinstance(data["cost_model"], Mapping):
@@ -34,7 +48,8 @@ def cost_model_from_mapping(data: Mapping[str, Any]) -> CostModel:
 
 
 def parse_step_model(text: str) -> CostModel:
-    """'c_fixed=6.94,c_tok=0.0184,c_kv=4.86e-5', a preset name, or a JSON file path."""
+    """'c_fixed=6.94,c_tok=0.0184,c_kv=4.86e-5', a preset name, or a JSON file: a cost model
+    ({"c_fixed_ms": ...} or {"cost_model": {...}}) or a profile to fit ([{batch_size, ...}, ...])."""
     text = text.strip()
     if text in PRESETS:
         return PRESETS[text]
@@ -49,6 +64,9 @@ def parse_step_model(text: str) -> CostModel:
         return cost_model_from_mapping(pairs)
     path = Path(text)
     if path.is_file():
-        return cost_model_from_mapping(json.loads(path.read_text()))
+        data = json.loads(path.read_text())
+        if isinstance(data, list) or "samples" in data:  # a worker's startup profile: fit it
+            return cost_model_from_profile(data if isinstance(data, list) else data["samples"])
+        return cost_model_from_mapping(data)
     raise ValueError(f"bad step model {text!r}: expected c_fixed=...,c_tok=..., a preset "
                      f"({', '.join(sorted(PRESETS))}) or a JSON file")

@@ -178,3 +178,25 @@ def test_goodput_is_not_worse_than_the_best_fixed_k():
     means = {spec: run(spec, wl, 0.7).metrics()["mean_latency_s"] for spec in ("off", "fixed:1", "fixed:3", "fixed:5")}
     goodput = run("goodput", wl, 0.7).metrics()["mean_latency_s"]
     assert goodput <= 1.03 * min(means.values())
+
+
+def test_trace_file_and_profile_file(tmp_path):
+    import json
+
+    trace = tmp_path / "trace.json"
+    trace.write_text(json.dumps({"requests": [{"steps": [[4, 4], [4, 4], [4, 0]]}, {"accepted": 1, "tested": 10}]}))
+    model = parse_acceptance(f"trace:{trace}")(4, np.random.default_rng(0))
+    assert model.mean_rates().tolist() == pytest.approx([8 / 9, 0.1, 8 / 9, 0.1])
+    first = model.accept(np.array([0, 2]), np.array([3, 3]), np.random.default_rng(0))
+    assert first.tolist() == [3, 3]  # both replay the recorded run of 8 acceptances
+
+    # a startup profile generated from known coefficients is fitted back to them
+    truth = CostModel(c_fixed_ms=20.0, c_spec_ms=5.0, c_tok_ms=0.5, c_kv_ms=0.01)
+    samples = [{"batch_size": b, "speculation_length": k, "context_tokens": c, "draft_ms": 0.0,
+                "verify_ms": truth.verify_ms([k] * b, [c] * b)}
+               for b in (1, 4, 16) for k in (0, 2, 4) for c in (100, 400)]
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(samples))
+    fitted = parse_step_model(str(profile))
+    for b, k, c in ((2, 1, 200), (8, 3, 300)):
+        assert fitted.predict_ms([k] * b, [c] * b) == pytest.approx(truth.predict_ms([k] * b, [c] * b), rel=0.05)
