@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -19,6 +20,7 @@ from smartspec.bench.acceptance_models import per_request
 from smartspec.bench.arrivals import make_arrivals, parse_phases
 from smartspec.bench.policy_spec import parse_policy_spec
 from smartspec.bench.simulator import StepModel, WorkerSpec, simulate
+from smartspec.bench.step_models import cost_model_from_mapping
 from smartspec.bench.workload import Workload
 from smartspec.controller.acceptance import PooledPrior
 from smartspec.controller.policies import get
@@ -40,8 +42,12 @@ def per_prompt_acceptance(records: Sequence[Mapping[str, Any]], default: float =
 
 
 def predict_points(meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]], step_model: StepModel,
-                   worker: WorkerSpec, seed: int = 0) -> list[dict[str, Any]]:
-    """One row per measured point: measured and predicted mean latency and their ratio."""
+                   worker: WorkerSpec, seed: int = 0, per_point_cost: bool = False) -> list[dict[str, Any]]:
+    """One row per measured point: measured and predicted mean latency and their ratio.
+
+    per_point_cost: use the cost model recorded with each point (what the controller had fitted
+    by the end of it) instead of `step_model.cost`, where a record carries one.
+    """
     alphas = per_prompt_acceptance(records)
     pooled = np.mean(list(alphas.values())) if alphas else 0.0
     phases = parse_phases(meta["phases"]) if meta.get("phases") else None
@@ -62,7 +68,10 @@ def predict_points(meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
                             np.maximum(1, np.array(detail["completion_tokens"])))
         rates = [alphas.get(int(i), pooled) for i in index]
         name, params = parse_policy_spec(record["policy"])
-        result = simulate(workload, get(name), params, step_model=step_model, acceptance=per_request(rates),
+        model = step_model
+        if per_point_cost and record.get("cost_model"):
+            model = replace(step_model, cost=cost_model_from_mapping(record["cost_model"]))
+        result = simulate(workload, get(name), params, step_model=model, acceptance=per_request(rates),
                           worker=worker, initial_prior=warm_prior, seed=seed)
         predicted = result.metrics()
         measured = float(record["mean_latency_s"])
@@ -95,7 +104,7 @@ def calibrate_cli(args) -> int:
     from pathlib import Path
 
     from smartspec.bench.report import read_json
-    from smartspec.bench.step_models import cost_model_from_mapping, parse_step_model
+    from smartspec.bench.step_models import parse_step_model
 
     meta, records = read_json(args.calibrate_from)
     if args.step_model:
@@ -108,10 +117,11 @@ def calibrate_cli(args) -> int:
     limits = meta.get("worker") or {}
     worker = WorkerSpec(max_batch_size=int(limits.get("max_batch_size") or args.max_batch_size),
                         max_k=int(limits.get("max_k") or args.max_k), token_budget=args.token_budget)
-    rows = predict_points(meta, records, StepModel(cost, prefill_row_ms=args.prefill_row_ms,
-                                                   noise_cv=args.noise_cv), worker, seed=args.seed)
+    rows = predict_points(meta, records, StepModel(cost, prefill_row_ms=args.prefill_row_ms, noise_cv=args.noise_cv),
+                          worker, seed=args.seed, per_point_cost=not args.step_model)
     table = calibration_table(rows)
-    print(f"cost model: {cost.to_dict()}\n")
+    source = "--step-model" if args.step_model else "each point's fitted model (else the run's final fit)"
+    print(f"cost model: {source}; final: {cost.to_dict()}\n")
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": {"calibrated_from": str(args.calibrate_from),

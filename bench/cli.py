@@ -93,10 +93,13 @@ async def wait_idle(client, timeout_s: float = 600.0) -> None:
 
 
 async def bench(client, *, dataset, policies, rates, phases, requests: int, warmup: int, arrival: str, cv: float,
-                temperature: float, seed: int, set_policy=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                temperature: float, seed: int, set_policy=None,
+                snapshot=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run every (policy, rate) point; returns (records, meta facts learned from the stack).
 
-    `set_policy(name, params)` switches the policy (default: the client's admin API).
+    `set_policy(name, params)` switches the policy (default: the client's admin API);
+    `snapshot()` (optional, async) returns extra fields stored with each record after its point,
+    e.g. the cost model the controller has fitted by then.
     """
     from tqdm import tqdm
 
@@ -123,6 +126,8 @@ async def bench(client, *, dataset, policies, rates, phases, requests: int, warm
                                        on_done=lambda _o: bar.update(1))
             record = {"policy": label, "rate": offered, "group": dataset.name, **summarise_point(outcomes),
                       "arrivals": "phased" if phases else arrival, "started_unix_s": started}
+            if snapshot is not None:
+                record.update(await snapshot())
             records.append(record)
             bar.write(f"{label:>16} @ {offered:g} req/s: mean latency {record['mean_latency_s']:.2f} s, "
                       f"accept {record['acceptance_rate']:.2f}, mean k {record['mean_k']:.2f}, "
@@ -154,17 +159,22 @@ def run(args) -> int:
 
         async with AsyncClient(worker=worker, controller=controller, stream_timeout=3600) as client:
             info = await client.worker_info()
+
+            async def fitted_cost_model() -> dict[str, Any]:
+                status = await client.status()
+                cost = next((w.cost_model for w in status.workers if w.worker_id == info.worker_id), None)
+                return {"cost_model": _as_dict(cost)}
+
             records, _ = await bench(client, dataset=dataset, policies=policies, rates=rates, phases=phases,
                                      requests=args.requests, warmup=args.warmup, arrival=args.arrival, cv=args.cv,
-                                     temperature=args.temperature, seed=args.seed)
-            status = await client.status()
-            cost = next((w.cost_model for w in status.workers if w.worker_id == info.worker_id), None)
+                                     temperature=args.temperature, seed=args.seed, snapshot=fitted_cost_model)
+            cost = (await fitted_cost_model())["cost_model"]
             stack = {
                 "worker_id": info.worker_id, "model": info.model, "proposer": info.proposer,
                 "device": info.device, "dtype": info.dtype,
                 "worker": {"max_batch_size": info.max_batch_size,
                            "max_k": info.max_speculation_length},
-                "cost_model": _as_dict(cost),
+                "cost_model": cost,
             }
             return records, stack
 

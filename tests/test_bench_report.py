@@ -122,3 +122,9 @@ def test_calibration_recovers_a_known_system_and_flags_a_wrong_cost_model():
     slow = StepModel(cost.replace(c_fixed_ms=2 * cost.c_fixed_ms, c_tok_ms=2 * cost.c_tok_ms))
     wrong = predict_points(meta, records, slow, WorkerSpec(max_batch_size=8, max_k=6), seed=7)
     assert all(r["ratio"] > 1.5 for r in wrong)
+    # a cost model recorded with each point wins over the given one only when asked for
+    tagged = [{**r, "cost_model": slow.cost.to_dict()} for r in records[:2]]
+    ignored = predict_points(meta, tagged, StepModel(cost), WorkerSpec(max_batch_size=8, max_k=6), seed=7)
+    used = predict_points(meta, tagged, StepModel(cost), WorkerSpec(max_batch_size=8, max_k=6), seed=7,
+                          per_point_cost=True)
+    assert all(abs(r["ratio"] - 1) < 0.1 for r in ignored) and all(r["ratio"] > 1.5 for r in used)
