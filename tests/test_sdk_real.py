@@ -122,3 +122,17 @@ def test_retry_reaches_a_controller_that_starts_late(redis_url, redis_prefix):
     finally:
         timer.join()
         late.stop(grace=0)
+
+
+def test_cli_generate_json_against_the_real_worker(servers, capsys):
+    import json
+
+    from smartspec.cli import main
+
+    worker, _ = servers
+    assert main(["generate", "--worker", worker, PROMPT, "--max-tokens", "8", "--temperature", "0", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    spec = result["speculation"]
+    assert 0 < result["usage"]["completion_tokens"] <= 8 and result["finish_reason"] in ("stop", "length")
+    assert len(spec["speculation_lengths"]) == spec["steps"] > 0
+    assert 0.0 <= spec["acceptance_rate"] <= 1.0 and result["total_ms"] >= result["time_to_first_token_ms"] > 0
