@@ -443,3 +443,15 @@ def test_missing_address_is_a_clear_error():
         with pytest.raises(InvalidArgumentError, match="controller"):
             client.get_policy()
     assert issubclass(UnavailableError, SmartspecError)
+
+
+def test_blocking_client_mirrors_every_async_method_with_its_signature():
+    import inspect
+
+    def public(cls):
+        return {n for n, m in vars(cls).items() if not n.startswith("_") and inspect.isfunction(m)}
+
+    assert public(AsyncClient) <= set(dir(Client))
+    for name in public(AsyncClient) - {"close"}:
+        assert inspect.signature(getattr(Client, name)) == inspect.signature(getattr(AsyncClient, name))
+        assert getattr(Client, name).__doc__ == getattr(AsyncClient, name).__doc__
