@@ -1,0 +1,14 @@
+"""Benchmark harness and simulator (`smartspec bench`, `smartspec simulate`).
+
+Modules, one job each:
+
+- `arrivals`: seeded Poisson / gamma / phased arrival times.
+- `datasets`: offline prompt sets (summarise, code-edit, chat, mixed) with their provenance.
+- `loadgen`: open-loop sending against a worker, per-request outcomes -> point metrics.
+- `report`: metric definitions, JSON / markdown / PNG outputs shared by bench and simulate.
+- `workload`, `acceptance_models`, `step_models`: what the simulator is asked to replay.
+- `simulator`: discrete-event worker model running the controller's own policy code.
+- `calibrate`: replay a measured bench run in the simulator, predicted vs measured.
+- `policy_spec`: `fixed:3` -> ("fixed", {"k": 3}), shared by both CLIs.
+- `cli`, `simulate_cli`: the subcommands.
+"""

@@ -20,7 +20,7 @@ building the `RequestState`s the policy reads.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -109,7 +109,6 @@ class SimResult:
     steps: int
     busy_step_s: float
     batch_size_sum: int
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def detail(self, prompt_tokens: np.ndarray) -> dict[str, list]:
         """Per-request columns in the bench record's `detail` format (for calibration round trips)."""
