@@ -206,3 +206,31 @@ def test_a_failing_planner_costs_speculation_not_requests(model, prompts, refere
         engine.stop(0)
     assert list(outcome.token_ids) == reference[1]
     assert set(outcome.speculation.ks[:-2]) == {2}          # fallback_k on every step (but the last)
+
+
+def sampled_run(model, draft, prompt, seed: int) -> list[int]:
+    proposer = make_proposer("draft", loaded_model=draft, max_slots=4, max_tokens=512)
+    engine = make_engine(model, proposer, StaticPlanner(3))
+    try:
+        request = GenerationRequest("s", prompt, 16, temperature=0.9, top_p=0.95, seed=seed, ignore_eos=True)
+        outcome = engine.submit(request).result(timeout=120)
+    finally:
+        engine.stop(0)
+    assert outcome.speculation.proposed > 0               # rejection sampling against draft probs ran
+    return list(outcome.token_ids)
+
+
+def test_seeded_sampling_with_a_draft_model_is_reproducible(model, draft, prompts):
+    first = sampled_run(model, draft, prompts[2], seed=11)
+    assert sampled_run(model, draft, prompts[2], seed=11) == first
+    assert sampled_run(model, draft, prompts[2], seed=12) != first
+
+
+def test_cli_builds_the_draft_proposer_from_the_target(model):
+    from smartspec.v1 import common_pb2
+    from smartspec.worker.cli import build_proposer
+
+    proposer = build_proposer("draft", model, draft="auto", max_slots=2, max_tokens=128)
+    assert proposer.kind == common_pb2.PROPOSER_KIND_DRAFT
+    assert build_proposer("ngram", model, draft="auto", max_slots=2, max_tokens=128).kind == \
+        common_pb2.PROPOSER_KIND_NGRAM

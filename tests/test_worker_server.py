@@ -174,6 +174,12 @@ def test_worker_info_and_health(worker, model):
     assert info.max_speculation_length == 4 and info.max_batch_size == 4 and info.context_window == CONTEXT
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="smartspec.v1.Generation"))
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    services = {s.name for answer in answers for s in answer.list_services_response.service}
+    assert {"smartspec.v1.Generation", "grpc.health.v1.Health"} <= services
 
 
 def test_metrics_count_finished_requests(worker):
