@@ -299,3 +299,21 @@ def test_metrics_endpoint_exposes_per_position_speculation_counters(model):
     finally:
         channel.close()
         server.stop(0)
+
+
+def test_concurrent_clients_beyond_the_slots_queue_and_get_the_same_greedy_text(worker):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, stub, _ = worker
+    prompts = ["The capital of France is", "Water boils at", "My favourite colour is"]
+    alone = {p: generate(stub, prompt=p, max_tokens=10, ignore_eos=True)[0] for p in prompts}
+    jobs = prompts * 2                                   # 6 requests, 4 slots: two wait in the queue
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(lambda p: generate(stub, prompt=p, max_tokens=10, ignore_eos=True), jobs))
+    for prompt, (text, _, result) in zip(jobs, results):
+        assert text == alone[prompt]
+        assert result.usage.completion_tokens == 10
+    # Two requests waited for a slot: at least as long as a first-batch request took to decode.
+    queue_ms = sorted(r.queue_ms for _, _, r in results)
+    fastest_decode_ms = min(r.total_ms - r.time_to_first_token_ms for _, _, r in results)
+    assert queue_ms[-2] >= 0.8 * fastest_decode_ms

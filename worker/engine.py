@@ -164,7 +164,10 @@ class Engine:
         self.cache = model.module.allocate_cache(config.max_batch_size, self.context_window)
         self._device = model.module.device
         self.eos_ids = eos_token_ids(model)
-        self._decode = lambda ids: model.tokenizer.decode(ids, skip_special_tokens=True)
+        # Fast tokenizers may take a mutable borrow inside encode ("Already borrowed" when two
+        # threads meet): the server's encodes and the loop's decodes share this lock.
+        self.tokenizer_lock = threading.Lock()
+        self._decode = self._locked_decode
 
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -180,6 +183,10 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._counts = EngineSnapshot(0, 0, 0)
+
+    def _locked_decode(self, ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.model.tokenizer.decode(ids, skip_special_tokens=True)
 
     # ---- called from any thread -------------------------------------------------------------
 

@@ -104,7 +104,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
         engine = self._worker.engine
         try:
-            domain = to_domain(request, self._worker.model.tokenizer, self._worker.limits)
+            with engine.tokenizer_lock:
+                domain = to_domain(request, self._worker.model.tokenizer, self._worker.limits)
         except InvalidRequest as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
