@@ -87,7 +87,7 @@ class ControllerLink:
         self._last_k: dict[str, int] = {}                      # k of the last plan each request got
         self._outbox: queue.Queue | None = None                # the open stream's requests
         self._call = None
-        self._closed = False
+        self._closing = threading.Event()
         self._last_step_ms = 0.0
         self.connected = False
         self.fallback_steps = 0
@@ -138,8 +138,12 @@ class ControllerLink:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def _closed(self) -> bool:
+        return self._closing.is_set()
+
     def close(self) -> None:
-        self._closed = True
+        self._closing.set()                 # also cuts a backoff sleep short
         self._end_stream()
         self._thread.join(timeout=5)
 
@@ -153,7 +157,7 @@ class ControllerLink:
             delay = backoff_delay(attempt, self.config.backoff_initial_s, self.config.backoff_max_s, self._rng)
             attempt += 1
             log.info("controller %s unreachable; retrying in %.2fs", self.config.address, delay)
-            threading.Event().wait(delay)
+            self._closing.wait(delay)
 
     def _channel(self) -> grpc.Channel:
         if self.config.tls_ca_file:
