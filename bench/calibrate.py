@@ -42,13 +42,15 @@ def per_prompt_acceptance(records: Sequence[Mapping[str, Any]], default: float =
 
 
 def predict_points(meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]], step_model: StepModel,
-                   worker: WorkerSpec, seed: int = 0, per_point_cost: bool = False) -> list[dict[str, Any]]:
+                   worker: WorkerSpec, seed: int = 0, per_point_cost: bool = False,
+                   acceptance_from: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
     """One row per measured point: measured and predicted mean latency and their ratio.
 
     per_point_cost: use the cost model recorded with each point (what the controller had fitted
     by the end of it) instead of `step_model.cost`, where a record carries one.
+    acceptance_from: the records to pool per-prompt acceptance over (default: `records`).
     """
-    alphas = per_prompt_acceptance(records)
+    alphas = per_prompt_acceptance(acceptance_from or records)
     pooled = np.mean(list(alphas.values())) if alphas else 0.0
     phases = parse_phases(meta["phases"]) if meta.get("phases") else None
     # the controller's pooled prior outlives a point (it lives in Redis): start warm, worth ~one
@@ -85,6 +87,25 @@ def predict_points(meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
     return rows
 
 
+def fit_step_overhead(meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]], step_model: StepModel,
+                      worker: WorkerSpec, seed: int = 0, per_point_cost: bool = False,
+                      iterations: int = 14) -> tuple[float, Mapping[str, Any]]:
+    """The per-step overhead (ms) that makes the simulator match the lowest-rate `off` point.
+
+    One free parameter, fitted on one point (the least queued, least speculative one); every other
+    point is then a prediction. Bisection: predicted latency grows with the overhead.
+    """
+    candidates = [r for r in records if r["policy"] == "off"] or list(records)
+    anchor = min(candidates, key=lambda r: float(r["rate"]))
+    low, high = 0.0, max(1.0, 2000.0 * float(anchor["mean_tpot_s"]))
+    for _ in range(iterations):
+        mid = 0.5 * (low + high)
+        (row,) = predict_points(meta, [anchor], replace(step_model, step_overhead_ms=mid), worker, seed,
+                                per_point_cost, acceptance_from=records)
+        low, high = (mid, high) if row["ratio"] < 1.0 else (low, mid)
+    return 0.5 * (low + high), anchor
+
+
 def calibration_table(rows: Sequence[Mapping[str, Any]]) -> str:
     lines = ["| policy | rate (req/s) | measured mean (s) | predicted mean (s) | predicted/measured "
              "| measured k | predicted k |", "|---|---|---|---|---|---|---|"]
@@ -117,15 +138,25 @@ def calibrate_cli(args) -> int:
     limits = meta.get("worker") or {}
     worker = WorkerSpec(max_batch_size=int(limits.get("max_batch_size") or args.max_batch_size),
                         max_k=int(limits.get("max_k") or args.max_k), token_budget=args.token_budget)
-    rows = predict_points(meta, records, StepModel(cost, prefill_row_ms=args.prefill_row_ms, noise_cv=args.noise_cv),
-                          worker, seed=args.seed, per_point_cost=not args.step_model)
-    table = calibration_table(rows)
+    step_model = StepModel(cost, prefill_row_ms=args.prefill_row_ms, step_overhead_ms=max(0.0, args.step_overhead_ms),
+                           noise_cv=args.noise_cv)
+    per_point = not args.step_model
+    note = ""
+    if args.step_overhead_ms < 0:
+        overhead, anchor = fit_step_overhead(meta, records, step_model, worker, args.seed, per_point)
+        step_model = replace(step_model, step_overhead_ms=overhead)
+        note = (f"step overhead {overhead:.1f} ms fitted on {anchor['policy']} @ {anchor['rate']:g} req/s "
+                "(that point matches by construction; the others are predictions)\n")
+    rows = predict_points(meta, records, step_model, worker, seed=args.seed, per_point_cost=per_point)
+    table = note + calibration_table(rows)
     source = "--step-model" if args.step_model else "each point's fitted model (else the run's final fit)"
     print(f"cost model: {source}; final: {cost.to_dict()}\n")
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": {"calibrated_from": str(args.calibrate_from),
-                                                         "cost_model": cost.to_dict()}, "rows": rows}, indent=2))
+                                                         "cost_model": cost.to_dict(),
+                                                         "step_overhead_ms": step_model.step_overhead_ms},
+                                                "rows": rows}, indent=2))
     if args.markdown:
         Path(args.markdown).write_text(table)
     return 0

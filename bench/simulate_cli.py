@@ -79,6 +79,9 @@ def configure(parser) -> None:
     add_option(parser, "--max-k", default=8, type=int, help="worker's largest speculation length")
     add_option(parser, "--token-budget", default=2048, type=int, help="target query tokens per step")
     add_option(parser, "--prefill-row-ms", default=0.0, type=float, help="extra ms per prefill chunk forward")
+    add_option(parser, "--step-overhead-ms", default=0.0, type=float,
+               help="extra ms per step outside the cost model (controller round trip, streaming); "
+                    "with --calibrate-from, -1 fits it on the lowest-rate `off` point")
     add_option(parser, "--noise-cv", default=0.0, type=float, help="multiplicative step-time noise (CV)")
     add_option(parser, "--seed", default=0, type=int, help="seed for arrivals, lengths and acceptance draws")
     add_option(parser, "--json", default="", help="write records here")
@@ -106,7 +109,8 @@ def run(args) -> int:
         rates = _floats(args.rates)
         alphas = [a.strip() for a in args.alpha.split(",") if a.strip()]
         worker = WorkerSpec(args.max_batch_size, args.max_k, args.token_budget)
-        step_model = StepModel(cost, prefill_row_ms=args.prefill_row_ms, noise_cv=args.noise_cv)
+        step_model = StepModel(cost, prefill_row_ms=args.prefill_row_ms, step_overhead_ms=max(0.0, args.step_overhead_ms),
+                               noise_cv=args.noise_cv)
     except (ValueError, PolicyError) as exc:
         print(f"smartspec simulate: error: {exc}", file=sys.stderr)
         return 2
@@ -118,6 +122,7 @@ def run(args) -> int:
         "kind": "simulation",
         "step_model": cost.to_dict(),
         "prefill_row_ms": args.prefill_row_ms,
+        "step_overhead_ms": args.step_overhead_ms,
         "noise_cv": args.noise_cv,
         "acceptance": alphas,
         "arrival": args.arrival, "cv": args.cv, "phases": args.phases or None,

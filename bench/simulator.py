@@ -53,16 +53,20 @@ class StepModel:
     """How long a step takes: the cost model's prediction, plus what the cost model leaves out.
 
     prefill_row_ms: the worker runs each prefill chunk as its own forward, which costs a fixed
-    launch on top of the per-token term; noise_cv: multiplicative lognormal noise per step.
+    launch on top of the per-token term; step_overhead_ms: time per step outside the measured
+    draft + verify (the controller round trip, streaming the tokens out), which the controller's
+    fit never sees and so does not plan with; noise_cv: multiplicative lognormal noise per step.
     """
 
     cost: CostModel
     prefill_row_ms: float = 0.0
+    step_overhead_ms: float = 0.0
     noise_cv: float = 0.0
 
     def step_ms(self, ks: np.ndarray, contexts: np.ndarray, prefills: np.ndarray, prefill_rows: int,
                 rng: np.random.Generator) -> float:
-        ms = predict_step_ms(self.cost, ks, contexts, prefills) + self.prefill_row_ms * prefill_rows
+        ms = (predict_step_ms(self.cost, ks, contexts, prefills) + self.prefill_row_ms * prefill_rows
+              + self.step_overhead_ms)
         if self.noise_cv > 0:
             sigma = np.sqrt(np.log1p(self.noise_cv**2))
             ms *= float(rng.lognormal(-0.5 * sigma * sigma, sigma))  # mean-preserving

@@ -6,7 +6,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from smartspec.bench.calibrate import predict_points
+from smartspec.bench.calibrate import fit_step_overhead, predict_points
 from smartspec.bench.report import (REQUIRED_FIELDS, busy_seconds, markdown_table, plot, point_metrics, read_json,
                                     write_json)
 from smartspec.bench.simulator import StepModel, WorkerSpec, simulate
@@ -97,14 +97,14 @@ def test_simulate_cli_rejects_bad_policy(capsys):
     assert "unknown policy 'warp'" in capsys.readouterr().err
 
 
-def _measured_run(cost, alphas, rate, policy, seed):
+def _measured_run(cost, alphas, rate, policy, seed, overhead_ms=0.0):
     """A 'bench' point produced by the simulator itself: the calibration must recover it."""
     n = len(alphas)
     arrivals = make_arrivals(n, rate, seed=seed)
     rng = np.random.default_rng(seed)
     wl = Workload(arrivals, rng.integers(80, 250, n), rng.integers(40, 90, n))
     name, params = (policy.split(":")[0], {"k": int(policy.split(":")[1])}) if ":" in policy else (policy, {})
-    r = simulate(wl, get(name), get(name).validate(params), step_model=StepModel(cost),
+    r = simulate(wl, get(name), get(name).validate(params), step_model=StepModel(cost, step_overhead_ms=overhead_ms),
                  acceptance=per_request(alphas), worker=WorkerSpec(max_batch_size=8, max_k=6), seed=seed + 99)
     return {"policy": policy, "rate": rate, **r.metrics(), "detail": r.detail(wl.prompt_tokens)}
 
@@ -128,3 +128,17 @@ def test_calibration_recovers_a_known_system_and_flags_a_wrong_cost_model():
     used = predict_points(meta, tagged, StepModel(cost), WorkerSpec(max_batch_size=8, max_k=6), seed=7,
                           per_point_cost=True)
     assert all(abs(r["ratio"] - 1) < 0.1 for r in ignored) and all(r["ratio"] > 1.5 for r in used)
+
+
+def test_step_overhead_fitted_on_one_point_predicts_the_others():
+    cost = PRESETS["cpu-smollm2"]
+    alphas = list(np.random.default_rng(1).uniform(0.3, 0.9, 40))
+    meta = {"requests": 40, "seed": 4}
+    records = [_measured_run(cost, alphas, rate, policy, seed=4, overhead_ms=60.0)
+               for policy in ("off", "fixed:3") for rate in (0.1, 0.4)]
+    worker = WorkerSpec(max_batch_size=8, max_k=6)
+    overhead, anchor = fit_step_overhead(meta, records, StepModel(cost), worker, seed=9)
+    assert (anchor["policy"], anchor["rate"]) == ("off", 0.1)
+    assert overhead == pytest.approx(60.0, rel=0.15)
+    rows = predict_points(meta, records, StepModel(cost, step_overhead_ms=overhead), worker, seed=9)
+    assert all(abs(r["ratio"] - 1) < 0.1 for r in rows)
