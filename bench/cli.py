@@ -7,6 +7,8 @@
 
 For each policy (switched through the controller's admin API, workers keep running), for each rate,
 the same prompts are sent at the same seeded arrival times, so points differ only by policy and load.
+Requests are greedy (unless --temperature) and ignore EOS, so every one generates exactly its
+max_tokens and points compare equal work.
 """
 
 from __future__ import annotations
@@ -178,11 +180,13 @@ def run(args) -> int:
             }
             return records, stack
 
+    from smartspec.errors import SmartspecError
+
     started = time.perf_counter()
     try:
         with _stack(args) as (worker, controller):
             records, stack = asyncio.run(go(worker, controller))
-    except (ValueError, RuntimeError, TimeoutError, OSError) as exc:
+    except (SmartspecError, ValueError, RuntimeError, TimeoutError, OSError) as exc:
         print(f"smartspec bench: error: {exc}", file=sys.stderr)
         return 1
     meta = {

@@ -150,3 +150,15 @@ def test_bench_switches_policy_before_each_policys_points_and_keeps_arrivals_pai
                                                           ("fixed:3", 40.0)]
     for r in records:
         assert set(REQUIRED_FIELDS) <= set(r) and r["group"] == "summarise" and r["requests"] == 4
+
+
+def test_bench_cli_names_bad_input_and_unreachable_servers(capsys):
+    from smartspec.cli import main
+
+    assert main(["bench", "--worker", "127.0.0.1:1", "--controller", "127.0.0.1:2", "--policies", "off,fixed:x"]) == 2
+    assert "k: must be an integer" in capsys.readouterr().err
+    assert main(["bench", "--worker", "127.0.0.1:1", "--controller", "127.0.0.1:2", "--dataset", "nope"]) == 2
+    assert "unknown dataset 'nope'" in capsys.readouterr().err
+    assert main(["bench", "--worker", "127.0.0.1:1", "--controller", "127.0.0.1:2", "--requests", "2",
+                 "--warmup", "0", "--json", ""]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
