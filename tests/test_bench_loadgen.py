@@ -78,15 +78,15 @@ def test_open_loop_sends_on_schedule_while_earlier_requests_are_still_running():
             await server.stop(grace=None)
 
     outcomes, wall, received = _run(go())
-    assert wall < 0.45 + SERVICE_S + 0.5  # last send at 0.45 s, then one service time
+    assert wall < 2.0  # last send at 0.45 s, then one service time; a closed loop needs >= 4 s
     lag = np.array([o.sent_s - o.scheduled_s for o in outcomes])
-    assert np.all(lag >= 0) and lag.max() < 0.05
+    assert np.all(lag >= 0) and lag.max() < 0.2  # generous for a loaded CI machine
     # the server saw them arrive on schedule, not one after another
-    assert np.allclose(np.sort(received), np.arange(10) * 0.05, atol=0.08)
+    assert np.allclose(np.sort(received), np.arange(10) * 0.05, atol=0.25)
     latency = np.array([o.finish_s - o.scheduled_s for o in outcomes])
-    assert np.all(latency >= SERVICE_S) and latency.mean() < SERVICE_S + 0.1
+    assert np.all(latency >= SERVICE_S) and latency.mean() < SERVICE_S + 0.3
     ttft = np.array([o.first_token_s - o.scheduled_s for o in outcomes])
-    assert np.all(ttft >= FIRST_TOKEN_S) and ttft.mean() < FIRST_TOKEN_S + 0.08
+    assert np.all(ttft >= FIRST_TOKEN_S) and ttft.mean() < FIRST_TOKEN_S + 0.25
 
 
 def test_point_aggregation_from_the_results():
@@ -111,8 +111,8 @@ def test_point_aggregation_from_the_results():
     assert point["completion_tokens"] == 5 * 20
     assert point["acceptance_rate"] == pytest.approx(RATE)
     assert point["mean_k"] == pytest.approx(sum(SPEC_KS) / len(SPEC_KS))
-    assert point["mean_latency_s"] == pytest.approx(SERVICE_S, abs=0.1)
-    assert point["mean_tpot_s"] == pytest.approx((SERVICE_S - FIRST_TOKEN_S) / 19, rel=0.3)
+    assert SERVICE_S <= point["mean_latency_s"] < SERVICE_S + 0.3
+    assert point["mean_tpot_s"] == pytest.approx((SERVICE_S - FIRST_TOKEN_S) / 19, rel=0.5)
     assert point["detail"]["tested"] == [8] * 5
 
 
