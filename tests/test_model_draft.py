@@ -27,8 +27,8 @@ def test_early_exit_draft_is_the_first_layers_of_the_target(tiny_target):
     assert draft.config.num_hidden_layers == 1
     assert draft.module.allocate_cache(1, 8).k.shape[0] == 1
     # Shares the target's tensors rather than copying them.
-    assert draft.module.model.layers[0].mlp.up_proj.weight.data_ptr() == \
-        tiny_target.module.model.layers[0].mlp.up_proj.weight.data_ptr()
+    assert draft.module.model.layers[0].mlp.gate_up_proj.weight.data_ptr() == \
+        tiny_target.module.model.layers[0].mlp.gate_up_proj.weight.data_ptr()
     one_layer = AutoModelForCausalLM.from_pretrained(str(tiny_target.path), num_hidden_layers=1).eval()
     tokens = random_tokens(10, seed=20)
     torch.testing.assert_close(prefill_logits(draft, tokens), reference_logits(one_layer, tokens), atol=1e-4, rtol=0)
@@ -48,7 +48,7 @@ def test_int8_draft_quantizes_every_linear_and_leaves_the_target_alone(tiny_targ
     draft = build_draft(tiny_target, "int8")
     linears = [m for m in draft.module.modules() if isinstance(m, torch.nn.Linear)]
     quantized = [m for m in draft.module.modules() if isinstance(m, quantized_dynamic.Linear)]
-    assert len(quantized) == 2 * 7 + 1 and not [m for m in linears if type(m) is torch.nn.Linear]
+    assert len(quantized) == 2 * 4 + 1 and not [m for m in linears if type(m) is torch.nn.Linear]
     assert all(type(m) is torch.nn.Linear for m in tiny_target.module.modules() if isinstance(m, torch.nn.Linear))
     tokens = random_tokens(10, seed=22)
     target_logits, draft_logits = prefill_logits(tiny_target, tokens), prefill_logits(draft, tokens)

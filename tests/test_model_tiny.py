@@ -238,3 +238,20 @@ def test_load_errors_are_clear(tmp_path):
         load_model(tmp_path)
     with pytest.raises(FileNotFoundError, match="known name"):
         load_model(tmp_path / "no-such-model")
+
+
+def test_float64_batched_rows_agree_to_rounding_error(tiny):
+    """In float64 (norms, RoPE and logits stay float64) padded, batched and cached forwards agree with
+    one plain forward to ~1e-12; the proposer tests rely on that."""
+    loaded, hf_model = tiny
+    module = load_model(loaded.path, dtype=torch.float64).module
+    first, second = random_tokens(12, seed=14), random_tokens(5, seed=15)
+    plain = step(module, module.allocate_cache(1, 16), [(0, 0, first)])[0]
+    assert plain.dtype == torch.float64
+    cache = module.allocate_cache(2, 16)
+    step(module, cache, [(1, 0, first[:9])])
+    batched = step(module, cache, [(0, 0, second), (1, 9, first[9:])])
+    torch.testing.assert_close(batched[1, :3], plain[9:], atol=1e-12, rtol=0)
+    # transformers normalises in float32 even for float64 weights, hence the looser bound.
+    torch.testing.assert_close(plain, reference_logits(hf_model.double(), first).double(), atol=1e-4, rtol=0)
+    hf_model.float()

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
-from .llama import LlamaForCausal
+from .llama import LlamaForCausal, fuse_hf_checkpoint
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 CACHE_ENV = "SMARTSPEC_CACHE_DIR"
@@ -184,8 +184,9 @@ def load_folder(folder: Path, device: str | torch.device = "cpu", dtype: torch.d
 
 def build_module(config: ModelConfig, state: dict[str, torch.Tensor], device: str | torch.device,
                  dtype: torch.dtype) -> LlamaForCausal:
-    """Instantiate without allocating random weights, then adopt the checkpoint's tensors."""
-    state = {key: value for key, value in state.items() if not key.endswith("rotary_emb.inv_freq")}
+    """Instantiate without allocating random weights, then adopt the checkpoint's (HF-named) tensors."""
+    state = fuse_hf_checkpoint({key: value for key, value in state.items()
+                                if not key.endswith("rotary_emb.inv_freq")})
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
