@@ -84,8 +84,9 @@ class EngineConfig:
 class RequestHandle:
     """The client side of one request: iterate its events (TokenDelta..., then one outcome)."""
 
-    def __init__(self, request: GenerationRequest) -> None:
+    def __init__(self, request: GenerationRequest, submitted_at: float = 0.0) -> None:
         self.request = request
+        self.submitted_at = submitted_at       # engine clock; queue and TTFT are measured from it
         self._events: queue.Queue = queue.Queue()
 
     def events(self, timeout: float | None = None) -> Iterator[TokenDelta | GenerationOutcome | GenerationFailed]:
@@ -191,7 +192,7 @@ class Engine:
     # ---- called from any thread -------------------------------------------------------------
 
     def submit(self, request: GenerationRequest) -> RequestHandle:
-        handle = RequestHandle(request)
+        handle = RequestHandle(request, self._clock())
         with self._lock:
             if not self._accepting:
                 raise EngineStoppedError("the worker is shutting down")
@@ -259,8 +260,7 @@ class Engine:
                 cancels = set(self._cancels)
                 self._cancels.clear()
                 stopping = self._stop
-            now = self._clock()
-            self._waiting.extend((handle, now) for handle in incoming)
+            self._waiting.extend((handle, handle.submitted_at) for handle in incoming)
             self._apply_cancels(cancels)
             self._publish_counts()
             if stopping and not self._running and not self._waiting:
