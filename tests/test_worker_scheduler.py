@@ -59,3 +59,14 @@ def test_budget_must_be_positive():
 )
 def test_clamp_speculation(k, max_k, context, capacity, left, expected):
     assert clamp_speculation(k, max_k=max_k, context_tokens=context, capacity=capacity, tokens_left=left) == expected
+
+
+def test_similar_prompts_share_a_forward_and_very_different_ones_do_not():
+    from smartspec.worker.scheduler import group_by_length
+
+    groups = group_by_length([100, 10, 98, 12, 500])
+    assert sorted(sorted(g) for g in groups) == [[0, 2], [1, 3], [4]]
+    for group in group_by_length([7, 300, 30, 31, 29, 299, 1]):
+        lengths = [[7, 300, 30, 31, 29, 299, 1][i] for i in group]
+        assert len(lengths) * max(lengths) <= 1.25 * sum(lengths)      # padding stays bounded
+    assert group_by_length([]) == []

@@ -30,7 +30,7 @@ import torch
 
 from smartspec.worker.proposers import Proposal, ProposalRequest, Proposer, SamplingParams, verify_batch
 
-from .scheduler import clamp_speculation, plan_prefill
+from .scheduler import clamp_speculation, group_by_length, plan_prefill
 from .sequence import (
     FinishReason,
     GenerationFailed,
@@ -343,10 +343,10 @@ class Engine:
         if decoding:
             facts += self._verify(decoding, ks, proposals)
             batched_tokens += sum(len(proposals[s.request.request_id].tokens) + 1 for s in decoding)
-        for seq, chunk in zip(prefilling, chunks):
-            if chunk > 0:
-                facts.append(self._prefill(seq, chunk))
-                batched_tokens += chunk
+        work = [(seq, chunk) for seq, chunk in zip(prefilling, chunks) if chunk > 0]
+        for group in group_by_length([chunk for _, chunk in work]):
+            facts += self._prefill([work[i] for i in group])
+        batched_tokens += sum(chunk for _, chunk in work)
         verify_ms = (self._clock() - verify_start) * 1000.0
         self._report(facts, draft_ms, verify_ms, (self._clock() - step_start) * 1000.0, batched_tokens)
 
@@ -448,25 +448,31 @@ class Engine:
                                      verdict.tested_positions, 0, finished=finished))
         return facts
 
-    def _prefill(self, seq: _Running, chunk: int) -> RequestFacts:
-        prompt = seq.request.prompt_ids
-        start = seq.cached
-        ids = torch.tensor([prompt[start : start + chunk]], dtype=torch.long)          # [1, C]
+    def _prefill(self, work: list[tuple[_Running, int]]) -> list[RequestFacts]:
+        """One forward over prompt chunks of similar length (right-padded, one row each)."""
+        width = max(chunk for _, chunk in work)
+        input_ids = torch.zeros((len(work), width), dtype=torch.long)                   # [B, C] right-padded
+        for row, (seq, chunk) in enumerate(work):
+            prompt = seq.request.prompt_ids
+            input_ids[row, :chunk] = torch.tensor(prompt[seq.cached : seq.cached + chunk], dtype=torch.long)
         logits = self.model.module.forward_step(
             self.cache,
-            ids.to(self._device),
-            torch.tensor([seq.slot], dtype=torch.long),
-            torch.tensor([start], dtype=torch.long),
-            torch.tensor([chunk], dtype=torch.long),
+            input_ids.to(self._device),
+            torch.tensor([seq.slot for seq, _ in work], dtype=torch.long),             # slots: [B]
+            torch.tensor([seq.cached for seq, _ in work], dtype=torch.long),           # start_positions: [B]
+            torch.tensor([chunk for _, chunk in work], dtype=torch.long),              # query_lengths: [B]
             logits_rows="last",
-        )                                                                               # logits: [1, 1, V]
-        seq.cached += chunk
-        finished = False
-        if not seq.prefilling:
-            # The prompt is in: the target's prediction at its last position is the first token.
-            (verdict,) = verify_batch(logits, [Proposal([])], [seq.sampling], [seq.generator])
-            finished = self._append(seq, verdict.tokens)
-        return self._facts(seq, 0, 0, 0, 0, chunk, finished=finished)
+        )                                                                               # logits: [B, 1, V]
+        facts = []
+        for row, (seq, chunk) in enumerate(work):
+            seq.cached += chunk
+            finished = False
+            if not seq.prefilling:
+                # The prompt is in: the target's prediction at its last position is the first token.
+                (verdict,) = verify_batch(logits[row : row + 1], [Proposal([])], [seq.sampling], [seq.generator])
+                finished = self._append(seq, verdict.tokens)
+            facts.append(self._facts(seq, 0, 0, 0, 0, chunk, finished=finished))
+        return facts
 
     def _append(self, seq: _Running, new_tokens: list[int]) -> bool:
         """Add verified tokens, stop at EOS / max_tokens / context window / stop strings."""

@@ -70,3 +70,23 @@ def clamp_speculation(k: int, *, max_k: int, context_tokens: int, capacity: int,
     tokens (max_tokens) is wasted work, since the target adds one of its own.
     """
     return max(0, min(k, max_k, capacity - context_tokens, tokens_left - 1))
+
+
+def group_by_length(lengths: Sequence[int], max_padding: float = 0.25) -> list[list[int]]:
+    """Indexes of `lengths` grouped so that each group can run as one right-padded forward.
+
+    Sorted by length; a group grows while its padded size (rows x longest) stays within
+    (1 + max_padding) x its real tokens, so batching prefills never costs much padding compute.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for index in order:
+        if groups:
+            group = groups[-1]
+            longest = lengths[index]                      # sorted: the newcomer is the longest
+            real = sum(lengths[i] for i in group) + lengths[index]
+            if (len(group) + 1) * longest <= (1 + max_padding) * real:
+                group.append(index)
+                continue
+        groups.append([index])
+    return groups
