@@ -139,7 +139,7 @@ def calibrate_cli(args) -> int:
     worker = WorkerSpec(max_batch_size=int(limits.get("max_batch_size") or args.max_batch_size),
                         max_k=int(limits.get("max_k") or args.max_k), token_budget=args.token_budget)
     step_model = StepModel(cost, prefill_row_ms=args.prefill_row_ms, step_overhead_ms=max(0.0, args.step_overhead_ms),
-                           noise_cv=args.noise_cv)
+                           noise_cv=args.noise_cv, padded_verify=args.padded_verify)
     per_point = not args.step_model
     note = ""
     if args.step_overhead_ms < 0:
@@ -155,7 +155,8 @@ def calibrate_cli(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": {"calibrated_from": str(args.calibrate_from),
                                                          "cost_model": cost.to_dict(),
-                                                         "step_overhead_ms": step_model.step_overhead_ms},
+                                                         "step_overhead_ms": step_model.step_overhead_ms,
+                                                         "padded_verify": step_model.padded_verify},
                                                 "rows": rows}, indent=2))
     if args.markdown:
         Path(args.markdown).write_text(table)

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from smartspec.config import add_option
+from smartspec.config import add_flag, add_option
 
 DEFAULT_POLICIES = "off,fixed:1,fixed:3,fixed:5,goodput"
 
@@ -82,6 +82,8 @@ def configure(parser) -> None:
     add_option(parser, "--step-overhead-ms", default=0.0, type=float,
                help="extra ms per step outside the cost model (controller round trip, streaming); "
                     "with --calibrate-from, -1 fits it on the lowest-rate `off` point")
+    add_flag(parser, "--padded-verify",
+             help="time each decode row at the batch's widest k + 1 tokens (right-padded verify batch)")
     add_option(parser, "--noise-cv", default=0.0, type=float, help="multiplicative step-time noise (CV)")
     add_option(parser, "--seed", default=0, type=int, help="seed for arrivals, lengths and acceptance draws")
     add_option(parser, "--json", default="", help="write records here")
@@ -110,7 +112,7 @@ def run(args) -> int:
         alphas = [a.strip() for a in args.alpha.split(",") if a.strip()]
         worker = WorkerSpec(args.max_batch_size, args.max_k, args.token_budget)
         step_model = StepModel(cost, prefill_row_ms=args.prefill_row_ms, step_overhead_ms=max(0.0, args.step_overhead_ms),
-                               noise_cv=args.noise_cv)
+                               noise_cv=args.noise_cv, padded_verify=args.padded_verify)
     except (ValueError, PolicyError) as exc:
         print(f"smartspec simulate: error: {exc}", file=sys.stderr)
         return 2
@@ -123,6 +125,7 @@ def run(args) -> int:
         "step_model": cost.to_dict(),
         "prefill_row_ms": args.prefill_row_ms,
         "step_overhead_ms": args.step_overhead_ms,
+        "padded_verify": args.padded_verify,
         "noise_cv": args.noise_cv,
         "acceptance": alphas,
         "arrival": args.arrival, "cv": args.cv, "phases": args.phases or None,

@@ -56,15 +56,24 @@ class StepModel:
     launch on top of the per-token term; step_overhead_ms: time per step outside the measured
     draft + verify (the controller round trip, streaming the tokens out), which the controller's
     fit never sees and so does not plan with; noise_cv: multiplicative lognormal noise per step.
+    padded_verify: the worker verifies all decode rows in one right-padded [B, max_k + 1] batch, so
+    on hardware without ragged kernels every row costs max_i k_i + 1 query tokens, not k_i + 1
+    (the cost model, and so the policy, assume the latter).
     """
 
     cost: CostModel
     prefill_row_ms: float = 0.0
     step_overhead_ms: float = 0.0
     noise_cv: float = 0.0
+    padded_verify: bool = False
 
     def step_ms(self, ks: np.ndarray, contexts: np.ndarray, prefills: np.ndarray, prefill_rows: int,
                 rng: np.random.Generator) -> float:
+        """ks, contexts, prefills: [B], decode rows first, then `prefill_rows` prefill rows (k = 0)."""
+        decode_rows = ks.size - prefill_rows
+        if self.padded_verify and decode_rows > 1:
+            ks = ks.copy()
+            ks[:decode_rows] = ks[:decode_rows].max()  # every decode row runs the widest row's width
         ms = (predict_step_ms(self.cost, ks, contexts, prefills) + self.prefill_row_ms * prefill_rows
               + self.step_overhead_ms)
         if self.noise_cv > 0:

@@ -200,3 +200,14 @@ def test_trace_file_and_profile_file(tmp_path):
     fitted = parse_step_model(str(profile))
     for b, k, c in ((2, 1, 200), (8, 3, 300)):
         assert fitted.predict_ms([k] * b, [c] * b) == pytest.approx(truth.predict_ms([k] * b, [c] * b), rel=0.05)
+
+
+def test_padded_verify_charges_every_row_the_widest_k():
+    rng = np.random.default_rng(0)
+    ks, ctx, pre = np.array([0, 1, 6, 0]), np.array([100, 100, 100, 0]), np.array([0, 0, 0, 50])
+    plain, padded = StepModel(CPU), StepModel(CPU, padded_verify=True)
+    extra_tokens = (6 - 0) + (6 - 1)  # decode rows 0 and 1 padded to width 7; the prefill row is not
+    assert padded.step_ms(ks, ctx, pre, 1, rng) - plain.step_ms(ks, ctx, pre, 1, rng) == pytest.approx(
+        CPU.c_tok_ms * extra_tokens)
+    same = np.array([3, 3, 3])
+    assert padded.step_ms(same, ctx[:3], pre[:3] * 0, 0, rng) == plain.step_ms(same, ctx[:3], pre[:3] * 0, 0, rng)
