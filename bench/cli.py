@@ -96,8 +96,8 @@ async def wait_idle(client, timeout_s: float = 600.0) -> None:
 
 async def bench(client, *, dataset, policies, rates, phases, requests: int, warmup: int, arrival: str, cv: float,
                 temperature: float, seed: int, set_policy=None,
-                snapshot=None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Run every (policy, rate) point; returns (records, meta facts learned from the stack).
+                snapshot=None) -> list[dict[str, Any]]:
+    """Run every (policy, rate) point and return one record per point, in order.
 
     `set_policy(name, params)` switches the policy (default: the client's admin API);
     `snapshot()` (optional, async) returns extra fields stored with each record after its point,
@@ -135,7 +135,7 @@ async def bench(client, *, dataset, policies, rates, phases, requests: int, warm
                       f"accept {record['acceptance_rate']:.2f}, mean k {record['mean_k']:.2f}, "
                       f"failed {record['failed']}")
     bar.close()
-    return records, {}
+    return records
 
 
 def run(args) -> int:
@@ -167,7 +167,7 @@ def run(args) -> int:
                 cost = next((w.cost_model for w in status.workers if w.worker_id == info.worker_id), None)
                 return {"cost_model": _as_dict(cost)}
 
-            records, _ = await bench(client, dataset=dataset, policies=policies, rates=rates, phases=phases,
+            records = await bench(client, dataset=dataset, policies=policies, rates=rates, phases=phases,
                                      requests=args.requests, warmup=args.warmup, arrival=args.arrival, cv=args.cv,
                                      temperature=args.temperature, seed=args.seed, snapshot=fitted_cost_model)
             cost = (await fitted_cost_model())["cost_model"]

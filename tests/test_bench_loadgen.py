@@ -136,7 +136,7 @@ def test_bench_switches_policy_before_each_policys_points_and_keeps_arrivals_pai
 
                 from smartspec.bench.policy_spec import parse_policy_list
 
-                records, _ = await bench(
+                records = await bench(
                     client, dataset=load_dataset("summarise", 4, seed=0, max_tokens=8),
                     policies=parse_policy_list("off,fixed:3"), rates=[10.0, 40.0], phases=None, requests=4,
                     warmup=1, arrival="poisson", cv=1.0, temperature=0.0, seed=0, set_policy=set_policy)

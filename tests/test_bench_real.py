@@ -58,7 +58,7 @@ def test_bench_on_the_real_stack_switches_policies_and_reports_what_ran(stack):
 
     async def go():
         async with AsyncClient(worker=worker, controller=controller, stream_timeout=600) as client:
-            records, _ = await bench(client, dataset=dataset, policies=parse_policy_list("off,fixed:3"),
+            records = await bench(client, dataset=dataset, policies=parse_policy_list("off,fixed:3"),
                                      rates=[2.0], phases=None, requests=REQUESTS, warmup=1, arrival="poisson",
                                      cv=1.0, temperature=0.0, seed=0)
             active = await client.get_policy()
