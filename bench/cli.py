@@ -200,6 +200,10 @@ def run(args) -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": time.perf_counter() - started,
     }
+    # each record names what produced it too, so records from several files can be pooled
+    provenance = {"model": stack.get("model"), "proposer": stack.get("proposer"), "machine": meta["machine"]["cpu"],
+                  "git_commit": meta["git_commit"]}
+    records = [{**record, **provenance} for record in records]
     title = f"bench: {stack.get('model', '?')} + {stack.get('proposer', '?')}, {dataset.name}"
     print(write_outputs(meta, records, json_path=args.json or None, markdown_path=args.markdown or None,
                         plot_path=args.plot or None, title=title))
