@@ -15,6 +15,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -92,6 +93,7 @@ class ControllerLink:
         self.connected = False
         self.fallback_steps = 0
         self.plans_applied = 0
+        self.plan_wait_ms_total = 0.0                          # time steps spent waiting for plans
         self.connections = 0                                   # successful (re)connections
         self._thread = threading.Thread(target=self._run, name="smartspec-controller-link", daemon=True)
 
@@ -122,11 +124,16 @@ class ControllerLink:
         if outbox is None or not self.connected:
             return
         outbox.put(controller_pb2.WorkerMessage(report=report_to_proto(facts)))
+        waited_from = time.perf_counter()
         with self._cond:
             self._cond.wait_for(
                 lambda: self._latest is not None and self._latest.step_index >= facts.step_index,
                 timeout=deadline_s,
             )
+        waited_ms = (time.perf_counter() - waited_from) * 1000.0
+        self.plan_wait_ms_total += waited_ms
+        if self.metrics is not None:
+            self.metrics.observe_plan_wait(waited_ms)
 
     def deadline_ms(self) -> float:
         if self.config.plan_deadline_ms is not None:

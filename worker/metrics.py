@@ -34,6 +34,9 @@ class WorkerMetrics:
         self.fallbacks = Counter("smartspec_worker_fallback_steps",
                                  "Steps planned locally because the controller's plan was late or missing.",
                                  registry=r)
+        self.plan_wait = Histogram("smartspec_worker_plan_wait_seconds",
+                                   "Time a step waited for the controller's plan (bounded by the deadline).",
+                                   buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5), registry=r)
         self.controller_connected = Gauge("smartspec_worker_controller_connected",
                                           "1 while the controller stream is open.", registry=r)
         self.queue_depth = Gauge("smartspec_worker_queued_requests", "Requests waiting for a slot.", registry=r)
@@ -70,6 +73,9 @@ class WorkerMetrics:
     def observe_finish(self, outcome: GenerationOutcome) -> None:
         self.requests.labels(outcome.finish_reason.value).inc()
         self.generated_tokens.inc(outcome.completion_tokens)
+
+    def observe_plan_wait(self, waited_ms: float) -> None:
+        self.plan_wait.observe(waited_ms / 1000.0)
 
     def observe_fallback(self) -> None:
         self.fallbacks.inc()
