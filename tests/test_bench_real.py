@@ -4,18 +4,15 @@ real admin API; the records must show what each policy did on the worker."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import redis
 
-from smartspec import AsyncClient
+from smartspec import Client
 from smartspec.bench.calibrate import predict_points
-from smartspec.bench.cli import bench
-from smartspec.bench.datasets import load_dataset
-from smartspec.bench.policy_spec import parse_policy_list
+from smartspec.bench.report import read_json
 from smartspec.bench.simulator import StepModel, WorkerSpec
 from smartspec.bench.step_models import cost_model_from_mapping
+from smartspec.cli import main
 from smartspec.controller.server import ControllerServer
 from smartspec.worker.engine import EngineConfig
 from smartspec.worker.model import load_model
@@ -51,33 +48,32 @@ def stack(redis_url):
     client.close()
 
 
-def test_bench_on_the_real_stack_switches_policies_and_reports_what_ran(stack):
+def test_bench_cli_on_the_real_stack_switches_policies_and_reports_what_ran(stack, tmp_path):
     worker, controller = stack
-    dataset = load_dataset("code-edit", REQUESTS, seed=0, max_tokens=MAX_TOKENS, min_prompt_tokens=60,
-                           max_prompt_tokens=150)
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--worker", worker, "--controller", controller, "--dataset", "code-edit",
+                 "--requests", str(REQUESTS), "--max-tokens", str(MAX_TOKENS), "--rates", "2",
+                 "--policies", "off,fixed:3", "--warmup", "1", "--json", str(out), "--plot", str(tmp_path / "b.png")])
+    assert code == 0
+    meta, records = read_json(out)
+    with Client(controller=controller) as client:
+        active = client.get_policy()
+    assert (active.name, dict(active.parameters)) == ("fixed", {"k": 3})  # the last policy benchmarked
 
-    async def go():
-        async with AsyncClient(worker=worker, controller=controller, stream_timeout=600) as client:
-            records = await bench(client, dataset=dataset, policies=parse_policy_list("off,fixed:3"),
-                                     rates=[2.0], phases=None, requests=REQUESTS, warmup=1, arrival="poisson",
-                                     cv=1.0, temperature=0.0, seed=0)
-            active = await client.get_policy()
-            status = await client.status()
-            return records, active, status
-
-    records, active, status = asyncio.run(go())
+    assert meta["model"] == "SmolLM2-135M-Instruct" and meta["proposer"] == "ngram"
+    assert meta["dataset"]["name"] == "code-edit" and meta["git_commit"] and meta["machine"]["cores"]
     off, fixed3 = records
-    assert (active.name, dict(active.parameters)) == ("fixed", {"k": 3})
     for record in records:
         assert record["failed"] == 0 and record["requests"] == REQUESTS
         assert record["completion_tokens"] == REQUESTS * MAX_TOKENS  # ignore_eos: every token asked for
         assert 0 < record["mean_ttft_s"] < record["mean_latency_s"]
+        assert record["cost_model"]["c_fixed_ms"] > 0 and record["model"] == meta["model"]
     assert off["mean_k"] == 0.0 and off["acceptance_rate"] == 0.0
     assert 0.0 < fixed3["mean_k"] <= 3.0  # the worker ran the switched policy (clamped near max_tokens)
+    assert (tmp_path / "b.png").stat().st_size > 10_000
 
-    # the calibration tool accepts a real run's records and the controller's fitted cost model
-    cost = cost_model_from_mapping(status.workers[0].cost_model.__dict__)
-    rows = predict_points({"requests": REQUESTS, "seed": 0, "arrival": "poisson"}, records, StepModel(cost),
-                          WorkerSpec(max_batch_size=4, max_k=4, token_budget=512))
+    # the calibration tool takes the real run's records and the controller's fitted cost model
+    rows = predict_points(meta, records, StepModel(cost_model_from_mapping(meta["cost_model"])),
+                          WorkerSpec(max_batch_size=4, max_k=4, token_budget=512), per_point_cost=True)
     assert [r["policy"] for r in rows] == ["off", "fixed:3"]
     assert all(r["predicted_mean_latency_s"] > 0 for r in rows)
