@@ -187,8 +187,9 @@ def test_worker_runs_the_controllers_plan(model, controller):
         assert ks == sorted(ks, reverse=True) and sum(k < 3 for k in ks) <= 3
         assert info(stub).fallback_steps == 0
         # Every step waited (briefly) for its plan, and the wait is exported.
-        waits = server.metrics.registry.get_sample_value("smartspec_worker_plan_wait_seconds_count")
-        assert waits == server.engine.snapshot().steps
+        registry = server.metrics.registry
+        wait_until(lambda: registry.get_sample_value("smartspec_worker_plan_wait_seconds_count")
+                   == server.engine.snapshot().steps, timeout=10, what="every step's plan wait recorded")
     finally:
         channel.close()
         server.stop(0)
