@@ -50,7 +50,10 @@ def prompt_token_ids(request: generation_pb2.GenerateRequest, tokenizer: Any) ->
             raise InvalidRequest(f"messages[{index}].role",
                                  f"must be one of {', '.join(CHAT_ROLES)}, got {message.role!r}")
         chat.append({"role": message.role, "content": message.content})
-    encoded = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    try:
+        encoded = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    except (ValueError, TypeError) as exc:   # no template, or one that rejects this conversation
+        raise InvalidRequest("messages", f"the model's chat template cannot render them: {exc}") from exc
     ids = encoded["input_ids"] if not isinstance(encoded, list) else encoded
     return "messages", list(ids)
 
