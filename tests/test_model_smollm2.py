@@ -105,3 +105,27 @@ def test_batched_greedy_generation_equals_transformers_generate(smollm2):
                                          pad_token_id=0)[0, len(prompt):].tolist()
         assert len(expected) >= 3
         assert generated[row][: len(expected)] == expected   # generate() stops at the end-of-sequence token
+
+
+def test_concurrent_first_conversions_agree_on_one_folder(tmp_path, smollm2):
+    """Two loaders converting the same GGUF at once: both get the same complete folder."""
+    loaded, _ = smollm2
+    from concurrent.futures import ThreadPoolExecutor
+
+    from smartspec.worker.model.loading import KNOWN_MODELS, convert_gguf
+
+    gguf_path = KNOWN_MODELS["smollm2"].path()
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        folders = list(pool.map(lambda _: convert_gguf(gguf_path, tmp_path), range(2)))
+    assert folders[0] == folders[1] and folders[0].parent == tmp_path
+    assert [p.name for p in tmp_path.iterdir()] == [folders[0].name]         # no staging dirs left
+    fresh = load_model(folders[0])
+    for (name, ours), (_, theirs) in zip(fresh.module.state_dict().items(), loaded.module.state_dict().items()):
+        assert torch.equal(ours, theirs), name
+
+
+def test_gguf_metadata_holds_the_same_chat_template(smollm2):
+    loaded, _ = smollm2
+    from smartspec.worker.model.loading import KNOWN_MODELS, gguf_chat_template
+
+    assert gguf_chat_template(KNOWN_MODELS["smollm2"].path()) == loaded.tokenizer.chat_template
