@@ -321,3 +321,16 @@ def test_concurrent_clients_beyond_the_slots_queue_and_get_the_same_greedy_text(
     queue_ms = sorted(r.queue_ms for _, _, r in results)
     fastest_decode_ms = min(r.total_ms - r.time_to_first_token_ms for _, _, r in results)
     assert queue_ms[-2] >= 0.8 * fastest_decode_ms
+
+
+def test_generation_stops_at_the_context_window(worker, model):
+    _, stub, _ = worker
+    # The longest "hello hello ..." prompt that still leaves room for a few tokens.
+    prompt = next(p for p in ("hello " * n for n in range(CONTEXT, 0, -1))
+                  if CONTEXT - len(model.tokenizer.encode(p)) >= 3)
+    room = CONTEXT - len(model.tokenizer.encode(prompt))
+    assert 3 <= room < 16
+    _, ids, result = generate(stub, prompt=prompt, max_tokens=100, ignore_eos=True)
+    assert result.finish_reason == pb.FINISH_REASON_LENGTH
+    assert result.usage.completion_tokens == len(ids) == room
+    assert result.usage.prompt_tokens + result.usage.completion_tokens == CONTEXT
