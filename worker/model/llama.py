@@ -110,6 +110,26 @@ class StepPlan:
     mask: torch.Tensor           # [B, 1, S, L] bool, True = may attend
 
 
+def attention_mask(starts: torch.Tensor, lengths: torch.Tensor, sees_new: torch.Tensor,
+                   context_length: int) -> torch.Tensor:
+    """Which cache positions each query may attend to: [B, 1, S, L] bool.
+
+    starts, lengths: [B]; sees_new: [B or 1, S, S] (query i may see new token j).
+    A real query sees the row's cached context [0, start) and the new tokens sees_new allows; a
+    padding query sees the row's real tokens (so its softmax is finite; its output is unused).
+    Cache positions past start + length hold stale K/V and are never visible.
+    """
+    batch, seq = starts.shape[0], sees_new.shape[-1]
+    rel = torch.arange(context_length, device=starts.device)[None, :] - starts[:, None]   # [B, L] key - start
+    in_context = (rel < 0)[:, None, :]                                                     # [B, 1, L]
+    is_new = ((rel >= 0) & (rel < lengths[:, None]))[:, None, :]                           # [B, 1, L]
+    rel_index = rel.clamp(0, seq - 1)[:, None, :].expand(batch, seq, context_length)       # [B, S, L]
+    new_visible = sees_new.expand(batch, seq, seq).gather(2, rel_index)                    # [B, S, L]
+    is_real = (torch.arange(seq, device=starts.device)[None, :] < lengths[:, None])[:, :, None]   # [B, S, 1]
+    mask = torch.where(is_real, in_context | (is_new & new_visible), in_context | is_new)  # [B, S, L]
+    return mask[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -283,15 +303,6 @@ class LlamaForCausal(nn.Module):
         cos = cos[positions].unsqueeze(1)                                                # [B, 1, S, D]
         sin = sin[positions].unsqueeze(1)
 
-        rel = torch.arange(context_length, device=device)[None, :] - starts[:, None]     # [B, L] key - start
-        in_context = (rel < 0)[:, None, :]                                               # [B, 1, L]
-        is_new = ((rel >= 0) & (rel < lengths[:, None]))[:, None, :]                     # [B, 1, L]
-        rel_index = rel.clamp(0, seq - 1)[:, None, :].expand(batch, seq, context_length)
-        new_visible = sees_new.expand(batch, seq, seq).gather(2, rel_index)              # [B, S, L]
-        mask = in_context | (is_new & new_visible)
-        # Padding queries see the row's real tokens only; their outputs are never used.
-        mask = torch.where(is_real[:, :, None], mask, in_context | is_new)              # [B, S, L]
-
         write_rows, write_cols = is_real.nonzero(as_tuple=True)                          # [N], [N]
         first = slot_list[0]
         consecutive = slot_list == list(range(first, first + batch))
@@ -301,7 +312,7 @@ class LlamaForCausal(nn.Module):
             write_slots=slots[write_rows], write_positions=starts[write_rows] + write_cols,
             read_slots=slice(first, first + batch) if consecutive else slots,
             context_length=context_length,
-            mask=mask[:, None],                                                          # [B, 1, S, L]
+            mask=attention_mask(starts, lengths, sees_new, context_length),             # [B, 1, S, L]
         )
 
 
