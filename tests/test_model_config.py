@@ -3,6 +3,7 @@
 import pytest
 
 from smartspec.worker.model import ModelConfig
+from smartspec.worker.model.rope import RopeScaling
 
 SMOLLM2_LIKE = {
     "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
@@ -16,7 +17,7 @@ SMOLLM2_LIKE = {
 def test_transformers5_rope_parameters_are_read():
     config = ModelConfig.from_hf_dict(SMOLLM2_LIKE)
     assert config.rope_theta == 100000.0
-    assert config.rope_scaling_factor == 1.0
+    assert config.rope_scaling == RopeScaling()
     assert config.tie_word_embeddings and not config.attention_bias
 
 
@@ -34,12 +35,16 @@ def test_qwen2_has_qkv_bias_without_saying_so():
     assert not ModelConfig.from_hf_dict(SMOLLM2_LIKE | {"model_type": "qwen2", "attention_bias": False}).attention_bias
 
 
-def test_linear_rope_scaling_factor():
+def test_rope_scaling_schemes():
     raw = SMOLLM2_LIKE | {"rope_parameters": {"rope_theta": 1e4, "rope_type": "linear", "factor": 2.0}}
-    assert ModelConfig.from_hf_dict(raw).rope_scaling_factor == 2.0
+    assert ModelConfig.from_hf_dict(raw).rope_scaling == RopeScaling(kind="linear", factor=2.0)
     legacy = {k: v for k, v in SMOLLM2_LIKE.items() if k != "rope_parameters"} | {
         "rope_scaling": {"type": "linear", "factor": 3.0}}
-    assert ModelConfig.from_hf_dict(legacy).rope_scaling_factor == 3.0
+    assert ModelConfig.from_hf_dict(legacy).rope_scaling.factor == 3.0
+    llama3 = SMOLLM2_LIKE | {"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 32.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 8192}}
+    assert ModelConfig.from_hf_dict(llama3).rope_scaling == RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
 
 
 @pytest.mark.parametrize("change,message", [
@@ -54,6 +59,9 @@ def test_unsupported_configs_are_rejected_by_name(change, message):
         ModelConfig.from_hf_dict(SMOLLM2_LIKE | change)
 
 
-def test_round_trip_through_hf_dict():
-    config = ModelConfig.from_hf_dict(SMOLLM2_LIKE | {"rope_parameters": {"rope_type": "linear", "factor": 2.0}})
+@pytest.mark.parametrize("rope", [{"rope_type": "linear", "factor": 2.0},
+                                  {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}])
+def test_round_trip_through_hf_dict(rope):
+    config = ModelConfig.from_hf_dict(SMOLLM2_LIKE | {"rope_parameters": rope})
+    assert config.rope_scaling.kind == rope["rope_type"]
     assert ModelConfig.from_hf_dict(config.to_hf_dict()) == config

@@ -190,10 +190,17 @@ def test_tree_branches_equal_separate_chains(tiny):
     torch.testing.assert_close(logits, reference_logits(hf_model, prompt + [r, b1, 34])[-1], atol=ATOL, rtol=0)
 
 
-def test_linear_rope_scaling_matches_transformers(tmp_path):
-    hf_model = write_tiny_model(tmp_path, rope_scaling={"rope_type": "linear", "factor": 4.0})
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    # head_dim 8 has wavelengths ~6..220: original context 64 puts them in all three llama3 bands
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64},
+])
+def test_rope_scaling_matches_transformers(tmp_path, rope_scaling):
+    hf_model = write_tiny_model(tmp_path, rope_scaling=rope_scaling)
     loaded = load_model(tmp_path)
-    assert loaded.config.rope_scaling_factor == 4.0
+    assert loaded.config.rope_scaling.kind == rope_scaling["rope_type"]
+    assert loaded.config.rope_scaling.factor == rope_scaling["factor"]
     tokens = random_tokens(20, seed=12)
     logits = step(loaded.module, loaded.module.allocate_cache(1, 32), [(0, 0, tokens)])[0]
     torch.testing.assert_close(logits, reference_logits(hf_model, tokens), atol=ATOL, rtol=0)

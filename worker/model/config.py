@@ -7,11 +7,12 @@ served here stay below it).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
+from .rope import FREQUENCY_SCALINGS, RopeScaling
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_ROPE_TYPES = ("default", "linear")
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False            # q/k/v projections carry a bias (Qwen2)
-    rope_scaling_factor: float = 1.0        # "linear" RoPE scaling: positions are divided by it
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
@@ -55,7 +56,7 @@ class ModelConfig:
             raise ValueError("mlp_bias=true is not supported")
         heads = int(raw["num_attention_heads"])
         hidden = int(raw["hidden_size"])
-        rope_theta, rope_factor = _rope_settings(raw)
+        rope_theta, rope_scaling = _rope_settings(raw)
         # Qwen2 configs have no attention_bias key: their q/k/v always carry a bias.
         attention_bias = bool(raw.get("attention_bias", model_type == "qwen2"))
         eos = raw.get("eos_token_id")
@@ -72,7 +73,7 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=attention_bias,
-            rope_scaling_factor=rope_factor,
+            rope_scaling=rope_scaling,
             model_type=model_type,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
@@ -81,11 +82,14 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """A config.json that transformers' own classes accept (used for tiny test models)."""
         raw = asdict(self)
-        raw.pop("rope_scaling_factor")
+        scaling = raw.pop("rope_scaling")
         if isinstance(raw["eos_token_id"], tuple):
             raw["eos_token_id"] = list(raw["eos_token_id"])
-        if self.rope_scaling_factor != 1.0:
-            raw["rope_scaling"] = {"rope_type": "linear", "factor": self.rope_scaling_factor}
+        kind = scaling.pop("kind")
+        if kind == "linear":
+            raw["rope_scaling"] = {"rope_type": kind, "factor": scaling["factor"]}
+        elif kind != "default":
+            raw["rope_scaling"] = {"rope_type": kind, **scaling}
         raw["architectures"] = [_ARCHITECTURES[self.model_type]]
         raw["hidden_act"] = "silu"
         return raw
@@ -94,14 +98,22 @@ class ModelConfig:
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
-def _rope_settings(raw: Mapping[str, Any]) -> tuple[float, float]:
-    """(theta, linear factor); transformers 5 moved these into `rope_parameters`."""
+def _rope_settings(raw: Mapping[str, Any]) -> tuple[float, RopeScaling]:
+    """(theta, scaling); transformers 5 moved these into `rope_parameters`."""
     params = dict(raw.get("rope_parameters") or {})
-    scaling = dict(raw.get("rope_scaling") or {})
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    merged = {**scaling, **params}
-    rope_type = merged.get("rope_type", merged.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(f"rope type {rope_type!r} is not supported (supported: {SUPPORTED_ROPE_TYPES})")
-    factor = float(merged.get("factor", 1.0)) if rope_type == "linear" else 1.0
-    return theta, factor
+    merged = {**dict(raw.get("rope_scaling") or {}), **params}
+    kind = merged.get("rope_type", merged.get("type", "default"))
+    if kind not in FREQUENCY_SCALINGS:
+        raise ValueError(f"rope type {kind!r} is not supported (supported: {sorted(FREQUENCY_SCALINGS)})")
+    if kind == "default":
+        return theta, RopeScaling()
+    defaults = RopeScaling()
+    return theta, RopeScaling(
+        kind=kind,
+        factor=float(merged.get("factor", 1.0)),
+        low_freq_factor=float(merged.get("low_freq_factor", defaults.low_freq_factor)),
+        high_freq_factor=float(merged.get("high_freq_factor", defaults.high_freq_factor)),
+        original_max_position_embeddings=int(merged.get("original_max_position_embeddings",
+                                                        defaults.original_max_position_embeddings)),
+    )

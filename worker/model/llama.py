@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
+from .rope import apply_rope, rope_tables
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -73,27 +74,6 @@ class RMSNorm(nn.Module):
         xf = x.float() if x.dtype in HALF_DTYPES else x
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
-
-
-def rope_tables(config: ModelConfig, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin: [length, head_dim] for positions 0..length-1 (halves duplicated, HF layout)."""
-    exact = torch.float64 if dtype == torch.float64 else torch.float32   # angles never in half precision
-    half = torch.arange(0, config.head_dim, 2, dtype=torch.int64, device=device).to(exact)
-    inv_freq = 1.0 / (config.rope_theta ** (half / config.head_dim))            # [D/2]
-    positions = torch.arange(length, device=device).to(exact) / config.rope_scaling_factor
-    angles = torch.outer(positions, inv_freq)                                     # [length, D/2]
-    angles = torch.cat([angles, angles], dim=-1)                                  # [length, D]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat([-second, first], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, S, D]; cos/sin: [B, 1, S, D]."""
-    return x * cos + rotate_half(x) * sin
 
 
 @dataclass
@@ -228,7 +208,8 @@ class LlamaForCausal(nn.Module):
         tables = self._rope
         if tables is None or tables[0].shape[0] < needed or tables[0].dtype != self.dtype \
                 or tables[0].device != self.device:
-            tables = self._rope = rope_tables(self.config, needed, self.device, self.dtype)
+            tables = self._rope = rope_tables(self.config.head_dim, self.config.rope_theta, self.config.rope_scaling,
+                                               needed, self.device, self.dtype)
         return tables
 
     @torch.inference_mode()
