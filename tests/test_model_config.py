@@ -1,8 +1,11 @@
 """ModelConfig reads the config.json variants of the Llama family and rejects the rest clearly."""
 
+from pathlib import Path
+
 import pytest
 
 from smartspec.worker.model import ModelConfig
+from smartspec.worker.model.loading import display_name
 from smartspec.worker.model.rope import RopeScaling
 
 SMOLLM2_LIKE = {
@@ -65,3 +68,13 @@ def test_round_trip_through_hf_dict(rope):
     config = ModelConfig.from_hf_dict(SMOLLM2_LIKE | {"rope_parameters": rope})
     assert config.rope_scaling.kind == rope["rope_type"]
     assert ModelConfig.from_hf_dict(config.to_hf_dict()) == config
+
+
+@pytest.mark.parametrize("filename,name", [
+    ("SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
+    ("Llama-3.2-1B-Instruct-Q4_K_M.gguf", "Llama-3.2-1B-Instruct"),
+    ("qwen2.5-0.5b-instruct-fp16.gguf", "qwen2.5-0.5b-instruct"),
+    ("tinyllama.F16.gguf", "tinyllama"),
+])
+def test_gguf_display_names_drop_only_the_quantization(filename, name):
+    assert display_name(Path(filename)) == name

@@ -12,6 +12,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -96,9 +97,12 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "smartspec" / "models"
 
 
+QUANT_SUFFIX = re.compile(r"[.-](I?Q\d[\w]*|F16|F32|BF16|FP16|FP32)$", re.IGNORECASE)
+
+
 def display_name(gguf_path: Path) -> str:
-    """'SmolLM2-135M-Instruct.Q4_1.gguf' -> 'SmolLM2-135M-Instruct'."""
-    return gguf_path.name.split(".")[0]
+    """'SmolLM2-135M-Instruct.Q4_1.gguf' -> 'SmolLM2-135M-Instruct' (dots in names survive)."""
+    return QUANT_SUFFIX.sub("", gguf_path.name.removesuffix(".gguf"))
 
 
 def converted_folder(gguf_path: Path, cache_dir: str | os.PathLike | None = None) -> Path:
