@@ -7,7 +7,7 @@ import torch
 from torch.ao.nn.quantized import dynamic as quantized_dynamic
 from transformers import AutoModelForCausalLM
 
-from smartspec.worker.model import DEFAULT_MODEL, build_draft, load_model
+from smartspec.worker.model import DEFAULT_MODEL, build_draft, load_model, load_user_draft
 from test_model_tiny import VOCAB, random_tokens, reference_logits, step, write_tiny_model
 
 
@@ -63,9 +63,20 @@ def test_bad_draft_kinds_are_rejected(tiny_target, kind):
 
 def test_a_user_draft_from_a_folder_runs_with_the_same_api(tmp_path, tiny_target):
     write_tiny_model(tmp_path, seed=9)            # another model with the same tokenizer
-    user_draft = load_model(tmp_path)
+    user_draft = load_user_draft(str(tmp_path), tiny_target)
     assert user_draft.tokenizer("t5 t6").input_ids == tiny_target.tokenizer("t5 t6").input_ids
     assert prefill_logits(user_draft, [5, 6]).shape == (2, VOCAB)
+
+
+def test_a_user_draft_with_another_tokenizer_is_refused(tmp_path, tiny_target):
+    write_tiny_model(tmp_path, seed=9)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
+    tokenizer.add_tokens(["an-extra-word"])
+    tokenizer.save_pretrained(str(tmp_path))
+    with pytest.raises(ValueError, match="tokenizer"):
+        load_user_draft(str(tmp_path), tiny_target)
 
 
 @pytest.mark.slow
