@@ -112,7 +112,7 @@ async def scenario(args, controller_port: int, prefix: str, log_dir: Path, child
         workload.stop()
         await running
 
-    print(f"\n| phase | requests completed | failed | fallback_steps at end (cumulative) | controller_connected |")
+    print("\n| phase | requests completed | failed | fallback_steps at end (cumulative) | controller_connected |")
     print("|---|---:|---:|---:|---|")
     print(f"| start | - | - | {start_info.fallback_steps} | {start_info.controller_connected} |")
     for phase, done, failed, fallbacks, connected in rows:

@@ -80,7 +80,7 @@ def demo() -> None:
             outcomes += [outcome(f"bg-{i}", 0, 0, context=200) for i in range(126)]
             plan = stub.Decide(controller_pb2.DecideRequest(worker=hello, report=step_report(4, outcomes),
                                                             cost_model_override=costly))
-            print(f"  cost override: c_fixed 10 ms, c_spec 400 ms, c_tok 20 ms per batched token")
+            print("  cost override: c_fixed 10 ms, c_spec 400 ms, c_tok 20 ms per batched token")
             show("(b) batch of 128, costly verify", plan)
             big_ks = [r.speculation_length for r in plan.requests]
             check(len(big_ks) == 128 and all(k == 0 for k in big_ks), f"(b) expected k = 0 for all, got {set(big_ks)}")
