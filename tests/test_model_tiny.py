@@ -164,6 +164,39 @@ def test_logits_rows_last_picks_each_rows_last_real_token(tiny):
     torch.testing.assert_close(last[:, 0], torch.stack([full[0, 5], full[1, 1]]), atol=1e-5, rtol=0)
 
 
+def test_packed_logits_of_very_uneven_rows_equal_per_row_forwards(tiny):
+    """A decode row (1 token) beside a 12-token verify row: packed [N, V] logits, row after row,
+    equal each row's own forward, and the padded [B, S, V] output is zero past each row's length."""
+    loaded, hf_model = tiny
+    module = loaded.module
+    histories = {0: random_tokens(5, seed=11), 1: random_tokens(3, seed=12), 2: random_tokens(9, seed=13)}
+    news = {0: [7], 1: random_tokens(12, seed=14), 2: [8, 9]}
+    caches = {name: module.allocate_cache(num_slots=3, max_tokens=32) for name in ("packed", "padded", "alone")}
+    for cache in caches.values():
+        for slot, history in histories.items():
+            step(module, cache, [(slot, 0, history)])
+    rows = [(slot, len(histories[slot]), news[slot]) for slot in (0, 1, 2)]
+    width = max(len(tokens) for _, _, tokens in rows)
+    input_ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for index, (_, _, tokens) in enumerate(rows):
+        input_ids[index, : len(tokens)] = torch.tensor(tokens)
+    lengths = torch.tensor([len(tokens) for _, _, tokens in rows])
+    packed = module.forward_step(caches["packed"], input_ids, torch.tensor([0, 1, 2]),
+                                 torch.tensor([start for _, start, _ in rows]), lengths, logits_rows="packed")
+    assert packed.shape == (int(lengths.sum()), VOCAB)
+    padded = step(module, caches["padded"], rows)
+    offset = 0
+    for index, (slot, start, tokens) in enumerate(rows):
+        alone = step(module, caches["alone"], [(slot, start, tokens)])[0]                # [len, V]
+        mine = packed[offset : offset + len(tokens)]
+        offset += len(tokens)
+        torch.testing.assert_close(mine, alone, atol=ATOL, rtol=0)
+        torch.testing.assert_close(padded[index, : len(tokens)], alone, atol=ATOL, rtol=0)
+        assert not padded[index, len(tokens):].any()
+        torch.testing.assert_close(alone, reference_logits(hf_model, histories[slot] + tokens)[-len(tokens):],
+                                   atol=ATOL, rtol=0)
+
+
 def test_tree_branches_equal_separate_chains(tiny):
     """Root r with two branches: r -> a1 -> a2 and r -> b1, verified in one forward."""
     loaded, hf_model = tiny

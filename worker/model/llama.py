@@ -78,17 +78,36 @@ class RMSNorm(nn.Module):
 
 @dataclass
 class StepPlan:
-    """Index tensors shared by every layer of one forward_step (computed once per step)."""
-    cos: torch.Tensor            # [B, 1, S, D]
-    sin: torch.Tensor            # [B, 1, S, D]
-    write_rows: torch.Tensor     # [N] row of each real (unpadded) new token
-    write_cols: torch.Tensor     # [N] its column in input_ids
-    write_slots: torch.Tensor    # [N] cache slot it goes to
+    """Index tensors shared by every layer of one forward_step (computed once per step).
+
+    Token-wise work (projections, MLP, norms, lm_head) runs on the N real tokens packed as
+    [N, H]; only attention uses the right-padded [B, S] layout. `packed_index` maps the two.
+    """
+    cos: torch.Tensor            # [N, 1, D] RoPE of each real token
+    sin: torch.Tensor            # [N, 1, D]
+    batch: int                   # B
+    seq: int                     # S
+    packed_index: torch.Tensor | None  # [N] row * S + column of each real token; None: no padding (N == B*S)
+    write_slots: torch.Tensor    # [N] cache slot each real token goes to
     write_positions: torch.Tensor  # [N] cache position it goes to
     read_slots: slice | torch.Tensor  # slots to attend over: a slice when they are consecutive
     context_length: int          # L: cache positions attended over (max of start + query_length)
     mask: torch.Tensor | None    # [B, 1, S, L] bool, True = may attend; None: see is_causal
     is_causal: bool = False      # with mask None: plain causal (True) or everything visible (False)
+
+    def pad(self, packed: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, S, ...] with zeros at padding positions."""
+        tail = packed.shape[1:]
+        if self.packed_index is None:
+            return packed.view(self.batch, self.seq, *tail)
+        padded = packed.new_zeros((self.batch * self.seq, *tail))                        # [B*S, ...]
+        padded.index_copy_(0, self.packed_index, packed)
+        return padded.view(self.batch, self.seq, *tail)
+
+    def pack(self, padded: torch.Tensor) -> torch.Tensor:
+        """[B, S, ...] -> [N, ...]: the real tokens only, row-major."""
+        flat = padded.reshape(self.batch * self.seq, *padded.shape[2:])                  # [B*S, ...]
+        return flat if self.packed_index is None else flat.index_select(0, self.packed_index)
 
 
 def attention_mask(starts: torch.Tensor, lengths: torch.Tensor, sees_new: torch.Tensor,
@@ -122,18 +141,16 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, layer: int, cache: KVCache, plan: StepPlan) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)                             # [B, S, (H|Hkv)*D]
-        q = q.view(batch, seq, self.heads, self.head_dim).transpose(1, 2)                 # [B, H, S, D]
-        k = k.view(batch, seq, self.kv_heads, self.head_dim).transpose(1, 2)              # [B, Hkv, S, D]
-        v = v.view(batch, seq, self.kv_heads, self.head_dim)                              # [B, S, Hkv, D]
-        q = apply_rope(q, plan.cos, plan.sin)
-        k = apply_rope(k, plan.cos, plan.sin).transpose(1, 2)                              # [B, S, Hkv, D]
+        tokens = x.shape[0]                                                              # x: [N, H]
+        q, k, v = self.qkv_proj(x).split(self.split, dim=-1)                             # [N, (H|Hkv)*D]
+        q = apply_rope(q.view(tokens, self.heads, self.head_dim), plan.cos, plan.sin)    # [N, H, D]
+        k = apply_rope(k.view(tokens, self.kv_heads, self.head_dim), plan.cos, plan.sin)  # [N, Hkv, D]
+        v = v.view(tokens, self.kv_heads, self.head_dim)                                 # [N, Hkv, D]
 
-        # Only real tokens are written: padding never lands in a slot.
+        # Only real tokens exist here, so padding never lands in a slot.
         layer_k, layer_v = cache.k[layer], cache.v[layer]                                # [slots, Hkv, T, D]
-        layer_k[plan.write_slots, :, plan.write_positions] = k[plan.write_rows, plan.write_cols]  # [N, Hkv, D]
-        layer_v[plan.write_slots, :, plan.write_positions] = v[plan.write_rows, plan.write_cols]
+        layer_k[plan.write_slots, :, plan.write_positions] = k
+        layer_v[plan.write_slots, :, plan.write_positions] = v
 
         length = plan.context_length
         if isinstance(plan.read_slots, slice):
@@ -142,9 +159,11 @@ class Attention(nn.Module):
         else:
             keys = layer_k[:, :, :length].index_select(0, plan.read_slots)               # [B, Hkv, L, D] copy
             values = layer_v[:, :, :length].index_select(0, plan.read_slots)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask, is_causal=plan.is_causal,
+        queries = plan.pad(q).transpose(1, 2)                                            # [B, H, S, D]
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=plan.mask, is_causal=plan.is_causal,
                                              enable_gqa=self.heads != self.kv_heads)     # [B, H, S, D]
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, self.heads * self.head_dim))
+        out = plan.pack(out.transpose(1, 2))                                             # [N, H, D]
+        return self.o_proj(out.reshape(tokens, self.heads * self.head_dim))              # [N, H]
 
 
 class MLP(nn.Module):
@@ -156,7 +175,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)                                  # [B, S, I] each
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)                                  # [N, I] each
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -222,7 +241,7 @@ class LlamaForCausal(nn.Module):
         start_positions: torch.Tensor,  # [B] long: tokens already in each slot
         query_lengths: torch.Tensor,    # [B] long: real tokens per row, 1..S
         tree_mask: torch.Tensor | None = None,   # [B, S, S] bool, new token i may see new token j
-        logits_rows: str | None = None,          # "last" -> [B, 1, V]; None -> [B, S, V]
+        logits_rows: str | None = None,          # None -> [B, S, V]; "last" -> [B, 1, V]; "packed" -> [N, V]
     ) -> torch.Tensor:
         """Write the new tokens' K/V into their slots and return their next-token logits.
 
@@ -231,17 +250,28 @@ class LlamaForCausal(nn.Module):
         (the number of new tokens it sees, itself included, minus one), so a branch computes
         exactly what the same tokens would as a plain chain. Its K/V is still written at
         start + column: compact the accepted path with `KVCache.move_tokens`.
+
+        Everything but attention runs on the N = sum(query_lengths) real tokens only, so a row
+        with a short query does not pay for the widest row in the projections, MLP and lm_head.
+        "packed" returns the logits of those N tokens row after row (row i's at
+        offsets sum(query_lengths[:i]) ...), without materialising the padded [B, S, V].
         """
         plan = self._plan(cache, input_ids, slots, start_positions, query_lengths, tree_mask, logits_rows)
-        hidden = self.model.embed_tokens(input_ids)                                       # [B, S, H]
+        ids = plan.pack(input_ids.to(self.device))                                        # [N]
+        hidden = self.model.embed_tokens(ids)                                             # [N, H]
         for index, layer in enumerate(self.model.layers):
             hidden = layer(hidden, index, cache, plan)
         if logits_rows == "last":
-            rows = torch.arange(input_ids.shape[0], device=hidden.device)
-            hidden = hidden[rows, query_lengths.to(hidden.device) - 1].unsqueeze(1)        # [B, 1, H]
-        logits = self.lm_head(self.model.norm(hidden))                                     # [B, S|1, V]
+            last = query_lengths.to(device=hidden.device, dtype=torch.long).cumsum(0) - 1  # [B] packed index
+            hidden = hidden.index_select(0, last)                                          # [B, H]
+        logits = self.lm_head(self.model.norm(hidden))                                     # [N|B, V]
         # At least fp32 logits whatever the weights' dtype, so drafts and targets compare like for like.
-        return logits.float() if logits.dtype in HALF_DTYPES else logits
+        logits = logits.float() if logits.dtype in HALF_DTYPES else logits
+        if logits_rows == "last":
+            return logits.unsqueeze(1)                                                     # [B, 1, V]
+        if logits_rows == "packed":
+            return logits                                                                  # [N, V]
+        return plan.pad(logits)                                                            # [B, S, V], zeros at padding
 
     def _plan(self, cache, input_ids, slots, start_positions, query_lengths, tree_mask, logits_rows) -> StepPlan:
         if input_ids.dim() != 2:
@@ -252,8 +282,8 @@ class LlamaForCausal(nn.Module):
                              ("query_lengths", query_lengths)):
             if tuple(tensor.shape) != (batch,):
                 raise ValueError(f"{name} must have shape [{batch}], got {tuple(tensor.shape)}")
-        if logits_rows not in (None, "last"):
-            raise ValueError(f"logits_rows must be None or 'last', got {logits_rows!r}")
+        if logits_rows not in (None, "last", "packed"):
+            raise ValueError(f"logits_rows must be None, 'last' or 'packed', got {logits_rows!r}")
         slots = slots.to(device=device, dtype=torch.long)
         starts = start_positions.to(device=device, dtype=torch.long)
         lengths = query_lengths.to(device=device, dtype=torch.long)
@@ -280,9 +310,10 @@ class LlamaForCausal(nn.Module):
                 raise ValueError(f"tree_mask must be [{batch}, {seq}, {seq}], got {tuple(tree_mask.shape)}")
             sees_new = tree_mask.to(device=device, dtype=torch.bool) | torch.eye(seq, dtype=torch.bool, device=device)
             depth = (sees_new & is_real[:, None, :]).sum(-1) - 1                        # [B, S]
-        positions = (starts[:, None] + depth).clamp(0, cache.max_tokens - 1)            # [B, S]
+        write_rows, write_cols = is_real.nonzero(as_tuple=True)                          # [N], [N] row-major
+        positions = starts[write_rows] + depth[write_rows, write_cols]                   # [N]
         cos, sin = self._rope_for(cache.max_tokens)
-        cos = cos[positions].unsqueeze(1)                                                # [B, 1, S, D]
+        cos = cos[positions].unsqueeze(1)                                                # [N, 1, D]
         sin = sin[positions].unsqueeze(1)
 
         # Two common shapes need no mask, which lets SDPA take its faster unmasked kernels:
@@ -292,12 +323,11 @@ class LlamaForCausal(nn.Module):
         even_decode = seq == 1 and max(ends) == min(ends)
         mask = None if plain_prefill or even_decode else attention_mask(starts, lengths, sees_new, context_length)
 
-        write_rows, write_cols = is_real.nonzero(as_tuple=True)                          # [N], [N]
         first = slot_list[0]
         consecutive = slot_list == list(range(first, first + batch))
         return StepPlan(
-            cos=cos, sin=sin,
-            write_rows=write_rows, write_cols=write_cols,
+            cos=cos, sin=sin, batch=batch, seq=seq,
+            packed_index=None if min_len == seq else write_rows * seq + write_cols,
             write_slots=slots[write_rows], write_positions=starts[write_rows] + write_cols,
             read_slots=slice(first, first + batch) if consecutive else slots,
             context_length=context_length,
