@@ -180,6 +180,9 @@ class Engine:
         self._free_slots = list(range(config.max_batch_size - 1, -1, -1))
         self._pending_finished: list[RequestFacts] = []   # cancelled between steps, reported next step
         self._step_index = 0
+        # End of the previous step's report (None after an idle wait): the next step's total_ms
+        # starts here, so planner waits and bookkeeping between steps are part of a step's cost.
+        self._previous_step_end: float | None = None
         self._accepting = True
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -254,6 +257,7 @@ class Engine:
         while True:
             with self._lock:
                 while not (self._stop or self._inbox or self._cancels or self._running or self._waiting):
+                    self._previous_step_end = None   # idle time is not a step's cost
                     self._wake.wait()
                 incoming = list(self._inbox)
                 self._inbox.clear()
@@ -302,6 +306,7 @@ class Engine:
 
     def _step(self) -> None:
         step_start = self._clock()
+        iteration_start = step_start if self._previous_step_end is None else self._previous_step_end
         cfg = self.config
         decoding = [seq for seq in self._running.values() if not seq.prefilling]
         queries = [PlanQuery(s.request.request_id, len(s.tokens)) for s in decoding]
@@ -348,7 +353,9 @@ class Engine:
             facts += self._prefill([work[i] for i in group])
         batched_tokens += sum(chunk for _, chunk in work)
         verify_ms = (self._clock() - verify_start) * 1000.0
-        self._report(facts, draft_ms, verify_ms, (self._clock() - step_start) * 1000.0, batched_tokens)
+        # total_ms: the whole loop iteration since the previous step's report (the planner's
+        # observe/plan wait, admission, text streaming included), not only this method's body.
+        self._report(facts, draft_ms, verify_ms, (self._clock() - iteration_start) * 1000.0, batched_tokens)
 
     def _report(self, facts: list[RequestFacts], draft_ms: float, verify_ms: float, total_ms: float,
                 batched_tokens: int) -> None:
@@ -372,6 +379,7 @@ class Engine:
             self.planner.observe(step)
         except Exception:  # a planner bug costs its plans, never the requests
             log.exception("planner.observe failed at step %d", step.step_index)
+        self._previous_step_end = self._clock()
 
     def _ask_planner(self, queries: list[PlanQuery]) -> dict[str, int]:
         try:
@@ -423,19 +431,21 @@ class Engine:
         input_ids = torch.zeros((len(rows), width), dtype=torch.long)                  # [B, S] right-padded
         for i, tokens in enumerate(row_tokens):
             input_ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        lengths = [len(t) for t in row_tokens]
         logits = self.model.module.forward_step(
             self.cache,
             input_ids.to(self._device),
             torch.tensor([s.slot for s in rows], dtype=torch.long),                     # slots: [B]
             torch.tensor([s.cached for s in rows], dtype=torch.long),                   # start_positions: [B]
-            torch.tensor([len(t) for t in row_tokens], dtype=torch.long),               # query_lengths: [B]
-        )                                                                               # logits: [B, S, V]
-        verdicts = verify_batch(
-            logits,
-            [proposals[s.request.request_id] for s in rows],
-            [s.sampling for s in rows],
-            [s.generator for s in rows],
-        )
+            torch.tensor(lengths, dtype=torch.long),                                    # query_lengths: [B]
+            logits_rows="packed",   # only real tokens reach the lm_head: no row pays for the widest k
+        )                                                                               # logits: [N, V]
+        verdicts = []
+        for row_logits, seq in zip(logits.split(lengths), rows):                        # [k_i + 1, V] each
+            verdicts += verify_batch(
+                row_logits.unsqueeze(0),                                                # [1, k_i + 1, V]
+                [proposals[seq.request.request_id]], [seq.sampling], [seq.generator],
+            )
         facts = []
         for seq, verdict in zip(rows, verdicts):
             request_id = seq.request.request_id
