@@ -8,6 +8,7 @@ with requests of different lengths joining a batch that is already decoding.
 from __future__ import annotations
 
 import random
+import time
 from typing import Any, Mapping
 
 import pytest
@@ -234,3 +235,34 @@ def test_cli_builds_the_draft_proposer_from_the_target(model):
     assert proposer.kind == common_pb2.PROPOSER_KIND_DRAFT
     assert build_proposer("ngram", model, draft="auto", max_slots=2, max_tokens=128).kind == \
         common_pb2.PROPOSER_KIND_NGRAM
+
+
+class SlowObservePlanner(StaticPlanner):
+    """k = 2, and observe takes OBSERVE_S, as a remote planner waiting for its next plan does."""
+
+    OBSERVE_S = 0.05
+
+    def __init__(self) -> None:
+        super().__init__(2)
+        self.steps = []
+
+    def observe(self, facts):
+        self.steps.append(facts)
+        time.sleep(self.OBSERVE_S)
+
+
+def test_step_total_covers_the_planner_wait_between_steps(model, prompts):
+    """total_ms spans the loop iteration since the previous report, so the controller's overhead
+    term sees time a step spends outside draft + verify (here a 50 ms planner wait)."""
+    planner = SlowObservePlanner()
+    engine = make_engine(model, make_proposer("ngram"), planner, max_k=4)
+    try:
+        engine.submit(GenerationRequest("w", prompts[1], 12)).result(timeout=120)
+    finally:
+        engine.stop(0)
+    steps = [s for s in planner.steps if s.requests]
+    assert len(steps) >= 3
+    first, later = steps[0], steps[1:]
+    assert first.total_ms - first.draft_ms - first.verify_ms < SlowObservePlanner.OBSERVE_S * 1000
+    for step in later:
+        assert step.total_ms - step.draft_ms - step.verify_ms >= SlowObservePlanner.OBSERVE_S * 1000

@@ -180,8 +180,8 @@ class Engine:
         self._free_slots = list(range(config.max_batch_size - 1, -1, -1))
         self._pending_finished: list[RequestFacts] = []   # cancelled between steps, reported next step
         self._step_index = 0
-        # End of the previous step's report (None after an idle wait): the next step's total_ms
-        # starts here, so planner waits and bookkeeping between steps are part of a step's cost.
+        # When the previous step's total_ms was taken (None after an idle wait): the next step's
+        # total_ms starts here, so the report/plan wait and bookkeeping between steps count.
         self._previous_step_end: float | None = None
         self._accepting = True
         self._stop = False
@@ -355,7 +355,8 @@ class Engine:
         verify_ms = (self._clock() - verify_start) * 1000.0
         # total_ms: the whole loop iteration since the previous step's report (the planner's
         # observe/plan wait, admission, text streaming included), not only this method's body.
-        self._report(facts, draft_ms, verify_ms, (self._clock() - iteration_start) * 1000.0, batched_tokens)
+        self._previous_step_end = self._clock()
+        self._report(facts, draft_ms, verify_ms, (self._previous_step_end - iteration_start) * 1000.0, batched_tokens)
 
     def _report(self, facts: list[RequestFacts], draft_ms: float, verify_ms: float, total_ms: float,
                 batched_tokens: int) -> None:
@@ -379,7 +380,6 @@ class Engine:
             self.planner.observe(step)
         except Exception:  # a planner bug costs its plans, never the requests
             log.exception("planner.observe failed at step %d", step.step_index)
-        self._previous_step_end = self._clock()
 
     def _ask_planner(self, queries: list[PlanQuery]) -> dict[str, int]:
         try:
