@@ -7,6 +7,13 @@ Bernoulli(a) trial; positions after a rejection were never tried. Hence
     a_hat = accepted / tested            (consistent)
     accepted / proposed                  (biased low: it counts untried positions as failures)
 
+The planner uses a_hat as the chance that each further planned position yields a token, so a
+position the proposer could not fill counts too: when the controller planned k for a request and
+the proposer offered fewer (prompt lookup found no match, or a shorter one) and all of them were
+accepted, the next position was tried and failed (`AcceptanceState.planned_k`). Without this, an
+ngram proposer that finds a match in 4 steps out of 10 looks like a = 0.85 and the optimizer
+expects ~4 tokens from k = 8 where ~2.4 come (measured on summarise prompts, SmolLM2).
+
 A new request has no trials, so its estimate starts at the rate pooled over the worker's recent
 requests (per proposer kind) and moves toward its own rate as evidence grows: the posterior mean
 of a Beta(prior_rate * s, (1 - prior_rate) * s) prior with s = `prior_strength` pseudo-trials.
@@ -118,15 +125,22 @@ class AcceptanceState:
     last_k: int = 0
     last_fully_accepted: bool = False
     steps_since_speculation: int = 0  # consecutive steps with k = 0
+    planned_k: int = 0  # k the controller planned for this request's next step (0: unknown / none)
 
     def update(self, proposed: int, accepted: int, tested: int | None = None) -> "AcceptanceState":
-        """The state after one more step in which `proposed` tokens were offered and `accepted` kept."""
+        """The state after one more step in which `proposed` tokens were offered and `accepted` kept.
+
+        If `planned_k` asked for more than the proposer offered and every offered token was
+        accepted, the first unfilled position counts as one failed trial (see the module doc).
+        """
         tested = positions_tested(proposed, accepted) if tested is None else tested
         check_outcome(proposed, accepted, tested)
+        ran_dry = self.planned_k > proposed and accepted == proposed == tested
         return replace(
             self,
             accepted=self.accepted + accepted,
-            tested=self.tested + tested,
+            tested=self.tested + tested + (1 if ran_dry else 0),
+            planned_k=0,
             steps=self.steps + 1,
             last_k=proposed,
             last_fully_accepted=proposed > 0 and accepted == proposed,
@@ -150,6 +164,7 @@ class AcceptanceState:
             last_k=int(data.get("last_k", 0)),
             last_fully_accepted=_as_bool(data.get("last_fully_accepted", False)),
             steps_since_speculation=int(data.get("steps_since_speculation", 0)),
+            planned_k=int(data.get("planned_k", 0)),
         )
 
 

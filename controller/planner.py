@@ -8,7 +8,7 @@ it, so the same code plans a stream step, a unary Decide and a degraded step (em
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from smartspec.controller.acceptance import (
@@ -96,7 +96,10 @@ def plan_step(
         for o in outcomes
     }
     step_accepted = float(sum(o.accepted_tokens for o in outcomes))
-    step_tested = float(sum(o.tested_positions for o in outcomes))
+    # Tested positions as the histories counted them (positions the proposer could not fill included).
+    step_tested = float(sum(
+        histories[o.request_id].tested - snapshot.histories.get(o.request_id, AcceptanceState()).tested
+        for o in outcomes))
     # The same decay-and-add the store's script applies in Redis, so new requests in this very
     # step already see this step's evidence.
     prior = (snapshot.prior or PooledPrior()).update(step_accepted, step_tested, settings.prior_decay)
@@ -158,16 +161,20 @@ def plan_step(
         "steps": 1,
         "proposed": sum(o.proposed_tokens for o in outcomes),
         "accepted": int(step_accepted),
-        "tested": int(step_tested),
+        "tested": sum(o.tested_positions for o in outcomes),   # as verified (status acceptance rate)
         "generated": generated,
         "planned_k": sum(ks),
         "planned_requests": len(ks),
     }
+    planned = dict(zip((s.request_id for s in states), ks))
     writes = StepWrites(
         worker_id=hello.worker_id,
         cost_profile_id=cost_profile_id,
         proposer_kind=proposer_kind,
-        histories={o.request_id: histories[o.request_id] for o in pending},
+        # Each history remembers the k just planned, so the next report can tell a proposer
+        # that ran dry (fewer tokens than planned, all accepted) from one asked for fewer.
+        histories={o.request_id: replace(histories[o.request_id], planned_k=planned.get(o.request_id, 0))
+                   for o in pending},
         finished=tuple(o.request_id for o in outcomes if o.finished),
         cost_fit=cost_fit.to_dict(),
         prior_accepted=step_accepted,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -140,3 +142,32 @@ def test_impossible_outcomes_name_the_field(proposed, accepted, tested, field):
     assert info.value.field == field
     with pytest.raises(OutcomeError):
         AcceptanceState().update(proposed, accepted, tested)
+
+
+def test_a_proposer_that_ran_dry_counts_one_failed_position():
+    """Planned k = 8, the proposer offered 3 and all were accepted: position 4 was tried and failed.
+    Offered 0 of a planned 5: position 1 failed. Without a planned k (or when k was met) nothing is added."""
+    state = AcceptanceState(planned_k=8).update(3, 3, 3)
+    assert (state.accepted, state.tested, state.planned_k) == (3, 4, 0)
+    state = replace(state, planned_k=5).update(0, 0, 0)
+    assert (state.accepted, state.tested) == (3, 5)
+    assert AcceptanceState().update(3, 3, 3).tested == 3                 # planned k unknown
+    assert AcceptanceState(planned_k=3).update(3, 3, 3).tested == 3      # k met: no rejection seen
+    assert AcceptanceState(planned_k=8).update(4, 1, 2).tested == 2      # a rejection already counted
+    assert AcceptanceState(planned_k=8).update(4, 2, 2).tested == 2      # early stop (EOS), not dry
+    assert AcceptanceState.from_dict(AcceptanceState(planned_k=6).to_dict()).planned_k == 6
+
+
+def test_dry_positions_make_the_expected_tokens_match_a_bursty_proposer():
+    """An all-or-nothing proposer (a long match 3 steps in 10, else nothing) at k = 8: the estimate
+    with dry positions predicts the realised tokens per step; counting only offered positions
+    (a = 1 here) would predict 9."""
+    from smartspec.controller.policies.optimizer import expected_tokens
+    state = AcceptanceState()
+    realised = []
+    for step in range(100):
+        offered = 8 if step % 10 < 3 else 0
+        state = replace(state, planned_k=8).update(offered, offered, offered)
+        realised.append(offered + 1)
+    a = state.estimate()
+    assert expected_tokens(a, 8) == pytest.approx(sum(realised) / len(realised), rel=0.25)

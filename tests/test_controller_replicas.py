@@ -126,7 +126,10 @@ def test_stream_moves_to_another_replica_without_losing_history(replicas, redis_
     client = redis.Redis.from_url(redis_url)
     good = json.loads(client.get(f"{redis_prefix}req:w0:good"))
     client.close()
-    assert (good["accepted"], good["tested"], good["steps"]) == (4 * 7, 4 * 7, 8)
+    assert (good["accepted"], good["steps"]) == (4 * 7, 8)
+    # tested also counts a failed position whenever the replayed 4 proposals were fewer than the k
+    # the controller planned (a proposer that ran dry, see controller/acceptance.py)
+    assert 4 * 7 <= good["tested"] <= 4 * 7 + 7
 
 
 class AlwaysOne(BasePolicy):
