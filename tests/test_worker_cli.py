@@ -75,7 +75,8 @@ def test_startup_profile_covers_the_grid_and_reaches_the_hello():
     server.start()
     try:
         grid = {(s.batch_size, s.speculation_length) for s in server.profile}
-        assert grid == {(1, 0), (1, 2), (1, 4), (8, 0), (8, 2), (8, 4)}
+        # batch {1, 4, 8, 16} capped at the 8 slots, x k {0, 2, 4, 8}; one (median) sample per point
+        assert grid == {(b, k) for b in (1, 4, 8) for k in (0, 2, 4, 8)} and len(server.profile) == len(grid)
         assert all(s.verify_ms > 0 and s.draft_ms >= 0 and s.context_tokens == 128 for s in server.profile)
         assert list(server.hello().profile) == server.profile
         # The local goodput policy plans with the cost model fitted from this profile, not the prior.

@@ -51,7 +51,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--local-policy-param", default=None, action="append",
                help="extra key=value parameter for --local-policy (repeatable)")
     add_option(parser, "--cost-profile-id", default="", help="share a fitted cost model with same-hardware workers")
-    add_option(parser, "--profile-steps", default=1, type=int, help="timed repeats per startup profile point (0 = skip)")
+    add_option(parser, "--profile-steps", default=3, type=int, help="timed repeats per startup profile point, median sent (0 = skip)")
     add_option(parser, "--metrics-port", default=0, type=int, help="Prometheus /metrics port (0 = off)")
     add_option(parser, "--grace-s", default=10.0, type=float, help="on SIGTERM, let running requests finish this long")
     add_security_options(parser)

@@ -51,7 +51,7 @@ class WorkerOptions:
     local_policy: str = "goodput"         # `name[:value]`, used with controller "none"
     local_policy_params: tuple[str, ...] = ()
     cost_profile_id: str = ""
-    profile_steps: int = 1                # timed repeats per profile point; 0 = no profile
+    profile_steps: int = 3                # timed repeats per profile point (median sent); 0 = no profile
     metrics_port: int = 0                 # 0 = no /metrics endpoint
     dtype: str = "float32"
     proposer_name: str = ""               # for status pages, e.g. "ngram"
