@@ -249,6 +249,30 @@ def test_planner_pure_step_bookkeeping():
     assert writes.totals["generated"] == 5 + 1 + 1 and writes.totals["planned_k"] == 6
 
 
+def test_planner_remembers_the_planned_k_and_counts_a_dry_proposer():
+    """The k planned at one step is stored with the history; at the next, 2 proposals of a planned
+    3, both accepted, add a failed position (3 tested), and the pooled prior counts it too."""
+    from smartspec.controller.cost_model import CostModel, OnlineCostFit
+    from smartspec.controller.planner import PlannerSettings, plan_step
+    from smartspec.controller.policies import get
+    from smartspec.controller.store import StepSnapshot
+
+    policy = get("fixed")
+    common = dict(cost_fit=OnlineCostFit.create(), policy=policy, params=policy.validate({"k": 3}),
+                  settings=PlannerSettings(prior_decay=1.0), cost_override=CostModel(c_fixed_ms=5.0, c_tok_ms=1.0),
+                  proposer_kind="PROPOSER_KIND_NGRAM", cost_profile_id="p")
+    empty = StepSnapshot(histories={}, cost_fit=None, prior=None, policy=None)
+    first = plan_step(hello(max_k=3), report(0, [outcome("a", context=10)]), empty, **common)
+    assert first.writes.histories["a"].planned_k == 3
+    second = plan_step(hello(max_k=3), report(1, [outcome("a", 2, 2, context=13)]),
+                       StepSnapshot(histories=dict(first.writes.histories), cost_fit=None, prior=None, policy=None),
+                       **common)
+    history = second.writes.histories["a"]
+    assert (history.accepted, history.tested, history.planned_k) == (2, 3, 3)
+    assert (second.writes.prior_accepted, second.writes.prior_tested) == (2.0, 3.0)
+    assert second.writes.totals["tested"] == 2          # the status page's rate stays as verified
+
+
 def test_bearer_token_guards_services_but_not_health(redis_url, redis_prefix):
     from smartspec.security import ServerSecurity
 
