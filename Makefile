@@ -13,9 +13,9 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
 ifeq ($(INSTALL),regular)
-  PIP_TARGET := .[dev]
+  PIP_TARGET := '.[dev]'
 else
-  PIP_TARGET := -e .[dev]
+  PIP_TARGET := -e '.[dev]'
 endif
 
 .PHONY: install up test proto clean
