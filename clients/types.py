@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
+from smartspec.controller.cost_model import CostModel  # the one definition, shared with the controller
 from smartspec.errors import InvalidArgumentError
 from smartspec.v1 import admin_pb2, common_pb2, generation_pb2
 
@@ -198,24 +199,6 @@ class ActivePolicy:
 
 
 # --- status -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Step-time coefficients in ms (see DESIGN.md, "Cost model")."""
-
-    c_fixed_ms: float = 0.0
-    c_spec_ms: float = 0.0
-    c_tok_ms: float = 0.0
-    c_kv_ms: float = 0.0
-    d_fixed_ms: float = 0.0
-    d_tok_ms: float = 0.0
-    d_kv_ms: float = 0.0
-    overhead_ms: float = 0.0
-
-    @classmethod
-    def from_proto(cls, msg: common_pb2.CostModel) -> "CostModel":
-        return cls(**{f.name: getattr(msg, f.name) for f in msg.DESCRIPTOR.fields})
 
 
 def _plain_fields(msg, skip: Sequence[str] = ()) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -23,13 +24,62 @@ def redis_url() -> str:
     return REDIS_URL
 
 
-@pytest.fixture
-def redis_prefix(redis_url: str):
-    """A key prefix no other test uses; its keys are deleted afterwards."""
-    prefix = f"smartspec-test:{uuid.uuid4().hex[:12]}:"
-    yield prefix
+def _new_prefix() -> str:
+    return f"smartspec-test:{uuid.uuid4().hex[:12]}:"
+
+
+def _delete_prefix(redis_url: str, prefix: str) -> None:
     client = redis.Redis.from_url(redis_url)
     keys = list(client.scan_iter(match=prefix + "*", count=1000))
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture
+def redis_prefix(redis_url: str):
+    """A key prefix no other test uses; its keys are deleted afterwards."""
+    prefix = _new_prefix()
+    yield prefix
+    _delete_prefix(redis_url, prefix)
+
+
+@pytest.fixture
+def raw(redis_url: str):
+    """A plain Redis client, for looking at what the controller stored."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def start_real_stack(redis_url: str):
+    """Context manager factory: a real controller + a SmolLM2/ngram worker on free ports.
+
+    Yields (worker address, controller address); everything it started and stored is gone after.
+    """
+    from smartspec.controller.server import ControllerServer
+    from smartspec.worker.engine import EngineConfig
+    from smartspec.worker.model import load_model
+    from smartspec.worker.proposers import make_proposer
+    from smartspec.worker.server import WorkerOptions, WorkerServer
+
+    @contextlib.contextmanager
+    def start(max_context_tokens: int):
+        prefix = _new_prefix()
+        controller = ControllerServer(port=0, redis_url=redis_url, prefix=prefix)
+        controller.start()
+        engine = EngineConfig(max_batch_size=4, max_context_tokens=max_context_tokens, max_queue=8,
+                              token_budget=max_context_tokens, max_k=4)
+        options = WorkerOptions(engine=engine, controller=controller.address, profile_steps=0,
+                                default_max_tokens=16, proposer_name="ngram")
+        worker = WorkerServer(load_model(), make_proposer("ngram"), options)
+        port = worker.start()
+        try:
+            yield f"127.0.0.1:{port}", controller.address
+        finally:
+            worker.stop(0)
+            controller.stop(grace=0)
+            _delete_prefix(redis_url, prefix)
+
+    return start

@@ -5,7 +5,6 @@ real admin API; the records must show what each policy did on the worker."""
 from __future__ import annotations
 
 import pytest
-import redis
 
 from smartspec import Client
 from smartspec.bench.calibrate import predict_points
@@ -13,11 +12,6 @@ from smartspec.bench.report import read_json
 from smartspec.bench.simulator import StepModel, WorkerSpec
 from smartspec.bench.step_models import cost_model_from_mapping
 from smartspec.cli import main
-from smartspec.controller.server import ControllerServer
-from smartspec.worker.engine import EngineConfig
-from smartspec.worker.model import load_model
-from smartspec.worker.proposers import make_proposer
-from smartspec.worker.server import WorkerOptions, WorkerServer
 
 pytestmark = pytest.mark.slow
 
@@ -26,26 +20,9 @@ REQUESTS = 3
 
 
 @pytest.fixture(scope="module")
-def stack(redis_url):
-    import uuid
-
-    prefix = f"smartspec-test:{uuid.uuid4().hex[:12]}:"
-    controller = ControllerServer(port=0, redis_url=redis_url, prefix=prefix)
-    controller.start()
-    options = WorkerOptions(
-        engine=EngineConfig(max_batch_size=4, max_context_tokens=512, max_queue=8, token_budget=512, max_k=4),
-        controller=controller.address, profile_steps=0, default_max_tokens=16, proposer_name="ngram",
-    )
-    worker = WorkerServer(load_model(), make_proposer("ngram"), options)
-    port = worker.start()
-    yield f"127.0.0.1:{port}", controller.address
-    worker.stop(0)
-    controller.stop(grace=0)
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+def stack(start_real_stack):
+    with start_real_stack(max_context_tokens=512) as addresses:
+        yield addresses
 
 
 def test_bench_cli_on_the_real_stack_switches_policies_and_reports_what_ran(stack, tmp_path):

@@ -76,13 +76,6 @@ def channel(server):
         yield ch
 
 
-@pytest.fixture
-def raw(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
-
-
 BAD_REPORTS = [
     # (report builder, field the error must name)
     (lambda: report(5, [outcome("ok", 2, 2), outcome("x", 2, 3, tested=2)]), "requests[1].accepted_tokens"),

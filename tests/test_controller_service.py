@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from smartspec.controller.server import ControllerServer
+from smartspec.processes import free_port
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
 
 
@@ -44,10 +44,6 @@ def stream(channel, first, reports):
     return list(controller_pb2_grpc.ControllerStub(channel).Connect(iter(messages), timeout=30))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -62,13 +58,6 @@ def server(redis_url, redis_prefix):
 def channel(server):
     with grpc.insecure_channel(server.address) as ch:
         yield ch
-
-
-@pytest.fixture
-def raw(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def test_stream_answers_each_report_in_order(channel, raw, redis_prefix):

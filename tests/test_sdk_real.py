@@ -7,18 +7,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import uuid
 
 import pytest
-import redis
 
 from smartspec import AsyncClient, Client, InvalidArgumentError
 from smartspec.controller.server import ControllerServer
 from smartspec.processes import free_port
-from smartspec.worker.engine import EngineConfig
-from smartspec.worker.model import load_model
-from smartspec.worker.proposers import make_proposer
-from smartspec.worker.server import WorkerOptions, WorkerServer
 
 pytestmark = pytest.mark.slow
 
@@ -26,24 +20,9 @@ PROMPT = "Here is a list of fruits: apple, banana, cherry. Again: apple, banana,
 
 
 @pytest.fixture(scope="module")
-def servers(redis_url):
-    prefix = f"smartspec-test:{uuid.uuid4().hex[:12]}:"
-    controller = ControllerServer(port=0, redis_url=redis_url, prefix=prefix)
-    controller.start()
-    options = WorkerOptions(
-        engine=EngineConfig(max_batch_size=4, max_context_tokens=256, max_queue=8, token_budget=256, max_k=4),
-        controller=controller.address, profile_steps=0, default_max_tokens=16, proposer_name="ngram",
-    )
-    worker = WorkerServer(load_model(), make_proposer("ngram"), options)
-    port = worker.start()
-    yield f"127.0.0.1:{port}", controller.address
-    worker.stop(0)
-    controller.stop(grace=0)
-    client = redis.Redis.from_url(redis_url)
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+def servers(start_real_stack):
+    with start_real_stack(max_context_tokens=256) as addresses:
+        yield addresses
 
 
 def test_sync_and_async_clients_agree_on_a_real_worker(servers):

@@ -7,7 +7,6 @@ import socket
 import threading
 
 import pytest
-import redis
 
 from smartspec.controller.acceptance import AcceptanceState
 from smartspec.controller.store import (
@@ -24,13 +23,6 @@ def store(redis_url, redis_prefix):
     s = ControllerStore(redis_url, redis_prefix, request_ttl_s=120, retry_after_s=0.0)
     yield s
     s.close()
-
-
-@pytest.fixture
-def raw(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def _writes(histories=None, finished=(), prior=(0.0, 0.0), decay=1.0, cost_fit=None, worker_id="w0"):
