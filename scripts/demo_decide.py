@@ -2,7 +2,7 @@
 
     python scripts/demo_decide.py
 
-(a) Two requests whose every proposal has been accepted (4/4, reported through Decide a few times
+(a) Two requests whose every proposal has been accepted (each k planned, reported through Decide a few times
 so their history builds up in Redis) on a lightly loaded worker: the goodput policy picks a large k.
 (b) The same two requests among 128, planned with a costly verify model (`cost_model_override`:
 every batched token is dear and any speculation adds a whole extra cost): k = 0 for all.
@@ -63,20 +63,22 @@ def demo() -> None:
             hello = worker_hello()
             print(f"controller {server.address}, redis {REDIS_URL} prefix {prefix!r}, worker max k = {MAX_K}")
 
-            # (a) history: four steps in which both requests had all 4 proposals accepted.
+            # (a) history: four steps in which both requests proposed the k they were planned
+            # (4 at first, then the controller's) and had every proposal accepted.
             plan = None
+            ks = {r: 4 for r in HOT}
             for step in range(4):
-                outcomes = [outcome(r, 4, 4, context=200 + 5 * step) for r in HOT]
+                outcomes = [outcome(r, ks[r], ks[r], context=200 + 5 * step) for r in HOT]
                 plan = stub.Decide(controller_pb2.DecideRequest(worker=hello, report=step_report(step, outcomes)))
-                print(f"  report {step}: 2 requests, 4/4 accepted each -> plan k = "
-                      f"{[r.speculation_length for r in plan.requests]}")
+                ks = {p.request_id: p.speculation_length for p in plan.requests}
+                print(f"  report {step}: 2 requests, every proposal accepted -> plan k = {list(ks.values())}")
             show("(a) batch of 2, high acceptance", plan)
             low_load_ks = [r.speculation_length for r in plan.requests]
             check(all(k >= MAX_K // 2 for k in low_load_ks), f"(a) expected a large k, got {low_load_ks}")
 
             # (b) the same two requests (same history) among 126 fresh ones, with a costly verifier.
             costly = common_pb2.CostModel(c_fixed_ms=10.0, c_spec_ms=400.0, c_tok_ms=20.0, c_kv_ms=0.0)
-            outcomes = [outcome(r, 4, 4, context=220) for r in HOT]
+            outcomes = [outcome(r, ks[r], ks[r], context=220) for r in HOT]
             outcomes += [outcome(f"bg-{i}", 0, 0, context=200) for i in range(126)]
             plan = stub.Decide(controller_pb2.DecideRequest(worker=hello, report=step_report(4, outcomes),
                                                             cost_model_override=costly))
