@@ -1,9 +1,11 @@
-"""How many proposals the simulated target accepts: the simulator's stand-in for a proposer.
+"""How many proposals the simulated proposer offers and the target accepts: the simulator's proposer.
 
 Each model assigns every simulated request a true per-position acceptance rate (or a recorded
-stream of verification outcomes) and, per step, turns (request, k) into accepted counts. Verification
-stops at the first rejection, so with rate a the accepted count is min(k, G) where
-P(G >= j) = a^j (a geometric run of successes).
+stream of verification outcomes) and a fill rate, and per step turns (request, k) first into
+offered proposals, then into accepted counts. A proposer like prompt lookup offers all k tokens
+when it finds a match and none when it does not: request i offers k with probability fill_i, else 0
+(fill 1: a draft model). Verification stops at the first rejection, so with rate a the accepted
+count is min(k, G) where P(G >= j) = a^j (a geometric run of successes).
 """
 
 from __future__ import annotations
@@ -28,31 +30,50 @@ def accepted_runs(alphas: np.ndarray, ks: np.ndarray, rng: np.random.Generator) 
     return np.minimum(run, k).astype(np.int64)
 
 
+def offered_proposals(fills: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """All k with probability fill, else 0 (a lookup that matches or does not). [B], [B] -> [B]."""
+    fills = np.asarray(fills, dtype=np.float64)  # [B]
+    ks = np.asarray(ks, dtype=np.int64)  # [B]
+    if np.all(fills >= 1.0):
+        return ks.copy()
+    return np.where(rng.random(ks.shape) < fills, ks, 0)
+
+
 class RequestAcceptance(Protocol):
-    """Acceptance of the requests of one simulation (index = request number)."""
+    """Proposer behaviour for the requests of one simulation (index = request number)."""
 
     def mean_rates(self) -> np.ndarray:  # [N] true mean rate per request (for reports)
         ...
 
+    def propose(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Proposals offered per row when k are asked for. requests, ks: [B] -> [B], each <= k."""
+        ...
+
     def accept(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Accepted proposals per row. requests, ks: [B] -> [B]."""
+        """Accepted proposals per row, given the proposals offered. requests, ks: [B] -> [B]."""
         ...
 
 
 @dataclass
 class RateAcceptance:
-    """Every request has a constant true rate (fixed, or drawn per request)."""
+    """Every request has a constant true rate and fill rate (fixed, or drawn per request)."""
 
     rates: np.ndarray  # [N]
+    fills: np.ndarray | None = None  # [N]; None: always fills (a draft model)
 
     def mean_rates(self) -> np.ndarray:
         return self.rates
+
+    def propose(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return np.asarray(ks, dtype=np.int64).copy() if self.fills is None else offered_proposals(self.fills[requests], ks, rng)
 
     def accept(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return accepted_runs(self.rates[requests], ks, rng)
 
     def __post_init__(self) -> None:
         self.rates = np.clip(np.asarray(self.rates, dtype=np.float64), 0.0, 1.0)
+        if self.fills is not None:
+            self.fills = np.clip(np.broadcast_to(np.asarray(self.fills, dtype=np.float64), self.rates.shape), 0.0, 1.0)
 
 
 class TraceAcceptance:
@@ -64,13 +85,17 @@ class TraceAcceptance:
     request continues at its recorded mean rate.
     """
 
-    def __init__(self, streams: Sequence[np.ndarray], rates: np.ndarray) -> None:
+    def __init__(self, streams: Sequence[np.ndarray], rates: np.ndarray, fills: np.ndarray | None = None) -> None:
         self.streams = list(streams)  # per request: bool outcomes in order
         self.rates = rates  # [N]
+        self.fills = fills  # [N] or None (always fills)
         self.cursor = np.zeros(len(self.streams), dtype=np.int64)
 
     def mean_rates(self) -> np.ndarray:
         return self.rates
+
+    def propose(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return np.asarray(ks, dtype=np.int64).copy() if self.fills is None else offered_proposals(self.fills[requests], ks, rng)
 
     def accept(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         out = accepted_runs(self.rates[requests], ks, rng)  # fallback where a stream is spent
@@ -130,18 +155,46 @@ def choice(rates: Sequence[float]) -> AcceptanceFactory:
     return lambda n, rng: RateAcceptance(values[np.arange(n) % values.size])
 
 
-def per_request(rates: Sequence[float]) -> AcceptanceFactory:
-    """Given rates, one per request in order (cycled if fewer): e.g. measured per prompt."""
+def per_request(rates: Sequence[float], fills: Sequence[float] | None = None) -> AcceptanceFactory:
+    """Given rates (and fill rates), one per request in order (cycled if fewer): e.g. measured per prompt."""
     values = np.clip(np.array(rates, dtype=np.float64), 0.0, 1.0)
     if values.size == 0:
         raise ValueError("per_request needs at least one rate")
-    return lambda n, rng: RateAcceptance(values[np.arange(n) % values.size])
+    factory = lambda n, rng: RateAcceptance(values[np.arange(n) % values.size])  # noqa: E731
+    return factory if fills is None else with_fill(factory, fills)
+
+
+def with_fill(factory: AcceptanceFactory, fills: Sequence[float]) -> AcceptanceFactory:
+    """The same acceptance, with a proposer that fills a request's k with probability fills[i mod F]
+    (else offers nothing): e.g. [0.9, 0.2] for summaries and chat interleaved under prompt lookup."""
+    values = np.array(fills, dtype=np.float64)
+    if values.size == 0 or np.any(~np.isfinite(values)) or np.any((values < 0) | (values > 1)):
+        raise ValueError(f"fill rates must be in [0, 1], got {list(fills)}")
+
+    def make(n: int, rng: np.random.Generator) -> RequestAcceptance:
+        model = factory(n, rng)
+        model.fills = values[np.arange(n) % values.size]
+        return model
+
+    return make
+
+
+def parse_fill(spec: str) -> list[float]:
+    """'0.3' (every request) or '0.9/0.2' (requests cycle through them, like choice:)."""
+    try:
+        values = _floats(spec)
+    except ValueError:
+        raise ValueError(f"bad fill spec {spec!r}: expected F or F1/F2/... with each in [0, 1]") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"bad fill spec {spec!r}: expected F or F1/F2/... with each in [0, 1]")
+    return values
 
 
 def traces(path: str | Path) -> AcceptanceFactory:
     """Trace file: {"requests": [{"steps": [[k, accepted], ...]}, ...]} (each request's steps in order),
     or per-request totals {"accepted": A, "tested": T} where only those were recorded (then the
-    request runs at rate A / T throughout).
+    request runs at rate A / T throughout). A request with "proposed" and "requested" counts also
+    gets that fill rate (proposed / requested); otherwise it always fills.
 
     Simulated request i replays recorded request i mod R.
     """
@@ -149,8 +202,10 @@ def traces(path: str | Path) -> AcceptanceFactory:
     recorded = data.get("requests") if isinstance(data, dict) else None
     if not recorded:
         raise ValueError(f"{path}: expected {{'requests': [{{'steps': [[k, accepted], ...]}}, ...]}}")
-    streams, rates_list = [], []
+    streams, rates_list, fills_list = [], [], []
     for i, r in enumerate(recorded):
+        requested = float(r.get("requested") or 0.0)
+        fills_list.append(min(1.0, float(r.get("proposed", 0.0)) / requested) if requested > 0 else 1.0)
         if "steps" in r:
             stream = stream_from_steps(r["steps"])
             rate = float(stream.mean()) if stream.size else 0.0
@@ -162,10 +217,11 @@ def traces(path: str | Path) -> AcceptanceFactory:
         streams.append(stream)
         rates_list.append(rate)
     rates = np.array(rates_list)
+    fills = np.array(fills_list) if any(f < 1.0 for f in fills_list) else None
 
     def make(n: int, rng: np.random.Generator) -> RequestAcceptance:
         pick = np.arange(n) % len(streams)
-        return TraceAcceptance([streams[i] for i in pick], rates[pick])
+        return TraceAcceptance([streams[i] for i in pick], rates[pick], None if fills is None else fills[pick])
 
     return make
 

@@ -3,7 +3,8 @@
 For every measured (policy, rate) point we rebuild what the worker faced: the same seeded arrival
 times, each request's measured prompt and completion lengths, each prompt's acceptance rate
 (pooled over the points where it speculated), the worker's limits and the cost model the controller
-fitted on it (from the bench meta, or --step-model). Then the simulator runs the same policy code,
+fitted on it (from the bench meta, or --step-model), and each prompt's fill rate (proposals offered per
+proposal asked for, where the JSON records it). Then the simulator runs the same policy code,
 and we report predicted / measured mean latency (the issue asks for within 15%).
 """
 
@@ -28,17 +29,29 @@ from smartspec.controller.policies import get
 TOLERANCE = 0.15
 
 
-def per_prompt_acceptance(records: Sequence[Mapping[str, Any]], default: float = 0.0) -> dict[int, float]:
-    """Prompt index -> accepted / tested summed over every point where it was tested."""
-    accepted: dict[int, float] = defaultdict(float)
-    tested: dict[int, float] = defaultdict(float)
+def per_prompt_ratio(records: Sequence[Mapping[str, Any]], numerator: str, denominator: str,
+                     default: float) -> dict[int, float]:
+    """Prompt index -> sum(numerator) / sum(denominator) over every point's per-request detail
+    (`default` where the denominator is 0 or the detail lacks the columns)."""
+    top: dict[int, float] = defaultdict(float)
+    bottom: dict[int, float] = defaultdict(float)
     for record in records:
         detail = record.get("detail") or {}
-        for i, a, t in zip(detail.get("index", []), detail.get("accepted", []), detail.get("tested", [])):
-            accepted[i] += a
-            tested[i] += t
+        for i, n, d in zip(detail.get("index", []), detail.get(numerator, []), detail.get(denominator, [])):
+            top[i] += n
+            bottom[i] += d
     indices = {i for r in records for i in (r.get("detail") or {}).get("index", [])}
-    return {i: (accepted[i] / tested[i] if tested[i] > 0 else default) for i in indices}
+    return {i: (top[i] / bottom[i] if bottom[i] > 0 else default) for i in indices}
+
+
+def per_prompt_acceptance(records: Sequence[Mapping[str, Any]], default: float = 0.0) -> dict[int, float]:
+    """Prompt index -> accepted / tested summed over every point where it was tested."""
+    return per_prompt_ratio(records, "accepted", "tested", default)
+
+
+def per_prompt_fill(records: Sequence[Mapping[str, Any]]) -> dict[int, float]:
+    """Prompt index -> proposed / requested: how often the proposer filled what it was asked (1 if unknown)."""
+    return per_prompt_ratio(records, "proposed", "requested", 1.0)
 
 
 def predict_points(meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]], step_model: StepModel,
@@ -51,11 +64,13 @@ def predict_points(meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
     acceptance_from: the records to pool per-prompt acceptance over (default: `records`).
     """
     alphas = per_prompt_acceptance(acceptance_from or records)
+    fills = per_prompt_fill(acceptance_from or records)
     pooled = np.mean(list(alphas.values())) if alphas else 0.0
+    pooled_fill = np.mean(list(fills.values())) if fills else 1.0
     phases = parse_phases(meta["phases"]) if meta.get("phases") else None
     # the controller's pooled prior outlives a point (it lives in Redis): start warm, worth ~one
     # prior strength of evidence at the run's pooled rate, not cold at the default rate
-    warm_prior = PooledPrior(accepted=8.0 * pooled, tested=8.0) if alphas else None
+    warm_prior = PooledPrior(8.0 * pooled, 8.0, 8.0 * pooled_fill, 8.0) if alphas else None
     rows = []
     for record in records:
         detail = record.get("detail")
@@ -69,11 +84,12 @@ def predict_points(meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
         workload = Workload(arrivals[index], np.maximum(1, np.array(detail["prompt_tokens"])),
                             np.maximum(1, np.array(detail["completion_tokens"])))
         rates = [alphas.get(int(i), pooled) for i in index]
+        request_fills = [fills.get(int(i), pooled_fill) for i in index]
         name, params = parse_policy_spec(record["policy"])
         model = step_model
         if per_point_cost and record.get("cost_model"):
             model = replace(step_model, cost=cost_model_from_mapping(record["cost_model"]))
-        result = simulate(workload, get(name), params, step_model=model, acceptance=per_request(rates),
+        result = simulate(workload, get(name), params, step_model=model, acceptance=per_request(rates, request_fills),
                           worker=worker, initial_prior=warm_prior, seed=seed)
         predicted = result.metrics()
         measured = float(record["mean_latency_s"])

@@ -31,6 +31,7 @@ class RequestOutcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     proposed: int = 0
+    requested: int = 0  # proposals asked for (sum of the request's k)
     accepted: int = 0
     tested: int = 0
     k_sum: int = 0
@@ -66,6 +67,7 @@ async def _one(client: Any, prompt: Prompt, outcome: RequestOutcome, clock: Call
         outcome.prompt_tokens = result.usage.prompt_tokens
         outcome.completion_tokens = result.usage.completion_tokens
         outcome.proposed = spec.proposed_tokens
+        outcome.requested = spec.requested_tokens or int(sum(spec.speculation_lengths))
         outcome.accepted = spec.accepted_tokens
         outcome.tested = tested_positions(spec.accepted_tokens, spec.acceptance_rate, spec.speculation_lengths)
         outcome.k_sum = int(sum(spec.speculation_lengths))
@@ -129,6 +131,8 @@ def summarise_point(outcomes: Sequence[RequestOutcome]) -> dict[str, Any]:
             "index": col("index").tolist(),
             "prompt_tokens": col("prompt_tokens").tolist(),
             "completion_tokens": col("completion_tokens").tolist(),
+            "proposed": col("proposed").tolist(),
+            "requested": col("requested").tolist(),
             "accepted": col("accepted").tolist(),
             "tested": col("tested").tolist(),
             "latency_s": (col("finish_s") - col("scheduled_s")).round(4).tolist(),

@@ -25,9 +25,12 @@ def _floats(text: str) -> list[float]:
 
 def sweep(*, step_model, alphas: Sequence[str], rates: Sequence[float], policies: Sequence[tuple[str, str, dict]],
           requests: int, prompt_tokens: str, output_tokens: str, worker, arrival: str = "poisson",
-          cv: float = 1.0, phases=None, seed: int = 0, progress: bool = False) -> list[dict[str, Any]]:
-    """One record per (acceptance model, rate, policy); `group` names the acceptance model."""
-    from smartspec.bench.acceptance_models import parse_acceptance
+          cv: float = 1.0, phases=None, seed: int = 0, progress: bool = False,
+          fill: Sequence[float] | None = None) -> list[dict[str, Any]]:
+    """One record per (acceptance model, rate, policy); `group` names the acceptance model.
+
+    fill: the proposer's fill rate per request (cycled), None: it always fills (a draft model)."""
+    from smartspec.bench.acceptance_models import parse_acceptance, with_fill
     from smartspec.bench.arrivals import make_arrivals, mean_rate
     from smartspec.bench.simulator import simulate
     from smartspec.bench.workload import make_workload
@@ -42,6 +45,8 @@ def sweep(*, step_model, alphas: Sequence[str], rates: Sequence[float], policies
     records = []
     for alpha_spec, rate in points:
         factory = parse_acceptance(alpha_spec)
+        if fill is not None:
+            factory = with_fill(factory, fill)
         arrivals = make_arrivals(requests, rate, process=arrival, cv=cv, phases=phases, seed=seed)
         workload = make_workload(arrivals, prompt_tokens, output_tokens, seed=seed)
         offered = mean_rate(phases) if phases else rate
@@ -49,7 +54,8 @@ def sweep(*, step_model, alphas: Sequence[str], rates: Sequence[float], policies
             started = time.perf_counter()
             result = simulate(workload, get(name), params, step_model=step_model, acceptance=factory,
                               worker=worker, seed=seed)
-            record = {"policy": label, "rate": offered, "group": f"alpha={alpha_spec}", **result.metrics(),
+            group = f"alpha={alpha_spec}" + ("" if fill is None else f" fill={'/'.join(f'{f:g}' for f in fill)}")
+            record = {"policy": label, "rate": offered, "group": group, **result.metrics(),
                       "arrivals": "phased" if phases else arrival, "wall_s": time.perf_counter() - started}
             records.append(record)
             if bar:
@@ -67,6 +73,9 @@ def configure(parser) -> None:
                     "or with --calibrate-from the bench's fitted model")
     add_option(parser, "--alpha", default="0.7",
                help="acceptance model(s), comma-separated: ALPHA, beta:MEAN/CONC, choice:A/B, trace:FILE.json")
+    add_option(parser, "--fill", default="",
+               help="proposer fill rate: F or F1/F2/... cycled over requests; a request's k is offered in "
+                    "full with probability F, else nothing (prompt lookup without a match); default: always")
     add_option(parser, "--rates", default="1,2,4,8,16,32", help="request rates (req/s), comma-separated")
     add_option(parser, "--policies", default=DEFAULT_POLICIES, help="policy specs: NAME or NAME:ARG[:ARG], comma-separated")
     add_option(parser, "--requests", default=2000, type=int, help="requests per point")
@@ -94,6 +103,7 @@ def configure(parser) -> None:
 
 
 def run(args) -> int:
+    from smartspec.bench.acceptance_models import parse_fill
     from smartspec.bench.arrivals import parse_phases
     from smartspec.bench.policy_spec import parse_policy_list
     from smartspec.bench.report import machine_meta, git_commit, write_outputs
@@ -110,6 +120,7 @@ def run(args) -> int:
         phases = parse_phases(args.phases) if args.phases else None
         rates = _floats(args.rates)
         alphas = [a.strip() for a in args.alpha.split(",") if a.strip()]
+        fill = parse_fill(args.fill) if args.fill else None
         worker = WorkerSpec(args.max_batch_size, args.max_k, args.token_budget)
         step_model = StepModel(cost, prefill_row_ms=args.prefill_row_ms, step_overhead_ms=max(0.0, args.step_overhead_ms),
                                noise_cv=args.noise_cv, padded_verify=args.padded_verify)
@@ -119,7 +130,7 @@ def run(args) -> int:
     started = time.perf_counter()
     records = sweep(step_model=step_model, alphas=alphas, rates=rates, policies=policies, requests=args.requests,
                     prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, worker=worker,
-                    arrival=args.arrival, cv=args.cv, phases=phases, seed=args.seed, progress=True)
+                    arrival=args.arrival, cv=args.cv, phases=phases, seed=args.seed, progress=True, fill=fill)
     meta = {
         "kind": "simulation",
         "step_model": cost.to_dict(),
@@ -128,6 +139,7 @@ def run(args) -> int:
         "padded_verify": args.padded_verify,
         "noise_cv": args.noise_cv,
         "acceptance": alphas,
+        "fill": fill,
         "arrival": args.arrival, "cv": args.cv, "phases": args.phases or None,
         "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
         "worker": {"max_batch_size": args.max_batch_size, "max_k": args.max_k, "token_budget": args.token_budget},

@@ -3,15 +3,16 @@
 Why: to see a policy across loads, models and hardware we do not have (the SmartSpec authors'
 H100 fits), in seconds, and to check our CPU benchmark against a model of it. The simulator runs
 the controller's own decision path every step: `guarded_decide(policy, BatchState, cost, params)`
-with acceptance estimates built exactly as `controller.planner` builds them (per-request tested
-positions, a decaying pooled prior, the Beta-posterior blend of `controller.acceptance`), and the
-worker's own admission and clamping rules (`worker.scheduler`).
+with acceptance and fill estimates built exactly as `controller.planner` builds them (per-request
+tested positions and offered / asked proposals, a decaying pooled prior, the Beta-posterior blend
+of `controller.acceptance`), and the worker's own admission and clamping rules (`worker.scheduler`).
 
 One step, as the engine runs it:
   1. decoding requests get k from the policy, clamped (max_k, tokens left);
   2. queued requests are admitted into free slots with chunked prefill inside the token budget;
-  3. the clock advances by the step model's predicted time (optionally with noise);
-  4. each decoding row accepts min(k, G) proposals (+1 bonus token); a prefill that completes
+  3. the proposer offers k or, where it runs dry, fewer proposals (the acceptance model's fill);
+  4. the clock advances by the step model's time for the proposals actually verified (plus noise);
+  5. each decoding row accepts min(offered, G) proposals (+1 bonus token); a prefill that completes
      yields the request's first token; requests with all their tokens finish.
 Bookkeeping is numpy arrays indexed by request; the only per-request Python work per step is
 building the `RequestState`s the policy reads.
@@ -28,7 +29,7 @@ import numpy as np
 from smartspec.bench.acceptance_models import AcceptanceFactory, RequestAcceptance
 from smartspec.bench.report import point_metrics
 from smartspec.bench.workload import Workload
-from smartspec.controller.acceptance import DEFAULT_PRIOR_RATE, PooledPrior
+from smartspec.controller.acceptance import DEFAULT_PRIOR_FILL, DEFAULT_PRIOR_RATE, PooledPrior
 from smartspec.controller.cost_model import CostModel
 from smartspec.controller.planner import PlannerSettings
 from smartspec.controller.policies import BatchState, Policy, RequestState, guarded_decide
@@ -114,6 +115,7 @@ class SimResult:
     finish_s: np.ndarray
     completion_tokens: np.ndarray
     proposed: np.ndarray
+    requested: np.ndarray
     accepted: np.ndarray
     tested: np.ndarray
     k_sum: np.ndarray
@@ -129,6 +131,8 @@ class SimResult:
             "index": list(range(self.arrival_s.size)),
             "prompt_tokens": np.asarray(prompt_tokens).tolist(),
             "completion_tokens": self.completion_tokens.tolist(),
+            "proposed": self.proposed.tolist(),
+            "requested": self.requested.tolist(),
             "accepted": self.accepted.tolist(),
             "tested": self.tested.tolist(),
             "latency_s": (self.finish_s - self.arrival_s).round(4).tolist(),
@@ -167,6 +171,7 @@ def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, s
     cached = np.zeros(n, np.int64)  # prompt tokens prefilled so far
     generated = np.zeros(n, np.int64)
     proposed = np.zeros(n, np.int64)
+    requested = np.zeros(n, np.int64)  # proposals asked for (= the k planned, after clamping)
     accepted = np.zeros(n, np.int64)
     tested = np.zeros(n, np.int64)
     k_sum = np.zeros(n, np.int64)
@@ -179,6 +184,7 @@ def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, s
     ids = [str(i) for i in range(n)]
 
     cold_rate = float(getattr(settings, "cold_rate", DEFAULT_PRIOR_RATE))
+    cold_fill = float(getattr(settings, "cold_fill", DEFAULT_PRIOR_FILL))
     prior = initial_prior or PooledPrior()
     waiting: deque[int] = deque()
     prefilling: list[int] = []  # admitted, prompt not fully in yet (admission order)
@@ -204,9 +210,12 @@ def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, s
             context = prompt[dec] + generated[dec]  # [D] tokens the step attends over
             a_hat = estimate_acceptance(accepted[dec], tested[dec], prior.accepted, prior.tested,
                                         settings.prior_strength, cold_rate)  # [D]
+            f_hat = estimate_acceptance(proposed[dec], requested[dec], prior.proposed, prior.requested,
+                                        settings.prior_strength, cold_fill)  # [D] same posterior, fill counts
             lk, lf, ss, ev = last_k[dec].tolist(), last_full[dec].tolist(), since_spec[dec].tolist(), tested[dec].tolist()
+            fl = f_hat.tolist()
             states = tuple(
-                RequestState(ids[r], a, c, 0, lk[j], lf[j], ss[j], float(ev[j]))
+                RequestState(ids[r], a, c, 0, lk[j], lf[j], ss[j], float(ev[j]), fl[j])
                 for j, (r, a, c) in enumerate(zip(dec.tolist(), a_hat.tolist(), context.tolist()))
             )
             batch = BatchState(states, worker.max_k, len(waiting), step_index)
@@ -233,37 +242,46 @@ def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, s
             active = sizes > 0
             pre_rows, chunks = rows[active], sizes[active]
 
-        # Step time over every row the target runs: decode rows (k_i + 1 tokens) and prefill chunks.
+        # The proposer: k asked of it, `offered` (<= k) made; the target verifies only those.
+        offered = ks
+        spec = ks > 0  # [D]
+        if spec.any():
+            offered = ks.copy()
+            offered[spec] = accept_model.propose(dec[spec], ks[spec], rng)
+
+        # Step time over every row the target runs: decode rows (offered_i + 1 tokens) and prefill chunks.
         if pre_rows.size:
-            all_k = np.concatenate([ks, np.zeros(pre_rows.size, np.int64)])  # [B]
+            all_k = np.concatenate([offered, np.zeros(pre_rows.size, np.int64)])  # [B]
             all_ctx = np.concatenate([prompt[dec] + generated[dec], cached[pre_rows]])  # [B]
             all_pre = np.concatenate([np.zeros(dec.size, np.int64), chunks])  # [B]
         else:
-            all_k, all_ctx, all_pre = ks, context, np.zeros(ks.size, np.int64)
+            all_k, all_ctx, all_pre = offered, context, np.zeros(ks.size, np.int64)
         dt = step_model.step_ms(all_k, all_ctx, all_pre, int(pre_rows.size), rng) / 1000.0
         t += dt
         busy_step_s += dt
         batch_size_sum += int(all_k.size)
         step_index += 1
 
-        # Decode outcomes: min(k, run of acceptances) proposals kept, plus the target's own token.
-        step_acc = step_tested = 0
+        # Decode outcomes: min(offered, run of acceptances) proposals kept, plus the target's own token.
+        step_acc = step_tested = step_offered = step_asked = 0
         if dec.size:
             acc = np.zeros(dec.size, np.int64)
-            spec = ks > 0
-            if spec.any():
-                acc[spec] = accept_model.accept(dec[spec], ks[spec], rng)
-            tst = acc + (acc < ks)
-            proposed[dec] += ks
+            made = offered > 0  # [D]
+            if made.any():
+                acc[made] = accept_model.accept(dec[made], offered[made], rng)
+            tst = acc + (acc < offered)
+            proposed[dec] += offered
+            requested[dec] += ks
             accepted[dec] += acc
             tested[dec] += tst
             k_sum[dec] += ks
             decode_steps[dec] += 1
             generated[dec] += acc + 1
             last_k[dec] = ks
-            last_full[dec] = spec & (acc == ks)
+            last_full[dec] = made & (acc == offered)
             since_spec[dec] = (since_spec[dec] + 1) * ~spec
             step_acc, step_tested = int(acc.sum()), int(tst.sum())
+            step_offered, step_asked = int(offered.sum()), int(ks.sum())
             ended = generated[dec] >= output[dec]
             if ended.any():
                 finish[dec[ended]] = t
@@ -284,11 +302,11 @@ def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, s
                 done += int(one_token.size)
                 dec = np.concatenate([dec, complete[output[complete] > 1]])
 
-        prior = prior.update(step_acc, step_tested, settings.prior_decay)
+        prior = prior.update(step_acc, step_tested, settings.prior_decay, step_offered, step_asked)
 
     return SimResult(
         arrival_s=arrival.copy(), first_token_s=first_token, finish_s=finish, completion_tokens=generated,
-        proposed=proposed, accepted=accepted, tested=tested, k_sum=k_sum, decode_steps=decode_steps,
+        proposed=proposed, requested=requested, accepted=accepted, tested=tested, k_sum=k_sum, decode_steps=decode_steps,
         true_acceptance=np.asarray(accept_model.mean_rates()), steps=step_index, busy_step_s=busy_step_s,
         batch_size_sum=batch_size_sum,
     )

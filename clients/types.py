@@ -66,6 +66,7 @@ class SpeculationStats:
     steps: int
     mean_speculation_length: float
     speculation_lengths: tuple[int, ...]  # k of every decode step, in order
+    requested_tokens: int = 0  # proposals asked for; proposed / requested = how often the proposer filled them
 
     @classmethod
     def from_proto(cls, msg: generation_pb2.SpeculationStats) -> "SpeculationStats":
@@ -77,6 +78,7 @@ class SpeculationStats:
             steps=msg.steps,
             mean_speculation_length=msg.mean_speculation_length,
             speculation_lengths=tuple(msg.speculation_lengths),
+            requested_tokens=msg.requested_tokens,
         )
 
 

@@ -1,4 +1,4 @@
-"""Per-request acceptance-rate estimates from tested positions, shrunk toward a pooled prior.
+"""Per-request estimates of how a proposer's tokens fare: acceptance rate and fill rate.
 
 Verification stops at the first rejection, so with k proposals and per-position acceptance a the
 target judges accepted + 1 positions (or k if all were accepted). Each judged position is one
@@ -7,14 +7,18 @@ Bernoulli(a) trial; positions after a rejection were never tried. Hence
     a_hat = accepted / tested            (consistent)
     accepted / proposed                  (biased low: it counts untried positions as failures)
 
-The planner uses a_hat as the chance that each further planned position yields a token, so a
-position the proposer could not fill counts too: when the controller planned k for a request and
-the proposer offered fewer (prompt lookup found no match, or a shorter one) and all of them were
-accepted, the next position was tried and failed (`AcceptanceState.planned_k`). Without this, an
-ngram proposer that finds a match in 4 steps out of 10 looks like a = 0.85 and the optimizer
-expects ~4 tokens from k = 8 where ~2.4 come (measured on summarise prompts, SmolLM2).
+A proposer may also offer fewer tokens than asked: prompt lookup (ngram) proposes nothing when the
+context has no match. Such a position costs nothing (the target never runs it) and yields nothing,
+so it is neither an acceptance failure nor a token to pay for. We keep it apart as the fill rate
 
-A new request has no trials, so its estimate starts at the rate pooled over the worker's recent
+    f_hat = proposed / requested         (proposal tokens offered per position asked for)
+
+and the planner expects f * (a + ... + a^k) accepted tokens from k at a cost of f * k verified
+tokens (see policies/optimizer.py). Folding dry positions into a (counting them as failures)
+makes an ngram request that matches now and then look hopeless at every k, while a fixed k would
+collect its matches for free; ignoring them makes it look like a draft model at every k.
+
+A new request has no trials, so each estimate starts at the rate pooled over the worker's recent
 requests (per proposer kind) and moves toward its own rate as evidence grows: the posterior mean
 of a Beta(prior_rate * s, (1 - prior_rate) * s) prior with s = `prior_strength` pseudo-trials.
 """
@@ -25,6 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
 
 DEFAULT_PRIOR_RATE = 0.5  # when nothing at all has been seen for a proposer kind
+DEFAULT_PRIOR_FILL = 1.0  # likewise for the fill rate: a draft model always fills what it is asked
 DEFAULT_PRIOR_STRENGTH = 8.0  # pseudo-trials: ~2 full steps at k = 4 before own history dominates
 DEFAULT_PRIOR_DECAY = 0.995  # per pooled update: the pool remembers roughly the last 200 updates
 
@@ -43,15 +48,19 @@ def positions_tested(proposed: int, accepted: int) -> int:
     return accepted + (1 if accepted < proposed else 0)
 
 
-def check_outcome(proposed: int, accepted: int, tested: int) -> None:
+def check_outcome(proposed: int, accepted: int, tested: int, requested: int | None = None) -> None:
     """Raise OutcomeError (naming the field) unless the numbers can come from one verification.
 
     tested is accepted + 1 when a rejection stopped the run, accepted when all were accepted, and
     may also be accepted < proposed when the worker stopped judging early without a rejection
-    (an accepted end-of-sequence token, or the request's token limit).
+    (an accepted end-of-sequence token, or the request's token limit). requested (when known) is
+    at least proposed: a proposer may offer fewer tokens than asked, never more.
     """
     if proposed < 0:
         raise OutcomeError("proposed_tokens", f"must be >= 0, got {proposed}")
+    if requested is not None and requested < proposed:
+        raise OutcomeError("requested_tokens",
+                           f"must be >= proposed_tokens ({proposed}) when set, got {requested}")
     if not 0 <= accepted <= proposed:
         raise OutcomeError("accepted_tokens", f"must be in 0..proposed_tokens ({proposed}), got {accepted}")
     most = positions_tested(proposed, accepted)
@@ -61,6 +70,11 @@ def check_outcome(proposed: int, accepted: int, tested: int) -> None:
             f"must be accepted_tokens ({accepted}) or, after a rejection, accepted_tokens + 1 "
             f"(at most {most}), got {tested}",
         )
+
+
+def requested_or_proposed(requested: int, proposed: int) -> int:
+    """The wire's requested_tokens, where 0 alongside proposals means "not reported" (older worker)."""
+    return requested if requested > 0 else proposed
 
 
 def estimate(own_accepted: float, own_tested: float, prior_accepted: float, prior_tested: float,
@@ -87,32 +101,42 @@ def pooled_rate(accepted: float, tested: float, default_rate: float = DEFAULT_PR
 
 @dataclass(frozen=True)
 class PooledPrior:
-    """Decayed acceptance counts over a worker's recent requests (one per proposer kind).
+    """Decayed counts over a worker's recent requests (one per proposer kind).
 
-    Decaying by `decay` per update keeps the prior following the recent mix of requests rather
-    than everything since start-up.
+    accepted / tested pools the acceptance rate, proposed / requested the fill rate. Decaying by
+    `decay` per update keeps the prior following the recent mix of requests rather than
+    everything since start-up.
     """
 
     accepted: float = 0.0
     tested: float = 0.0
+    proposed: float = 0.0
+    requested: float = 0.0
 
     def rate(self, default_rate: float = DEFAULT_PRIOR_RATE) -> float:
         return pooled_rate(self.accepted, self.tested, default_rate)
 
-    def update(self, accepted: float, tested: float, decay: float = DEFAULT_PRIOR_DECAY) -> "PooledPrior":
+    def fill(self, default_fill: float = DEFAULT_PRIOR_FILL) -> float:
+        return pooled_rate(self.proposed, self.requested, default_fill)
+
+    def update(self, accepted: float, tested: float, decay: float = DEFAULT_PRIOR_DECAY,
+               proposed: float = 0.0, requested: float = 0.0) -> "PooledPrior":
         """Fold in one step's (or one request's) counts after decaying the old ones."""
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
         if accepted < 0 or tested < accepted:
             raise ValueError(f"need 0 <= accepted <= tested, got {accepted}, {tested}")
-        return PooledPrior(decay * self.accepted + accepted, decay * self.tested + tested)
+        if proposed < 0 or requested < proposed:
+            raise ValueError(f"need 0 <= proposed <= requested, got {proposed}, {requested}")
+        return PooledPrior(decay * self.accepted + accepted, decay * self.tested + tested,
+                           decay * self.proposed + proposed, decay * self.requested + requested)
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PooledPrior":
-        return cls(float(data.get("accepted", 0.0)), float(data.get("tested", 0.0)))
+        return cls(*(float(data.get(name) or 0.0) for name in ("accepted", "tested", "proposed", "requested")))
 
 
 @dataclass(frozen=True)
@@ -121,30 +145,32 @@ class AcceptanceState:
 
     accepted: int = 0  # accepted proposals so far
     tested: int = 0  # tested positions so far
+    proposed: int = 0  # proposals offered so far
+    requested: int = 0  # proposals asked of the proposer so far (>= proposed)
     steps: int = 0  # steps reported for this request
     last_k: int = 0
     last_fully_accepted: bool = False
     steps_since_speculation: int = 0  # consecutive steps with k = 0
-    planned_k: int = 0  # k the controller planned for this request's next step (0: unknown / none)
 
-    def update(self, proposed: int, accepted: int, tested: int | None = None) -> "AcceptanceState":
-        """The state after one more step in which `proposed` tokens were offered and `accepted` kept.
-
-        If `planned_k` asked for more than the proposer offered and every offered token was
-        accepted, the first unfilled position counts as one failed trial (see the module doc).
-        """
+    def update(self, proposed: int, accepted: int, tested: int | None = None,
+               requested: int | None = None) -> "AcceptanceState":
+        """The state after one more step in which `requested` proposals were asked for, `proposed`
+        offered and `accepted` kept (requested None: as many as were offered)."""
         tested = positions_tested(proposed, accepted) if tested is None else tested
-        check_outcome(proposed, accepted, tested)
-        ran_dry = self.planned_k > proposed and accepted == proposed == tested
+        requested = proposed if requested is None else requested
+        check_outcome(proposed, accepted, tested, requested)
         return replace(
             self,
             accepted=self.accepted + accepted,
-            tested=self.tested + tested + (1 if ran_dry else 0),
-            planned_k=0,
+            tested=self.tested + tested,
+            proposed=self.proposed + proposed,
+            requested=self.requested + requested,
             steps=self.steps + 1,
-            last_k=proposed,
+            last_k=requested,
             last_fully_accepted=proposed > 0 and accepted == proposed,
-            steps_since_speculation=0 if proposed > 0 else self.steps_since_speculation + 1,
+            # A step asked for proposals counts as speculating even if the proposer ran dry: the
+            # fill rate learned from it, so there is nothing for a probe to find out.
+            steps_since_speculation=0 if requested > 0 else self.steps_since_speculation + 1,
         )
 
     def estimate(self, prior: PooledPrior = PooledPrior(),
@@ -152,19 +178,28 @@ class AcceptanceState:
                  default_rate: float = DEFAULT_PRIOR_RATE) -> float:
         return estimate(self.accepted, self.tested, prior.accepted, prior.tested, prior_strength, default_rate)
 
+    def fill_estimate(self, prior: PooledPrior = PooledPrior(),
+                      prior_strength: float = DEFAULT_PRIOR_STRENGTH,
+                      default_fill: float = DEFAULT_PRIOR_FILL) -> float:
+        return estimate(self.proposed, self.requested, prior.proposed, prior.requested, prior_strength,
+                        default_fill)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "AcceptanceState":
+        """Missing counters read as 0: a history stored before fill tracking existed has
+        proposed = requested = 0 and simply starts its fill evidence now."""
         return cls(
             accepted=int(data.get("accepted", 0)),
             tested=int(data.get("tested", 0)),
+            proposed=int(data.get("proposed", 0)),
+            requested=int(data.get("requested", 0)),
             steps=int(data.get("steps", 0)),
             last_k=int(data.get("last_k", 0)),
             last_fully_accepted=_as_bool(data.get("last_fully_accepted", False)),
             steps_since_speculation=int(data.get("steps_since_speculation", 0)),
-            planned_k=int(data.get("planned_k", 0)),
         )
 
 

@@ -8,16 +8,17 @@ it, so the same code plans a stream step, a unary Decide and a degraded step (em
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from smartspec.controller.acceptance import (
     DEFAULT_PRIOR_DECAY,
+    DEFAULT_PRIOR_FILL,
     DEFAULT_PRIOR_RATE,
     DEFAULT_PRIOR_STRENGTH,
     AcceptanceState,
     PooledPrior,
-    estimate,
+    requested_or_proposed,
 )
 from smartspec.controller.cost_model import CostModel, OnlineCostFit
 from smartspec.controller.policies import guarded_decide
@@ -38,6 +39,8 @@ class PlannerSettings:
     prior_decay: float = DEFAULT_PRIOR_DECAY
     # Acceptance assumed before any request of a proposer kind was ever verified.
     cold_rate: float = DEFAULT_PRIOR_RATE
+    # Fill rate (proposals offered per proposal asked for) assumed before any was asked for.
+    cold_fill: float = DEFAULT_PRIOR_FILL
     # Weight of the newest step in the worker's goodput average.
     goodput_smoothing: float = 0.2
 
@@ -49,6 +52,7 @@ class StepDecision:
     request_ids: tuple[str, ...]                  # unfinished requests, report order
     speculation_lengths: tuple[int, ...]          # k_i, same order
     acceptances: tuple[float, ...]                # a_i used to plan
+    fills: tuple[float, ...]                      # f_i used to plan
     predicted_step_ms: float
     predicted_tokens: float
     measured_step_ms: float
@@ -89,20 +93,21 @@ def plan_step(
     """
     outcomes: Sequence[controller_pb2.RequestOutcome] = report.requests
 
-    # Acceptance evidence: per request, and pooled for the prior.
+    # Acceptance and fill evidence: per request, and pooled for the prior.
     histories = {
         o.request_id: snapshot.histories.get(o.request_id, AcceptanceState()).update(
-            o.proposed_tokens, o.accepted_tokens, o.tested_positions)
+            o.proposed_tokens, o.accepted_tokens, o.tested_positions,
+            requested_or_proposed(o.requested_tokens, o.proposed_tokens))
         for o in outcomes
     }
     step_accepted = float(sum(o.accepted_tokens for o in outcomes))
-    # Tested positions as the histories counted them (positions the proposer could not fill included).
-    step_tested = float(sum(
-        histories[o.request_id].tested - snapshot.histories.get(o.request_id, AcceptanceState()).tested
-        for o in outcomes))
+    step_tested = float(sum(o.tested_positions for o in outcomes))
+    step_proposed = float(sum(o.proposed_tokens for o in outcomes))
+    step_requested = float(sum(requested_or_proposed(o.requested_tokens, o.proposed_tokens) for o in outcomes))
     # The same decay-and-add the store's script applies in Redis, so new requests in this very
     # step already see this step's evidence.
-    prior = (snapshot.prior or PooledPrior()).update(step_accepted, step_tested, settings.prior_decay)
+    prior = (snapshot.prior or PooledPrior()).update(step_accepted, step_tested, settings.prior_decay,
+                                                     step_proposed, step_requested)
 
     # Cost model: learn from the measured step (if it ran anything), then plan with it.
     measured_ms = report.total_ms if report.total_ms > 0 else report.draft_ms + report.verify_ms
@@ -124,8 +129,8 @@ def plan_step(
         h = histories[o.request_id]
         states.append(RequestState(
             request_id=o.request_id,
-            acceptance=estimate(h.accepted, h.tested, prior.accepted, prior.tested, settings.prior_strength,
-                                settings.cold_rate),
+            acceptance=h.estimate(prior, settings.prior_strength, settings.cold_rate),
+            fill=h.fill_estimate(prior, settings.prior_strength, settings.cold_fill),
             context_tokens=o.context_tokens,
             prefill_tokens=0,
             last_k=h.last_k,
@@ -146,7 +151,8 @@ def plan_step(
     predicted_tokens, predicted_ms = 0.0, 0.0
     if states:
         predicted_tokens, predicted_ms = predict_plan(
-            [s.acceptance for s in states], [s.context_tokens for s in states], [0] * len(states), cost, ks
+            [s.acceptance for s in states], [s.context_tokens for s in states], [0] * len(states), cost, ks,
+            fill=[s.fill for s in states],
         )
 
     # Figures the status page and the next step's metrics read back.
@@ -161,24 +167,22 @@ def plan_step(
         "steps": 1,
         "proposed": sum(o.proposed_tokens for o in outcomes),
         "accepted": int(step_accepted),
-        "tested": sum(o.tested_positions for o in outcomes),   # as verified (status acceptance rate)
+        "tested": int(step_tested),
         "generated": generated,
         "planned_k": sum(ks),
         "planned_requests": len(ks),
     }
-    planned = dict(zip((s.request_id for s in states), ks))
     writes = StepWrites(
         worker_id=hello.worker_id,
         cost_profile_id=cost_profile_id,
         proposer_kind=proposer_kind,
-        # Each history remembers the k just planned, so the next report can tell a proposer
-        # that ran dry (fewer tokens than planned, all accepted) from one asked for fewer.
-        histories={o.request_id: replace(histories[o.request_id], planned_k=planned.get(o.request_id, 0))
-                   for o in pending},
+        histories={o.request_id: histories[o.request_id] for o in pending},
         finished=tuple(o.request_id for o in outcomes if o.finished),
         cost_fit=cost_fit.to_dict(),
         prior_accepted=step_accepted,
         prior_tested=step_tested,
+        prior_proposed=step_proposed,
+        prior_requested=step_requested,
         prior_decay=settings.prior_decay,
         totals=totals,
         figures=figures,
@@ -189,6 +193,7 @@ def plan_step(
         request_ids=tuple(s.request_id for s in states),
         speculation_lengths=tuple(ks),
         acceptances=tuple(s.acceptance for s in states),
+        fills=tuple(s.fill for s in states),
         predicted_step_ms=predicted_ms,
         predicted_tokens=predicted_tokens,
         measured_step_ms=measured_ms,

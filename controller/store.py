@@ -4,7 +4,8 @@ Keys (all under a configurable prefix, default ``smartspec:``):
 
     {p}req:{worker_id}:{request_id}   JSON AcceptanceState, TTL refreshed every step, deleted when finished
     {p}cost:{cost_profile_id}         JSON of the online cost fit, TTL refreshed on every update
-    {p}prior:{proposer_kind}          hash {accepted, tested}: decayed counts pooled over requests
+    {p}prior:{proposer_kind}          hash {accepted, tested, proposed, requested}: decayed counts pooled
+                                      over requests
     {p}policy                         hash {name, parameters (JSON), version, updated_unix_ms}
     {p}worker:{worker_id}             hash: hello info, running totals, last prediction (TTL'd)
     {p}workers                        sorted set worker_id -> last seen (ms), for status pages (TTL'd)
@@ -92,6 +93,8 @@ class StepWrites:
     prior_accepted: float                         # this step's evidence, added to the decayed prior
     prior_tested: float
     prior_decay: float
+    prior_proposed: float
+    prior_requested: float
     totals: Mapping[str, int]                     # worker running totals to add (HINCRBY)
     figures: WorkerFigures
 
@@ -111,12 +114,15 @@ class WorkerRecord:
 TOTAL_FIELDS = ("steps", "proposed", "accepted", "tested", "generated", "planned_k", "planned_requests")
 
 # Atomic "prior = prior * decay + step evidence", so workers sharing a proposer kind never lose counts.
+_PRIOR_FIELDS = ("accepted", "tested", "proposed", "requested")
 _DECAY_PRIOR_LUA = """
 local decay = tonumber(ARGV[1])
-local accepted = tonumber(redis.call('HGET', KEYS[1], 'accepted') or '0') * decay + tonumber(ARGV[2])
-local tested = tonumber(redis.call('HGET', KEYS[1], 'tested') or '0') * decay + tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'accepted', tostring(accepted), 'tested', tostring(tested))
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
+local names = {'accepted', 'tested', 'proposed', 'requested'}
+for i, name in ipairs(names) do
+  local value = tonumber(redis.call('HGET', KEYS[1], name) or '0') * decay + tonumber(ARGV[i + 1])
+  redis.call('HSET', KEYS[1], name, tostring(value))
+end
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
 return 1
 """
 
@@ -232,7 +238,7 @@ class ControllerStore:
             if request_ids:
                 pipe.mget([self.request_key(worker_id, r) for r in request_ids])
             pipe.get(self.cost_key(cost_profile_id))
-            pipe.hmget(self.prior_key(proposer_kind), ["accepted", "tested"])
+            pipe.hmget(self.prior_key(proposer_kind), list(_PRIOR_FIELDS))
             pipe.hgetall(self.policy_key())
             pipe.hmget(self.worker_key(worker_id), ["pred_step_ms", "pred_tokens", "goodput_tok_s"])
             return pipe.execute()
@@ -245,7 +251,7 @@ class ControllerStore:
         }
         prior = None
         if raw_prior[0] is not None and raw_prior[1] is not None:
-            prior = PooledPrior(accepted=float(raw_prior[0]), tested=float(raw_prior[1]))
+            prior = PooledPrior(*(float(v) if v is not None else 0.0 for v in raw_prior))
         return StepSnapshot(
             histories=histories,
             cost_fit=json.loads(raw_cost) if raw_cost is not None else None,
@@ -267,11 +273,12 @@ class ControllerStore:
                 pipe.delete(*(self.request_key(writes.worker_id, r) for r in writes.finished))
             if writes.cost_fit is not None:
                 pipe.set(self.cost_key(writes.cost_profile_id), json.dumps(writes.cost_fit), ex=COST_FIT_TTL_S)
-            if writes.prior_tested > 0 or writes.prior_decay < 1.0:
+            if writes.prior_tested > 0 or writes.prior_requested > 0 or writes.prior_decay < 1.0:
                 # Plain EVAL, not a registered Script: in a pipeline redis-py would first send
                 # SCRIPT EXISTS, an extra round trip per step. Redis caches the compiled script.
                 pipe.eval(_DECAY_PRIOR_LUA, 1, self.prior_key(writes.proposer_kind),
-                          writes.prior_decay, writes.prior_accepted, writes.prior_tested, PRIOR_TTL_S)
+                          writes.prior_decay, writes.prior_accepted, writes.prior_tested,
+                          writes.prior_proposed, writes.prior_requested, PRIOR_TTL_S)
             worker_key = self.worker_key(writes.worker_id)
             for name, amount in writes.totals.items():
                 if amount:

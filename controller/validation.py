@@ -121,6 +121,10 @@ def _check_outcome(outcome: controller_pb2.RequestOutcome, where: str, seen: dic
         raise InvalidInput(f"{where}.tested_positions",
                            f"{tested} tested exceeds accepted + 1 = {accepted + 1} "
                            "(verification stops at the first rejection)")
+    if 0 < outcome.requested_tokens < proposed:
+        raise InvalidInput(f"{where}.requested_tokens",
+                           f"{outcome.requested_tokens} requested is fewer than {proposed} proposed "
+                           "(a proposer never offers more than it was asked for)")
 
 
 def validate_cost_override(model: common_pb2.CostModel, field: str = "cost_model_override") -> None:

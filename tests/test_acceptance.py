@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -102,7 +101,19 @@ def test_pooled_prior_follows_recent_requests():
     with pytest.raises(ValueError):
         pool.update(accepted=3, tested=2)
     with pytest.raises(ValueError):
+        pool.update(accepted=0, tested=0, proposed=3, requested=2)
+    with pytest.raises(ValueError):
         pool.update(accepted=1, tested=2, decay=0.0)
+
+
+def test_pooled_fill_follows_recent_requests_and_defaults_to_full():
+    pool = PooledPrior()
+    assert pool.fill() == 1.0  # nothing asked yet: assume a proposer that fills (a draft model)
+    for _ in range(500):
+        pool = pool.update(accepted=0, tested=0, decay=0.99, proposed=2, requested=8)
+    assert pool.fill() == pytest.approx(0.25)
+    assert pool.rate() == 0.5  # acceptance evidence is separate: still none
+    assert AcceptanceState().fill_estimate(pool) == pytest.approx(0.25)
 
 
 def test_state_tracks_last_step_and_probing_counter():
@@ -144,30 +155,36 @@ def test_impossible_outcomes_name_the_field(proposed, accepted, tested, field):
         AcceptanceState().update(proposed, accepted, tested)
 
 
-def test_a_proposer_that_ran_dry_counts_one_failed_position():
-    """Planned k = 8, the proposer offered 3 and all were accepted: position 4 was tried and failed.
-    Offered 0 of a planned 5: position 1 failed. Without a planned k (or when k was met) nothing is added."""
-    state = AcceptanceState(planned_k=8).update(3, 3, 3)
-    assert (state.accepted, state.tested, state.planned_k) == (3, 4, 0)
-    state = replace(state, planned_k=5).update(0, 0, 0)
-    assert (state.accepted, state.tested) == (3, 5)
-    assert AcceptanceState().update(3, 3, 3).tested == 3                 # planned k unknown
-    assert AcceptanceState(planned_k=3).update(3, 3, 3).tested == 3      # k met: no rejection seen
-    assert AcceptanceState(planned_k=8).update(4, 1, 2).tested == 2      # a rejection already counted
-    assert AcceptanceState(planned_k=8).update(4, 2, 2).tested == 2      # early stop (EOS), not dry
-    assert AcceptanceState.from_dict(AcceptanceState(planned_k=6).to_dict()).planned_k == 6
+def test_dry_positions_count_toward_fill_not_acceptance():
+    """Asked for 8, the proposer offered 3 and all were accepted; then asked for 5 and offered none.
+    Acceptance counts only what was verified (3 of 3); fill counts offered per asked (3 of 13)."""
+    state = AcceptanceState().update(3, 3, 3, requested=8).update(0, 0, 0, requested=5)
+    assert (state.accepted, state.tested, state.proposed, state.requested) == (3, 3, 3, 13)
+    assert state.steps_since_speculation == 0  # asking counts as speculating: nothing left to probe
+    assert state.last_k == 5
+    # no requested count (an older worker): everything offered was asked for
+    assert AcceptanceState().update(3, 1, 2).requested == 3
+    with pytest.raises(OutcomeError) as info:
+        AcceptanceState().update(4, 1, 2, requested=3)
+    assert info.value.field == "requested_tokens"
+    restored = AcceptanceState.from_dict(state.to_dict())
+    assert restored == state
+    # a history stored before fill tracking reads as no fill evidence yet
+    assert AcceptanceState.from_dict({"accepted": 2, "tested": 3}).requested == 0
 
 
-def test_dry_positions_make_the_expected_tokens_match_a_bursty_proposer():
-    """An all-or-nothing proposer (a long match 3 steps in 10, else nothing) at k = 8: the estimate
-    with dry positions predicts the realised tokens per step; counting only offered positions
-    (a = 1 here) would predict 9."""
+def test_fill_and_acceptance_make_the_expected_tokens_match_a_bursty_proposer():
+    """An all-or-nothing proposer (a long, always-right match 3 steps in 10, else nothing) at k = 8:
+    with the fill rate the planner's expected tokens per step match the realised ones, where the
+    acceptance rate alone (a = 1 here) would predict 9."""
     from smartspec.controller.policies.optimizer import expected_tokens
     state = AcceptanceState()
     realised = []
     for step in range(100):
         offered = 8 if step % 10 < 3 else 0
-        state = replace(state, planned_k=8).update(offered, offered, offered)
+        state = state.update(offered, offered, offered, requested=8)
         realised.append(offered + 1)
-    a = state.estimate()
-    assert expected_tokens(a, 8) == pytest.approx(sum(realised) / len(realised), rel=0.25)
+    a, f = state.estimate(), state.fill_estimate()
+    assert a == pytest.approx(1.0, abs=0.05) and f == pytest.approx(0.3, abs=0.02)
+    assert expected_tokens(a, 8, f) == pytest.approx(sum(realised) / len(realised), rel=0.05)
+    assert expected_tokens(a, 8) > 8.0

@@ -20,11 +20,12 @@ def hello(worker_id="w0", max_k=4, max_batch=8) -> controller_pb2.WorkerHello:
                                       max_speculation_length=max_k, max_batch_size=max_batch)
 
 
-def outcome(request_id, proposed=0, accepted=0, tested=None, context=100, finished=False):
+def outcome(request_id, proposed=0, accepted=0, tested=None, context=100, finished=False, requested=0):
     if tested is None:
         tested = accepted + (1 if accepted < proposed else 0)
     return controller_pb2.RequestOutcome(request_id=request_id, proposed_tokens=proposed, accepted_tokens=accepted,
-                                         tested_positions=tested, context_tokens=context, finished=finished)
+                                         tested_positions=tested, context_tokens=context, finished=finished,
+                                         requested_tokens=requested)
 
 
 def report(step, outcomes, **kw) -> controller_pb2.StepReport:
@@ -82,6 +83,7 @@ BAD_REPORTS = [
     (lambda: report(5, [outcome("ok", 2, 2), outcome("x", 2, 1, tested=3)]), "requests[1].tested_positions"),
     (lambda: report(5, [outcome("ok", 2, 2), outcome("x", 3, 2, tested=1)]), "requests[1].tested_positions"),
     (lambda: report(5, [outcome("ok", 2, 2), outcome("x", 4, 1, tested=3)]), "requests[1].tested_positions"),
+    (lambda: report(5, [outcome("ok", 2, 2), outcome("x", 4, 1, requested=3)]), "requests[1].requested_tokens"),
     (lambda: report(5, [outcome("ok", 2, 2), outcome("", 1, 1)]), "requests[1].request_id"),
     (lambda: report(5, [outcome("ok", 2, 2), outcome("x"), outcome("ok")]), "requests[2].request_id"),
     (lambda: report(5, [outcome("ok", 2, 2)] + [outcome(f"r{i}") for i in range(8)]), "requests"),

@@ -26,11 +26,12 @@ def hello(worker_id="w0", max_k=8, max_batch=256, **kw) -> controller_pb2.Worker
                                       max_speculation_length=max_k, max_batch_size=max_batch, **kw)
 
 
-def outcome(request_id, proposed=0, accepted=0, tested=None, context=100, finished=False):
+def outcome(request_id, proposed=0, accepted=0, tested=None, context=100, finished=False, requested=0):
     if tested is None:
         tested = accepted + (1 if accepted < proposed else 0)
     return controller_pb2.RequestOutcome(request_id=request_id, proposed_tokens=proposed, accepted_tokens=accepted,
-                                         tested_positions=tested, context_tokens=context, finished=finished)
+                                         tested_positions=tested, context_tokens=context, finished=finished,
+                                         requested_tokens=requested)
 
 
 def report(step, outcomes, draft_ms=1.0, verify_ms=90.0) -> controller_pb2.StepReport:
@@ -238,9 +239,9 @@ def test_planner_pure_step_bookkeeping():
     assert writes.totals["generated"] == 5 + 1 + 1 and writes.totals["planned_k"] == 6
 
 
-def test_planner_remembers_the_planned_k_and_counts_a_dry_proposer():
-    """The k planned at one step is stored with the history; at the next, 2 proposals of a planned
-    3, both accepted, add a failed position (3 tested), and the pooled prior counts it too."""
+def test_planner_learns_fill_apart_from_acceptance():
+    """2 proposals offered of 3 requested, both accepted: acceptance counts 2 of 2 tested, fill 2 of 3,
+    in the request's history and in the pooled prior; the plan uses both estimates."""
     from smartspec.controller.cost_model import CostModel, OnlineCostFit
     from smartspec.controller.planner import PlannerSettings, plan_step
     from smartspec.controller.policies import get
@@ -248,18 +249,21 @@ def test_planner_remembers_the_planned_k_and_counts_a_dry_proposer():
 
     policy = get("fixed")
     common = dict(cost_fit=OnlineCostFit.create(), policy=policy, params=policy.validate({"k": 3}),
-                  settings=PlannerSettings(prior_decay=1.0), cost_override=CostModel(c_fixed_ms=5.0, c_tok_ms=1.0),
+                  settings=PlannerSettings(prior_decay=1.0, prior_strength=8.0),
+                  cost_override=CostModel(c_fixed_ms=5.0, c_tok_ms=1.0),
                   proposer_kind="PROPOSER_KIND_NGRAM", cost_profile_id="p")
     empty = StepSnapshot(histories={}, cost_fit=None, prior=None, policy=None)
-    first = plan_step(hello(max_k=3), report(0, [outcome("a", context=10)]), empty, **common)
-    assert first.writes.histories["a"].planned_k == 3
-    second = plan_step(hello(max_k=3), report(1, [outcome("a", 2, 2, context=13)]),
-                       StepSnapshot(histories=dict(first.writes.histories), cost_fit=None, prior=None, policy=None),
-                       **common)
-    history = second.writes.histories["a"]
-    assert (history.accepted, history.tested, history.planned_k) == (2, 3, 3)
-    assert (second.writes.prior_accepted, second.writes.prior_tested) == (2.0, 3.0)
-    assert second.writes.totals["tested"] == 2          # the status page's rate stays as verified
+    decision = plan_step(hello(max_k=3), report(1, [outcome("a", 2, 2, context=13, requested=3)]), empty, **common)
+    history = decision.writes.histories["a"]
+    assert (history.accepted, history.tested, history.proposed, history.requested) == (2, 2, 2, 3)
+    writes = decision.writes
+    assert (writes.prior_accepted, writes.prior_tested, writes.prior_proposed, writes.prior_requested) == (2, 2, 2, 3)
+    # own 2/3 blended with the pooled 2/3 (this very step's evidence): 2/3
+    assert decision.fills == (pytest.approx(2 / 3),)
+    assert decision.acceptances == (pytest.approx(1.0),)
+    # an older worker that does not report requested_tokens: everything offered counts as asked
+    old = plan_step(hello(max_k=3), report(1, [outcome("b", 2, 1, context=13)]), empty, **common)
+    assert old.writes.histories["b"].requested == 2 and old.fills == (pytest.approx(1.0),)
 
 
 def test_bearer_token_guards_services_but_not_health(redis_url, redis_prefix):

@@ -16,15 +16,33 @@ from smartspec.controller.policies.optimizer import (
 )
 
 
-def brute_force(acceptance, contexts, prefills, cost: CostModel, max_k: int) -> float:
-    """Best goodput over every k vector, each evaluated directly by the cost model's formula."""
-    best = 0.0
-    for ks in itertools.product(range(max_k + 1), repeat=len(acceptance)):
-        tokens = sum(
-            sum(a**j for j in range(k + 1)) for a, k in zip(acceptance, ks)
-        )  # E_i(k) written as the plain geometric sum
-        best = max(best, tokens / cost.predict_ms(list(ks), contexts, prefills))
-    return best
+def brute_force(acceptance, contexts, prefills, cost: CostModel, max_k: int, fill=None) -> float:
+    """Best goodput over every k vector, each evaluated directly by the cost model's formula.
+
+    With `fill`, request i's proposer fills all k_i positions with probability f_i and none
+    otherwise: tokens and step time are averaged over all 2^B fill outcomes, the step time of each
+    outcome taken from the cost model on the proposals actually made. The batch-wide terms
+    (c_spec, draft depth) are charged on the plan, as the policy charges them.
+    """
+    batch = len(acceptance)
+    fill = [1.0] * batch if fill is None else list(fill)
+    plans = np.array(list(itertools.product(range(max_k + 1), repeat=batch)), dtype=float)  # [N, B]
+    tokens = np.zeros(len(plans))  # [N]
+    step_ms = np.zeros(len(plans))  # [N]
+    for outcome in itertools.product([0, 1], repeat=batch):
+        filled = np.array(outcome, dtype=float)  # [B]
+        chance = float(np.prod([f if o else 1.0 - f for f, o in zip(fill, outcome)]))
+        if chance == 0.0:
+            continue
+        proposed = plans * filled  # [N, B]
+        shared_real = cost.c_spec_ms * (proposed.max(axis=1) > 0) + cost.d_fixed_ms * proposed.max(axis=1)
+        shared_plan = cost.c_spec_ms * (plans.max(axis=1) > 0) + cost.d_fixed_ms * plans.max(axis=1)
+        step_ms += chance * (cost.predict_ms(proposed, contexts, prefills) - shared_real + shared_plan)
+        tokens += chance * np.array([
+            sum(1 + sum(a**j for j in range(1, int(k) + 1)) for a, k in zip(acceptance, row))
+            for row in proposed
+        ])  # E_i(k) written as the plain geometric sum over the proposals made
+    return float((tokens / step_ms).max())
 
 
 def random_cost(rng: np.random.Generator) -> CostModel:
@@ -64,13 +82,15 @@ def test_matches_brute_force_on_random_small_batches(seed):
     contexts = [int(rng.integers(1, 4000)) for _ in range(batch)]
     prefills = [int(rng.choice([0, 0, rng.integers(1, 300)])) for _ in range(batch)]
     cost = random_cost(rng)
+    # half the batches with a proposer that runs dry now and then (ngram), half always filling (draft)
+    fill = [float(rng.choice([0.0, 1.0, rng.uniform()])) for _ in range(batch)] if seed % 2 else None
 
-    plan = optimize_goodput(acceptance, contexts, prefills, cost, max_k)
+    plan = optimize_goodput(acceptance, contexts, prefills, cost, max_k, fill=fill)
 
-    best = brute_force(acceptance, contexts, prefills, cost, max_k)
+    best = brute_force(acceptance, contexts, prefills, cost, max_k, fill)
     assert plan.goodput == pytest.approx(best, rel=1e-6)
     # the plan's own bookkeeping agrees with an independent evaluation of its k vector
-    tokens, step_ms = predict_plan(acceptance, contexts, prefills, cost, plan.ks)
+    tokens, step_ms = predict_plan(acceptance, contexts, prefills, cost, plan.ks, fill=fill)
     assert tokens == pytest.approx(plan.expected_tokens, rel=1e-12)
     assert step_ms == pytest.approx(plan.step_ms, rel=1e-12)
     assert plan.ks.min() >= 0 and plan.ks.max() <= max_k
@@ -117,6 +137,19 @@ def test_per_request_lengths_follow_acceptance_within_one_batch():
     plan = optimize_goodput(acceptance, [200] * 3, [0] * 3, DEFAULT_COST_MODEL.replace(c_spec_ms=0.0), 8)
     assert plan.ks[0] <= plan.ks[1] <= plan.ks[2]
     assert plan.ks[0] < plan.ks[2]
+
+
+def test_a_proposer_that_often_runs_dry_is_still_worth_asking():
+    """A request whose proposer fills 1 in 5 asks but is then always right costs only a fifth of the
+    verify tokens it is planned for: k > 0 pays where the same request at fill 1 and a per-position
+    rate diluted by its dry positions (the old model: a ~ 0.2) would not."""
+    cost = CostModel(c_fixed_ms=20.0, c_tok_ms=6.0)
+    dry = optimize_goodput([0.95], [200], [0], cost, 8, fill=[0.2])
+    diluted = optimize_goodput([0.2], [200], [0], cost, 8)
+    assert dry.ks[0] > 0 and diluted.ks[0] == 0
+    assert dry.goodput > dry.baseline_goodput
+    # fill only scales: at f = 0 nothing is gained and nothing paid, so the tie goes to k = 0
+    assert optimize_goodput([0.95], [200], [0], cost, 8, fill=[0.0]).ks.tolist() == [0]
 
 
 def test_ties_prefer_less_speculation():

@@ -211,3 +211,45 @@ def test_padded_verify_charges_every_row_the_widest_k():
         CPU.c_tok_ms * extra_tokens)
     same = np.array([3, 3, 3])
     assert padded.step_ms(same, ctx[:3], pre[:3] * 0, 0, rng) == plain.step_ms(same, ctx[:3], pre[:3] * 0, 0, rng)
+
+
+# --- a proposer that runs dry (prompt lookup) ------------------------------------------------
+
+def test_fill_rate_is_learned_and_dry_proposals_cost_nothing():
+    """Fill 0.3: about 30% of asked-for proposals are offered; the estimate the policy sees
+    converges there; and a dry step is timed as a plain decode (fixed:5 at fill 0 costs what off does)."""
+    from smartspec.bench.acceptance_models import with_fill
+
+    policy = RecordingPolicy()
+    workload = Workload(np.zeros(4), np.full(4, 50), np.full(4, 300))
+    result = simulate(workload, policy, {}, step_model=StepModel(H100_8B), acceptance=with_fill(fixed(0.9), [0.3]),
+                      worker=WorkerSpec(max_batch_size=4, max_k=5), seed=3)
+    assert result.proposed.sum() / result.requested.sum() == pytest.approx(0.3, abs=0.05)
+    assert policy.batches[-1].requests[0].fill == pytest.approx(0.3, abs=0.1)
+    assert policy.batches[0].requests[0].fill == 1.0  # the cold prior: a proposer that fills
+    m = result.metrics()
+    assert m["acceptance_rate"] == pytest.approx(0.9, abs=0.05)  # dry positions are not rejections
+
+    wl = small_workload(100, rate=2)
+    dry = with_fill(fixed(0.9), [0.0])
+    off = simulate(wl, get("off"), {}, step_model=StepModel(CPU), acceptance=dry, seed=1)
+    fixed5 = simulate(wl, get("fixed"), {"k": 5}, step_model=StepModel(CPU), acceptance=dry, seed=1)
+    assert fixed5.metrics()["mean_latency_s"] == pytest.approx(off.metrics()["mean_latency_s"], rel=1e-9)
+
+
+def test_goodput_speculates_for_requests_whose_proposer_fills_now_and_then():
+    """Summaries (always fill, a = 0.9) and chat (fill 0.2, but right when it fills) interleaved on the
+    CPU model: per-request k beats every fixed k, and beats off."""
+    from smartspec.bench.acceptance_models import choice, with_fill
+
+    wl = small_workload(200, rate=0.5, seed=4)
+    mixed = with_fill(choice([0.9, 0.9]), [1.0, 0.2])
+    means = {}
+    for spec in ("off", "fixed:1", "fixed:3", "fixed:5", "goodput"):
+        from smartspec.bench.policy_spec import parse_policy_spec
+
+        name, params = parse_policy_spec(spec)
+        means[spec] = simulate(wl, get(name), params, step_model=StepModel(CPU), acceptance=mixed,
+                               seed=4).metrics()["mean_latency_s"]
+    best_fixed = min(v for k, v in means.items() if k != "goodput")
+    assert means["goodput"] <= best_fixed * 1.0

@@ -25,7 +25,7 @@ def store(redis_url, redis_prefix):
     s.close()
 
 
-def _writes(histories=None, finished=(), prior=(0.0, 0.0), decay=1.0, cost_fit=None, worker_id="w0"):
+def _writes(histories=None, finished=(), prior=(0.0, 0.0, 0.0, 0.0), decay=1.0, cost_fit=None, worker_id="w0"):
     return StepWrites(
         worker_id=worker_id,
         cost_profile_id="profile-a",
@@ -36,6 +36,8 @@ def _writes(histories=None, finished=(), prior=(0.0, 0.0), decay=1.0, cost_fit=N
         prior_accepted=prior[0],
         prior_tested=prior[1],
         prior_decay=decay,
+        prior_proposed=prior[2] if len(prior) > 2 else 0.0,
+        prior_requested=prior[3] if len(prior) > 3 else 0.0,
         totals={"steps": 1, "proposed": 4, "accepted": 3},
         figures=WorkerFigures(predicted_step_ms=12.5, predicted_tokens=3.25, goodput_tok_s=100.0),
     )
@@ -72,11 +74,13 @@ def test_step_round_trip_with_ttls_and_deletion(store, raw, redis_prefix):
 
 
 def test_prior_is_decayed_and_added_atomically(store):
-    store.write_step(_writes(prior=(3.0, 4.0), decay=0.5))
-    store.write_step(_writes(prior=(1.0, 2.0), decay=0.5))
+    store.write_step(_writes(prior=(3.0, 4.0, 5.0, 8.0), decay=0.5))
+    store.write_step(_writes(prior=(1.0, 2.0, 0.0, 4.0), decay=0.5))
     prior = store.read_step("w0", [], "profile-a", "PROPOSER_KIND_NGRAM").prior
     assert prior.accepted == pytest.approx(3.0 * 0.5 + 1.0)
     assert prior.tested == pytest.approx(4.0 * 0.5 + 2.0)
+    assert prior.proposed == pytest.approx(5.0 * 0.5 + 0.0)
+    assert prior.requested == pytest.approx(8.0 * 0.5 + 4.0)
 
     # Concurrent writers (workers sharing a proposer kind) never lose counts.
     threads = [threading.Thread(target=lambda: [store.write_step(_writes(prior=(1.0, 1.0))) for _ in range(10)])

@@ -14,10 +14,11 @@ def step(index: int, *outcomes: RequestFacts) -> StepFacts:
                      queued_requests=0)
 
 
-def decode(request_id: str, proposed: int, accepted: int, finished: bool = False) -> RequestFacts:
+def decode(request_id: str, proposed: int, accepted: int, finished: bool = False,
+           requested: int | None = None) -> RequestFacts:
     tested = accepted + (1 if accepted < proposed else 0)
     return RequestFacts(request_id, proposed, accepted, tested, context_tokens=100, finished=finished,
-                        planned_k=proposed)
+                        requested_tokens=proposed if requested is None else requested)
 
 
 def test_shorthand_sets_the_first_parameter():

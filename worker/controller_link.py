@@ -63,6 +63,7 @@ def report_to_proto(facts: StepFacts) -> controller_pb2.StepReport:
                 context_tokens=r.context_tokens,
                 prefill_tokens=r.prefill_tokens,
                 finished=r.finished,
+                requested_tokens=r.requested_tokens,
             )
             for r in facts.requests
         ],

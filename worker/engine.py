@@ -371,7 +371,7 @@ class Engine:
         )
         self._pending_finished = []
         self._step_index += 1
-        decode_ks = [f.planned_k for f in facts if f.prefill_tokens == 0]
+        decode_ks = [f.requested_tokens for f in facts if f.prefill_tokens == 0]
         self._publish_counts()
         if self.metrics is not None:
             self.metrics.observe_step(step, batch_size=len(facts), decode_ks=decode_ks,
@@ -578,7 +578,7 @@ class Engine:
             context_tokens=seq.cached if seq.prefilling else len(seq.tokens),
             prefill_tokens=prefill,
             finished=finished,
-            planned_k=k,
+            requested_tokens=k,
         )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from smartspec.controller.acceptance import AcceptanceState, PooledPrior
+from smartspec.controller.acceptance import AcceptanceState, PooledPrior, requested_or_proposed
 from smartspec.controller.cost_model import DEFAULT_COST_MODEL, CostModel
 from smartspec.controller.policies import registry
 from smartspec.controller.policies.base import BatchState, ParameterType, Policy, PolicyError, RequestState
@@ -76,7 +76,7 @@ def parse_policy_spec(spec: str, extra: Sequence[str] = ()) -> PolicyChoice:
 
 @dataclass
 class AcceptanceBook:
-    """Per-request acceptance history plus a prior pooled over finished requests."""
+    """Per-request acceptance and fill history plus a prior pooled over finished requests."""
 
     prior: PooledPrior = field(default_factory=PooledPrior)
     requests: dict[str, AcceptanceState] = field(default_factory=dict)
@@ -87,11 +87,13 @@ class AcceptanceBook:
             # Prefill steps and cancellation records carry no evidence (and are not decode steps).
             is_decode = outcome.prefill_tokens == 0 and (outcome.proposed_tokens > 0 or not outcome.finished)
             if is_decode:
-                state = state.update(outcome.proposed_tokens, outcome.accepted_tokens, outcome.tested_positions)
+                state = state.update(outcome.proposed_tokens, outcome.accepted_tokens, outcome.tested_positions,
+                                     requested_or_proposed(outcome.requested_tokens, outcome.proposed_tokens))
             if outcome.finished:
                 self.requests.pop(outcome.request_id, None)
-                if state.tested:
-                    self.prior = self.prior.update(state.accepted, state.tested)
+                if state.tested or state.requested:
+                    self.prior = self.prior.update(state.accepted, state.tested,
+                                                   proposed=state.proposed, requested=state.requested)
             else:
                 self.requests[outcome.request_id] = state
 
@@ -100,6 +102,7 @@ class AcceptanceBook:
         return RequestState(
             request_id=query.request_id,
             acceptance=state.estimate(self.prior),
+            fill=state.fill_estimate(self.prior),
             context_tokens=query.context_tokens,
             last_k=state.last_k,
             last_fully_accepted=state.last_fully_accepted,

@@ -43,6 +43,7 @@ class SpeculationCounters:
     """Raw per-request counters; rates are derived, never stored."""
 
     proposed: int = 0
+    requested: int = 0       # proposals asked for (a proposer may offer fewer: proposed <= requested)
     accepted: int = 0
     tested: int = 0          # accepted + (1 if a rejection ended the run)
     decode_steps: int = 0
@@ -51,6 +52,7 @@ class SpeculationCounters:
 
     def observe(self, k: int, proposed: int, accepted: int) -> None:
         self.ks.append(k)
+        self.requested += k
         self.proposed += proposed
         self.accepted += accepted
         self.tested += accepted + (1 if accepted < proposed else 0)

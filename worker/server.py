@@ -72,6 +72,7 @@ def result_to_proto(outcome: GenerationOutcome) -> generation_pb2.GenerationResu
             steps=stats.decode_steps,
             mean_speculation_length=stats.mean_k,
             speculation_lengths=stats.ks,
+            requested_tokens=stats.requested,
         ),
         time_to_first_token_ms=outcome.time_to_first_token_ms,
         total_ms=outcome.total_ms,

@@ -22,7 +22,7 @@ class RequestFacts:
     context_tokens: int
     prefill_tokens: int = 0
     finished: bool = False
-    planned_k: int = 0          # k asked of the proposer (proposed may be fewer)
+    requested_tokens: int = 0   # k asked of the proposer after clamping (proposed may be fewer)
 
 
 @dataclass(frozen=True)

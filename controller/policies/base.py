@@ -21,13 +21,14 @@ class RequestState:
     """One request as a policy sees it, for the NEXT step."""
 
     request_id: str
-    acceptance: float  # estimated a_i in [0, 1] (already blended with the prior)
+    acceptance: float  # estimated a_i in [0, 1] per offered proposal (already blended with the prior)
     context_tokens: int  # context length the next step attends over
     prefill_tokens: int = 0  # prompt tokens still to prefill in the next step (usually 0)
     last_k: int = 0  # speculation length of its last step
     last_fully_accepted: bool = False  # last step accepted every proposal (heuristic policy)
     steps_since_speculation: int = 0  # consecutive steps at k = 0 (probing)
     evidence: float = 0.0  # tested positions seen for this request
+    fill: float = 1.0  # expected proposals offered per proposal asked for, in [0, 1] (ngram runs dry)
 
 
 @dataclass(frozen=True)

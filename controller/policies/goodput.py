@@ -60,6 +60,7 @@ class GoodputPolicy(BasePolicy):
             [r.prefill_tokens for r in requests],
             cost,
             max_k,
+            fill=[r.fill for r in requests],
         )
         ks = plan.ks
         if plan.goodput < plan.baseline_goodput * (1.0 + params["min_gain"]):

@@ -19,17 +19,24 @@ from smartspec.controller.policies.base import BatchState, Policy
 log = logging.getLogger(__name__)
 
 
+def _unit(value: float, fallback: float) -> float:
+    """value clipped into [0, 1]; `fallback` when it is not a finite number."""
+    return fallback if not math.isfinite(value) else min(1.0, max(0.0, value))
+
+
 def sanitize_batch(batch: BatchState, prior_acceptance: float = DEFAULT_PRIOR_RATE) -> BatchState:
-    """Non-finite acceptance -> the prior; finite values clipped into [0, 1]; max_k >= 0."""
+    """Non-finite acceptance -> the prior, non-finite fill -> 1; finite values clipped into [0, 1];
+    max_k >= 0."""
     if not (math.isfinite(prior_acceptance) and 0.0 <= prior_acceptance <= 1.0):
         prior_acceptance = DEFAULT_PRIOR_RATE
-    if batch.max_k >= 0 and all(0.0 <= r.acceptance <= 1.0 for r in batch.requests):  # NaN fails this
+    if batch.max_k >= 0 and all(0.0 <= r.acceptance <= 1.0 and 0.0 <= r.fill <= 1.0
+                                for r in batch.requests):  # NaN fails this
         return batch
     requests = []
     for request in batch.requests:
-        a = request.acceptance
-        clean = prior_acceptance if not math.isfinite(a) else min(1.0, max(0.0, a))
-        requests.append(request if clean == a else dataclasses.replace(request, acceptance=clean))
+        a, f = _unit(request.acceptance, prior_acceptance), _unit(request.fill, 1.0)
+        same = a == request.acceptance and f == request.fill
+        requests.append(request if same else dataclasses.replace(request, acceptance=a, fill=f))
     return dataclasses.replace(batch, requests=tuple(requests), max_k=max(0, int(batch.max_k)))
 
 

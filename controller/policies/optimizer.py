@@ -1,14 +1,20 @@
 """Exact goodput maximisation over per-request speculation lengths (the SmartSpec objective).
 
     maximise  G(k) = sum_i E_i(k_i) / T(k)   over k in {0..K}^B
-    E_i(k)    = 1 + a_i + ... + a_i^k = (1 - a_i^(k+1)) / (1 - a_i)
-    T(k)      = base + sum_i w_i k_i + depth(max_i k_i)
+    E_i(k)    = 1 + f_i (a_i + ... + a_i^k)
+    T(k)      = base + sum_i f_i w_i k_i + depth(max_i k_i)
 
-where, from the cost model (see cost_model.py),
+where a_i is the chance that each offered proposal is accepted, f_i the expected share of the k
+asked-for positions the proposer fills (1 for a draft model; prompt lookup often offers nothing),
+and, from the cost model (see cost_model.py),
 
     base      = c_fixed + overhead + c_tok * sum_i (1 + prefill_i) + c_kv * sum_i context_i   (T at k = 0)
     w_i       = c_tok + d_tok + d_kv * context_i      marginal cost of one more proposal for request i
     depth(m)  = c_spec * [m > 0] + d_fixed * m        terms shared by the whole batch
+
+An unfilled position is never verified, so it costs nothing and yields nothing: both the gain and
+the per-token cost scale with f_i. The shared depth(m) is charged in full whenever anything is
+planned (the batch pays it if any row fills), which errs toward less speculation.
 
 Dinkelbach: G* is the lambda at which F(lambda) = max_k [sum_i E_i(k_i) - lambda T(k)] is zero.
 Start from lambda = G(0) and set lambda <- G(argmax) until it stops growing (superlinear, a
@@ -29,15 +35,19 @@ import numpy as np
 from smartspec.controller.cost_model import CostModel
 
 
-def expected_tokens_table(acceptance: np.ndarray, max_k: int) -> np.ndarray:
-    """E_i(k) for k = 0..K. acceptance: [B] -> [B, K+1]. Exact at a = 1 (k + 1) and a = 0 (1)."""
-    powers = np.asarray(acceptance, dtype=np.float64)[:, None] ** np.arange(max_k + 1)  # a^j: [B, K+1]
-    return np.cumsum(powers, axis=1)  # E: [B, K+1]
+def expected_tokens_table(acceptance: np.ndarray, max_k: int, fill: np.ndarray | None = None) -> np.ndarray:
+    """E_i(k) for k = 0..K. acceptance, fill: [B] -> [B, K+1]. Exact at a = 1 (1 + f k) and a = 0 (1)."""
+    a = np.asarray(acceptance, dtype=np.float64)  # [B]
+    powers = a[:, None] ** np.arange(1, max_k + 1)  # a^j, j = 1..K: [B, K]
+    accepted = np.concatenate([np.zeros((a.shape[0], 1)), np.cumsum(powers, axis=1)], axis=1)  # [B, K+1]
+    if fill is not None:
+        accepted *= np.asarray(fill, dtype=np.float64)[:, None]
+    return 1.0 + accepted  # E: [B, K+1]
 
 
-def expected_tokens(acceptance: float, k: int) -> float:
-    """Expected tokens from one request with k proposals: accepted prefix plus the bonus token."""
-    return float(expected_tokens_table(np.array([acceptance]), k)[0, k])
+def expected_tokens(acceptance: float, k: int, fill: float = 1.0) -> float:
+    """Expected tokens from one request asked for k proposals: accepted prefix plus the bonus token."""
+    return float(expected_tokens_table(np.array([acceptance]), k, np.array([fill]))[0, k])
 
 
 @dataclass(frozen=True)
@@ -53,14 +63,17 @@ class CostTerms:
         return float(self.base_ms + self.per_token_ms @ ks + self.depth_ms[top])
 
 
-def cost_terms(cost: CostModel, contexts: np.ndarray, prefills: np.ndarray, max_k: int) -> CostTerms:
+def cost_terms(cost: CostModel, contexts: np.ndarray, prefills: np.ndarray, max_k: int,
+               fill: np.ndarray | None = None) -> CostTerms:
+    """The expected step time's terms; per_token_ms is w_i f_i (only filled positions are verified)."""
     contexts = np.asarray(contexts, dtype=np.float64)  # [B]
     prefills = np.asarray(prefills, dtype=np.float64)  # [B]
+    fill = np.ones_like(contexts) if fill is None else np.asarray(fill, dtype=np.float64)  # [B]
     depth = np.arange(max_k + 1, dtype=np.float64)  # m: [K+1]
     return CostTerms(
         base_ms=cost.c_fixed_ms + cost.overhead_ms
         + cost.c_tok_ms * float((1.0 + prefills).sum()) + cost.c_kv_ms * float(contexts.sum()),
-        per_token_ms=cost.c_tok_ms + cost.d_tok_ms + cost.d_kv_ms * contexts,
+        per_token_ms=(cost.c_tok_ms + cost.d_tok_ms + cost.d_kv_ms * contexts) * fill,
         depth_ms=cost.c_spec_ms * (depth > 0) + cost.d_fixed_ms * depth,
     )
 
@@ -79,16 +92,18 @@ class GoodputPlan:
 
 
 def optimize_goodput(acceptance, contexts, prefills, cost: CostModel, max_k: int,
-                     max_rounds: int = 64) -> GoodputPlan:
-    """The k vector maximising expected tokens per predicted step time, exactly.
+                     max_rounds: int = 64, fill=None) -> GoodputPlan:
+    """The k vector maximising expected tokens per expected step time, exactly.
 
+    fill: [B] expected share of asked-for positions the proposer fills (None: all of them).
     Ties go to the smaller k (less compute for the same goodput). Raises ValueError when the
     cost model predicts a zero-length step (the ratio is then undefined).
     """
     a = np.clip(np.asarray(acceptance, dtype=np.float64), 0.0, 1.0)  # [B]
     batch = a.shape[0]
+    f = np.ones(batch) if fill is None else np.clip(np.asarray(fill, dtype=np.float64), 0.0, 1.0)  # [B]
     max_k = max(0, int(max_k))
-    terms = cost_terms(cost, contexts, prefills, max_k)
+    terms = cost_terms(cost, contexts, prefills, max_k, f)
     if not terms.base_ms > 0:
         raise ValueError("cost model predicts a zero step time; goodput is undefined")
     zeros = np.zeros(batch, dtype=np.int64)
@@ -96,7 +111,7 @@ def optimize_goodput(acceptance, contexts, prefills, cost: CostModel, max_k: int
     if batch == 0 or max_k == 0:
         return GoodputPlan(zeros, float(batch), terms.base_ms, baseline)
 
-    gains = expected_tokens_table(a, max_k)  # E: [B, K+1]
+    gains = expected_tokens_table(a, max_k, f)  # E: [B, K+1]
     marginal = terms.per_token_ms[:, None] * np.arange(max_k + 1)  # w_i * k: [B, K+1]
     rows = np.arange(batch)
     best_ks, best_tokens, best_ms, lam = zeros, float(batch), terms.base_ms, baseline
@@ -115,13 +130,14 @@ def optimize_goodput(acceptance, contexts, prefills, cost: CostModel, max_k: int
     return GoodputPlan(best_ks.astype(np.int64), best_tokens, best_ms, baseline)
 
 
-def predict_plan(acceptance, contexts, prefills, cost: CostModel, ks) -> tuple[float, float]:
-    """(expected tokens, predicted step ms) of a given plan, for StepPlan.predicted_* fields."""
+def predict_plan(acceptance, contexts, prefills, cost: CostModel, ks, fill=None) -> tuple[float, float]:
+    """(expected tokens, expected step ms) of a given plan, for StepPlan.predicted_* fields."""
     ks = np.asarray(ks, dtype=np.int64)  # [B]
     a = np.clip(np.asarray(acceptance, dtype=np.float64), 0.0, 1.0)  # [B]
-    top = int(ks.max(initial=0))
     if ks.size == 0:
         return 0.0, float(cost.predict_ms(np.zeros((0,)), np.zeros((0,))))
-    gains = expected_tokens_table(a, top)  # [B, top+1]
+    f = None if fill is None else np.clip(np.asarray(fill, dtype=np.float64), 0.0, 1.0)  # [B]
+    top = int(ks.max(initial=0))
+    gains = expected_tokens_table(a, top, f)  # [B, top+1]
     tokens = float(gains[np.arange(ks.size), ks].sum())
-    return tokens, float(cost.predict_ms(ks, contexts, prefills))
+    return tokens, cost_terms(cost, contexts, prefills, top, f).step_ms(ks)

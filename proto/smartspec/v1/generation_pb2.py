@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from smartspec.v1 import common_pb2 as smartspec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsmartspec/v1/generation.proto\x12\x0csmartspec.v1\x1a\x19smartspec/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x9a\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.smartspec.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xc8\x01\n\x10SpeculationStats\x12\x17\n\x0fproposed_tokens\x18\x01 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x03 \x01(\x01\x12\x1c\n\x14mean_accepted_length\x18\x04 \x01(\x01\x12\r\n\x05steps\x18\x05 \x01(\x04\x12\x1f\n\x17mean_speculation_length\x18\x06 \x01(\x01\x12\x1b\n\x13speculation_lengths\x18\x07 \x03(\r\"\x84\x02\n\x10GenerationResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.smartspec.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.smartspec.v1.Usage\x12\x33\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x1e.smartspec.v1.SpeculationStats\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x10\n\x08queue_ms\x18\x08 \x01(\x01\"w\n\x10GenerateResponse\x12)\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x18.smartspec.v1.TokenDeltaH\x00\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32\x1e.smartspec.v1.GenerationResultH\x00\x42\x06\n\x04kind\"\x16\n\x14GetWorkerInfoRequest\"\x8f\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08proposer\x18\x03 \x01(\t\x12\x31\n\rproposer_kind\x18\x04 \x01(\x0e\x32\x1a.smartspec.v1.ProposerKind\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x1e\n\x16max_speculation_length\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x16\n\x0e\x63ontext_window\x18\t \x01(\r\x12\x12\n\ncontroller\x18\n \x01(\t\x12\x1c\n\x14\x63ontroller_connected\x18\x0b \x01(\x08\x12\x16\n\x0e\x66\x61llback_steps\x18\x0c \x01(\x04\x12\x18\n\x10running_requests\x18\r \x01(\x04\x12\x17\n\x0fqueued_requests\x18\x0e \x01(\x04\x12.\n\x0clocal_policy\x18\x0f \x01(\x0b\x32\x18.smartspec.v1.PolicySpec*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xa8\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.smartspec.v1.GenerateRequest\x1a\x1e.smartspec.v1.GenerateResponse0\x01\x12M\n\rGetWorkerInfo\x12\".smartspec.v1.GetWorkerInfoRequest\x1a\x18.smartspec.v1.WorkerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsmartspec/v1/generation.proto\x12\x0csmartspec.v1\x1a\x19smartspec/v1/common.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x9a\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12+\n\x08messages\x18\x02 \x03(\x0b\x32\x19.smartspec.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x12\n\nignore_eos\x18\n \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"-\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xe2\x01\n\x10SpeculationStats\x12\x17\n\x0fproposed_tokens\x18\x01 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x03 \x01(\x01\x12\x1c\n\x14mean_accepted_length\x18\x04 \x01(\x01\x12\r\n\x05steps\x18\x05 \x01(\x04\x12\x1f\n\x17mean_speculation_length\x18\x06 \x01(\x01\x12\x1b\n\x13speculation_lengths\x18\x07 \x03(\r\x12\x18\n\x10requested_tokens\x18\x08 \x01(\x04\"\x84\x02\n\x10GenerationResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.smartspec.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.smartspec.v1.Usage\x12\x33\n\x0bspeculation\x18\x05 \x01(\x0b\x32\x1e.smartspec.v1.SpeculationStats\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x01\x12\x10\n\x08total_ms\x18\x07 \x01(\x01\x12\x10\n\x08queue_ms\x18\x08 \x01(\x01\"w\n\x10GenerateResponse\x12)\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x18.smartspec.v1.TokenDeltaH\x00\x12\x30\n\x06result\x18\x02 \x01(\x0b\x32\x1e.smartspec.v1.GenerationResultH\x00\x42\x06\n\x04kind\"\x16\n\x14GetWorkerInfoRequest\"\x8f\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08proposer\x18\x03 \x01(\t\x12\x31\n\rproposer_kind\x18\x04 \x01(\x0e\x32\x1a.smartspec.v1.ProposerKind\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x1e\n\x16max_speculation_length\x18\x07 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\r\x12\x16\n\x0e\x63ontext_window\x18\t \x01(\r\x12\x12\n\ncontroller\x18\n \x01(\t\x12\x1c\n\x14\x63ontroller_connected\x18\x0b \x01(\x08\x12\x16\n\x0e\x66\x61llback_steps\x18\x0c \x01(\x04\x12\x18\n\x10running_requests\x18\r \x01(\x04\x12\x17\n\x0fqueued_requests\x18\x0e \x01(\x04\x12.\n\x0clocal_policy\x18\x0f \x01(\x0b\x32\x18.smartspec.v1.PolicySpec*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xa8\x01\n\nGeneration\x12K\n\x08Generate\x12\x1d.smartspec.v1.GenerateRequest\x1a\x1e.smartspec.v1.GenerateResponse0\x01\x12M\n\rGetWorkerInfo\x12\".smartspec.v1.GetWorkerInfoRequest\x1a\x18.smartspec.v1.WorkerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'smartspec.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1524
-  _globals['_FINISHREASON']._serialized_end=1648
+  _globals['_FINISHREASON']._serialized_start=1550
+  _globals['_FINISHREASON']._serialized_end=1674
   _globals['_CHATMESSAGE']._serialized_start=74
   _globals['_CHATMESSAGE']._serialized_end=118
   _globals['_GENERATEREQUEST']._serialized_start=121
@@ -43,15 +43,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=452
   _globals['_USAGE']._serialized_end=509
   _globals['_SPECULATIONSTATS']._serialized_start=512
-  _globals['_SPECULATIONSTATS']._serialized_end=712
-  _globals['_GENERATIONRESULT']._serialized_start=715
-  _globals['_GENERATIONRESULT']._serialized_end=975
-  _globals['_GENERATERESPONSE']._serialized_start=977
-  _globals['_GENERATERESPONSE']._serialized_end=1096
-  _globals['_GETWORKERINFOREQUEST']._serialized_start=1098
-  _globals['_GETWORKERINFOREQUEST']._serialized_end=1120
-  _globals['_WORKERINFO']._serialized_start=1123
-  _globals['_WORKERINFO']._serialized_end=1522
-  _globals['_GENERATION']._serialized_start=1651
-  _globals['_GENERATION']._serialized_end=1819
+  _globals['_SPECULATIONSTATS']._serialized_end=738
+  _globals['_GENERATIONRESULT']._serialized_start=741
+  _globals['_GENERATIONRESULT']._serialized_end=1001
+  _globals['_GENERATERESPONSE']._serialized_start=1003
+  _globals['_GENERATERESPONSE']._serialized_end=1122
+  _globals['_GETWORKERINFOREQUEST']._serialized_start=1124
+  _globals['_GETWORKERINFOREQUEST']._serialized_end=1146
+  _globals['_WORKERINFO']._serialized_start=1149
+  _globals['_WORKERINFO']._serialized_end=1548
+  _globals['_GENERATION']._serialized_start=1677
+  _globals['_GENERATION']._serialized_end=1845
 # @@protoc_insertion_point(module_scope)

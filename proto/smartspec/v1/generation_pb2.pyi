@@ -68,7 +68,7 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class SpeculationStats(_message.Message):
-    __slots__ = ("proposed_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_length", "steps", "mean_speculation_length", "speculation_lengths")
+    __slots__ = ("proposed_tokens", "accepted_tokens", "acceptance_rate", "mean_accepted_length", "steps", "mean_speculation_length", "speculation_lengths", "requested_tokens")
     PROPOSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class SpeculationStats(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     MEAN_SPECULATION_LENGTH_FIELD_NUMBER: _ClassVar[int]
     SPECULATION_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     proposed_tokens: int
     accepted_tokens: int
     acceptance_rate: float
@@ -83,7 +84,8 @@ class SpeculationStats(_message.Message):
     steps: int
     mean_speculation_length: float
     speculation_lengths: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., steps: _Optional[int] = ..., mean_speculation_length: _Optional[float] = ..., speculation_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+    requested_tokens: int
+    def __init__(self, proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., steps: _Optional[int] = ..., mean_speculation_length: _Optional[float] = ..., speculation_lengths: _Optional[_Iterable[int]] = ..., requested_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerationResult(_message.Message):
     __slots__ = ("request_id", "text", "finish_reason", "usage", "speculation", "time_to_first_token_ms", "total_ms", "queue_ms")
