@@ -218,7 +218,7 @@ def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, s
                 RequestState(ids[r], a, c, 0, lk[j], lf[j], ss[j], float(ev[j]), fl[j])
                 for j, (r, a, c) in enumerate(zip(dec.tolist(), a_hat.tolist(), context.tolist()))
             )
-            batch = BatchState(states, worker.max_k, len(waiting), step_index)
+            batch = BatchState(states, worker.max_k, len(waiting), step_index, prior.tested)
             ks = np.array(guarded_decide(policy, batch, plan_cost, params, prior_acceptance=prior.rate(cold_rate)),
                           dtype=np.int64)  # [D]
             # the engine's clamp: no more proposals than tokens still wanted, minus the bonus token

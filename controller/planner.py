@@ -143,6 +143,7 @@ def plan_step(
         max_k=hello.max_speculation_length,
         queued_requests=report.queued_requests,
         step_index=report.step_index,
+        pooled_evidence=prior.tested,
     )
     ks: list[int] = []
     if states:

@@ -24,12 +24,13 @@ from smartspec.controller.policies import (
 )
 
 
-def batch_of(acceptances, *, max_k=8, context=200, step_index=0, **request_fields) -> BatchState:
+def batch_of(acceptances, *, max_k=8, context=200, step_index=0, pooled_evidence=float("inf"),
+             **request_fields) -> BatchState:
     requests = tuple(
         RequestState(request_id=f"r{i}", acceptance=a, context_tokens=context, **request_fields)
         for i, a in enumerate(acceptances)
     )
-    return BatchState(requests=requests, max_k=max_k, step_index=step_index)
+    return BatchState(requests=requests, max_k=max_k, step_index=step_index, pooled_evidence=pooled_evidence)
 
 
 def decide(name: str, batch: BatchState, cost: CostModel = DEFAULT_COST_MODEL, **params) -> list[int]:
@@ -172,6 +173,16 @@ def test_goodput_probes_requests_held_at_zero():
     )
     ks = decide("goodput", mixed, probe_interval=8)
     assert ks[0] > 1 and ks[1:] == [1, 0]
+
+
+def test_goodput_probes_at_once_while_nothing_was_ever_verified():
+    """A cold controller's estimates are the default guess; trying is the only way to learn, so every
+    request held at 0 is probed this very step. Once anything was verified, probes wait again."""
+    cold = batch_of([0.0, 0.0], step_index=3, pooled_evidence=5.0)
+    assert decide("goodput", cold, probe_interval=8) == [1, 1]
+    warm = batch_of([0.0, 0.0], step_index=3, pooled_evidence=20.0)
+    assert decide("goodput", warm, probe_interval=8) == [0, 0]
+    assert decide("goodput", cold, probe_interval=0) == [0, 0]  # probing disabled means disabled
 
 
 # ---------------------------------------------------------------- guard

@@ -39,6 +39,9 @@ class BatchState:
     max_k: int  # worker's maximum speculation length
     queued_requests: int = 0
     step_index: int = 0
+    # Positions ever verified for this proposer kind (the pooled prior's decayed tested count); near 0
+    # every estimate is the cold default guess and only trying can tell. Unknown -> infinite.
+    pooled_evidence: float = float("inf")
 
     @property
     def batch_size(self) -> int:

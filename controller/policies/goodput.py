@@ -6,26 +6,32 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from smartspec.controller.acceptance import DEFAULT_PRIOR_STRENGTH
 from smartspec.controller.cost_model import CostModel
 from smartspec.controller.policies.base import BasePolicy, BatchState, ParameterSpec, ParameterType
 from smartspec.controller.policies.optimizer import optimize_goodput
 
+# Below this many verified positions pooled over the proposer kind, estimates are still the cold guess.
+COLD_EVIDENCE = DEFAULT_PRIOR_STRENGTH
+
 
 def apply_probes(ks: np.ndarray, steps_since_speculation: np.ndarray, step_index: int,
-                 probe_interval: int) -> np.ndarray:
+                 probe_interval: int, cold: bool = False) -> np.ndarray:
     """Give k = 1 to requests held at k = 0 for `probe_interval` steps, so their estimate can recover.
 
     A request at k = 0 produces no acceptance evidence, so without probes one bad stretch would
     pin it at 0 forever. When nobody else speculates this step, a probe also pays the batch-wide
     c_spec, so such probes wait for a step index divisible by the interval and go together:
     at most one c_spec per interval. When the plan already speculates, due probes ride along.
+    `cold`: (almost) nothing was ever verified for this proposer kind, so every estimate is the cold
+    default guess: probe now. A dry probe costs nothing, a filled one buys the evidence.
     """
     if probe_interval <= 0 or ks.size == 0:
         return ks
-    due = (ks == 0) & (steps_since_speculation >= probe_interval)  # [B]
+    due = (ks == 0) & ((steps_since_speculation >= probe_interval) | cold)  # [B]
     if not due.any():
         return ks
-    if ks.max() > 0 or step_index % probe_interval == 0:
+    if cold or ks.max() > 0 or step_index % probe_interval == 0:
         ks = ks.copy()
         ks[due] = 1
     return ks
@@ -67,7 +73,8 @@ class GoodputPolicy(BasePolicy):
             ks = np.zeros_like(ks)
         if max_k > 0:
             held = np.array([r.steps_since_speculation for r in requests], dtype=np.int64)  # [B]
-            ks = apply_probes(ks, held, batch.step_index, params["probe_interval"])
+            cold = batch.pooled_evidence < COLD_EVIDENCE
+            ks = apply_probes(ks, held, batch.step_index, params["probe_interval"], cold)
         return ks.tolist()
 
 
