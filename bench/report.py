@@ -178,6 +178,42 @@ def markdown_table(records: Sequence[Mapping[str, Any]], title: str | None = Non
     return "\n".join(lines) + "\n"
 
 
+def claim_rows(records: Sequence[Mapping[str, Any]], policy: str = "goodput") -> list[dict[str, Any]]:
+    """Per (group, rate): `policy`'s mean latency against the best of the others (`off` included).
+
+    The SmartSpec claim in one line per load: goodput / best <= 1 (matches the best fixed k) and
+    goodput / off <= 1 (never worse than not speculating).
+    """
+    rows = []
+    keys = dict.fromkeys((r.get("group"), r["rate"]) for r in records)
+    for group, rate in keys:
+        point = {r["policy"]: r for r in records if r.get("group") == group and r["rate"] == rate}
+        if policy not in point or len(point) < 2:
+            continue
+        ours = point[policy]["mean_latency_s"]
+        best_name, best = min(((name, r["mean_latency_s"]) for name, r in point.items() if name != policy),
+                              key=lambda item: item[1])
+        off = point.get("off")
+        rows.append({"group": group, "rate": rate, "policy": policy, "mean_latency_s": ours,
+                     "best_other": best_name, "best_other_mean_latency_s": best,
+                     "vs_best": ours / best if best > 0 else math.nan,
+                     "vs_off": ours / off["mean_latency_s"] if off and off["mean_latency_s"] > 0 else math.nan})
+    return rows
+
+
+def claim_table(records: Sequence[Mapping[str, Any]], policy: str = "goodput") -> str:
+    """`claim_rows` as markdown ('' when the records do not hold `policy` and another policy)."""
+    rows = claim_rows(records, policy)
+    if not rows:
+        return ""
+    lines = [f"| group | rate (req/s) | {policy} mean (s) | best other | its mean (s) | {policy} / best | {policy} / off |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['group'] or ''} | {_num(r['rate'])} | {r['mean_latency_s']:.3f} | {r['best_other']} "
+                     f"| {r['best_other_mean_latency_s']:.3f} | {_num(r['vs_best'], 2)} | {_num(r['vs_off'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _num(value: Any, digits: int = 3) -> str:
     if isinstance(value, float):
         if math.isnan(value):
@@ -232,6 +268,9 @@ def write_outputs(meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
                   markdown_path=None, plot_path=None, title: str = "") -> str:
     """Write whichever outputs were asked for; return the markdown table (also for stdout)."""
     table = markdown_table(records, title or None)
+    claim = claim_table(records)
+    if claim:
+        table += "\n" + claim
     if json_path:
         write_json(json_path, meta, records)
     if markdown_path:

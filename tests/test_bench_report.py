@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from smartspec.bench.calibrate import fit_step_overhead, predict_points
-from smartspec.bench.report import (REQUIRED_FIELDS, busy_seconds, markdown_table, plot, point_metrics, read_json,
-                                    write_json)
+from smartspec.bench.report import (REQUIRED_FIELDS, busy_seconds, claim_rows, claim_table, markdown_table, plot,
+                                    point_metrics, read_json, write_json)
 from smartspec.bench.simulator import StepModel, WorkerSpec, simulate
 from smartspec.bench.acceptance_models import per_request
 from smartspec.bench.arrivals import make_arrivals
@@ -142,3 +142,18 @@ def test_step_overhead_fitted_on_one_point_predicts_the_others():
     assert overhead == pytest.approx(60.0, rel=0.15)
     rows = predict_points(meta, records, StepModel(cost, step_overhead_ms=overhead), worker, seed=9)
     assert all(abs(r["ratio"] - 1) < 0.1 for r in rows)
+
+
+def test_claim_rows_compare_goodput_with_the_best_other_policy():
+    def rec(policy, rate, mean, group="g"):
+        return {"policy": policy, "rate": rate, "group": group, "mean_latency_s": mean}
+
+    records = [rec("off", 1, 10.0), rec("fixed:3", 1, 8.0), rec("goodput", 1, 8.4),
+               rec("off", 2, 10.0), rec("fixed:3", 2, 12.0), rec("goodput", 2, 9.0),
+               rec("off", 3, 5.0)]  # no goodput at rate 3: no row
+    rows = claim_rows(records)
+    assert [(r["rate"], r["best_other"]) for r in rows] == [(1, "fixed:3"), (2, "off")]
+    assert rows[0]["vs_best"] == pytest.approx(8.4 / 8.0) and rows[0]["vs_off"] == pytest.approx(0.84)
+    assert rows[1]["vs_best"] == pytest.approx(0.9) and rows[1]["vs_off"] == pytest.approx(0.9)
+    assert "| g | 1 | 8.400 | fixed:3 | 8.000 | 1.05 | 0.84 |" in claim_table(records)
+    assert claim_table([rec("off", 1, 3.0)]) == ""
