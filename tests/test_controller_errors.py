@@ -13,19 +13,12 @@ import redis
 
 from smartspec.controller.server import ControllerServer
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
+from wire import outcome
 
 
 def hello(worker_id="w0", max_k=4, max_batch=8) -> controller_pb2.WorkerHello:
     return controller_pb2.WorkerHello(worker_id=worker_id, proposer_kind=common_pb2.PROPOSER_KIND_DRAFT,
                                       max_speculation_length=max_k, max_batch_size=max_batch)
-
-
-def outcome(request_id, proposed=0, accepted=0, tested=None, context=100, finished=False, requested=0):
-    if tested is None:
-        tested = accepted + (1 if accepted < proposed else 0)
-    return controller_pb2.RequestOutcome(request_id=request_id, proposed_tokens=proposed, accepted_tokens=accepted,
-                                         tested_positions=tested, context_tokens=context, finished=finished,
-                                         requested_tokens=requested)
 
 
 def report(step, outcomes, **kw) -> controller_pb2.StepReport:

@@ -19,19 +19,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from smartspec.controller.server import ControllerServer
 from smartspec.processes import free_port
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
+from wire import outcome
 
 
 def hello(worker_id="w0", max_k=8, max_batch=256, **kw) -> controller_pb2.WorkerHello:
     return controller_pb2.WorkerHello(worker_id=worker_id, proposer_kind=common_pb2.PROPOSER_KIND_NGRAM,
                                       max_speculation_length=max_k, max_batch_size=max_batch, **kw)
-
-
-def outcome(request_id, proposed=0, accepted=0, tested=None, context=100, finished=False, requested=0):
-    if tested is None:
-        tested = accepted + (1 if accepted < proposed else 0)
-    return controller_pb2.RequestOutcome(request_id=request_id, proposed_tokens=proposed, accepted_tokens=accepted,
-                                         tested_positions=tested, context_tokens=context, finished=finished,
-                                         requested_tokens=requested)
 
 
 def report(step, outcomes, draft_ms=1.0, verify_ms=90.0) -> controller_pb2.StepReport:
