@@ -45,6 +45,12 @@ class RequestAcceptance(Protocol):
     def mean_rates(self) -> np.ndarray:  # [N] true mean rate per request (for reports)
         ...
 
+    def proposable(self, requests: np.ndarray, max_k: int, rng: np.random.Generator) -> np.ndarray | None:
+        """What the proposer could offer each row at the coming step, known before it (prompt lookup
+        finds its match or not), or None when that is not known ahead (a draft model).
+        requests: [B] -> [B]. `propose` in the same step offers min(k, this)."""
+        ...
+
     def propose(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Proposals offered per row when k are asked for. requests, ks: [B] -> [B], each <= k."""
         ...
@@ -54,8 +60,37 @@ class RequestAcceptance(Protocol):
         ...
 
 
+class _FillDraws:
+    """Prompt-lookup style filling: each step, request i has a match with probability fills[i]
+    (then it can offer any k) or none (then it offers nothing). The draw is made when the worker
+    looks ahead (`proposable`), before the policy decides, as the real worker does; a `propose`
+    without a look-ahead that step draws then."""
+
+    fills: np.ndarray | None
+    _ready: np.ndarray | None = None  # [N] this step's drawn offer per request, -1 = not drawn
+
+    def proposable(self, requests: np.ndarray, max_k: int, rng: np.random.Generator) -> np.ndarray | None:
+        if self.fills is None:
+            return None
+        if self._ready is None:
+            self._ready = np.full(self.fills.shape, -1, dtype=np.int64)
+        offer = np.where(rng.random(requests.shape) < self.fills[requests], max_k, 0)  # [B]
+        self._ready[requests] = offer
+        return offer
+
+    def propose(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        ks = np.asarray(ks, dtype=np.int64)  # [B]
+        if self.fills is None:
+            return ks.copy()
+        ready = None if self._ready is None else self._ready[requests]  # [B]
+        if ready is None or np.any(ready < 0):
+            return offered_proposals(self.fills[requests], ks, rng)
+        self._ready[requests] = -1  # used up: the next step draws afresh
+        return np.minimum(ks, ready)
+
+
 @dataclass
-class RateAcceptance:
+class RateAcceptance(_FillDraws):
     """Every request has a constant true rate and fill rate (fixed, or drawn per request)."""
 
     rates: np.ndarray  # [N]
@@ -63,9 +98,6 @@ class RateAcceptance:
 
     def mean_rates(self) -> np.ndarray:
         return self.rates
-
-    def propose(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return np.asarray(ks, dtype=np.int64).copy() if self.fills is None else offered_proposals(self.fills[requests], ks, rng)
 
     def accept(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return accepted_runs(self.rates[requests], ks, rng)
@@ -76,7 +108,7 @@ class RateAcceptance:
             self.fills = np.clip(np.broadcast_to(np.asarray(self.fills, dtype=np.float64), self.rates.shape), 0.0, 1.0)
 
 
-class TraceAcceptance:
+class TraceAcceptance(_FillDraws):
     """Replays recorded verification outcomes, so a request's good and bad stretches come back in order.
 
     A recorded step (k, accepted) tested `accepted` positions that passed and, if accepted < k, one
@@ -93,9 +125,6 @@ class TraceAcceptance:
 
     def mean_rates(self) -> np.ndarray:
         return self.rates
-
-    def propose(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        return np.asarray(ks, dtype=np.int64).copy() if self.fills is None else offered_proposals(self.fills[requests], ks, rng)
 
     def accept(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         out = accepted_runs(self.rates[requests], ks, rng)  # fallback where a stream is spent

@@ -153,7 +153,9 @@ def calibrate_cli(args) -> int:
         return 2
     limits = meta.get("worker") or {}
     worker = WorkerSpec(max_batch_size=int(limits.get("max_batch_size") or args.max_batch_size),
-                        max_k=int(limits.get("max_k") or args.max_k), token_budget=args.token_budget)
+                        max_k=int(limits.get("max_k") or args.max_k), token_budget=args.token_budget,
+                        # runs recorded before workers reported proposable_tokens have no "lookahead"
+                        lookahead=bool(limits.get("lookahead", False)) and not args.no_lookahead)
     step_model = StepModel(cost, prefill_row_ms=args.prefill_row_ms, step_overhead_ms=max(0.0, args.step_overhead_ms),
                            noise_cv=args.noise_cv, padded_verify=args.padded_verify)
     per_point = not args.step_model

@@ -175,7 +175,9 @@ def run(args) -> int:
                 "worker_id": info.worker_id, "model": info.model, "proposer": info.proposer,
                 "device": info.device, "dtype": info.dtype,
                 "worker": {"max_batch_size": info.max_batch_size,
-                           "max_k": info.max_speculation_length},
+                           "max_k": info.max_speculation_length,
+                           # prompt lookup reports what it can offer next step (proposable_tokens)
+                           "lookahead": info.proposer_kind == "ngram"},
                 "cost_model": cost,
             }
             return records, stack

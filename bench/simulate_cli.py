@@ -91,6 +91,9 @@ def configure(parser) -> None:
     add_option(parser, "--step-overhead-ms", default=0.0, type=float,
                help="extra ms per step outside the cost model (controller round trip, streaming); "
                     "with --calibrate-from, -1 fits it on the lowest-rate `off` point")
+    add_flag(parser, "--no-lookahead",
+             help="the worker does not report what prompt lookup can offer next step (workers before "
+                  "proposable_tokens): the planner uses each request's average fill rate")
     add_flag(parser, "--padded-verify",
              help="time each decode row at the batch's widest k + 1 tokens (right-padded verify batch)")
     add_option(parser, "--noise-cv", default=0.0, type=float, help="multiplicative step-time noise (CV)")
@@ -121,7 +124,7 @@ def run(args) -> int:
         rates = _floats(args.rates)
         alphas = [a.strip() for a in args.alpha.split(",") if a.strip()]
         fill = parse_fill(args.fill) if args.fill else None
-        worker = WorkerSpec(args.max_batch_size, args.max_k, args.token_budget)
+        worker = WorkerSpec(args.max_batch_size, args.max_k, args.token_budget, lookahead=not args.no_lookahead)
         step_model = StepModel(cost, prefill_row_ms=args.prefill_row_ms, step_overhead_ms=max(0.0, args.step_overhead_ms),
                                noise_cv=args.noise_cv, padded_verify=args.padded_verify)
     except (ValueError, PolicyError) as exc:
@@ -142,7 +145,8 @@ def run(args) -> int:
         "fill": fill,
         "arrival": args.arrival, "cv": args.cv, "phases": args.phases or None,
         "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-        "worker": {"max_batch_size": args.max_batch_size, "max_k": args.max_k, "token_budget": args.token_budget},
+        "worker": {"max_batch_size": args.max_batch_size, "max_k": args.max_k, "token_budget": args.token_budget,
+                   "lookahead": not args.no_lookahead},
         "requests": args.requests, "seed": args.seed,
         "machine": machine_meta(), "git_commit": git_commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -43,6 +43,9 @@ class WorkerSpec:
     max_batch_size: int = 32
     max_k: int = 8
     token_budget: int = 2048
+    # The worker reports what the proposer can offer next step (RequestOutcome.proposable_tokens),
+    # so the planner knows which requests would run dry; False: plan on average fill rates only.
+    lookahead: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_k < 0 or self.token_budget < 1:
@@ -212,6 +215,13 @@ def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, s
                                         settings.prior_strength, cold_rate)  # [D]
             f_hat = estimate_acceptance(proposed[dec], requested[dec], prior.proposed, prior.requested,
                                         settings.prior_strength, cold_fill)  # [D] same posterior, fill counts
+            # The worker's look-ahead: where the proposer knows now what it can offer next step,
+            # the planner plans on that instead of the average fill (as controller.planner does).
+            offer = None
+            if worker.lookahead and hasattr(accept_model, "proposable"):
+                offer = accept_model.proposable(dec, worker.max_k, rng)  # [D] or None (draft model)
+            if offer is not None:
+                f_hat = (offer > 0).astype(np.float64)  # [D]
             lk, lf, ss, ev = last_k[dec].tolist(), last_full[dec].tolist(), since_spec[dec].tolist(), tested[dec].tolist()
             fl = f_hat.tolist()
             states = tuple(
@@ -223,6 +233,8 @@ def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, s
                           dtype=np.int64)  # [D]
             # the engine's clamp: no more proposals than tokens still wanted, minus the bonus token
             ks = np.maximum(np.minimum(ks, output[dec] - generated[dec] - 1), 0)
+            if offer is not None:
+                ks = np.minimum(ks, offer)  # the planner's cap_to_proposable
 
         # Admission and chunked prefill within what decoding leaves of the token budget.
         pre_rows, chunks = no_rows, no_rows
@@ -277,6 +289,8 @@ def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, s
             k_sum[dec] += ks
             decode_steps[dec] += 1
             generated[dec] += acc + 1
+            if hasattr(accept_model, "advance"):  # position-replay models follow each request's text
+                accept_model.advance(dec, acc + 1)
             last_k[dec] = ks
             last_full[dec] = made & (acc == offered)
             since_spec[dec] = (since_spec[dec] + 1) * ~spec

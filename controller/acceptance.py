@@ -26,7 +26,7 @@ of a Beta(prior_rate * s, (1 - prior_rate) * s) prior with s = `prior_strength` 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 DEFAULT_PRIOR_RATE = 0.5  # when nothing at all has been seen for a proposer kind
 DEFAULT_PRIOR_FILL = 1.0  # likewise for the fill rate: a draft model always fills what it is asked
@@ -201,6 +201,20 @@ class AcceptanceState:
             last_fully_accepted=_as_bool(data.get("last_fully_accepted", False)),
             steps_since_speculation=int(data.get("steps_since_speculation", 0)),
         )
+
+
+def next_step_fill(fill_estimate: float, proposable: int | None) -> float:
+    """The fill to plan the next step with. When the worker could look the proposal up ahead
+    (prompt lookup reports `proposable_tokens`), the next step's fill is known: 1 where there is
+    something to offer, 0 where asking would offer nothing. Otherwise: the request's average."""
+    if proposable is None:
+        return fill_estimate
+    return 1.0 if proposable > 0 else 0.0
+
+
+def cap_to_proposable(ks: Sequence[int], proposable: Sequence[int | None]) -> list[int]:
+    """No request is asked for more than its proposer can offer (None: no known limit)."""
+    return [k if p is None else min(k, p) for k, p in zip(ks, proposable)]
 
 
 def _as_bool(value: Any) -> bool:

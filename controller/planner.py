@@ -18,6 +18,8 @@ from smartspec.controller.acceptance import (
     DEFAULT_PRIOR_STRENGTH,
     AcceptanceState,
     PooledPrior,
+    cap_to_proposable,
+    next_step_fill,
     requested_or_proposed,
 )
 from smartspec.controller.cost_model import CostModel, OnlineCostFit
@@ -124,13 +126,14 @@ def plan_step(
 
     # The next step: every unfinished request, in report order.
     pending = [o for o in outcomes if not o.finished]
+    proposable = [o.proposable_tokens if o.HasField("proposable_tokens") else None for o in pending]
     states = []
-    for o in pending:
+    for o, offer in zip(pending, proposable):
         h = histories[o.request_id]
         states.append(RequestState(
             request_id=o.request_id,
             acceptance=h.estimate(prior, settings.prior_strength, settings.cold_rate),
-            fill=h.fill_estimate(prior, settings.prior_strength, settings.cold_fill),
+            fill=next_step_fill(h.fill_estimate(prior, settings.prior_strength, settings.cold_fill), offer),
             context_tokens=o.context_tokens,
             prefill_tokens=0,
             last_k=h.last_k,
@@ -147,7 +150,8 @@ def plan_step(
     )
     ks: list[int] = []
     if states:
-        ks = guarded_decide(policy, batch, cost, params, prior_acceptance=prior.rate(settings.cold_rate))
+        ks = cap_to_proposable(
+            guarded_decide(policy, batch, cost, params, prior_acceptance=prior.rate(settings.cold_rate)), proposable)
 
     predicted_tokens, predicted_ms = 0.0, 0.0
     if states:

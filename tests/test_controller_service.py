@@ -259,6 +259,59 @@ def test_planner_learns_fill_apart_from_acceptance():
     assert old.writes.histories["b"].requested == 2 and old.fills == (pytest.approx(1.0),)
 
 
+def test_planner_plans_on_what_the_proposer_can_offer_next_step():
+    """A worker that looks ahead (prompt lookup) says what each request's proposer has for the next
+    step: nothing -> k 0 and fill 0; fewer than k -> only that many; unset (a draft model) -> the
+    average fill and the policy's k; more than k -> the policy's k."""
+    from smartspec.controller.cost_model import CostModel, OnlineCostFit
+    from smartspec.controller.planner import PlannerSettings, plan_step
+    from smartspec.controller.policies import get
+    from smartspec.controller.store import StepSnapshot
+
+    policy = get("fixed")
+    empty = StepSnapshot(histories={}, cost_fit=None, prior=None, policy=None)
+    step = report(1, [outcome("dry", 0, 0, requested=3, proposable=0),
+                      outcome("short", 3, 3, requested=3, proposable=2),
+                      outcome("draft", 3, 3, requested=3),
+                      outcome("long", 3, 3, requested=3, proposable=8)])
+    decision = plan_step(hello(max_k=8), step, empty, cost_fit=OnlineCostFit.create(), policy=policy,
+                         params=policy.validate({"k": 3}), settings=PlannerSettings(prior_decay=1.0),
+                         cost_override=CostModel(c_fixed_ms=5.0, c_tok_ms=1.0),
+                         proposer_kind="PROPOSER_KIND_NGRAM", cost_profile_id="p")
+    assert decision.speculation_lengths == (0, 2, 3, 3)
+    assert decision.fills[0] == 0.0 and decision.fills[1] == 1.0 and decision.fills[3] == 1.0
+    # 9 offered of 12 asked this step pool to 0.75; the draft request's own 3 of 3 blended with it
+    assert decision.fills[2] == pytest.approx((3 + 0.75 * 8) / (3 + 8))
+
+
+def test_goodput_asks_a_rarely_matching_request_exactly_when_it_has_a_match():
+    """A request whose lookup matched 1 step in 10 (but is right when it matches): planning on the
+    average fill does not pay for c_spec, so it would never be asked; told that a match is there now,
+    goodput asks for it, and told there is none, it does not."""
+    from smartspec.controller.acceptance import AcceptanceState, PooledPrior
+    from smartspec.controller.cost_model import CostModel, OnlineCostFit
+    from smartspec.controller.planner import PlannerSettings, plan_step
+    from smartspec.controller.policies import get
+    from smartspec.controller.store import StepSnapshot
+
+    policy = get("goodput")
+    history = AcceptanceState(accepted=45, tested=50, proposed=50, requested=500, steps=100)
+    pooled = PooledPrior(accepted=90, tested=100, proposed=100, requested=1000)  # warm: no cold probing
+    snapshot = StepSnapshot(histories={"r": history}, cost_fit=None, prior=pooled, policy=None)
+    common = dict(cost_fit=OnlineCostFit.create(), policy=policy, params=policy.validate({}),
+                  settings=PlannerSettings(prior_decay=1.0),
+                  cost_override=CostModel(c_fixed_ms=10.0, c_spec_ms=5.0, c_tok_ms=1.0),
+                  proposer_kind="PROPOSER_KIND_NGRAM", cost_profile_id="p")
+
+    def plan(proposable):
+        step = report(7, [outcome("r", 0, 0, context=50, proposable=proposable)])
+        return plan_step(hello(max_k=8), step, snapshot, **common)
+
+    assert plan(None).speculation_lengths == (0,)  # average fill ~0.1: not worth c_spec
+    assert plan(8).speculation_lengths[0] >= 4  # a match is there: worth several tokens
+    assert plan(0).speculation_lengths == (0,)
+
+
 def test_bearer_token_guards_services_but_not_health(redis_url, redis_prefix):
     from smartspec.security import ServerSecurity
 

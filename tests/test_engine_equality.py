@@ -173,6 +173,43 @@ def test_speculation_really_happened_and_ngram_hits_the_summary(model, prompts):
     assert stats.decode_steps < outcome.completion_tokens - 1
 
 
+class RecordingPlanner(StaticPlanner):
+    """Fixed k; keeps every step's facts."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__(k)
+        self.steps = []
+
+    def observe(self, facts) -> None:
+        self.steps.append(facts)
+
+
+def test_ngram_lookahead_reports_exactly_what_the_next_step_offers(model, prompts, reference):
+    """proposable_tokens reported after a step is what the proposer then offers in the next one:
+    proposed == min(k, proposable) for every request that decodes on; the output is unchanged."""
+    planner = RecordingPlanner(3)
+    engine = make_engine(model, make_proposer("ngram"), planner)
+    try:
+        outputs = run_staggered(engine, prompts)
+    finally:
+        engine.stop(0)
+    assert outputs == reference
+    last: dict[str, int | None] = {}
+    checked = dry = 0
+    for facts in planner.steps:
+        for fact in facts.requests:
+            if fact.prefill_tokens == 0 and fact.request_id in last:
+                assert fact.proposed_tokens == min(fact.requested_tokens, last[fact.request_id])
+                checked += 1
+                dry += last[fact.request_id] == 0
+            if fact.finished or (fact.prefill_tokens and fact.proposable_tokens is None):
+                last.pop(fact.request_id, None)
+            else:
+                assert fact.proposable_tokens is not None
+                last[fact.request_id] = fact.proposable_tokens
+    assert checked > 20 and 0 < dry < checked  # matched and unmatched steps both happened
+
+
 def test_chunked_prefill_gives_the_same_output(model, prompts, reference):
     # A 40-token budget prefills the ~80-token summary prompt in several chunks, next to decoding rows.
     assert len(prompts[0]) > 40

@@ -128,3 +128,21 @@ def test_registry_and_kind():
         NgramProposer(min_ngram=0)
     with pytest.raises(ValueError, match="max_ngram"):
         NgramProposer(max_ngram=1, min_ngram=2)
+
+
+def test_lookahead_is_exactly_what_the_next_proposal_offers():
+    """The engine reports lookahead(context) as proposable_tokens before the planner decides; it must
+    equal what propose() then offers for that context, and must not disturb the incremental index."""
+    rng = random.Random(11)
+    tokens = [rng.randrange(5) for _ in range(60)]
+    ahead, fresh = NgramProposer(), NgramProposer()
+    seen = set()
+    for end in range(1, len(tokens)):
+        context = tokens[:end]
+        offered = ahead.lookahead("r", context, 8)
+        want = _brute_force(context, 8, 4, 2)
+        assert offered == len(want)
+        assert _ask(ahead, context, 8) == want  # the same index answers the step's own proposal
+        assert _ask(fresh, context, 3) == want[:3]
+        seen.add(offered)
+    assert seen == {0, 8}  # both cases happened: no match, and a match (copies always fill k)

@@ -223,7 +223,7 @@ def test_fill_rate_is_learned_and_dry_proposals_cost_nothing():
     policy = RecordingPolicy()
     workload = Workload(np.zeros(4), np.full(4, 50), np.full(4, 300))
     result = simulate(workload, policy, {}, step_model=StepModel(H100_8B), acceptance=with_fill(fixed(0.9), [0.3]),
-                      worker=WorkerSpec(max_batch_size=4, max_k=5), seed=3)
+                      worker=WorkerSpec(max_batch_size=4, max_k=5, lookahead=False), seed=3)
     assert result.proposed.sum() / result.requested.sum() == pytest.approx(0.3, abs=0.05)
     assert policy.batches[-1].requests[0].fill == pytest.approx(0.3, abs=0.1)
     assert policy.batches[0].requests[0].fill == 1.0  # the cold prior: a proposer that fills
@@ -253,3 +253,26 @@ def test_goodput_speculates_for_requests_whose_proposer_fills_now_and_then():
                                seed=4).metrics()["mean_latency_s"]
     best_fixed = min(v for k, v in means.items() if k != "goodput")
     assert means["goodput"] <= best_fixed * 1.0
+
+
+def test_lookahead_asks_only_matched_requests_and_beats_average_fill_planning():
+    """With the worker reporting what prompt lookup has for the next step, no proposal is asked of a
+    request that has none (requested == proposed, the policy sees fill 0 or 1), and goodput is
+    faster than planning on each request's average fill."""
+    from smartspec.bench.acceptance_models import with_fill
+
+    policy = RecordingPolicy()
+    bursty = with_fill(fixed(0.9), [0.3])
+    workload = Workload(np.zeros(4), np.full(4, 50), np.full(4, 300))
+    result = simulate(workload, policy, {}, step_model=StepModel(H100_8B), acceptance=bursty,
+                      worker=WorkerSpec(max_batch_size=4, max_k=5), seed=3)
+    assert result.requested.sum() == result.proposed.sum() > 0
+    assert {r.fill for b in policy.batches for r in b.requests} == {0.0, 1.0}
+
+    wl = small_workload(200, rate=0.5, seed=4)
+    means = {}
+    for lookahead in (True, False):
+        means[lookahead] = simulate(wl, get("goodput"), get("goodput").validate({}), step_model=StepModel(CPU),
+                                    acceptance=bursty, worker=WorkerSpec(lookahead=lookahead),
+                                    seed=4).metrics()["mean_latency_s"]
+    assert means[True] < means[False]

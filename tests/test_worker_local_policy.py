@@ -83,3 +83,15 @@ def test_goodput_policy_speculates_less_for_a_request_that_is_always_rejected():
         planner.observe(step(index, decode("good", 4, 4), decode("bad", 4, 0)))
     plan = planner.plan(30, [PlanQuery("good", 200), PlanQuery("bad", 200)], queued_requests=0)
     assert plan["good"] > plan["bad"]
+
+
+def test_local_policy_asks_only_for_what_the_proposer_can_offer():
+    """Facts carry proposable_tokens (prompt lookup looked ahead): fixed k=3 asks 0 where there is no
+    match and 2 where only 2 can be offered; a request without the figure (draft model) gets 3."""
+    planner = LocalPolicyPlanner(parse_policy_spec("fixed:3"), max_k=8)
+    planner.observe(step(0, RequestFacts("dry", 3, 0, 0, 100, requested_tokens=3, proposable_tokens=0),
+                         RequestFacts("short", 3, 3, 3, 100, requested_tokens=3, proposable_tokens=2),
+                         RequestFacts("draft", 3, 3, 3, 100, requested_tokens=3)))
+    ks = planner.plan(1, [PlanQuery("dry", 100), PlanQuery("short", 100), PlanQuery("draft", 100)], 0)
+    assert ks == {"dry": 0, "short": 2, "draft": 3}
+    assert planner.book.request_state(PlanQuery("dry", 100)).fill == 0.0

@@ -64,6 +64,7 @@ def report_to_proto(facts: StepFacts) -> controller_pb2.StepReport:
                 prefill_tokens=r.prefill_tokens,
                 finished=r.finished,
                 requested_tokens=r.requested_tokens,
+                proposable_tokens=r.proposable_tokens,
             )
             for r in facts.requests
         ],

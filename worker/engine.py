@@ -570,6 +570,9 @@ class Engine:
 
     def _facts(self, seq: _Running, k: int, proposed: int, accepted: int, tested: int, prefill: int,
                *, finished: bool) -> RequestFacts:
+        proposable = None
+        if not finished and not seq.prefilling:  # it decodes next step: can the proposer tell what it has?
+            proposable = self.proposer.lookahead(seq.request.request_id, seq.tokens, self.config.max_k)
         return RequestFacts(
             request_id=seq.request.request_id,
             proposed_tokens=proposed,
@@ -579,6 +582,7 @@ class Engine:
             prefill_tokens=prefill,
             finished=finished,
             requested_tokens=k,
+            proposable_tokens=proposable,
         )
 
 

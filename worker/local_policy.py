@@ -10,7 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from smartspec.controller.acceptance import AcceptanceState, PooledPrior, requested_or_proposed
+from smartspec.controller.acceptance import (
+    AcceptanceState,
+    PooledPrior,
+    cap_to_proposable,
+    next_step_fill,
+    requested_or_proposed,
+)
 from smartspec.controller.cost_model import DEFAULT_COST_MODEL, CostModel
 from smartspec.controller.policies import registry
 from smartspec.controller.policies.base import BatchState, ParameterType, Policy, PolicyError, RequestState
@@ -80,6 +86,7 @@ class AcceptanceBook:
 
     prior: PooledPrior = field(default_factory=PooledPrior)
     requests: dict[str, AcceptanceState] = field(default_factory=dict)
+    proposable: dict[str, int | None] = field(default_factory=dict)  # what each can be offered next step
 
     def observe(self, facts: StepFacts) -> None:
         for outcome in facts.requests:
@@ -91,18 +98,20 @@ class AcceptanceBook:
                                      requested_or_proposed(outcome.requested_tokens, outcome.proposed_tokens))
             if outcome.finished:
                 self.requests.pop(outcome.request_id, None)
+                self.proposable.pop(outcome.request_id, None)
                 if state.tested or state.requested:
                     self.prior = self.prior.update(state.accepted, state.tested,
                                                    proposed=state.proposed, requested=state.requested)
             else:
                 self.requests[outcome.request_id] = state
+                self.proposable[outcome.request_id] = outcome.proposable_tokens
 
     def request_state(self, query: PlanQuery) -> RequestState:
         state = self.requests.get(query.request_id, AcceptanceState())
         return RequestState(
             request_id=query.request_id,
             acceptance=state.estimate(self.prior),
-            fill=state.fill_estimate(self.prior),
+            fill=next_step_fill(state.fill_estimate(self.prior), self.proposable.get(query.request_id)),
             context_tokens=query.context_tokens,
             last_k=state.last_k,
             last_fully_accepted=state.last_fully_accepted,
@@ -130,6 +139,7 @@ class LocalPolicyPlanner:
         )
         ks = guarded_decide(self.choice.policy, batch, self.cost, self.choice.params,
                             prior_acceptance=self.book.prior.rate())
+        ks = cap_to_proposable(ks, [self.book.proposable.get(q.request_id) for q in queries])
         return {q.request_id: k for q, k in zip(queries, ks)}
 
     def observe(self, facts: StepFacts) -> None:

@@ -23,6 +23,7 @@ class RequestFacts:
     prefill_tokens: int = 0
     finished: bool = False
     requested_tokens: int = 0   # k asked of the proposer after clamping (proposed may be fewer)
+    proposable_tokens: int | None = None  # what the proposer can offer next step; None = not known
 
 
 @dataclass(frozen=True)

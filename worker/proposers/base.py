@@ -51,3 +51,10 @@ class Proposer(ABC):
 
     def release(self, seq_id: str) -> None:
         """The request finished or was cancelled: free whatever state it holds (default: none)."""
+
+    def lookahead(self, seq_id: str, token_ids: list[int], max_k: int) -> int | None:
+        """How many tokens `propose` would offer for this context if asked for max_k, when the
+        proposer can tell cheaply before the step; None when it cannot (the default: a draft
+        model offers whatever it is asked). The engine reports it so the planner knows which
+        requests would run dry next step instead of guessing from their average fill rate."""
+        return None

@@ -56,16 +56,23 @@ class NgramProposer(Proposer):
     def release(self, seq_id: str) -> None:
         self._indexes.pop(seq_id, None)
 
+    def lookahead(self, seq_id: str, token_ids: list[int], max_k: int) -> int | None:
+        """Exact: the same lookup `propose` will make for this context (and it keeps the index
+        this extends, so the step's own proposal costs no second indexing)."""
+        return len(self._lookup(seq_id, token_ids, max_k))
+
     def _propose_one(self, request: ProposalRequest) -> list[int]:
-        if request.k < 0:
-            raise ValueError(f"k must be >= 0, got {request.k}")
-        context = request.token_ids
-        index = self._updated_index(request.seq_id, context)
+        return self._lookup(request.seq_id, request.token_ids, request.k)
+
+    def _lookup(self, seq_id: str, context: list[int], k: int) -> list[int]:
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        index = self._updated_index(seq_id, context)
         length = len(context)
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
             match_end = index.latest_end[n].get(tuple(context[length - n :]))
             if match_end is not None:
-                return _copy_after(context, match_end, request.k)
+                return _copy_after(context, match_end, k)
         return []
 
     def _updated_index(self, seq_id: str, context: list[int]) -> _ContextIndex:

@@ -39,7 +39,9 @@ def greedy_verify(target_logits: torch.Tensor, proposed: Sequence[int] | torch.T
     tokens = _as_token_tensor(proposed, target_logits.shape[-1])  # [n]
     if tokens.numel() != n:
         raise ValueError(f"target_logits has {n + 1} rows, expected len(proposed) + 1 = {tokens.numel() + 1}")
-    target_choice = target_logits.argmax(dim=-1)  # [n+1]
+    # On the host: `tokens` is a CPU tensor (comparing it with CUDA logits' argmax would raise),
+    # and the two int() reads below then cost no further device syncs.
+    target_choice = target_logits.argmax(dim=-1).cpu()  # [n+1]
     matches = target_choice[:n] == tokens  # [n] bool
     # accepted = length of the all-true prefix: cumprod turns everything after the first False to 0
     num_accepted = int(matches.long().cumprod(dim=0).sum())

@@ -30,7 +30,7 @@ class WorkerHello(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., proposer_kind: _Optional[_Union[_common_pb2.ProposerKind, str]] = ..., max_speculation_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., cost_profile_id: _Optional[str] = ..., profile: _Optional[_Iterable[_Union[_common_pb2.ProfileSample, _Mapping]]] = ..., model: _Optional[str] = ..., proposer: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
 
 class RequestOutcome(_message.Message):
-    __slots__ = ("request_id", "proposed_tokens", "accepted_tokens", "tested_positions", "context_tokens", "prefill_tokens", "finished", "requested_tokens")
+    __slots__ = ("request_id", "proposed_tokens", "accepted_tokens", "tested_positions", "context_tokens", "prefill_tokens", "finished", "requested_tokens", "proposable_tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROPOSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +39,7 @@ class RequestOutcome(_message.Message):
     PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSABLE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     proposed_tokens: int
     accepted_tokens: int
@@ -47,7 +48,8 @@ class RequestOutcome(_message.Message):
     prefill_tokens: int
     finished: bool
     requested_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., tested_positions: _Optional[int] = ..., context_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., finished: _Optional[bool] = ..., requested_tokens: _Optional[int] = ...) -> None: ...
+    proposable_tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., tested_positions: _Optional[int] = ..., context_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., finished: _Optional[bool] = ..., requested_tokens: _Optional[int] = ..., proposable_tokens: _Optional[int] = ...) -> None: ...
 
 class StepReport(_message.Message):
     __slots__ = ("step_index", "requests", "draft_ms", "verify_ms", "total_ms", "batched_tokens", "queued_requests")
