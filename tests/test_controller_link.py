@@ -102,6 +102,25 @@ def test_plan_from_the_controller_is_applied(controller):
         link.close()
 
 
+def test_what_prompt_lookup_can_offer_reaches_the_controller_and_caps_the_plan(controller):
+    """proposable_tokens travels the real stream: under fixed k = 3 a request with no match is not
+    asked, one with 2 tokens to offer is asked for 2, one without the figure gets 3."""
+    set_fixed_policy(controller.address, 3)
+    link = ControllerLink(LinkConfig(controller.address, plan_deadline_ms=5000, fallback_k=0), hello())
+    link.start()
+    try:
+        wait_until(lambda: link.connected, what="link connected")
+        facts = [RequestFacts("dry", 0, 0, 0, 40, requested_tokens=3, proposable_tokens=0),
+                 RequestFacts("short", 3, 3, 3, 44, requested_tokens=3, proposable_tokens=2),
+                 RequestFacts("unknown", 3, 3, 3, 44, requested_tokens=3)]
+        link.observe(StepFacts(0, tuple(facts), draft_ms=1.0, verify_ms=50.0, total_ms=52.0, batched_tokens=10,
+                               queued_requests=0))
+        queries = [PlanQuery("dry", 40), PlanQuery("short", 44), PlanQuery("unknown", 44)]
+        assert link.plan(1, queries, 0) == {"dry": 0, "short": 2, "unknown": 3}
+    finally:
+        link.close()
+
+
 def test_late_plan_is_discarded_by_step_index(controller):
     set_fixed_policy(controller.address, 3)
     link = ControllerLink(LinkConfig(controller.address, plan_deadline_ms=0.0, fallback_k=1), hello("late"))
