@@ -6,6 +6,10 @@ offered proposals, then into accepted counts. A proposer like prompt lookup offe
 when it finds a match and none when it does not: request i offers k with probability fill_i, else 0
 (fill 1: a draft model). Verification stops at the first rejection, so with rate a the accepted
 count is min(k, G) where P(G >= j) = a^j (a geometric run of successes).
+
+`PositionReplay` (spec `replay:FILE`) draws nothing: it replays prompt lookup's recorded offers and
+matches position by position along each request's greedy text (`bench.positions`), so the bursts
+of a copied span (many positions matching in a row, then none) come back exactly.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
+
+from smartspec.bench.positions import load_positions, walk
 
 
 def accepted_runs(alphas: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -158,6 +164,93 @@ def stream_from_steps(steps: Sequence[Sequence[int]]) -> np.ndarray:
     return np.array(out, dtype=bool)
 
 
+class PositionReplay:
+    """Exact replay of recorded prompt lookup under greedy decoding (see `bench.positions`).
+
+    Simulated request j follows recorded table rows[j]: offered[r, c] / matched[r, c] are what
+    prompt lookup offers (asked for the recorded max_k) and how many of those are right at cursor c
+    = output position c + 1; the cursor starts at 0 (the first decode step comes after the prefill's
+    token) and `advance` moves it by the tokens each step produced. Beyond the recorded length a
+    request offers nothing. Nothing is drawn: `rng` is ignored, and the fill is whatever the table
+    says (`fills` is None: `_FillDraws` and `with_fill` do not apply).
+
+    One instance per simulation (the cursors are its state): pass the factory to `simulate`.
+    """
+
+    fills = None
+
+    def __init__(self, offered: np.ndarray, matched: np.ndarray, lengths: np.ndarray, rows: np.ndarray,
+                 max_k: int) -> None:
+        # offered, matched: [R, L + 1] zero-padded (column L stays 0: reads past a row's end offer nothing)
+        self.offered = np.asarray(offered, dtype=np.int64)
+        self.matched = np.asarray(matched, dtype=np.int64)
+        self.lengths = np.asarray(lengths, dtype=np.int64)  # [R] recorded completion tokens
+        self.rows = np.asarray(rows, dtype=np.int64)  # [N] recorded row per simulated request
+        self.max_k = int(max_k)
+        self.cursor = np.zeros(self.rows.size, dtype=np.int64)  # [N]
+        self._last = self.offered.shape[1] - 1
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any], n: int, index: Sequence[int] | None = None) -> "PositionReplay":
+        """n simulated requests over a positions table (`bench.positions.load_positions`): request j
+        replays the entry whose "index" is index[j] (a bench request's dataset prompt), or, without
+        `index`, the table's j mod R-th entry."""
+        entries = table["requests"]
+        width = max(len(e["offered"]) for e in entries) + 1
+        offered = np.zeros((len(entries), width), np.int64)
+        matched = np.zeros((len(entries), width), np.int64)
+        for r, e in enumerate(entries):
+            offered[r, :len(e["offered"])] = e["offered"]
+            matched[r, :len(e["matched"])] = e["matched"]
+        lengths = np.array([int(e["completion_tokens"]) for e in entries], np.int64)
+        if index is None:
+            rows = np.arange(n) % len(entries)
+        else:
+            where = {int(e["index"]): r for r, e in enumerate(entries)}
+            missing = sorted({int(i) for i in index} - set(where))
+            if missing:
+                raise ValueError(f"positions table has no entry for prompt index(es) {missing[:10]}")
+            rows = np.array([where[int(i)] for i in index], np.int64)
+            if rows.size != n:
+                raise ValueError(f"{rows.size} prompt indices for {n} simulated requests")
+        return cls(offered, matched, lengths, rows, int(table["max_k"]))
+
+    def _at(self, table: np.ndarray, requests: np.ndarray) -> np.ndarray:
+        return table[self.rows[requests], np.minimum(self.cursor[requests], self._last)]  # [B]
+
+    def _check_k(self, k: int) -> None:
+        if k > self.max_k:
+            raise ValueError(f"positions were recorded with max_k={self.max_k}; the simulated worker asks for "
+                             f"k={k} (record with a max_k at least the worker's)")
+
+    def mean_rates(self) -> np.ndarray:
+        """[N] accepted / tested of each request's recorded walk at k = max_k over its recorded
+        length (0 where nothing was tested): the rate a static max_k run would measure for it."""
+        rates = np.zeros(len(self.lengths))
+        for r, length in enumerate(self.lengths.tolist()):
+            w = walk(self.offered[r].tolist(), self.matched[r].tolist(), length, self.max_k)
+            rates[r] = w.accepted / w.tested if w.tested else 0.0
+        return rates[self.rows]
+
+    def proposable(self, requests: np.ndarray, max_k: int, rng: np.random.Generator) -> np.ndarray:
+        self._check_k(max_k)
+        return np.minimum(self._at(self.offered, requests), max_k)
+
+    def propose(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        ks = np.asarray(ks, dtype=np.int64)  # [B]
+        if ks.size:
+            self._check_k(int(ks.max()))
+        return np.minimum(ks, self._at(self.offered, requests))
+
+    def accept(self, requests: np.ndarray, ks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        ks = np.asarray(ks, dtype=np.int64)  # [B] proposals offered
+        return np.minimum(np.minimum(ks, self._at(self.offered, requests)), self._at(self.matched, requests))
+
+    def advance(self, requests: np.ndarray, n: np.ndarray) -> None:
+        """requests, n: [B] tokens each request gained this step (accepted + the target's one)."""
+        self.cursor[requests] += np.asarray(n, dtype=np.int64)
+
+
 # --- construction from a spec string ------------------------------------------------------------
 
 AcceptanceFactory = Callable[[int, np.random.Generator], RequestAcceptance]
@@ -202,6 +295,8 @@ def with_fill(factory: AcceptanceFactory, fills: Sequence[float]) -> AcceptanceF
 
     def make(n: int, rng: np.random.Generator) -> RequestAcceptance:
         model = factory(n, rng)
+        if isinstance(model, PositionReplay):
+            raise ValueError("a positions replay already knows when prompt lookup fills; drop the fill rate")
         model.fills = values[np.arange(n) % values.size]
         return model
 
@@ -255,6 +350,15 @@ def traces(path: str | Path) -> AcceptanceFactory:
     return make
 
 
+def replay(source: str | Path | Mapping[str, Any], index: Sequence[int] | None = None) -> AcceptanceFactory:
+    """Positions file (`bench.positions`, scripts/record_positions.py) replayed exactly: simulated
+    request j follows the recorded prompt index[j] (e.g. a bench detail's "index" column), or
+    without `index` the file's (j mod R)-th request. The file is read and checked once, here."""
+    table = load_positions(source)
+    picks = None if index is None else [int(i) for i in index]
+    return lambda n, rng: PositionReplay.from_table(table, n, picks)
+
+
 def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split("/") if x]
 
@@ -264,11 +368,13 @@ _SPECS: dict[str, Callable[[str], AcceptanceFactory]] = {
     "beta": lambda rest: beta(*_floats(rest)),
     "choice": lambda rest: choice(_floats(rest)),
     "trace": traces,
+    "replay": replay,
 }
 
 
 def parse_acceptance(spec: str | float) -> AcceptanceFactory:
-    """'0.7' (fixed), 'beta:0.7/4' (mean/concentration), 'choice:0.9/0.1', 'trace:FILE.json'."""
+    """'0.7' (fixed), 'beta:0.7/4' (mean/concentration), 'choice:0.9/0.1', 'trace:FILE.json',
+    'replay:FILE.json' (a positions file: prompt lookup replayed exactly)."""
     if isinstance(spec, (int, float)):
         return fixed(float(spec))
     kind, _, rest = spec.partition(":")
@@ -277,7 +383,7 @@ def parse_acceptance(spec: str | float) -> AcceptanceFactory:
             alpha = float(kind)
         except ValueError:
             raise ValueError(f"bad acceptance spec {spec!r}: expected ALPHA, beta:MEAN/CONC, "
-                             "choice:A/B/..., or trace:FILE") from None
+                             "choice:A/B/..., trace:FILE or replay:FILE") from None
         return fixed(alpha)
     builder = _SPECS.get(kind)
     if builder is None:

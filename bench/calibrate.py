@@ -6,6 +6,10 @@ times, each request's measured prompt and completion lengths, each prompt's acce
 fitted on it (from the bench meta, or --step-model), and each prompt's fill rate (proposals offered per
 proposal asked for, where the JSON records it). Then the simulator runs the same policy code,
 and we report predicted / measured mean latency (the issue asks for within 15%).
+
+With a positions file (`--positions`, `bench.positions`) each request instead replays its prompt's
+recorded prompt-lookup table exactly (`PositionReplay`) in place of iid draws at those rates; the
+lengths, arrivals and warm prior are built as above.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from smartspec.bench.acceptance_models import per_request
+from smartspec.bench.acceptance_models import per_request, replay
 from smartspec.bench.arrivals import make_arrivals, parse_phases
 from smartspec.bench.policy_spec import parse_policy_spec
+from smartspec.bench.positions import check_dataset, load_positions
 from smartspec.bench.simulator import StepModel, WorkerSpec, simulate
 from smartspec.bench.step_models import cost_model_from_mapping
 from smartspec.bench.workload import Workload
@@ -56,13 +61,21 @@ def per_prompt_fill(records: Sequence[Mapping[str, Any]]) -> dict[int, float]:
 
 def predict_points(meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]], step_model: StepModel,
                    worker: WorkerSpec, seed: int = 0, per_point_cost: bool = False,
-                   acceptance_from: Sequence[Mapping[str, Any]] | None = None) -> list[dict[str, Any]]:
+                   acceptance_from: Sequence[Mapping[str, Any]] | None = None,
+                   positions: Mapping[str, Any] | str | None = None) -> list[dict[str, Any]]:
     """One row per measured point: measured and predicted mean latency and their ratio.
 
     per_point_cost: use the cost model recorded with each point (what the controller had fitted
     by the end of it) instead of `step_model.cost`, where a record carries one.
     acceptance_from: the records to pool per-prompt acceptance over (default: `records`).
+    positions: a positions file (path or `bench.positions.load_positions` table): request j replays
+    the recorded table of its dataset prompt (the detail's "index") instead of iid draws at that
+    prompt's measured rates. Checked against meta["dataset"] when both name their prompts.
     """
+    table = None
+    if positions is not None:
+        table = load_positions(positions)
+        check_dataset(table, meta.get("dataset"))
     alphas = per_prompt_acceptance(acceptance_from or records)
     fills = per_prompt_fill(acceptance_from or records)
     pooled = np.mean(list(alphas.values())) if alphas else 0.0
@@ -89,7 +102,8 @@ def predict_points(meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
         model = step_model
         if per_point_cost and record.get("cost_model"):
             model = replace(step_model, cost=cost_model_from_mapping(record["cost_model"]))
-        result = simulate(workload, get(name), params, step_model=model, acceptance=per_request(rates, request_fills),
+        acceptance = per_request(rates, request_fills) if table is None else replay(table, index.tolist())
+        result = simulate(workload, get(name), params, step_model=model, acceptance=acceptance,
                           worker=worker, initial_prior=warm_prior, seed=seed)
         predicted = result.metrics()
         measured = float(record["mean_latency_s"])
@@ -105,7 +119,8 @@ def predict_points(meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
 
 def fit_step_overhead(meta: Mapping[str, Any], records: Sequence[Mapping[str, Any]], step_model: StepModel,
                       worker: WorkerSpec, seed: int = 0, per_point_cost: bool = False,
-                      iterations: int = 14) -> tuple[float, Mapping[str, Any]]:
+                      iterations: int = 14, positions: Mapping[str, Any] | str | None = None
+                      ) -> tuple[float, Mapping[str, Any]]:
     """The per-step overhead (ms) that makes the simulator match the lowest-rate `off` point.
 
     One free parameter, fitted on one point (the least queued, least speculative one); every other
@@ -117,7 +132,7 @@ def fit_step_overhead(meta: Mapping[str, Any], records: Sequence[Mapping[str, An
     for _ in range(iterations):
         mid = 0.5 * (low + high)
         (row,) = predict_points(meta, [anchor], replace(step_model, step_overhead_ms=mid), worker, seed,
-                                per_point_cost, acceptance_from=records)
+                                per_point_cost, acceptance_from=records, positions=positions)
         low, high = (mid, high) if row["ratio"] < 1.0 else (low, mid)
     return 0.5 * (low + high), anchor
 
@@ -158,23 +173,37 @@ def calibrate_cli(args) -> int:
                         lookahead=bool(limits.get("lookahead", False)) and not args.no_lookahead)
     step_model = StepModel(cost, prefill_row_ms=args.prefill_row_ms, step_overhead_ms=max(0.0, args.step_overhead_ms),
                            noise_cv=args.noise_cv, padded_verify=args.padded_verify)
+    positions = None
+    if getattr(args, "positions", ""):
+        positions = load_positions(args.positions)
+        check_dataset(positions, meta.get("dataset"))
+        if worker.max_k > int(positions["max_k"]):
+            raise ValueError(f"{args.positions}: recorded with max_k={positions['max_k']}, the bench worker's "
+                             f"max_k is {worker.max_k}")
+        if meta.get("model") and positions.get("model") and meta["model"] != positions["model"]:
+            print(f"smartspec simulate: warning: positions recorded with model {positions['model']!r}, "
+                  f"the bench ran {meta['model']!r}", file=sys.stderr)
     per_point = not args.step_model
     note = ""
     if args.step_overhead_ms < 0:
-        overhead, anchor = fit_step_overhead(meta, records, step_model, worker, args.seed, per_point)
+        overhead, anchor = fit_step_overhead(meta, records, step_model, worker, args.seed, per_point,
+                                             positions=positions)
         step_model = replace(step_model, step_overhead_ms=overhead)
         note = (f"step overhead {overhead:.1f} ms fitted on {anchor['policy']} @ {anchor['rate']:g} req/s "
                 "(that point matches by construction; the others are predictions)\n")
-    rows = predict_points(meta, records, step_model, worker, seed=args.seed, per_point_cost=per_point)
+    rows = predict_points(meta, records, step_model, worker, seed=args.seed, per_point_cost=per_point,
+                          positions=positions)
     table = note + calibration_table(rows)
     source = "--step-model" if args.step_model else "each point's fitted model (else the run's final fit)"
-    print(f"cost model: {source}; final: {cost.to_dict()}\n")
+    acceptance = f"positions replayed from {args.positions}" if positions else "per-prompt measured rates (iid)"
+    print(f"cost model: {source}; final: {cost.to_dict()}\nacceptance: {acceptance}\n")
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": {"calibrated_from": str(args.calibrate_from),
                                                          "cost_model": cost.to_dict(),
                                                          "step_overhead_ms": step_model.step_overhead_ms,
-                                                         "padded_verify": step_model.padded_verify},
+                                                         "padded_verify": step_model.padded_verify,
+                                                         "positions": str(args.positions) if positions else None},
                                                 "rows": rows}, indent=2))
     if args.markdown:
         Path(args.markdown).write_text(table)

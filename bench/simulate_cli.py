@@ -4,6 +4,7 @@
         --rates 1,2,4,8,16,32 --policies off,fixed:1,fixed:3,fixed:5,goodput --requests 2000 \\
         --json out.json --markdown out.md --plot out.png [--phases 60:2,60:24,60:2]
     smartspec simulate --calibrate-from bench.json     # predicted vs measured mean latency
+    smartspec simulate --calibrate-from bench.json --positions positions.json   # prompt lookup replayed
 
 Every (policy, rate) point of one acceptance model sees the same arrivals and lengths (paired).
 """
@@ -72,7 +73,10 @@ def configure(parser) -> None:
                     "(h100-llama8b, h100x4-llama70b, cpu-smollm2) or a JSON file with a cost model; default h100-llama8b, "
                     "or with --calibrate-from the bench's fitted model")
     add_option(parser, "--alpha", default="0.7",
-               help="acceptance model(s), comma-separated: ALPHA, beta:MEAN/CONC, choice:A/B, trace:FILE.json")
+               help="acceptance model(s), comma-separated: ALPHA, beta:MEAN/CONC, choice:A/B, trace:FILE.json, "
+                    "replay:FILE.json (a positions file from scripts/record_positions.py: prompt lookup's "
+                    "offers and matches replayed exactly, position by position; not with --fill; lengths still "
+                    "come from --prompt-tokens/--output-tokens, so match them to the recording)")
     add_option(parser, "--fill", default="",
                help="proposer fill rate: F or F1/F2/... cycled over requests; a request's k is offered in "
                     "full with probability F, else nothing (prompt lookup without a match); default: always")
@@ -103,10 +107,13 @@ def configure(parser) -> None:
     add_option(parser, "--plot", default="", help="write the latency/speedup PNG here")
     add_option(parser, "--calibrate-from", default="",
                help="a bench JSON: simulate each of its points and print predicted vs measured mean latency")
+    add_option(parser, "--positions", default="",
+               help="with --calibrate-from: replay this positions file (scripts/record_positions.py, recorded "
+                    "on the bench's dataset) instead of each prompt's measured acceptance and fill rates")
 
 
 def run(args) -> int:
-    from smartspec.bench.acceptance_models import parse_fill
+    from smartspec.bench.acceptance_models import parse_acceptance, parse_fill
     from smartspec.bench.arrivals import parse_phases
     from smartspec.bench.policy_spec import parse_policy_list
     from smartspec.bench.report import machine_meta, git_commit, write_outputs
@@ -115,6 +122,9 @@ def run(args) -> int:
     from smartspec.controller.policies import PolicyError
 
     try:
+        if args.positions and not args.calibrate_from:
+            raise ValueError("--positions goes with --calibrate-from (to simulate a positions file, "
+                             "use --alpha replay:FILE)")
         if args.calibrate_from:
             from smartspec.bench.calibrate import calibrate_cli
             return calibrate_cli(args)
@@ -123,11 +133,21 @@ def run(args) -> int:
         phases = parse_phases(args.phases) if args.phases else None
         rates = _floats(args.rates)
         alphas = [a.strip() for a in args.alpha.split(",") if a.strip()]
+        for alpha in alphas:  # a bad spec or file is a usage error now, not a traceback mid-sweep
+            parse_acceptance(alpha)
+            if alpha.startswith("replay:"):
+                from smartspec.bench.positions import load_positions
+
+                recorded_k = int(load_positions(alpha.partition(":")[2])["max_k"])
+                if args.max_k > recorded_k:
+                    raise ValueError(f"{alpha}: recorded with max_k={recorded_k}, below --max-k {args.max_k}")
         fill = parse_fill(args.fill) if args.fill else None
+        if fill is not None and any(a.startswith("replay:") for a in alphas):
+            raise ValueError("--fill does not apply to replay: (the positions say when prompt lookup fills)")
         worker = WorkerSpec(args.max_batch_size, args.max_k, args.token_budget, lookahead=not args.no_lookahead)
         step_model = StepModel(cost, prefill_row_ms=args.prefill_row_ms, step_overhead_ms=max(0.0, args.step_overhead_ms),
                                noise_cv=args.noise_cv, padded_verify=args.padded_verify)
-    except (ValueError, PolicyError) as exc:
+    except (ValueError, PolicyError, OSError) as exc:
         print(f"smartspec simulate: error: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
