@@ -19,7 +19,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from smartspec.config import add_flag, add_option
 
@@ -40,6 +40,9 @@ def configure(parser) -> None:
     add_option(parser, "--rates", default="0.1,0.2,0.4,0.8", help="request rates (req/s), comma-separated")
     add_option(parser, "--policies", default=DEFAULT_POLICIES, help="policy specs NAME[:ARG...], comma-separated")
     add_option(parser, "--requests", default=40, type=int, help="measured requests per point")
+    add_option(parser, "--repeats", default=1, type=int,
+               help="measure every point this many times (same prompts and arrivals) and keep the median "
+                    "repeat by mean latency: a shared machine's slow stretches then hit no policy alone")
     add_option(parser, "--warmup", default=2, type=int, help="unmeasured requests before the first point")
     add_option(parser, "--arrival", default="poisson", choices=["poisson", "gamma"], help="arrival process")
     add_option(parser, "--cv", default=1.0, type=float, help="gamma arrivals: CV of the gaps")
@@ -94,10 +97,36 @@ async def wait_idle(client, timeout_s: float = 600.0) -> None:
     raise TimeoutError("the worker did not become idle between points")
 
 
+def schedule(policies: int, points: int, repeats: int) -> list[tuple[int, int, int]]:
+    """(point, repeat, policy) indices in run order.
+
+    Rate by rate; within a rate, `repeats` rounds over every policy, each round starting one policy
+    later. On a shared machine whose speed drifts, policies measured back to back at the same rate
+    see the same machine, and no policy always runs first after a rate change.
+    """
+    order = []
+    for point in range(points):
+        for repeat in range(repeats):
+            for offset in range(policies):
+                order.append((point, repeat, (repeat + offset) % policies))
+    return order
+
+
+def median_repeat(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The repeat with the median mean latency (the lower one for an even count), as measured,
+    plus every repeat's mean latency: one real point rather than a blend of several."""
+    ranked = sorted(records, key=lambda r: r["mean_latency_s"])
+    chosen = dict(ranked[(len(ranked) - 1) // 2])
+    chosen["repeats"] = len(records)
+    chosen["repeat_mean_latency_s"] = [r["mean_latency_s"] for r in records]
+    return chosen
+
+
 async def bench(client, *, dataset, policies, rates, phases, requests: int, warmup: int, arrival: str, cv: float,
                 temperature: float, seed: int, set_policy=None,
-                snapshot=None) -> list[dict[str, Any]]:
-    """Run every (policy, rate) point and return one record per point, in order.
+                snapshot=None, repeats: int = 1) -> list[dict[str, Any]]:
+    """Run every (policy, rate) point `repeats` times and return one record per point (the median
+    repeat, see `median_repeat`), ordered by policy then rate.
 
     `set_policy(name, params)` switches the policy (default: the client's admin API);
     `snapshot()` (optional, async) returns extra fields stored with each record after its point,
@@ -108,34 +137,41 @@ async def bench(client, *, dataset, policies, rates, phases, requests: int, warm
     from smartspec.bench.arrivals import make_arrivals, mean_rate
     from smartspec.bench.loadgen import run_point, summarise_point
 
+    if repeats < 1:
+        raise ValueError("repeats must be >= 1")
     set_policy = set_policy or (lambda name, params: client.set_policy(name, **params))
     prompts = list(dataset.prompts[:requests])
     points = [None] if phases else list(rates)
-    bar = tqdm(total=len(policies) * len(points) * len(prompts), desc="bench", unit="req", file=sys.stderr)
-    records = []
+    bar = tqdm(total=len(policies) * len(points) * len(prompts) * repeats, desc="bench", unit="req", file=sys.stderr)
+    measured: dict[tuple[int, int], list[dict[str, Any]]] = {}
     if warmup:
         await set_policy(policies[0][1], policies[0][2])
         await asyncio.gather(*(client.chat(p.as_message_dicts(), max_tokens=8).collect() for p in prompts[:warmup]))
-    for label, name, params in policies:
-        await set_policy(name, params)
-        for rate in points:
-            await wait_idle(client)
-            arrivals = make_arrivals(len(prompts), rate, process=arrival, cv=cv, phases=phases, seed=seed)
-            offered = mean_rate(phases) if phases else rate
-            bar.set_postfix_str(f"{label} @ {offered:g} req/s")
-            started = time.time()
-            outcomes = await run_point(client, prompts, arrivals, temperature=temperature, seed=seed,
-                                       on_done=lambda _o: bar.update(1))
-            record = {"policy": label, "rate": offered, "group": dataset.name, **summarise_point(outcomes),
-                      "arrivals": "phased" if phases else arrival, "started_unix_s": started}
-            if snapshot is not None:
-                record.update(await snapshot())
-            records.append(record)
-            bar.write(f"{label:>16} @ {offered:g} req/s: mean latency {record['mean_latency_s']:.2f} s, "
-                      f"accept {record['acceptance_rate']:.2f}, mean k {record['mean_k']:.2f}, "
-                      f"failed {record['failed']}")
+    active = None
+    for point, repeat, which in schedule(len(policies), len(points), repeats):
+        label, name, params = policies[which]
+        if which != active:
+            await set_policy(name, params)
+            active = which
+        rate = points[point]
+        await wait_idle(client)
+        arrivals = make_arrivals(len(prompts), rate, process=arrival, cv=cv, phases=phases, seed=seed)
+        offered = mean_rate(phases) if phases else rate
+        bar.set_postfix_str(f"{label} @ {offered:g} req/s" + (f" ({repeat + 1}/{repeats})" if repeats > 1 else ""))
+        started = time.time()
+        outcomes = await run_point(client, prompts, arrivals, temperature=temperature, seed=seed,
+                                   on_done=lambda _o: bar.update(1))
+        record = {"policy": label, "rate": offered, "group": dataset.name, **summarise_point(outcomes),
+                  "arrivals": "phased" if phases else arrival, "started_unix_s": started}
+        if snapshot is not None:
+            record.update(await snapshot())
+        measured.setdefault((which, point), []).append(record)
+        bar.write(f"{label:>16} @ {offered:g} req/s: mean latency {record['mean_latency_s']:.2f} s, "
+                  f"accept {record['acceptance_rate']:.2f}, mean k {record['mean_k']:.2f}, "
+                  f"failed {record['failed']}" + (f" (repeat {repeat + 1})" if repeats > 1 else ""))
     bar.close()
-    return records
+    return [median_repeat(measured[(which, point)]) if repeats > 1 else measured[(which, point)][0]
+            for which in range(len(policies)) for point in range(len(points))]
 
 
 def run(args) -> int:
@@ -152,6 +188,8 @@ def run(args) -> int:
         dataset = load_dataset(args.dataset, args.requests, seed=args.seed, max_tokens=args.max_tokens or None)
         if args.requests < 1:
             raise ValueError("--requests must be >= 1")
+        if args.repeats < 1:
+            raise ValueError("--repeats must be >= 1")
     except (ValueError, PolicyError) as exc:
         print(f"smartspec bench: error: {exc}", file=sys.stderr)
         return 2
@@ -169,7 +207,8 @@ def run(args) -> int:
 
             records = await bench(client, dataset=dataset, policies=policies, rates=rates, phases=phases,
                                      requests=args.requests, warmup=args.warmup, arrival=args.arrival, cv=args.cv,
-                                     temperature=args.temperature, seed=args.seed, snapshot=fitted_cost_model)
+                                     temperature=args.temperature, seed=args.seed, snapshot=fitted_cost_model,
+                                     repeats=args.repeats)
             cost = (await fitted_cost_model())["cost_model"]
             stack = {
                 "worker_id": info.worker_id, "model": info.model, "proposer": info.proposer,
@@ -197,7 +236,7 @@ def run(args) -> int:
         "dataset": dataset.meta() | {"max_tokens": dataset.prompts[0].max_tokens},
         "policies": [label for label, _, _ in policies],
         "rates": rates, "arrival": args.arrival, "cv": args.cv, "phases": args.phases or None,
-        "requests": args.requests, "warmup": args.warmup, "temperature": args.temperature, "seed": args.seed,
+        "requests": args.requests, "repeats": args.repeats, "warmup": args.warmup, "temperature": args.temperature, "seed": args.seed,
         "machine": machine_meta(), "git_commit": git_commit(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": time.perf_counter() - started,

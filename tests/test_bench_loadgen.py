@@ -145,11 +145,32 @@ def test_bench_switches_policy_before_each_policys_points_and_keeps_arrivals_pai
             await server.stop(grace=None)
 
     records = _run(go())
-    assert calls == [("off", {}), ("off", {}), ("fixed", {"k": 3})]  # warm-up, then one switch per policy
+    # warm-up, then rate by rate: every policy at 10 req/s, then every policy at 40 req/s
+    assert calls == [("off", {}), ("off", {}), ("fixed", {"k": 3}), ("off", {}), ("fixed", {"k": 3})]
     assert [(r["policy"], r["rate"]) for r in records] == [("off", 10.0), ("off", 40.0), ("fixed:3", 10.0),
                                                           ("fixed:3", 40.0)]
     for r in records:
         assert set(REQUIRED_FIELDS) <= set(r) and r["group"] == "summarise" and r["requests"] == 4
+
+
+def test_schedule_interleaves_policies_per_rate_and_rotates_who_goes_first():
+    from smartspec.bench.cli import schedule
+
+    order = schedule(policies=3, points=2, repeats=2)
+    assert order[:6] == [(0, 0, 0), (0, 0, 1), (0, 0, 2), (0, 1, 1), (0, 1, 2), (0, 1, 0)]
+    assert order[6:] == [(1, 0, 0), (1, 0, 1), (1, 0, 2), (1, 1, 1), (1, 1, 2), (1, 1, 0)]
+    assert sorted(order) == sorted({(p, r, q) for p in range(2) for r in range(2) for q in range(3)})
+
+
+def test_median_repeat_keeps_one_measured_repeat_and_lists_them_all():
+    from smartspec.bench.cli import median_repeat
+
+    runs = [{"mean_latency_s": 9.0, "p99_latency_s": 20.0}, {"mean_latency_s": 5.0, "p99_latency_s": 7.0},
+            {"mean_latency_s": 6.0, "p99_latency_s": 30.0}]
+    chosen = median_repeat(runs)
+    assert chosen["mean_latency_s"] == 6.0 and chosen["p99_latency_s"] == 30.0  # that repeat's own figures
+    assert chosen["repeats"] == 3 and chosen["repeat_mean_latency_s"] == [9.0, 5.0, 6.0]
+    assert median_repeat(runs[:2])["mean_latency_s"] == 5.0  # even count: the lower median
 
 
 def test_bench_cli_names_bad_input_and_unreachable_servers(capsys):
