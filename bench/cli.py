@@ -42,7 +42,8 @@ def configure(parser) -> None:
     add_option(parser, "--requests", default=40, type=int, help="measured requests per point")
     add_option(parser, "--repeats", default=1, type=int,
                help="measure every point this many times (same prompts and arrivals) and keep the median "
-                    "repeat by mean latency: a shared machine's slow stretches then hit no policy alone")
+                    "repeat by mean latency as the point's row (the claim table uses the mean over all "
+                    "repeats): a shared machine's slow stretches then hit no policy alone")
     add_option(parser, "--warmup", default=2, type=int, help="unmeasured requests before the first point")
     add_option(parser, "--arrival", default="poisson", choices=["poisson", "gamma"], help="arrival process")
     add_option(parser, "--cv", default=1.0, type=float, help="gamma arrivals: CV of the gaps")
@@ -52,6 +53,8 @@ def configure(parser) -> None:
     add_option(parser, "--json", default="bench.json", help="write records here ('' = no JSON)")
     add_option(parser, "--markdown", default="", help="write the markdown table here")
     add_option(parser, "--plot", default="", help="write the latency/speedup PNG here")
+    add_option(parser, "--from-json", default="",
+               help="measure nothing: print the tables of an earlier run's JSON and write --markdown/--plot from it")
 
 
 @contextmanager
@@ -181,6 +184,8 @@ def run(args) -> int:
     from smartspec.bench.report import git_commit, machine_meta, write_outputs
     from smartspec.controller.policies import PolicyError
 
+    if args.from_json:
+        return rerender(args)
     try:
         policies = parse_policy_list(args.policies)
         phases = parse_phases(args.phases) if args.phases else None
@@ -248,6 +253,21 @@ def run(args) -> int:
     title = f"bench: {stack.get('model', '?')} + {stack.get('proposer', '?')}, {dataset.name}"
     print(write_outputs(meta, records, json_path=args.json or None, markdown_path=args.markdown or None,
                         plot_path=args.plot or None, title=title))
+    return 0
+
+
+def rerender(args) -> int:
+    """Tables and plot again from a finished run's JSON (e.g. after the report gained a column)."""
+    from smartspec.bench.report import read_json, write_outputs
+
+    try:
+        meta, records = read_json(args.from_json)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"smartspec bench: error: {args.from_json}: {exc}", file=sys.stderr)
+        return 2
+    dataset = (meta.get("dataset") or {}).get("name", "?")
+    title = f"bench: {meta.get('model', '?')} + {meta.get('proposer', '?')}, {dataset}"
+    print(write_outputs(meta, records, markdown_path=args.markdown or None, plot_path=args.plot or None, title=title))
     return 0
 
 

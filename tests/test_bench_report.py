@@ -157,3 +157,36 @@ def test_claim_rows_compare_goodput_with_the_best_other_policy():
     assert rows[1]["vs_best"] == pytest.approx(0.9) and rows[1]["vs_off"] == pytest.approx(0.9)
     assert "| g | 1 | 8.400 | fixed:3 | 8.000 | 1.05 | 0.84 |" in claim_table(records)
     assert claim_table([rec("off", 1, 3.0)]) == ""
+
+
+def test_claim_rows_pool_repeats_and_count_the_rounds_won_back_to_back():
+    def rec(policy, repeats):
+        # the record's own mean is the median repeat; the claim must use every repeat
+        return {"policy": policy, "rate": 0.5, "group": "g", "mean_latency_s": sorted(repeats)[(len(repeats) - 1) // 2],
+                "repeat_mean_latency_s": repeats}
+
+    records = [rec("off", [10.0, 12.0, 14.0]), rec("fixed:5", [5.0, 9.0, 6.0]), rec("goodput", [5.5, 6.0, 6.5])]
+    # median repeats alone: goodput 6.0 vs fixed:5 6.0; over all repeats: 6.0 vs 6.667
+    (row,) = claim_rows(records)
+    assert row["best_other"] == "fixed:5" and row["best_other_mean_latency_s"] == pytest.approx(20.0 / 3)
+    assert row["vs_best"] == pytest.approx(6.0 / (20.0 / 3)) and row["vs_off"] == pytest.approx(0.5)
+    assert (row["rounds_won"], row["rounds"]) == (1, 3)  # round 2 only (6.0 <= 9.0)
+    table = claim_table(records)
+    assert "| g | 0.5 | 6.000 | fixed:5 | 6.667 | 0.90 | 0.50 | 1/3 |" in table
+    # one repeat: no rounds column at all
+    single = [{**r, "repeat_mean_latency_s": None} for r in records]
+    assert "rounds won" not in claim_table(single)
+
+
+def test_bench_from_json_rerenders_tables_without_measuring(tmp_path, capsys):
+    records = [_record("off", 1.0, 2.0), _record("goodput", 1.0, 0.8)]
+    path = tmp_path / "r.json"
+    write_json(path, {"machine": {}, "git_commit": "x", "date": "d", "model": "m", "proposer": "ngram",
+                      "dataset": {"name": "g"}}, records)
+    md = tmp_path / "r.md"
+    # no worker, controller or --start: it must not try to reach anything
+    assert main(["bench", "--from-json", str(path), "--markdown", str(md), "--json", ""]) == 0
+    out = capsys.readouterr().out
+    assert "bench: m + ngram, g" in out and "2.50x" in out and md.read_text() in out
+    assert main(["bench", "--from-json", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
