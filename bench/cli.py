@@ -220,8 +220,8 @@ def run(args) -> int:
                 "device": info.device, "dtype": info.dtype,
                 "worker": {"max_batch_size": info.max_batch_size,
                            "max_k": info.max_speculation_length,
-                           # prompt lookup reports what it can offer next step (proposable_tokens)
-                           "lookahead": info.proposer_kind == "ngram"},
+                           # the worker reports what it can offer next step (proposable_tokens)
+                           "lookahead": info.reports_proposable_tokens},
                 "cost_model": cost,
             }
             return records, stack

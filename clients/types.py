@@ -266,6 +266,7 @@ class WorkerInfo:
     running_requests: int
     queued_requests: int
     local_policy: ActivePolicy | None
+    reports_proposable_tokens: bool = False  # prompt lookup: knows each request's next offer
 
     @classmethod
     def from_proto(cls, msg: generation_pb2.WorkerInfo) -> "WorkerInfo":

@@ -85,7 +85,7 @@ class EchoGeneration(generation_pb2_grpc.GenerationServicer):
     async def GetWorkerInfo(self, request, context):
         return generation_pb2.WorkerInfo(
             worker_id="echo-0", model="echo", proposer="ngram", proposer_kind=common_pb2.PROPOSER_KIND_NGRAM,
-            max_speculation_length=5, local_policy=common_pb2.PolicySpec(name="fixed"),
+            max_speculation_length=5, local_policy=common_pb2.PolicySpec(name="fixed"), reports_proposable_tokens=True,
         )
 
 
@@ -220,6 +220,7 @@ def test_sync_client_equals_async_client(echo):
         assert client.complete(prompt, max_tokens=4) == async_result
         assert client.worker_info() == async_info
     assert async_info.proposer_kind == "ngram" and async_info.local_policy.name == "fixed"
+    assert async_info.reports_proposable_tokens
 
 
 def test_chat_sends_messages_in_all_accepted_shapes(echo):

@@ -172,6 +172,7 @@ def test_worker_info_and_health(worker, model):
     assert info.controller == "none" and not info.controller_connected
     assert info.local_policy.name == "fixed" and info.local_policy.parameters["k"].int_value == 3
     assert info.max_speculation_length == 4 and info.max_batch_size == 4 and info.context_window == CONTEXT
+    assert info.reports_proposable_tokens  # prompt lookup knows its next offer
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="smartspec.v1.Generation"))
     assert health.status == health_pb2.HealthCheckResponse.SERVING
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc

@@ -245,6 +245,7 @@ class WorkerServer:
             running_requests=snapshot.running,
             queued_requests=snapshot.queued,
             local_policy=policy_to_proto(self.local_policy),
+            reports_proposable_tokens=self.proposer.reports_lookahead,
         )
 
     def stop(self, grace: float | None = 5.0) -> None:

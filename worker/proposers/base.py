@@ -44,6 +44,7 @@ class Proposer(ABC):
     """Guesses continuations for a batch of requests; the target verifies them."""
 
     kind: int  # a smartspec.v1 ProposerKind value
+    reports_lookahead: bool = False  # True where `lookahead` answers (not None) before every step
 
     @abstractmethod
     def propose(self, requests: Sequence[ProposalRequest]) -> list[Proposal]:

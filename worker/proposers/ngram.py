@@ -40,6 +40,7 @@ class NgramProposer(Proposer):
     """
 
     kind = common_pb2.PROPOSER_KIND_NGRAM
+    reports_lookahead = True
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 2) -> None:
         if not isinstance(min_ngram, int) or min_ngram < 1:

@@ -120,7 +120,7 @@ class GetWorkerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "model", "proposer", "proposer_kind", "device", "dtype", "max_speculation_length", "max_batch_size", "context_window", "controller", "controller_connected", "fallback_steps", "running_requests", "queued_requests", "local_policy")
+    __slots__ = ("worker_id", "model", "proposer", "proposer_kind", "device", "dtype", "max_speculation_length", "max_batch_size", "context_window", "controller", "controller_connected", "fallback_steps", "running_requests", "queued_requests", "local_policy", "reports_proposable_tokens")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROPOSER_FIELD_NUMBER: _ClassVar[int]
@@ -136,6 +136,7 @@ class WorkerInfo(_message.Message):
     RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_POLICY_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_PROPOSABLE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     model: str
     proposer: str
@@ -151,4 +152,5 @@ class WorkerInfo(_message.Message):
     running_requests: int
     queued_requests: int
     local_policy: _common_pb2.PolicySpec
-    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., proposer: _Optional[str] = ..., proposer_kind: _Optional[_Union[_common_pb2.ProposerKind, str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_speculation_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., context_window: _Optional[int] = ..., controller: _Optional[str] = ..., controller_connected: _Optional[bool] = ..., fallback_steps: _Optional[int] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., local_policy: _Optional[_Union[_common_pb2.PolicySpec, _Mapping]] = ...) -> None: ...
+    reports_proposable_tokens: bool
+    def __init__(self, worker_id: _Optional[str] = ..., model: _Optional[str] = ..., proposer: _Optional[str] = ..., proposer_kind: _Optional[_Union[_common_pb2.ProposerKind, str]] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_speculation_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., context_window: _Optional[int] = ..., controller: _Optional[str] = ..., controller_connected: _Optional[bool] = ..., fallback_steps: _Optional[int] = ..., running_requests: _Optional[int] = ..., queued_requests: _Optional[int] = ..., local_policy: _Optional[_Union[_common_pb2.PolicySpec, _Mapping]] = ..., reports_proposable_tokens: _Optional[bool] = ...) -> None: ...
