@@ -228,6 +228,7 @@ def run(args) -> int:
 
     from smartspec.errors import SmartspecError
 
+    commit = git_commit()  # what the stack runs: read before, as the checkout may move during a long run
     started = time.perf_counter()
     try:
         with _stack(args) as (worker, controller):
@@ -242,7 +243,7 @@ def run(args) -> int:
         "policies": [label for label, _, _ in policies],
         "rates": rates, "arrival": args.arrival, "cv": args.cv, "phases": args.phases or None,
         "requests": args.requests, "repeats": args.repeats, "warmup": args.warmup, "temperature": args.temperature, "seed": args.seed,
-        "machine": machine_meta(), "git_commit": git_commit(),
+        "machine": machine_meta(), "git_commit": commit,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "wall_s": time.perf_counter() - started,
     }
