@@ -244,6 +244,23 @@ def _num(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def plot_series(records: Sequence[Mapping[str, Any]]) -> dict[Any, dict[str, tuple[list, list, list]]]:
+    """What `plot` draws: group -> policy -> (rates, mean latencies, speedups vs `off`), rates ascending.
+
+    Means over all of a point's repeats (`latency_over_repeats`), as the claim table scores them."""
+    series: dict[Any, dict[str, tuple[list, list, list]]] = {}
+    for group in dict.fromkeys(r.get("group") for r in records):
+        rows = [r for r in records if r.get("group") == group]
+        series[group] = {}
+        for policy in _policies_in_order(rows):
+            points = sorted((r for r in rows if r["policy"] == policy), key=lambda r: float(r["rate"]))
+            latencies = [latency_over_repeats(r) for r in points]
+            bases = [_baseline(rows, r["rate"], group) for r in points]
+            speedups = [latency_over_repeats(b) / lat if b and lat > 0 else math.nan for b, lat in zip(bases, latencies)]
+            series[group][policy] = ([float(r["rate"]) for r in points], latencies, speedups)
+    return series
+
+
 def plot(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> None:
     """Mean latency vs rate (one line per policy) and speedup vs `off`, one row per group (PNG)."""
     import matplotlib
@@ -252,19 +269,13 @@ def plot(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = ""
     import matplotlib.pyplot as plt
 
     check_records(records)
-    groups = list(dict.fromkeys(r.get("group") for r in records))
-    fig, axes = plt.subplots(len(groups), 2, figsize=(12, 4.2 * len(groups)), squeeze=False)
-    for (ax_lat, ax_speed), group in zip(axes, groups):
+    series = plot_series(records)
+    fig, axes = plt.subplots(len(series), 2, figsize=(12, 4.2 * len(series)), squeeze=False)
+    for (ax_lat, ax_speed), (group, lines) in zip(axes, series.items()):
         rows = [r for r in records if r.get("group") == group]
-        for policy in _policies_in_order(rows):
-            points = sorted(((float(r["rate"]), r) for r in rows if r["policy"] == policy), key=lambda p: p[0])
-            rates = [p[0] for p in points]
-            ax_lat.plot(rates, [p[1]["mean_latency_s"] for p in points], marker="o", label=policy)
-            speed = []
-            for _, r in points:
-                base = _baseline(rows, r["rate"], group)
-                speed.append(base["mean_latency_s"] / r["mean_latency_s"] if base else math.nan)
-            ax_speed.plot(rates, speed, marker="o", label=policy)
+        for policy, (rates, latencies, speedups) in lines.items():
+            ax_lat.plot(rates, latencies, marker="o", label=policy)
+            ax_speed.plot(rates, speedups, marker="o", label=policy)
         suffix = f" ({group})" if group else ""
         ax_lat.set_xlabel("request rate (req/s)")
         ax_lat.set_ylabel("mean latency (s)")

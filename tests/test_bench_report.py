@@ -8,7 +8,7 @@ import pytest
 
 from smartspec.bench.calibrate import fit_step_overhead, predict_points
 from smartspec.bench.report import (REQUIRED_FIELDS, busy_seconds, claim_rows, claim_table, markdown_table, plot,
-                                    point_metrics, read_json, write_json)
+                                    plot_series, point_metrics, read_json, write_json)
 from smartspec.bench.simulator import StepModel, WorkerSpec, simulate
 from smartspec.bench.acceptance_models import per_request
 from smartspec.bench.arrivals import make_arrivals
@@ -190,3 +190,13 @@ def test_bench_from_json_rerenders_tables_without_measuring(tmp_path, capsys):
     assert "bench: m + ngram, g" in out and "2.50x" in out and md.read_text() in out
     assert main(["bench", "--from-json", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_plot_draws_means_over_all_repeats_in_rate_order():
+    records = [_record("off", 2.0, 4.0), _record("off", 1.0, 3.0), _record("goodput", 1.0, 2.0),
+               {**_record("goodput", 2.0, 1.0), "repeat_mean_latency_s": [1.0, 3.0, 2.0]}]  # row 1.0, all repeats 2.0
+    records[0] = {**records[0], "repeat_mean_latency_s": [4.0, 5.0, 9.0]}           # row 4.0, all repeats 6.0
+    lines = plot_series(records)["g"]
+    assert lines["off"][0] == [1.0, 2.0] and lines["off"][1] == [3.0, 6.0]
+    assert lines["goodput"][1] == [2.0, 2.0]
+    assert lines["goodput"][2] == pytest.approx([1.5, 3.0]) and lines["off"][2] == [1.0, 1.0]
