@@ -251,7 +251,7 @@ def run(args) -> int:
     provenance = {"model": stack.get("model"), "proposer": stack.get("proposer"), "machine": meta["machine"]["cpu"],
                   "git_commit": meta["git_commit"]}
     records = [{**record, **provenance} for record in records]
-    title = f"bench: {stack.get('model', '?')} + {stack.get('proposer', '?')}, {dataset.name}"
+    title = run_title(stack, dataset.name)
     print(write_outputs(meta, records, json_path=args.json or None, markdown_path=args.markdown or None,
                         plot_path=args.plot or None, title=title))
     return 0
@@ -266,10 +266,14 @@ def rerender(args) -> int:
     except (OSError, ValueError, KeyError) as exc:
         print(f"smartspec bench: error: {args.from_json}: {exc}", file=sys.stderr)
         return 2
-    dataset = (meta.get("dataset") or {}).get("name", "?")
-    title = f"bench: {meta.get('model', '?')} + {meta.get('proposer', '?')}, {dataset}"
+    title = run_title(meta, (meta.get("dataset") or {}).get("name", "?"))
     print(write_outputs(meta, records, markdown_path=args.markdown or None, plot_path=args.plot or None, title=title))
     return 0
+
+
+def run_title(stack: dict[str, Any], dataset: str) -> str:
+    """The tables' and plot's title: what was measured (model, proposer, dataset)."""
+    return f"bench: {stack.get('model', '?')} + {stack.get('proposer', '?')}, {dataset}"
 
 
 def _as_dict(cost: Any) -> dict[str, float] | None:

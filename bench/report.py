@@ -272,7 +272,6 @@ def plot(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = ""
     series = plot_series(records)
     fig, axes = plt.subplots(len(series), 2, figsize=(12, 4.2 * len(series)), squeeze=False)
     for (ax_lat, ax_speed), (group, lines) in zip(axes, series.items()):
-        rows = [r for r in records if r.get("group") == group]
         for policy, (rates, latencies, speedups) in lines.items():
             ax_lat.plot(rates, latencies, marker="o", label=policy)
             ax_speed.plot(rates, speedups, marker="o", label=policy)
@@ -286,7 +285,7 @@ def plot(records: Sequence[Mapping[str, Any]], path: str | Path, title: str = ""
         ax_speed.set_ylabel("speedup vs off (latency ratio)")
         ax_speed.set_title("speedup vs no speculation" + suffix)
         for ax in (ax_lat, ax_speed):
-            if len({float(r["rate"]) for r in rows}) > 1:
+            if len({rate for rates, _, _ in lines.values() for rate in rates}) > 1:
                 ax.set_xscale("log", base=2)
             ax.grid(True, which="both", alpha=0.3)
         ax_speed.legend(fontsize=8)
