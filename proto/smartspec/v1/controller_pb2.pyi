@@ -96,7 +96,7 @@ class PlanError(_message.Message):
     def __init__(self, grpc_status_code: _Optional[int] = ..., field: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class StepPlan(_message.Message):
-    __slots__ = ("step_index", "requests", "policy_name", "policy_version", "error", "predicted_step_ms", "predicted_tokens", "degraded", "decision_ms")
+    __slots__ = ("step_index", "requests", "policy_name", "policy_version", "error", "predicted_step_ms", "predicted_tokens", "degraded", "decision_ms", "basis")
     STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     POLICY_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class StepPlan(_message.Message):
     PREDICTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     DECISION_MS_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
     step_index: int
     requests: _containers.RepeatedCompositeFieldContainer[RequestPlan]
     policy_name: str
@@ -115,7 +116,38 @@ class StepPlan(_message.Message):
     predicted_tokens: float
     degraded: bool
     decision_ms: float
-    def __init__(self, step_index: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestPlan, _Mapping]]] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[int] = ..., error: _Optional[_Union[PlanError, _Mapping]] = ..., predicted_step_ms: _Optional[float] = ..., predicted_tokens: _Optional[float] = ..., degraded: _Optional[bool] = ..., decision_ms: _Optional[float] = ...) -> None: ...
+    basis: PlanBasis
+    def __init__(self, step_index: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestPlan, _Mapping]]] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[int] = ..., error: _Optional[_Union[PlanError, _Mapping]] = ..., predicted_step_ms: _Optional[float] = ..., predicted_tokens: _Optional[float] = ..., degraded: _Optional[bool] = ..., decision_ms: _Optional[float] = ..., basis: _Optional[_Union[PlanBasis, _Mapping]] = ...) -> None: ...
+
+class PlanBasis(_message.Message):
+    __slots__ = ("policy", "policy_version", "cost_model", "prior_accepted", "prior_tested", "prior_proposed", "prior_requested", "prior_strength", "cold_acceptance", "cold_fill", "max_speculation_length", "backed_off", "goodput_per_ms")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COST_MODEL_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_TESTED_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    PRIOR_STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    COLD_ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
+    COLD_FILL_FIELD_NUMBER: _ClassVar[int]
+    MAX_SPECULATION_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    BACKED_OFF_FIELD_NUMBER: _ClassVar[int]
+    GOODPUT_PER_MS_FIELD_NUMBER: _ClassVar[int]
+    policy: _common_pb2.PolicySpec
+    policy_version: int
+    cost_model: _common_pb2.CostModel
+    prior_accepted: float
+    prior_tested: float
+    prior_proposed: float
+    prior_requested: float
+    prior_strength: float
+    cold_acceptance: float
+    cold_fill: float
+    max_speculation_length: int
+    backed_off: bool
+    goodput_per_ms: float
+    def __init__(self, policy: _Optional[_Union[_common_pb2.PolicySpec, _Mapping]] = ..., policy_version: _Optional[int] = ..., cost_model: _Optional[_Union[_common_pb2.CostModel, _Mapping]] = ..., prior_accepted: _Optional[float] = ..., prior_tested: _Optional[float] = ..., prior_proposed: _Optional[float] = ..., prior_requested: _Optional[float] = ..., prior_strength: _Optional[float] = ..., cold_acceptance: _Optional[float] = ..., cold_fill: _Optional[float] = ..., max_speculation_length: _Optional[int] = ..., backed_off: _Optional[bool] = ..., goodput_per_ms: _Optional[float] = ...) -> None: ...
 
 class DecideRequest(_message.Message):
     __slots__ = ("worker", "report", "cost_model_override")

@@ -58,6 +58,10 @@ class ControllerServicer:
         report's `step_index`. A bad report is answered by a plan with `error` set (and no
         speculation); the stream stays open. A stream whose first message is not a hello is
         closed with INVALID_ARGUMENT.
+        Plans are made one step ahead: a worker does not wait for the answer to report t before
+        running step t+1. It plans step t+1 with the newest plan's `basis` (at most one step stale),
+        re-solved for the batch it actually runs, and waits (bounded) only when no plan newer than
+        report t-1 has arrived.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
