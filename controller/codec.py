@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from smartspec.controller.policies.base import ParameterSpec, ParameterType, Policy
 from smartspec.controller.store import PolicyRecord
 from smartspec.controller.validation import InvalidInput
-from smartspec.v1 import admin_pb2, common_pb2
+from smartspec.v1 import admin_pb2, common_pb2, controller_pb2
+
+if TYPE_CHECKING:  # annotations only: the planner imports nothing from here
+    from smartspec.controller.acceptance import PooledPrior
+    from smartspec.controller.cost_model import CostModel
+    from smartspec.controller.planner import PlannerSettings
 
 
 def value_from_proto(value: common_pb2.ParameterValue, field: str) -> Any:
@@ -92,4 +97,25 @@ def policy_info(policy: Policy) -> admin_pb2.PolicyInfo:
         name=policy.name,
         description=policy.description,
         parameters=[parameter_schema(spec) for spec in policy.parameters],
+    )
+
+
+def plan_basis_proto(policy_spec: common_pb2.PolicySpec, policy_version: int, cost: "CostModel",
+                     prior: "PooledPrior", settings: "PlannerSettings", *, max_k: int, backed_off: bool,
+                     goodput_per_ms: float) -> "controller_pb2.PlanBasis":
+    """The shared state behind a plan, for the worker to re-solve it on its fresh batch."""
+    return controller_pb2.PlanBasis(
+        policy=policy_spec,
+        policy_version=policy_version,
+        cost_model=cost.to_proto(),
+        prior_accepted=prior.accepted,
+        prior_tested=prior.tested,
+        prior_proposed=prior.proposed,
+        prior_requested=prior.requested,
+        prior_strength=settings.prior_strength,
+        cold_acceptance=settings.cold_rate,
+        cold_fill=settings.cold_fill,
+        max_speculation_length=max_k,
+        backed_off=backed_off,
+        goodput_per_ms=goodput_per_ms,
     )

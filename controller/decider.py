@@ -16,6 +16,7 @@ from typing import Any
 
 
 from smartspec.controller import validation
+from smartspec.controller.codec import plan_basis_proto, policy_spec_proto
 from smartspec.controller.acceptance import PooledPrior
 from smartspec.controller.cost_model import DEFAULT_COST_MODEL, CostModel, OnlineCostFit, fit_profile
 from smartspec.controller.metrics import ControllerMetrics
@@ -122,6 +123,7 @@ class Decider:
         self._last_policy: PolicyRecord | None = None
         self._last_priors: dict[str, PooledPrior] = {}
         self._unusable_warned: set[tuple[str, int]] = set()
+        self._policy_specs: dict[tuple[str, int], common_pb2.PolicySpec] = {}
 
     # -- policy -------------------------------------------------------------------------------
     def default_policy(self) -> PolicyRecord:
@@ -208,6 +210,12 @@ class Decider:
                 self.redis.failure(exc)
                 degraded = True
 
+        basis = plan_basis_proto(
+            self._policy_spec(record, policy, params), record.version, decision.cost, decision.prior,
+            self.settings, max_k=session.hello.max_speculation_length, backed_off=False,
+            goodput_per_ms=(decision.predicted_tokens / decision.predicted_step_ms
+                            if decision.predicted_step_ms > 0 else 0.0),
+        )
         decision_ms = (time.perf_counter() - started) * 1000.0
         self._observe(report, decision, record, decision_ms, snapshot, degraded)
         log.debug("planned worker_id=%s step=%d requests=%d ks=%s policy=%s v%d degraded=%s",
@@ -223,7 +231,19 @@ class Decider:
             predicted_tokens=decision.predicted_tokens,
             degraded=degraded,
             decision_ms=decision_ms,
+            basis=basis,
         )
+
+    def _policy_spec(self, record: PolicyRecord, policy: Policy, params: dict[str, Any]) -> common_pb2.PolicySpec:
+        """The active policy as a PolicySpec, built once per (name, version)."""
+        key = (record.name, record.version)
+        spec = self._policy_specs.get(key)
+        if spec is None or spec.name != policy.name:
+            spec = policy_spec_proto(policy.name, params, policy)
+            if len(self._policy_specs) > 64:
+                self._policy_specs.clear()
+            self._policy_specs[key] = spec
+        return spec
 
     def _cost_fit(self, session: WorkerSession, snapshot: StepSnapshot) -> OnlineCostFit:
         """The stored fit of the worker's cost profile, or a new one seeded from its hello."""

@@ -60,6 +60,8 @@ class StepDecision:
     measured_step_ms: float
     generated_tokens: int
     writes: StepWrites
+    cost: CostModel                               # the model the plan used (sent in the plan's basis)
+    prior: PooledPrior                            # the pooled prior, this report's evidence included
 
 
 def attended_context(outcome: controller_pb2.RequestOutcome) -> int:
@@ -204,4 +206,6 @@ def plan_step(
         measured_step_ms=measured_ms,
         generated_tokens=generated,
         writes=writes,
+        cost=cost,
+        prior=prior,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import socket
+import threading
 import time
 
 import grpc
@@ -95,9 +96,10 @@ def test_plan_from_the_controller_is_applied(controller):
         link.observe(prefill_step(0, "a"))
         assert link.plan(1, [PlanQuery("a", 40)], 0) == {"a": 3}
         assert link.fallback_steps == 0 and link.plans_applied == 1
-        # A request the plan did not cover (admitted after the report) gets the fallback k.
+        # A request the plan did not cover (admitted after the report) is planned here with the
+        # plan's policy, not left at the fallback k.
         link.observe(prefill_step(1, "b"))
-        assert link.plan(2, [PlanQuery("b", 40), PlanQuery("c", 12)], 0) == {"b": 3, "c": 0}
+        assert link.plan(2, [PlanQuery("b", 40), PlanQuery("c", 12)], 0) == {"b": 3, "c": 3}
     finally:
         link.close()
 
@@ -121,7 +123,7 @@ def test_what_prompt_lookup_can_offer_reaches_the_controller_and_caps_the_plan(c
         link.close()
 
 
-def test_late_plan_is_discarded_by_step_index(controller):
+def test_a_plan_one_step_stale_is_used_and_two_steps_stale_is_not(controller):
     set_fixed_policy(controller.address, 3)
     link = ControllerLink(LinkConfig(controller.address, plan_deadline_ms=0.0, fallback_k=1), hello("late"))
     link.start()
@@ -129,10 +131,47 @@ def test_late_plan_is_discarded_by_step_index(controller):
         wait_until(lambda: link.connected, what="link connected")
         link.observe(prefill_step(0, "a"))                      # no wait at all: the plan is late
         wait_until(lambda: link._latest is not None, what="the late plan")
-        # The engine ran step 1 meanwhile; the plan answering step 0 is stale for step 2.
-        assert link.plan(2, [PlanQuery("a", 41)], 0) == {"a": 1}
+        # The engine ran step 1 meanwhile: the answer to report 0 still plans step 2 ...
+        assert link.plan(2, [PlanQuery("a", 41)], 0) == {"a": 3}
+        assert link.fallback_steps == 0
+        # ... but not step 3: the request keeps the k it last ran, a new one gets the fallback.
+        assert link.plan(3, [PlanQuery("a", 42), PlanQuery("new", 9)], 0) == {"a": 3, "new": 1}
         assert link.fallback_steps == 1
     finally:
+        link.close()
+
+
+def test_the_step_after_a_report_does_not_wait_for_its_plan(controller, monkeypatch):
+    """Report 1's answer is held back inside the real controller: observe(1) still returns at
+    once (it only needs the answer to report 0), and step 2 is planned from that answer."""
+    set_fixed_policy(controller.address, 2)
+    release = threading.Event()
+    real_step = controller.decider.step
+
+    def gated_step(session, report, **kwargs):
+        if report.step_index >= 1:
+            release.wait(timeout=30)
+        return real_step(session, report, **kwargs)
+
+    monkeypatch.setattr(controller.decider, "step", gated_step)
+    link = ControllerLink(LinkConfig(controller.address, plan_deadline_ms=20_000, fallback_k=0), hello("ahead"))
+    link.start()
+    try:
+        wait_until(lambda: link.connected, what="link connected")
+        link.observe(prefill_step(0, "a"))                      # first report on the stream: waits for its plan
+        assert link._latest.step_index == 0
+        decode = StepFacts(1, (RequestFacts("a", 2, 1, 2, 42, requested_tokens=2),), draft_ms=0.0,
+                           verify_ms=80.0, total_ms=81.0, batched_tokens=3, queued_requests=0)
+        started = time.monotonic()
+        link.observe(decode)
+        assert time.monotonic() - started < 10.0               # far below the 20 s deadline: no wait
+        assert link._latest.step_index == 0                    # report 1 is still unanswered
+        assert link.plan(2, [PlanQuery("a", 42)], 0) == {"a": 2}
+        assert link.fallback_steps == 0 and link.plans_applied == 1
+        # The local book already holds report 1's evidence (the controller has not seen it yet).
+        assert link.book.requests["a"].tested == 2
+    finally:
+        release.set()
         link.close()
 
 
@@ -148,8 +187,9 @@ def test_plan_with_an_error_falls_back(controller):
                                                 context_tokens=46),),
                                draft_ms=1.0, verify_ms=90.0, total_ms=91.0, batched_tokens=3, queued_requests=0)
         link.observe(impossible)
-        assert link._latest.step_index == 1 and link._latest.HasField("error")
-        # The error plan is not applied: "a" keeps the k of its last good plan; the stream stays up.
+        wait_until(lambda: link._latest.step_index == 1, what="the answer to the bad report")
+        assert link._latest.HasField("error")
+        # The error plan is not applied: "a" keeps the k it last ran; the stream stays up.
         assert link.plan(2, [PlanQuery("a", 46)], 0) == {"a": 3}
         assert link.fallback_steps == 1 and link.connected
     finally:

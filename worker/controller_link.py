@@ -1,12 +1,15 @@
-"""The worker's side of `Controller.Connect`: send each step's facts, apply the plan that comes back.
+"""The worker's side of `Controller.Connect`: stream each step's facts, plan one step ahead.
 
-The stream lives on its own thread, so a slow or dead controller never blocks a step. After a step
-the engine waits for the plan at most `plan_deadline_ms` (by default a quarter of the last step
-time, at least 5 ms: the controller can then add at most ~25% to a step). A plan that is late,
-missing or carries an error is replaced by a local fallback for that step: each request keeps the k
-of the last plan it got, and a request the controller has not planned yet runs `fallback_k`. A late
-plan that shows up afterwards is discarded by its step_index. A broken stream is reopened with
-capped, jittered exponential backoff while serving goes on.
+The stream lives on its own thread, so a slow or dead controller never blocks a step. After step t
+the engine hands its facts here; they are queued for the stream and the engine goes straight on to
+step t+1, planned with the newest plan held, which answers report t-1 (or t, if it was quick).
+That plan's basis (policy, cost model, pooled prior, guard cap) is re-solved for the batch the
+worker actually runs, with the worker's own newest acceptance history and look-ahead
+(`worker/replan.py`). The engine waits only when no plan newer than report t-1 has arrived: then
+at most `plan_deadline_ms` (by default a quarter of the last step time, at least 5 ms). A plan
+that is later still, or carries an error, is replaced by a local fallback for that step: each
+request keeps the k it last ran, and a request not yet planned runs `fallback_k`. A broken stream
+is reopened with capped, jittered exponential backoff while serving goes on.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ import grpc
 
 from smartspec.v1 import controller_pb2, controller_pb2_grpc
 
+from smartspec.controller.acceptance import OutcomeError
+
+from .local_policy import AcceptanceBook
+from .replan import PlanBasis, decode_basis, replan
 from .steps import PlanQuery, StepFacts
 
 log = logging.getLogger(__name__)
@@ -87,7 +94,10 @@ class ControllerLink:
         self._rng = rng or random.Random()
         self._cond = threading.Condition()
         self._latest: controller_pb2.StepPlan | None = None   # newest plan received
-        self._last_k: dict[str, int] = {}                      # k of the last plan each request got
+        self._latest_basis: PlanBasis | None = None            # its decoded basis (None: apply its ks)
+        self._first_report: int | None = None                  # first step index sent on this stream
+        self._last_k: dict[str, int] = {}                      # k each request last ran
+        self.book = AcceptanceBook()                           # this worker's own request histories
         self._outbox: queue.Queue | None = None                # the open stream's requests
         self._call = None
         self._closing = threading.Event()
@@ -103,35 +113,51 @@ class ControllerLink:
 
     def plan(self, step_index: int, queries: Sequence[PlanQuery], queued_requests: int) -> dict[str, int]:
         with self._cond:
-            plan = self._latest
-            fresh = plan is not None and plan.step_index == step_index - 1 and not plan.HasField("error")
-            if fresh:
-                for entry in plan.requests:
-                    self._last_k[entry.request_id] = entry.speculation_length
-        if fresh:
-            self.plans_applied += 1
-        else:
+            plan, basis = self._latest, self._latest_basis
+        # Step t+1 may use the answer to report t-1: one step stale, never more.
+        usable = plan is not None and plan.step_index + 2 >= step_index and not plan.HasField("error")
+        if not usable:
             self.fallback_steps += 1
             if self.metrics is not None:
                 self.metrics.observe_fallback()
-        return {q.request_id: self._last_k.get(q.request_id, self.config.fallback_k) for q in queries}
+            ks = {q.request_id: self._last_k.get(q.request_id, self.config.fallback_k) for q in queries}
+        else:
+            self.plans_applied += 1
+            if self.metrics is not None:
+                self.metrics.observe_plan_age(step_index - 1 - plan.step_index)
+            if basis is not None:
+                ks = replan(basis, self.book, queries, step_index=step_index, queued_requests=queued_requests,
+                            max_k=self.hello.max_speculation_length)
+            else:
+                sent = {entry.request_id: entry.speculation_length for entry in plan.requests}
+                ks = self.book.cap(queries, [sent.get(q.request_id, self._last_k.get(q.request_id, self.config.fallback_k))
+                                             for q in queries])
+        self._last_k.update(ks)
+        return ks
 
     def observe(self, facts: StepFacts) -> None:
+        """Record the step locally, queue its report, and wait only if no plan newer than the
+        previous report has arrived (a controller more than one step behind)."""
+        try:
+            self.book.observe(facts)
+        except OutcomeError as exc:  # an engine bug: the controller will reject the report too
+            log.warning("step %d: outcome not recorded locally: %s", facts.step_index, exc)
         for outcome in facts.requests:
             if outcome.finished:
                 self._last_k.pop(outcome.request_id, None)
         self._last_step_ms = facts.total_ms
-        deadline_s = self.deadline_ms() / 1000.0
         outbox = self._outbox
         if outbox is None or not self.connected:
             return
+        with self._cond:
+            if self._first_report is None:
+                self._first_report = facts.step_index
+            needed = max(facts.step_index - 1, self._first_report)
         outbox.put(controller_pb2.WorkerMessage(report=report_to_proto(facts)))
         waited_from = time.perf_counter()
         with self._cond:
-            self._cond.wait_for(
-                lambda: self._latest is not None and self._latest.step_index >= facts.step_index,
-                timeout=deadline_s,
-            )
+            self._cond.wait_for(lambda: self._latest is not None and self._latest.step_index >= needed,
+                                timeout=self.deadline_ms() / 1000.0)
         waited_ms = (time.perf_counter() - waited_from) * 1000.0
         self.plan_wait_ms_total += waited_ms
         if self.metrics is not None:
@@ -185,14 +211,17 @@ class ControllerLink:
             self._call = controller_pb2_grpc.ControllerStub(channel).Connect(
                 self._requests(outbox), metadata=metadata
             )
+            with self._cond:
+                self._first_report = None       # set by the first report this stream carries
             self._outbox = outbox
             self._set_connected(True)
             got_connected = True
             self.connections += 1
             for plan in self._call:
+                basis = decode_basis(plan.basis) if not plan.HasField("error") else None  # off the step path
                 with self._cond:
                     if self._latest is None or plan.step_index >= self._latest.step_index:
-                        self._latest = plan
+                        self._latest, self._latest_basis = plan, basis
                     self._cond.notify_all()
                 if plan.HasField("error"):
                     log.warning("controller rejected step %d: %s (%s)", plan.step_index,

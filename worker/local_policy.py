@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from smartspec.controller.acceptance import (
+    DEFAULT_PRIOR_FILL,
+    DEFAULT_PRIOR_RATE,
+    DEFAULT_PRIOR_STRENGTH,
     AcceptanceState,
     PooledPrior,
     cap_to_proposable,
@@ -80,6 +83,15 @@ def parse_policy_spec(spec: str, extra: Sequence[str] = ()) -> PolicyChoice:
     return PolicyChoice(policy, policy.validate(raw))
 
 
+@dataclass(frozen=True)
+class Estimator:
+    """How estimates blend own history with the pooled prior (the controller's PlannerSettings)."""
+
+    prior_strength: float = DEFAULT_PRIOR_STRENGTH
+    cold_rate: float = DEFAULT_PRIOR_RATE
+    cold_fill: float = DEFAULT_PRIOR_FILL
+
+
 @dataclass
 class AcceptanceBook:
     """Per-request acceptance and fill history plus a prior pooled over finished requests."""
@@ -106,18 +118,40 @@ class AcceptanceBook:
                 self.requests[outcome.request_id] = state
                 self.proposable[outcome.request_id] = outcome.proposable_tokens
 
-    def request_state(self, query: PlanQuery) -> RequestState:
+    def request_state(self, query: PlanQuery, prior: PooledPrior | None = None,
+                      estimator: Estimator | None = None) -> RequestState:
+        """The request as a policy sees it for the next step: own history shrunk toward `prior`
+        (default: this book's own pooled prior), fill from the look-ahead when there is one."""
+        prior = self.prior if prior is None else prior
+        estimator = estimator or Estimator()
         state = self.requests.get(query.request_id, AcceptanceState())
         return RequestState(
             request_id=query.request_id,
-            acceptance=state.estimate(self.prior),
-            fill=next_step_fill(state.fill_estimate(self.prior), self.proposable.get(query.request_id)),
+            acceptance=state.estimate(prior, estimator.prior_strength, estimator.cold_rate),
+            fill=next_step_fill(state.fill_estimate(prior, estimator.prior_strength, estimator.cold_fill),
+                                self.proposable.get(query.request_id)),
             context_tokens=query.context_tokens,
             last_k=state.last_k,
             last_fully_accepted=state.last_fully_accepted,
             steps_since_speculation=state.steps_since_speculation,
             evidence=float(state.tested),
         )
+
+    def batch_state(self, queries: Sequence[PlanQuery], *, max_k: int, queued_requests: int, step_index: int,
+                    prior: PooledPrior | None = None, estimator: Estimator | None = None) -> BatchState:
+        prior = self.prior if prior is None else prior
+        return BatchState(
+            requests=tuple(self.request_state(q, prior, estimator) for q in queries),
+            max_k=max_k,
+            queued_requests=queued_requests,
+            step_index=step_index,
+            pooled_evidence=prior.tested,
+        )
+
+    def cap(self, queries: Sequence[PlanQuery], ks: Sequence[int]) -> dict[str, int]:
+        """k per request, never more than its proposer can offer next step."""
+        capped = cap_to_proposable(ks, [self.proposable.get(q.request_id) for q in queries])
+        return {q.request_id: k for q, k in zip(queries, capped)}
 
 
 class LocalPolicyPlanner:
@@ -131,16 +165,11 @@ class LocalPolicyPlanner:
         self.fallback_steps = 0
 
     def plan(self, step_index: int, queries: Sequence[PlanQuery], queued_requests: int) -> dict[str, int]:
-        batch = BatchState(
-            requests=tuple(self.book.request_state(q) for q in queries),
-            max_k=self.max_k,
-            queued_requests=queued_requests,
-            step_index=step_index,
-        )
+        batch = self.book.batch_state(queries, max_k=self.max_k, queued_requests=queued_requests,
+                                      step_index=step_index)
         ks = guarded_decide(self.choice.policy, batch, self.cost, self.choice.params,
                             prior_acceptance=self.book.prior.rate())
-        ks = cap_to_proposable(ks, [self.book.proposable.get(q.request_id) for q in queries])
-        return {q.request_id: k for q, k in zip(queries, ks)}
+        return self.book.cap(queries, ks)
 
     def observe(self, facts: StepFacts) -> None:
         self.book.observe(facts)

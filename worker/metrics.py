@@ -37,6 +37,10 @@ class WorkerMetrics:
         self.plan_wait = Histogram("smartspec_worker_plan_wait_seconds",
                                    "Time a step waited for the controller's plan (bounded by the deadline).",
                                    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5), registry=r)
+        self.plan_age = Counter("smartspec_worker_plans_by_age",
+                                "Steps planned from a controller plan, by how many reports behind it was "
+                                "(0 = it answered the step just reported, 1 = the one before).",
+                                ["age"], registry=r)
         self.controller_connected = Gauge("smartspec_worker_controller_connected",
                                           "1 while the controller stream is open.", registry=r)
         self.queue_depth = Gauge("smartspec_worker_queued_requests", "Requests waiting for a slot.", registry=r)
@@ -76,6 +80,9 @@ class WorkerMetrics:
 
     def observe_plan_wait(self, waited_ms: float) -> None:
         self.plan_wait.observe(waited_ms / 1000.0)
+
+    def observe_plan_age(self, age_steps: int) -> None:
+        self.plan_age.labels(str(max(0, age_steps))).inc()
 
     def observe_fallback(self) -> None:
         self.fallbacks.inc()
