@@ -101,7 +101,7 @@ def policy_info(policy: Policy) -> admin_pb2.PolicyInfo:
 
 
 def plan_basis_proto(policy_spec: common_pb2.PolicySpec, policy_version: int, cost: "CostModel",
-                     prior: "PooledPrior", settings: "PlannerSettings", *, max_k: int, backed_off: bool,
+                     prior: "PooledPrior", settings: "PlannerSettings", *, max_k: int,
                      goodput_per_ms: float) -> "controller_pb2.PlanBasis":
     """The shared state behind a plan, for the worker to re-solve it on its fresh batch."""
     return controller_pb2.PlanBasis(
@@ -116,6 +116,5 @@ def plan_basis_proto(policy_spec: common_pb2.PolicySpec, policy_version: int, co
         cold_acceptance=settings.cold_rate,
         cold_fill=settings.cold_fill,
         max_speculation_length=max_k,
-        backed_off=backed_off,
         goodput_per_ms=goodput_per_ms,
     )

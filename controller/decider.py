@@ -212,7 +212,7 @@ class Decider:
 
         basis = plan_basis_proto(
             self._policy_spec(record, policy, params), record.version, decision.cost, decision.prior,
-            self.settings, max_k=session.hello.max_speculation_length, backed_off=False,
+            self.settings, max_k=session.hello.max_speculation_length,
             goodput_per_ms=(decision.predicted_tokens / decision.predicted_step_ms
                             if decision.predicted_step_ms > 0 else 0.0),
         )

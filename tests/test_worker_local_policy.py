@@ -79,7 +79,9 @@ def test_cancellation_record_is_not_evidence():
 
 def test_goodput_policy_speculates_less_for_a_request_that_is_always_rejected():
     planner = LocalPolicyPlanner(parse_policy_spec("goodput"), max_k=8)
-    for index in range(30):
+    for index in range(3):   # plain steps first, so the goodput guard has measured both kinds
+        planner.observe(step(index, decode("good", 0, 0), decode("bad", 0, 0)))
+    for index in range(3, 30):
         planner.observe(step(index, decode("good", 4, 4), decode("bad", 4, 0)))
     plan = planner.plan(30, [PlanQuery("good", 200), PlanQuery("bad", 200)], queued_requests=0)
     assert plan["good"] > plan["bad"]

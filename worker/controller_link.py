@@ -28,6 +28,7 @@ from smartspec.v1 import controller_pb2, controller_pb2_grpc
 
 from smartspec.controller.acceptance import OutcomeError
 
+from .goodput_guard import GoodputGuard
 from .local_policy import AcceptanceBook
 from .replan import PlanBasis, decode_basis, replan
 from .steps import PlanQuery, StepFacts
@@ -98,6 +99,7 @@ class ControllerLink:
         self._first_report: int | None = None                  # first step index sent on this stream
         self._last_k: dict[str, int] = {}                      # k each request last ran
         self.book = AcceptanceBook()                           # this worker's own request histories
+        self.guard = GoodputGuard(metrics=metrics)             # measured goodput: speculative vs plain steps
         self._outbox: queue.Queue | None = None                # the open stream's requests
         self._call = None
         self._closing = threading.Event()
@@ -127,7 +129,7 @@ class ControllerLink:
                 self.metrics.observe_plan_age(step_index - 1 - plan.step_index)
             if basis is not None:
                 ks = replan(basis, self.book, queries, step_index=step_index, queued_requests=queued_requests,
-                            max_k=self.hello.max_speculation_length)
+                            max_k=self.hello.max_speculation_length, guard=self.guard)
             else:
                 sent = {entry.request_id: entry.speculation_length for entry in plan.requests}
                 ks = self.book.cap(queries, [sent.get(q.request_id, self._last_k.get(q.request_id, self.config.fallback_k))
@@ -142,6 +144,7 @@ class ControllerLink:
             self.book.observe(facts)
         except OutcomeError as exc:  # an engine bug: the controller will reject the report too
             log.warning("step %d: outcome not recorded locally: %s", facts.step_index, exc)
+        self.guard.observe(facts)
         for outcome in facts.requests:
             if outcome.finished:
                 self._last_k.pop(outcome.request_id, None)

@@ -25,6 +25,7 @@ from smartspec.controller.policies import registry
 from smartspec.controller.policies.base import BatchState, ParameterType, Policy, PolicyError, RequestState
 from smartspec.controller.policies.guard import guarded_decide
 
+from .goodput_guard import GoodputGuard
 from .steps import PlanQuery, StepFacts
 
 
@@ -157,15 +158,18 @@ class AcceptanceBook:
 class LocalPolicyPlanner:
     """A Planner that decides in-process with a registered policy."""
 
-    def __init__(self, choice: PolicyChoice, *, max_k: int, cost: CostModel = DEFAULT_COST_MODEL) -> None:
+    def __init__(self, choice: PolicyChoice, *, max_k: int, cost: CostModel = DEFAULT_COST_MODEL,
+                 metrics: Any = None) -> None:
         self.choice = choice
         self.max_k = max_k
         self.cost = cost
         self.book = AcceptanceBook()
+        self.guard = GoodputGuard(metrics=metrics)
         self.fallback_steps = 0
 
     def plan(self, step_index: int, queries: Sequence[PlanQuery], queued_requests: int) -> dict[str, int]:
-        batch = self.book.batch_state(queries, max_k=self.max_k, queued_requests=queued_requests,
+        max_k = self.guard.allowed_k(len(queries), self.max_k) if self.choice.name == "goodput" else self.max_k
+        batch = self.book.batch_state(queries, max_k=max_k, queued_requests=queued_requests,
                                       step_index=step_index)
         ks = guarded_decide(self.choice.policy, batch, self.cost, self.choice.params,
                             prior_acceptance=self.book.prior.rate())
@@ -173,6 +177,7 @@ class LocalPolicyPlanner:
 
     def observe(self, facts: StepFacts) -> None:
         self.book.observe(facts)
+        self.guard.observe(facts)
 
     def close(self) -> None:
         pass

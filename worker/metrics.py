@@ -41,6 +41,10 @@ class WorkerMetrics:
                                 "Steps planned from a controller plan, by how many reports behind it was "
                                 "(0 = it answered the step just reported, 1 = the one before).",
                                 ["age"], registry=r)
+        self.backed_off = Gauge("smartspec_worker_speculation_backed_off",
+                                "1 while the goodput guard holds speculation off for batches from this "
+                                "size up to twice it (speculative steps measured slower than plain ones).",
+                                ["batch_from"], registry=r)
         self.controller_connected = Gauge("smartspec_worker_controller_connected",
                                           "1 while the controller stream is open.", registry=r)
         self.queue_depth = Gauge("smartspec_worker_queued_requests", "Requests waiting for a slot.", registry=r)
@@ -83,6 +87,9 @@ class WorkerMetrics:
 
     def observe_plan_age(self, age_steps: int) -> None:
         self.plan_age.labels(str(max(0, age_steps))).inc()
+
+    def set_backed_off(self, batch_from: str, backed_off: bool) -> None:
+        self.backed_off.labels(batch_from).set(1 if backed_off else 0)
 
     def observe_fallback(self) -> None:
         self.fallbacks.inc()

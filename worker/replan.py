@@ -27,10 +27,13 @@ from smartspec.controller.policies.guard import guarded_decide
 from smartspec.controller.validation import InvalidInput
 from smartspec.v1 import controller_pb2
 
+from .goodput_guard import GoodputGuard
 from .local_policy import AcceptanceBook, Estimator
 from .steps import PlanQuery
 
 log = logging.getLogger(__name__)
+
+GOODPUT = "goodput"   # the policy whose choices the measured-goodput guard checks
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,6 @@ class PlanBasis:
     prior: PooledPrior
     estimator: Estimator
     max_k: int
-    backed_off: bool
 
 
 def decode_basis(message: controller_pb2.PlanBasis) -> PlanBasis | None:
@@ -70,15 +72,18 @@ def decode_basis(message: controller_pb2.PlanBasis) -> PlanBasis | None:
         prior=prior,
         estimator=Estimator(message.prior_strength, message.cold_acceptance, message.cold_fill),
         max_k=message.max_speculation_length,
-        backed_off=message.backed_off,
     )
 
 
 def replan(basis: PlanBasis, book: AcceptanceBook, queries: Sequence[PlanQuery], *, step_index: int,
-           queued_requests: int, max_k: int) -> dict[str, int]:
+           queued_requests: int, max_k: int, guard: GoodputGuard | None = None) -> dict[str, int]:
     """k for every query: the basis's policy on the worker's own batch, capped by what each
-    request's proposer can offer next step. Never raises (guarded_decide falls back to k = 0)."""
-    batch = book.batch_state(queries, max_k=min(max_k, basis.max_k), queued_requests=queued_requests,
+    request's proposer can offer next step (and, for `goodput`, by the measured-goodput guard).
+    Never raises (guarded_decide falls back to k = 0)."""
+    max_k = min(max_k, basis.max_k)
+    if guard is not None and basis.policy.name == GOODPUT:
+        max_k = guard.allowed_k(len(queries), max_k)
+    batch = book.batch_state(queries, max_k=max_k, queued_requests=queued_requests,
                              step_index=step_index, prior=basis.prior, estimator=basis.estimator)
     ks = guarded_decide(basis.policy, batch, basis.cost, basis.params,
                         prior_acceptance=basis.prior.rate(basis.estimator.cold_rate))

@@ -196,7 +196,7 @@ class WorkerServer:
             from smartspec.controller.cost_model import DEFAULT_COST_MODEL, fit_profile
 
             cost = fit_profile(self.profile) if self.profile else DEFAULT_COST_MODEL
-            return LocalPolicyPlanner(self.local_policy, max_k=opts.engine.max_k, cost=cost)
+            return LocalPolicyPlanner(self.local_policy, max_k=opts.engine.max_k, cost=cost, metrics=self.metrics)
         self.link = ControllerLink(
             LinkConfig(
                 address=opts.controller,

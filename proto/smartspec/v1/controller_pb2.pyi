@@ -120,7 +120,7 @@ class StepPlan(_message.Message):
     def __init__(self, step_index: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestPlan, _Mapping]]] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[int] = ..., error: _Optional[_Union[PlanError, _Mapping]] = ..., predicted_step_ms: _Optional[float] = ..., predicted_tokens: _Optional[float] = ..., degraded: _Optional[bool] = ..., decision_ms: _Optional[float] = ..., basis: _Optional[_Union[PlanBasis, _Mapping]] = ...) -> None: ...
 
 class PlanBasis(_message.Message):
-    __slots__ = ("policy", "policy_version", "cost_model", "prior_accepted", "prior_tested", "prior_proposed", "prior_requested", "prior_strength", "cold_acceptance", "cold_fill", "max_speculation_length", "backed_off", "goodput_per_ms")
+    __slots__ = ("policy", "policy_version", "cost_model", "prior_accepted", "prior_tested", "prior_proposed", "prior_requested", "prior_strength", "cold_acceptance", "cold_fill", "max_speculation_length", "goodput_per_ms")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     COST_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -132,7 +132,6 @@ class PlanBasis(_message.Message):
     COLD_ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
     COLD_FILL_FIELD_NUMBER: _ClassVar[int]
     MAX_SPECULATION_LENGTH_FIELD_NUMBER: _ClassVar[int]
-    BACKED_OFF_FIELD_NUMBER: _ClassVar[int]
     GOODPUT_PER_MS_FIELD_NUMBER: _ClassVar[int]
     policy: _common_pb2.PolicySpec
     policy_version: int
@@ -145,9 +144,8 @@ class PlanBasis(_message.Message):
     cold_acceptance: float
     cold_fill: float
     max_speculation_length: int
-    backed_off: bool
     goodput_per_ms: float
-    def __init__(self, policy: _Optional[_Union[_common_pb2.PolicySpec, _Mapping]] = ..., policy_version: _Optional[int] = ..., cost_model: _Optional[_Union[_common_pb2.CostModel, _Mapping]] = ..., prior_accepted: _Optional[float] = ..., prior_tested: _Optional[float] = ..., prior_proposed: _Optional[float] = ..., prior_requested: _Optional[float] = ..., prior_strength: _Optional[float] = ..., cold_acceptance: _Optional[float] = ..., cold_fill: _Optional[float] = ..., max_speculation_length: _Optional[int] = ..., backed_off: _Optional[bool] = ..., goodput_per_ms: _Optional[float] = ...) -> None: ...
+    def __init__(self, policy: _Optional[_Union[_common_pb2.PolicySpec, _Mapping]] = ..., policy_version: _Optional[int] = ..., cost_model: _Optional[_Union[_common_pb2.CostModel, _Mapping]] = ..., prior_accepted: _Optional[float] = ..., prior_tested: _Optional[float] = ..., prior_proposed: _Optional[float] = ..., prior_requested: _Optional[float] = ..., prior_strength: _Optional[float] = ..., cold_acceptance: _Optional[float] = ..., cold_fill: _Optional[float] = ..., max_speculation_length: _Optional[int] = ..., goodput_per_ms: _Optional[float] = ...) -> None: ...
 
 class DecideRequest(_message.Message):
     __slots__ = ("worker", "report", "cost_model_override")

@@ -1,0 +1,85 @@
+"""The measured-goodput guard: speculation is held off where it measured slower than plain steps."""
+
+from __future__ import annotations
+
+from smartspec.worker.goodput_guard import GoodputGuard, GuardSettings, batch_class
+from smartspec.worker.local_policy import LocalPolicyPlanner, parse_policy_spec
+from smartspec.worker.steps import PlanQuery, RequestFacts, StepFacts
+
+
+def decode_step(index: int, batch: int, k: int, accepted: int, total_ms: float) -> StepFacts:
+    rows = tuple(
+        RequestFacts(f"r{i}", proposed_tokens=k, accepted_tokens=accepted,
+                     tested_positions=min(k, accepted + 1) if k else 0, context_tokens=300 + index,
+                     requested_tokens=k)
+        for i in range(batch)
+    )
+    return StepFacts(index, rows, draft_ms=0.0, verify_ms=total_ms - 1.0, total_ms=total_ms,
+                     batched_tokens=batch * (k + 1), queued_requests=0)
+
+
+def test_batch_classes_group_similar_sizes():
+    assert [batch_class(b) for b in (1, 2, 3, 4, 7, 8, 15, 16)] == [0, 1, 1, 2, 2, 3, 3, 4]
+
+
+def test_speculation_that_measured_slower_than_plain_steps_is_held_off_then_probed():
+    guard = GoodputGuard(GuardSettings(probe_every=4))
+    for index in range(5):   # plain steps at batch 8: 8 tokens / 150 ms
+        guard.observe(decode_step(index, 8, 0, 0, 150.0))
+    for index in range(5, 10):   # speculative: 8 rows x (1 accepted + 1) = 16 tokens / 320 ms: slower
+        guard.observe(decode_step(index, 8, 4, 1, 320.0))
+    assert guard.backed_off_classes() == [batch_class(8)]
+    allowed = [guard.allowed_k(8, 6) for _ in range(8)]
+    assert allowed.count(6) == 2 and allowed.count(0) == 6      # one step in four still probes
+    # Other batch sizes are judged on their own.
+    assert guard.allowed_k(1, 6) == 6
+
+
+def test_speculation_that_pays_is_never_held_off_and_recovers_after_a_bad_stretch():
+    guard = GoodputGuard()
+    for index in range(5):
+        guard.observe(decode_step(index, 4, 0, 0, 120.0))           # 4 / 120 ms
+    for index in range(5, 10):
+        guard.observe(decode_step(index, 4, 4, 0, 200.0))           # 4 / 200 ms: losing
+    assert guard.backed_off_classes() == [batch_class(4)]
+    for index in range(10, 30):
+        guard.observe(decode_step(index, 4, 4, 4, 200.0))           # 20 / 200 ms: winning again
+    assert guard.backed_off_classes() == []
+    assert guard.allowed_k(4, 8) == 8
+
+
+def test_a_class_that_always_speculates_gets_an_occasional_plain_step_to_compare_against():
+    guard = GoodputGuard()
+    plain_steps = 0
+    for index in range(400):
+        k = guard.allowed_k(2, 4)
+        plain_steps += k == 0
+        guard.observe(decode_step(index, 2, k, k, 100.0 if k == 0 else 130.0))
+    assert 0 < plain_steps <= 400 // 25                           # a few refreshes, never more than 4%
+    assert guard.backed_off_classes() == []
+
+
+def test_steps_with_prefill_do_not_count():
+    guard = GoodputGuard()
+    rows = (RequestFacts("p", 0, 0, 0, context_tokens=50, prefill_tokens=50),
+            RequestFacts("d", 4, 0, 1, context_tokens=80, requested_tokens=4))
+    for index in range(10):
+        guard.observe(StepFacts(index, rows, 0.0, 900.0, 901.0, 55, 0))
+    assert guard.classes == {}
+
+
+def test_local_goodput_planner_backs_off_where_measured_speculation_lost():
+    planner = LocalPolicyPlanner(parse_policy_spec("goodput"), max_k=4)
+    for index in range(5):
+        planner.observe(decode_step(index, 2, 0, 0, 100.0))
+    for index in range(5, 12):
+        planner.observe(decode_step(index, 2, 4, 4, 1000.0))         # accepted all, yet 10x slower
+    assert planner.guard.backed_off_classes() == [batch_class(2)]
+    plans = [planner.plan(12 + i, [PlanQuery("r0", 320), PlanQuery("r1", 320)], 0) for i in range(15)]
+    assert sum(1 for p in plans if any(p.values())) <= 1            # held off but for a probe
+    # A fixed policy is the user's explicit choice: never overridden.
+    fixed = LocalPolicyPlanner(parse_policy_spec("fixed:3"), max_k=4)
+    for index in range(12):
+        fixed.observe(decode_step(index, 2, 0 if index < 5 else 4, 4 if index >= 5 else 0,
+                                  100.0 if index < 5 else 1000.0))
+    assert fixed.plan(12, [PlanQuery("r0", 320)], 0) == {"r0": 3}

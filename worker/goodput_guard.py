@@ -1,0 +1,128 @@
+"""Never worse than no speculation, by measurement: the `goodput` policy's check on its own choices.
+
+The policy speculates when its cost model predicts more tokens per second. A wrong model (a cost
+it has no term for, a batch size it has rarely seen) can make it speculate where plain decoding is
+faster. The worker measures every step, so it can check: per batch-size class (1, 2-3, 4-7, 8-15,
+...), the decayed tokens per ms of decode steps that verified proposals, against those of plain
+decode steps (k = 0 for every row). When speculative steps delivered less than plain ones by more
+than `margin`, speculation is held off in that class: the plan's k is capped at 0, except one
+step in `probe_every`, which keeps measuring whether speculation has become worth it again.
+When a class has speculated for so long that its plain measurement has decayed away, one plain
+step is run to refresh it, so the comparison never rests on numbers from another phase of the run.
+
+Only steps that are all decode count (a prefill chunk makes a step slow for reasons k does not
+change); a step asked for proposals that the proposer could not fill is neither kind. A row
+cancelled between steps is reported with the next step and counts one token it did not make:
+rare enough to leave alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+from .steps import StepFacts
+
+log = logging.getLogger(__name__)
+
+
+def batch_class(batch_size: int) -> int:
+    """0 for one request, 1 for 2-3, 2 for 4-7, ...: steps of similar batch size share a class."""
+    return max(0, int(math.log2(max(1, batch_size))))
+
+
+@dataclass
+class DecayedRate:
+    """Tokens per ms over recent steps of one kind (sums decayed per step of the class)."""
+
+    tokens: float = 0.0
+    ms: float = 0.0
+    steps: float = 0.0
+
+    def decay(self, factor: float) -> None:
+        self.tokens *= factor
+        self.ms *= factor
+        self.steps *= factor
+
+    def add(self, tokens: float, ms: float) -> None:
+        self.tokens += tokens
+        self.ms += ms
+        self.steps += 1.0
+
+    def rate(self) -> float:
+        return self.tokens / self.ms if self.ms > 0 else 0.0
+
+
+@dataclass
+class ClassRecord:
+    speculative: DecayedRate = field(default_factory=DecayedRate)
+    plain: DecayedRate = field(default_factory=DecayedRate)
+    steps: int = 0                 # planned steps in this class (for probe timing)
+    backed_off: bool = False
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    margin: float = 0.02           # speculative goodput must not fall below plain by more than this
+    decay: float = 0.99            # per step of the class: ~100 steps of memory
+    min_steps: float = 2.0         # decayed steps of each kind needed before judging
+    probe_every: int = 16          # while held off, one step in this many may speculate
+    refresh_below: float = 2.0     # a plain record decayed below this many steps gets a plain step
+                                   # (~1 step in 40 where every step would speculate)
+
+
+class GoodputGuard:
+    """Caps the k of `goodput` plans where measured speculative steps lost to plain steps."""
+
+    def __init__(self, settings: GuardSettings = GuardSettings(), metrics=None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.classes: dict[int, ClassRecord] = {}
+        self.held_steps = 0        # steps whose k the guard capped at 0
+
+    def allowed_k(self, batch_size: int, max_k: int) -> int:
+        """The largest k the next step of this batch size may plan."""
+        record = self.classes.setdefault(batch_class(batch_size), ClassRecord())
+        record.steps += 1
+        s = self.settings
+        if record.backed_off and record.steps % s.probe_every != 0:
+            self.held_steps += 1
+            return 0
+        if record.speculative.steps >= s.min_steps and record.plain.steps < s.refresh_below:
+            return 0               # refresh the plain measurement this class compares against
+        return max_k
+
+    def observe(self, facts: StepFacts) -> None:
+        """Fold a step in if it was all decode and either verified proposals or planned none."""
+        rows = facts.requests
+        if not rows or facts.total_ms <= 0 or any(r.prefill_tokens > 0 for r in rows):
+            return
+        speculative = any(r.proposed_tokens > 0 for r in rows)
+        plain = all(r.requested_tokens == 0 for r in rows)
+        if not (speculative or plain):
+            return
+        cls = batch_class(len(rows))
+        record = self.classes.setdefault(cls, ClassRecord())
+        record.speculative.decay(self.settings.decay)
+        record.plain.decay(self.settings.decay)
+        tokens = float(sum(r.accepted_tokens + 1 for r in rows))   # each row's accepted + its own token
+        (record.speculative if speculative else record.plain).add(tokens, facts.total_ms)
+        self._judge(cls, record)
+
+    def _judge(self, cls: int, record: ClassRecord) -> None:
+        s = self.settings
+        if record.speculative.steps < s.min_steps or record.plain.steps < s.min_steps:
+            return
+        spec, plain = record.speculative.rate(), record.plain.rate()
+        losing = spec < plain * (1.0 - s.margin)
+        if losing != record.backed_off:
+            record.backed_off = losing
+            low, high = 2**cls, 2 ** (cls + 1) - 1
+            log.warning("goodput guard: speculation %s at batch %d-%d: speculative steps %.4f tok/ms, plain %.4f",
+                        "held off" if losing else "resumed", low, high, spec, plain)
+            if self.metrics is not None:
+                self.metrics.set_backed_off(str(2**cls), losing)
+
+    def backed_off_classes(self) -> list[int]:
+        return sorted(cls for cls, record in self.classes.items() if record.backed_off)
