@@ -12,7 +12,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from smartspec.worker.proposers import Proposal, SamplingParams, probs_from_logits
 from smartspec.worker.proposers.sampling import sample
-from smartspec.worker.proposers.verify import greedy_verify, rejection_verify, verify_batch
+from smartspec.worker.proposers.verify import (
+    RowVerification,
+    draw_uniforms,
+    greedy_verify,
+    packed_verdicts,
+    plan_verification,
+    rejection_verify,
+    verify_batch,
+    verify_packed,
+)
 
 V = 8
 
@@ -292,3 +301,277 @@ def test_verify_batch_checks_lengths():
         verify_batch(torch.zeros(2, 3, V), [Proposal([])], [SamplingParams()], [None])
     with pytest.raises(ValueError, match="outside"):
         verify_batch(torch.zeros(1, 2, V), [Proposal([1, 2])], [SamplingParams()], [None])
+
+
+# ---------------------------------------------------------------- verify_packed: the whole step in one pass
+
+
+def _pack(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Per-row [n_i + 1, V] logits -> packed [N, V], as forward_step(logits_rows="packed") returns them."""
+    return torch.cat(rows)
+
+
+def _ragged_greedy_rows(generator: torch.Generator, vocab: int, lengths: list[int]):
+    """Random logits per row and proposals that are all accepted, rejected at a random place, or random."""
+    rows, proposals = [], []
+    for row, n in enumerate(lengths):
+        logits = torch.randn(n + 1, vocab, generator=generator)  # [n + 1, V]
+        argmax = logits.argmax(dim=-1).tolist()
+        kind = row % 3
+        if kind == 0:  # the target's own chain: all n accepted, then the bonus
+            tokens = argmax[:n]
+        elif kind == 1 and n:  # right up to a random position, then wrong
+            cut = int(torch.randint(n, (), generator=generator))
+            tokens = argmax[:cut] + [(argmax[cut] + 1) % vocab] + argmax[cut + 1 : n]
+        else:  # random guesses
+            tokens = torch.randint(vocab, (n,), generator=generator).tolist()
+        rows.append(logits)
+        proposals.append(Proposal(tokens))
+    return rows, proposals
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_verify_packed_greedy_equals_greedy_verify_row_by_row(seed):
+    generator = torch.Generator().manual_seed(seed)
+    vocab = 37
+    lengths = [0, 3, 5, 0, 1, 4, 2, 0, 6, 3, 1, 5]  # ragged, with n = 0 rows
+    rows, proposals = _ragged_greedy_rows(generator, vocab, lengths)
+    got = verify_packed(_pack(rows), proposals, [SamplingParams()] * len(rows), [None] * len(rows))
+    kinds_seen = set()
+    for logits, proposal, result in zip(rows, proposals, got):
+        n = len(proposal.tokens)
+        accepted, next_token = greedy_verify(logits, proposal.tokens)
+        assert result.num_accepted == accepted
+        assert result.tokens == proposal.tokens[:accepted] + [next_token]
+        assert result.tested_positions == accepted + (accepted < n)
+        kinds_seen.add("none" if n == 0 else "all" if accepted == n else "rejected")
+    assert kinds_seen == {"none", "all", "rejected"}
+
+
+def test_verify_packed_greedy_rows_are_unaffected_by_sampled_neighbours():
+    generator = torch.Generator().manual_seed(11)
+    vocab = 29
+    lengths = [2, 0, 4, 3, 1, 5, 0, 2]
+    rows, proposals = _ragged_greedy_rows(generator, vocab, lengths)
+    params = [SamplingParams(), SamplingParams(temperature=0.7), SamplingParams(),
+              SamplingParams(temperature=1.3, top_k=5),
+              SamplingParams(top_k=3),  # greedy too: top-k does not move the argmax
+              SamplingParams(temperature=0.7), SamplingParams(temperature=0.9, top_p=0.8), SamplingParams()]
+    generators = [None if p.is_greedy else torch.Generator().manual_seed(row) for row, p in enumerate(params)]
+    got = verify_packed(_pack(rows), proposals, params, generators)
+    for logits, proposal, p, result in zip(rows, proposals, params, got):
+        assert 1 <= len(result.tokens) <= len(proposal.tokens) + 1
+        assert result.tokens[:-1] == proposal.tokens[: result.num_accepted]
+        if p.is_greedy:
+            accepted, next_token = greedy_verify(logits, proposal.tokens)
+            assert (result.num_accepted, result.tokens[-1]) == (accepted, next_token)
+        else:  # the final token is one the row's target distribution can produce
+            probs = probs_from_logits(logits[result.num_accepted], p)
+            assert probs[result.tokens[-1]] > 0
+
+
+def test_verify_packed_checks_its_input():
+    with pytest.raises(ValueError, match="sum"):
+        verify_packed(torch.zeros(4, V), [Proposal([1]), Proposal([])], [SamplingParams()] * 2, [None] * 2)
+    with pytest.raises(ValueError, match="token ids"):
+        verify_packed(torch.zeros(2, V), [Proposal([V])], [SamplingParams()], [None])
+    with pytest.raises(ValueError, match="draft_probs"):
+        verify_packed(torch.zeros(2, V), [Proposal([1], torch.full((1, V + 1), 0.1))],
+                      [SamplingParams(temperature=1.0)], [None])
+    with pytest.raises(ValueError, match="one proposal"):
+        verify_packed(torch.zeros(2, V), [Proposal([1])], [], [None])
+    assert verify_packed(torch.zeros(0, V), [], [], []) == []
+
+
+def test_verify_packed_seeded_row_repeats_whatever_its_neighbours():
+    """A sampled request's verdict depends on its logits and its own generator only."""
+    vocab = 16
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(8))  # [n + 1, V], n = 3
+    params = SamplingParams(temperature=1.2)
+    draft = probs_from_logits(torch.randn(3, vocab, generator=torch.Generator().manual_seed(9)), params)
+    ours = Proposal([2, 7, 7], draft)
+
+    def run(neighbours: int, ours_at: int) -> list[RowVerification]:
+        rows, proposals, params_, generators = [], [], [], []
+        for i in range(neighbours):
+            rows.append(torch.randn(3, vocab, generator=torch.Generator().manual_seed(100 + i)))
+            proposals.append(Proposal([i % vocab, 1]))
+            params_.append(SamplingParams(temperature=0.5 + 0.25 * i) if i % 2 else SamplingParams())
+            generators.append(torch.Generator().manual_seed(200 + i) if i % 2 else None)
+        rows.insert(ours_at, logits)
+        proposals.insert(ours_at, ours)
+        params_.insert(ours_at, params)
+        generators.insert(ours_at, torch.Generator().manual_seed(42))
+        results = []
+        for _ in range(5):  # five steps in a row: the generator's stream advances identically
+            results.append(verify_packed(_pack(rows), proposals, params_, generators)[ours_at])
+        return results
+
+    alone = run(0, 0)
+    assert run(3, 1) == alone
+    assert run(6, 6) == alone
+    assert len({(r.num_accepted, tuple(r.tokens)) for r in alone}) > 1, "the draws must differ from step to step"
+
+
+LOG_TARGET = TARGET.log()  # [V + 1, V]: logits whose softmax at temperature 1 is the target chain
+
+
+def _target_law(params: SamplingParams) -> torch.Tensor:
+    """[V + 1, V]: the chain the target follows under `params` (temperature, top-k, top-p on LOG_TARGET)."""
+    return probs_from_logits(LOG_TARGET.double(), params).double()
+
+
+# Rows of one step, interleaved: greedy, and sampled with different temperatures / truncations, with
+# deterministic (prompt lookup) proposals or proposals drawn from a draft model's probs.
+BATCH_KINDS = [
+    ("greedy", SamplingParams(), True),
+    ("t1.0-draft", SamplingParams(temperature=1.0), False),
+    ("t0.6-lookup", SamplingParams(temperature=0.6), True),
+    ("t1.4-topk5-draft", SamplingParams(temperature=1.4, top_k=5), False),
+    ("t0.8-topp0.9-lookup", SamplingParams(temperature=0.8, top_p=0.9), True),
+]
+
+
+def _batched_two_token_runs(trials_per_kind: int, batch_rows: int = 2_000) -> dict[str, list[tuple[int, int]]]:
+    """Generate two tokens per trial, speculating a random k in 0..3 per step; every step verifies all
+    active trials of a batch (kinds interleaved) in ONE verify_packed call."""
+    rng = random.Random(5)
+    draws = DraftDraws(torch.Generator().manual_seed(97))
+    kinds = [BATCH_KINDS[i % len(BATCH_KINDS)] for i in range(trials_per_kind * len(BATCH_KINDS))]
+    greedy_chain = TARGET.argmax(dim=-1).tolist()
+    outputs: dict[str, list[tuple[int, int]]] = {name: [] for name, _, _ in BATCH_KINDS}
+    for first in range(0, len(kinds), batch_rows):
+        batch = kinds[first : first + batch_rows]
+        generators = [torch.Generator().manual_seed(first + i) for i in range(len(batch))]
+        outs: list[list[int]] = [[] for _ in batch]
+        while True:
+            active = [i for i in range(len(batch)) if len(outs[i]) < 2]
+            if not active:
+                break
+            states, proposals = [], []
+            for i in active:
+                _, params, lookup = batch[i]
+                prev = outs[i][-1] if outs[i] else START
+                chain, k = [prev], rng.randint(0, 3)
+                for _ in range(k):
+                    if params.is_greedy and rng.random() < 0.5:
+                        chain.append(greedy_chain[chain[-1]])  # right guesses too, so greedy accepts some
+                    else:
+                        chain.append(DETERMINISTIC_DRAFT[chain[-1]] if lookup else draws(chain[-1]))
+                probs = None if lookup else DRAFT[chain[:-1]]  # [k, V]: q_j = DRAFT[state before x_j]
+                states += chain
+                proposals.append(Proposal(chain[1:], probs))
+            logits = LOG_TARGET[states]  # [N, V] packed: row i's k_i + 1 slots after row i-1's
+            verdicts = verify_packed(logits, proposals, [batch[i][1] for i in active], [generators[i] for i in active])
+            for i, verdict in zip(active, verdicts):
+                outs[i] += verdict.tokens
+        for (name, _, _), out in zip(batch, outs):
+            outputs[name].append((out[0], out[1]))
+    return outputs
+
+
+@functools.cache
+def _batched_runs() -> dict[str, list[tuple[int, int]]]:
+    return _batched_two_token_runs(trials_per_kind=12_000)
+
+
+def _counts(pairs: list[tuple[int, int]], position: int) -> torch.Tensor:
+    return torch.bincount(torch.tensor([pair[position] for pair in pairs]), minlength=V).double()
+
+
+def test_verify_packed_greedy_rows_of_a_mixed_batch_decode_greedily():
+    greedy_chain = TARGET.argmax(dim=-1).tolist()
+    expected = (greedy_chain[START], greedy_chain[greedy_chain[START]])
+    assert set(_batched_runs()["greedy"]) == {expected}
+
+
+@pytest.mark.parametrize("kind", [name for name, params, _ in BATCH_KINDS if not params.is_greedy])
+def test_verify_packed_keeps_each_rows_target_distribution(kind):
+    params = {name: p for name, p, _ in BATCH_KINDS}[kind]
+    pairs = _batched_runs()[kind]
+    law = _target_law(params)  # [V + 1, V]
+    p_first = law[START]  # [V]
+    p_second = p_first @ law[:V]  # [V]: sum_a p(a) p(. | a)
+    support_first, support_second = p_first > 0, p_second > 0
+    first, second = _counts(pairs, 0), _counts(pairs, 1)
+    # truncation (top-k / top-p) zeroes tokens: they must never appear; chi-square over the rest
+    assert first[~support_first].sum() == 0 and second[~support_second].sum() == 0
+    p_values = (_chi_square_p_value(first[support_first], p_first[support_first]),
+                _chi_square_p_value(second[support_second], p_second[support_second]))
+    assert min(p_values) > 1e-3, p_values
+
+
+def test_batched_chi_square_tells_temperatures_apart():
+    # negative control: the t0.6 rows' counts must NOT fit the temperature-1 law
+    pairs = _batched_runs()["t0.6-lookup"]
+    p_first = _target_law(SamplingParams(temperature=1.0))[START]
+    assert _chi_square_p_value(_counts(pairs, 0), p_first) < 1e-3
+
+
+# ---------------------------------------------------------------- one host synchronisation per step
+
+
+def _mixed_step(vocab: int = 50):
+    """One step's inputs: greedy and sampled rows, lookup and draft proposals, ragged n (0 included)."""
+    generator = torch.Generator().manual_seed(21)
+    lengths = [3, 0, 4, 2, 1, 0, 5]
+    rows = [torch.randn(n + 1, vocab, generator=generator) for n in lengths]
+    params = [SamplingParams(), SamplingParams(temperature=0.8), SamplingParams(temperature=1.1, top_p=0.9),
+              SamplingParams(), SamplingParams(temperature=0.8), SamplingParams(temperature=1.1, top_p=0.9),
+              SamplingParams(temperature=0.5, top_k=7)]
+    proposals = []
+    for n, p in zip(lengths, params):
+        tokens = torch.randint(vocab, (n,), generator=generator).tolist()
+        draft = None if p.is_greedy or n % 2 else torch.softmax(torch.randn(n, vocab, generator=generator), -1)
+        proposals.append(Proposal(tokens, draft))
+    generators = [None if p.is_greedy else torch.Generator().manual_seed(row) for row, p in enumerate(params)]
+    return _pack(rows), proposals, params, generators
+
+
+def test_packed_verdicts_read_nothing_back_from_the_device():
+    """The device half runs on 'meta' tensors, which hold no values: any .item(), .tolist(), .cpu(),
+    int(), bool() or data-dependent shape (nonzero, boolean masks) on them raises. So finishing there
+    proves verify_packed's one read (of this result) is its only host synchronisation."""
+    packed, proposals, params, generators = _mixed_step()
+    plan = plan_verification(packed.shape, proposals, params)
+    uniforms = draw_uniforms(plan, generators)
+    verdicts = packed_verdicts(packed.to("meta"), plan, uniforms, [p.probs for p in proposals])
+    assert verdicts.device.type == "meta" and tuple(verdicts.shape) == (2, len(proposals))
+
+
+def test_verify_packed_reads_the_device_once(monkeypatch):
+    packed, proposals, params, generators = _mixed_step()
+    calls = {"cpu": 0, "item": 0}
+    for name in calls:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    results = verify_packed(packed, proposals, params, generators)
+    assert calls == {"cpu": 1, "item": 0}
+    assert len(results) == len(proposals)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (sync debug mode)")
+def test_verify_packed_device_half_does_not_synchronise_cuda():
+    packed, proposals, params, generators = _mixed_step()
+    packed = packed.cuda()
+    plan = plan_verification(packed.shape, proposals, params)
+    uniforms = draw_uniforms(plan, generators)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        verdicts = packed_verdicts(packed, plan, uniforms, [p.probs for p in proposals])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu_results = verify_packed(packed.cpu(), proposals, params,
+                                [None if g is None else torch.Generator().manual_seed(row)
+                                 for row, g in enumerate(generators)])
+    accepted, tokens = verdicts.cpu().tolist()
+    by_row = {row: (accepted[col], tokens[col]) for col, row in enumerate(plan.order)}
+    for row, result in enumerate(cpu_results):  # greedy rows agree exactly across devices
+        if params[row].is_greedy:
+            assert by_row[row] == (result.num_accepted, result.tokens[-1])

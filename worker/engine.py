@@ -9,7 +9,7 @@ One step:
   3. admit queued requests into free slots within the token budget (chunked prefill);
   4. draft: one batched `propose` for the rows with k > 0;
   5. verify: ONE target forward over every decoding row's [last token, proposals...] (right-padded),
-     plus the prefill chunks, then greedy or rejection verification per row;
+     plus the prefill chunks, then greedy or rejection verification of all rows in one pass;
   6. append accepted tokens + the target's token, roll the slot length back past rejections,
      check stop conditions, stream deltas, free finished slots;
   7. hand the step's facts to the planner (which may send them to the controller).
@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from smartspec.worker.proposers import Proposal, ProposalRequest, Proposer, SamplingParams, verify_batch
+from smartspec.worker.proposers import Proposal, ProposalRequest, Proposer, RowVerification, SamplingParams
+from smartspec.worker.proposers.verify import to_device_without_sync, verify_packed
 
 from .scheduler import clamp_speculation, group_by_length, plan_prefill
 from .sequence import (
@@ -440,12 +441,13 @@ class Engine:
             torch.tensor(lengths, dtype=torch.long),                                    # query_lengths: [B]
             logits_rows="packed",   # only real tokens reach the lm_head: no row pays for the widest k
         )                                                                               # logits: [N, V]
-        verdicts = []
-        for row_logits, seq in zip(logits.split(lengths), rows):                        # [k_i + 1, V] each
-            verdicts += verify_batch(
-                row_logits.unsqueeze(0),                                                # [1, k_i + 1, V]
-                [proposals[seq.request.request_id]], [seq.sampling], [seq.generator],
-            )
+        # Every row at once, straight from the packed logits: one host sync for the whole step.
+        verdicts = verify_packed(
+            logits,
+            [proposals[s.request.request_id] for s in rows],
+            [s.sampling for s in rows],
+            [s.generator for s in rows],
+        )
         facts = []
         for seq, verdict in zip(rows, verdicts):
             request_id = seq.request.request_id
@@ -473,16 +475,33 @@ class Engine:
             torch.tensor([chunk for _, chunk in work], dtype=torch.long),              # query_lengths: [B]
             logits_rows="last",
         )                                                                               # logits: [B, 1, V]
+        for seq, chunk in work:
+            seq.cached += chunk
+        verdicts = self._first_tokens([seq for seq, _ in work], logits[:, 0])
         facts = []
         for row, (seq, chunk) in enumerate(work):
-            seq.cached += chunk
-            finished = False
-            if not seq.prefilling:
-                # The prompt is in: the target's prediction at its last position is the first token.
-                (verdict,) = verify_batch(logits[row : row + 1], [Proposal([])], [seq.sampling], [seq.generator])
-                finished = self._append(seq, verdict.tokens)
+            finished = self._append(seq, verdicts[row].tokens) if row in verdicts else False
             facts.append(self._facts(seq, 0, 0, 0, 0, chunk, finished=finished))
         return facts
+
+    def _first_tokens(self, rows: list[_Running], last_logits: torch.Tensor) -> dict[int, RowVerification]:
+        """The first token of every row whose prompt is now in (by row index), from the target's
+        prediction at the prompt's last position (last_logits: [B, V]): one verify_packed call with
+        n = 0 proposals each. Rows still prefilling draw nothing, so a seeded request's draws do not
+        depend on how its prompt was chunked."""
+        done = [row for row, seq in enumerate(rows) if not seq.prefilling]
+        if not done:
+            return {}
+        if len(done) < len(rows):
+            index = to_device_without_sync(torch.tensor(done, dtype=torch.long), last_logits.device)
+            last_logits = last_logits.index_select(0, index)                            # [len(done), V]
+        verdicts = verify_packed(
+            last_logits,
+            [Proposal([]) for _ in done],
+            [rows[row].sampling for row in done],
+            [rows[row].generator for row in done],
+        )
+        return dict(zip(done, verdicts))
 
     def _append(self, seq: _Running, new_tokens: list[int]) -> bool:
         """Add verified tokens, stop at EOS / max_tokens / context window / stop strings."""
