@@ -10,5 +10,7 @@ Modules, one job each:
 - `simulator`: discrete-event worker model running the controller's own policy code.
 - `calibrate`: replay a measured bench run in the simulator, predicted vs measured.
 - `policy_spec`: `fixed:3` -> ("fixed", {"k": 3}), shared by both CLIs.
-- `cli`, `simulate_cli`: the subcommands.
+- `controller_trace`, `controller_load`: simulated worker streams against real controllers
+  (round trip, decision time, steps/s).
+- `cli`, `simulate_cli`, `loadtest_cli`: the subcommands.
 """

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("smartspec.status_cli", "show connected workers, the active policy and figures"),
     "bench": ("smartspec.bench.cli", "open-loop load benchmark across rates and policies"),
     "simulate": ("smartspec.bench.simulate_cli", "discrete-event simulation with the real policy code"),
+    "loadtest": ("smartspec.bench.loadtest_cli", "simulated worker streams against controllers: latency and steps/s"),
 }
 
 

@@ -1,4 +1,11 @@
-"""The Controller gRPC service: thin mapping between the wire and `Decider`."""
+"""The Controller gRPC service: thin mapping between the wire and `Decider`.
+
+Reply first, persist after: a stream yields each plan before storing its step, so a worker's round
+trip covers one Redis read and the planning, not the write. The write still finishes before the
+stream reads the next report (it runs on the stream's thread, after the plan is handed to gRPC),
+and the stream plans from its own `StreamMemory`, so no step can see state older than the last
+one's. Unary Decide (a what-if path for callers without a stream) stores before it returns.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,8 @@ from typing import Iterator
 import grpc
 
 from smartspec.controller.cost_model import CostModel
-from smartspec.controller.decider import Decider, error_plan
+from smartspec.controller.decider import Decider, PlannedStep, error_plan
+from smartspec.controller.stream_memory import StreamMemory
 from smartspec.controller.validation import InvalidInput, validate_cost_override, validate_hello
 from smartspec.v1 import controller_pb2, controller_pb2_grpc
 
@@ -29,16 +37,26 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "hello: the first WorkerMessage of a Connect stream must be a hello")
         session = self._open(first.hello, context)
-        for message in request_iterator:
-            kind = message.WhichOneof("kind")
-            if kind == "hello":  # a worker may re-introduce itself (e.g. after re-profiling)
-                session = self._open(message.hello, context)
-                continue
-            if kind != "report":
-                self._decider.metrics.rejected_reports.labels("kind").inc()
-                yield error_plan(0, InvalidInput("kind", "WorkerMessage has neither hello nor report"))
-                continue
-            yield self._plan_or_error(session, message.report)
+        memory = StreamMemory()
+        try:
+            for message in request_iterator:
+                kind = message.WhichOneof("kind")
+                if kind == "hello":  # a worker may re-introduce itself (e.g. after re-profiling)
+                    self._decider.flush(session, memory)
+                    session = self._open(message.hello, context)
+                    memory = StreamMemory()
+                    continue
+                if kind != "report":
+                    self._decider.metrics.rejected_reports.labels("kind").inc()
+                    yield error_plan(0, InvalidInput("kind", "WorkerMessage has neither hello nor report"))
+                    continue
+                planned = self._plan_or_error(session, message.report, memory)
+                try:
+                    yield planned.plan
+                finally:  # also when the stream is cancelled right after the plan went out
+                    self._decider.persist(session, planned, memory)
+        finally:
+            self._decider.flush(session, memory)
 
     def _open(self, hello: controller_pb2.WorkerHello, context: grpc.ServicerContext):
         try:
@@ -47,18 +65,18 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
             context.abort(exc.code, str(exc))
         return self._decider.connect(hello)
 
-    def _plan_or_error(self, session, report: controller_pb2.StepReport) -> controller_pb2.StepPlan:
+    def _plan_or_error(self, session, report: controller_pb2.StepReport, memory: StreamMemory) -> PlannedStep:
         try:
-            return self._decider.step(session, report)
+            return self._decider.plan(session, report, memory)
         except InvalidInput as exc:
             log.warning("rejected report worker_id=%s step=%d request_id=%s field=%s: %s",
                         session.worker_id, report.step_index, exc.request_id or "-", exc.field, exc.message)
             self._decider.metrics.rejected_reports.labels(exc.field.split("[")[0]).inc()
-            return error_plan(report.step_index, exc)
+            return PlannedStep(error_plan(report.step_index, exc), None)
         except Exception:  # noqa: BLE001 - a controller bug costs this step's speculation, not the stream
             log.exception("planning failed worker_id=%s step=%d", session.worker_id, report.step_index)
-            return error_plan(report.step_index, InvalidInput(
-                "", "internal controller error; see controller logs", grpc.StatusCode.INTERNAL))
+            return PlannedStep(error_plan(report.step_index, InvalidInput(
+                "", "internal controller error; see controller logs", grpc.StatusCode.INTERNAL)), None)
 
     def Decide(self, request: controller_pb2.DecideRequest,
                context: grpc.ServicerContext) -> controller_pb2.StepPlan:

@@ -1,16 +1,27 @@
-"""The I/O around one planned step: validate, read Redis, plan, write Redis, count.
+"""The I/O around one planned step: validate, read Redis, plan, (reply,) write Redis, count.
 
-Shared by the stream (`Connect`) and the unary `Decide`. When Redis fails, the step is planned from
-priors (empty histories, the hello's seed cost model, the pooled prior and policy last seen by this
-process) and the plan says `degraded=true`; a warning is logged once per outage.
+Shared by the stream (`Connect`) and the unary `Decide`. A step is `plan` (one Redis read, then the
+plan) and `persist` (one Redis write): a stream replies between the two, so a worker waits for the
+read and the planning only; `step` does both for Decide, which replies after its write.
+
+What a step reads depends on what the caller already holds. A stream keeps its worker's histories,
+figures and cost fit in a `StreamMemory` (see there), and this replica keeps the active policy with
+its stamp: the read script returns the policy only when its stamp changed (a SetPolicy on any
+replica), so a swap reaches every replica at the next step without a per-step parse.
+
+When Redis fails, the step is planned from what this process holds: a stream's memory if it has
+read it, else priors (empty histories, the hello's seed cost model, the pooled prior and policy last
+seen by this process), and the plan says `degraded=true`; a warning is logged once per outage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,15 +31,21 @@ from smartspec.controller.codec import plan_basis_proto, policy_spec_proto
 from smartspec.controller.acceptance import PooledPrior
 from smartspec.controller.cost_model import DEFAULT_COST_MODEL, CostModel, OnlineCostFit, fit_profile
 from smartspec.controller.metrics import ControllerMetrics
+from smartspec.controller.history_table import HistoryTable
 from smartspec.controller.planner import PlannerSettings, StepDecision, plan_step
 from smartspec.controller.policies import DEFAULT_POLICY, PolicyError, Registry
 from smartspec.controller.policies.base import Policy
+from smartspec.controller.report_columns import ReportColumns
 from smartspec.controller.store import (
     ControllerStore,
     PolicyRecord,
     StepSnapshot,
+    StepWrites,
     StoreUnavailable,
+    WorkerFigures,
+    policy_stamp,
 )
+from smartspec.controller.stream_memory import StreamMemory
 from smartspec.controller.validation import InvalidInput
 from smartspec.v1 import common_pb2, controller_pb2
 
@@ -109,8 +126,17 @@ class RedisHealth:
         self._metrics.redis_ok.set(0)
 
 
+@dataclass(frozen=True)
+class PlannedStep:
+    """A plan and what `persist` must store for it (None: nothing, e.g. planned without Redis)."""
+
+    plan: controller_pb2.StepPlan
+    writes: StepWrites | None
+
+
 class Decider:
-    """Turns a worker's report into a StepPlan; thread-safe, no per-request state of its own."""
+    """Turns a worker's report into a StepPlan; thread-safe. Per-request state lives in Redis and,
+    for the lifetime of a stream, in that stream's `StreamMemory`."""
 
     def __init__(self, store: ControllerStore, registry: Registry, metrics: ControllerMetrics,
                  settings: PlannerSettings = PlannerSettings()) -> None:
@@ -119,11 +145,15 @@ class Decider:
         self.metrics = metrics
         self.settings = settings
         self.redis = RedisHealth(metrics)
-        # Last values read from Redis, used only while it is unreachable.
-        self._last_policy: PolicyRecord | None = None
+        # The active policy as last read (stamp, record); the read script re-sends it on a change.
+        self._policy: tuple[str, PolicyRecord | None] = ("", None)
+        self._resolved: tuple[tuple | None, tuple[PolicyRecord, Policy, dict[str, Any]]] | None = None
+        # Last priors read from Redis, used only while it is unreachable.
         self._last_priors: dict[str, PooledPrior] = {}
         self._unusable_warned: set[tuple[str, int]] = set()
         self._policy_specs: dict[tuple[str, int], common_pb2.PolicySpec] = {}
+        self._writer = f"{uuid.uuid4().hex[:12]}:"  # + a counter: tokens of this replica's cost fit writes
+        self._writes = iter(range(1, 1 << 62))
 
     # -- policy -------------------------------------------------------------------------------
     def default_policy(self) -> PolicyRecord:
@@ -147,11 +177,22 @@ class Decider:
             return PolicyRecord(fallback.name, fallback.parameters, record.version), policy, fallback.parameters
 
     def remember_policy(self, record: PolicyRecord | None) -> None:
-        self._last_policy = record
+        """The policy as stored (just read or just set): steps use it until its stamp changes."""
+        self._policy = (policy_stamp(record), record)
 
     def last_policy(self) -> PolicyRecord | None:
         """The policy this process last read from Redis (None: never, or none was set)."""
-        return self._last_policy
+        return self._policy[1]
+
+    def _resolve(self, record: PolicyRecord | None) -> tuple[PolicyRecord, Policy, dict[str, Any]]:
+        """`active_policy`, validated once per stored version rather than once per step."""
+        key = None if record is None else (record.name, record.version, record.updated_unix_ms)
+        cached = self._resolved
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        resolved = self.active_policy(record)
+        self._resolved = (key, resolved)
+        return resolved
 
     # -- sessions -----------------------------------------------------------------------------
     def connect(self, hello: controller_pb2.WorkerHello) -> WorkerSession:
@@ -174,41 +215,57 @@ class Decider:
     # -- one step -----------------------------------------------------------------------------
     def step(self, session: WorkerSession, report: controller_pb2.StepReport, *,
              field_prefix: str = "", cost_override: CostModel | None = None) -> controller_pb2.StepPlan:
-        """Plan one report. Raises InvalidInput for a malformed report (the caller maps it)."""
-        started = time.perf_counter()
-        validation.validate_report(report, session.hello, field_prefix)
-        request_ids = [o.request_id for o in report.requests]
+        """Plan one report and store it before returning (Decide). Raises InvalidInput for a
+        malformed report (the caller maps it)."""
+        planned = self.plan(session, report, field_prefix=field_prefix, cost_override=cost_override)
+        self.persist(session, planned)
+        return planned.plan
 
+    def plan(self, session: WorkerSession, report: controller_pb2.StepReport, memory: StreamMemory | None = None,
+             *, field_prefix: str = "", cost_override: CostModel | None = None) -> PlannedStep:
+        """Validate, read Redis once, plan. `memory`: the stream's (updated in place), None for Decide.
+        Raises InvalidInput for a malformed report (the caller maps it)."""
+        started = time.perf_counter()
+        validation.validate_report_totals(report, session.hello, field_prefix)
+        columns = ReportColumns.from_report(report)
+        validation.validate_outcomes(report, field_prefix, columns)
+
+        held_stamp, held_policy = self._policy
         degraded = False
         try:
-            snapshot = self.store.read_step(session.worker_id, request_ids, session.cost_profile_id,
-                                            session.proposer_kind)
+            snapshot = self.store.read_step(
+                session.worker_id, session.cost_profile_id, session.proposer_kind,
+                histories=memory is None or memory.histories is None,
+                cost_fit_writer=memory.cost_fit_writer if memory is not None and memory.cost_fit is not None else None,
+                policy_stamp=held_stamp,
+                worker=memory is None or memory.worker is None,
+            )
             self.redis.success()
-            self._last_policy = snapshot.policy
+            if not snapshot.policy_unchanged:
+                self.remember_policy(snapshot.policy)
+                held_policy = snapshot.policy
             if snapshot.prior is not None:
                 self._last_priors[session.proposer_kind] = snapshot.prior
         except StoreUnavailable as exc:
             self.redis.failure(exc)
             degraded = True
-            snapshot = StepSnapshot(histories={}, cost_fit=None, policy=self._last_policy,
+            snapshot = StepSnapshot(histories=None, cost_fit=None, policy=None,
                                     prior=self._last_priors.get(session.proposer_kind))
 
-        record, policy, params = self.active_policy(snapshot.policy)
+        histories, figures, cost_fit = self._state(session, snapshot, memory, degraded)
+        snapshot = dataclasses.replace(snapshot, histories=histories, worker=figures)
+        record, policy, params = self._resolve(held_policy)
         decision = plan_step(
             session.hello, report, snapshot,
-            cost_fit=self._cost_fit(session, snapshot),
+            cost_fit=cost_fit,
             policy=policy, params=params, settings=self.settings,
             cost_override=cost_override,
             proposer_kind=session.proposer_kind,
             cost_profile_id=session.cost_profile_id,
+            columns=columns,
         )
-
-        if not degraded:
-            try:
-                self.store.write_step(decision.writes, info=session.info)
-            except StoreUnavailable as exc:
-                self.redis.failure(exc)
-                degraded = True
+        if memory is not None:
+            memory.worker = decision.writes.figures
 
         basis = plan_basis_proto(
             self._policy_spec(record, policy, params), record.version, decision.cost, decision.prior,
@@ -216,23 +273,86 @@ class Decider:
             goodput_per_ms=(decision.predicted_tokens / decision.predicted_step_ms
                             if decision.predicted_step_ms > 0 else 0.0),
         )
-        decision_ms = (time.perf_counter() - started) * 1000.0
-        self._observe(report, decision, record, decision_ms, snapshot, degraded)
-        log.debug("planned worker_id=%s step=%d requests=%d ks=%s policy=%s v%d degraded=%s",
-                  session.worker_id, report.step_index, len(decision.request_ids),
-                  list(decision.speculation_lengths), record.name, record.version, degraded)
-        return controller_pb2.StepPlan(
+        plan = controller_pb2.StepPlan(
             step_index=report.step_index,
-            requests=[controller_pb2.RequestPlan(request_id=rid, speculation_length=k)
-                      for rid, k in zip(decision.request_ids, decision.speculation_lengths)],
             policy_name=record.name,
             policy_version=record.version,
             predicted_step_ms=decision.predicted_step_ms,
             predicted_tokens=decision.predicted_tokens,
             degraded=degraded,
-            decision_ms=decision_ms,
             basis=basis,
         )
+        add = plan.requests.add
+        for request_id, k in zip(decision.request_ids, decision.speculation_lengths):
+            add(request_id=request_id, speculation_length=k)
+        plan.decision_ms = decision_ms = (time.perf_counter() - started) * 1000.0
+        self._observe(report, decision, record, decision_ms, figures, degraded)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("planned worker_id=%s step=%d requests=%d ks=%s policy=%s v%d degraded=%s",
+                      session.worker_id, report.step_index, len(decision.request_ids),
+                      list(decision.speculation_lengths), record.name, record.version, degraded)
+        return PlannedStep(plan, None if degraded else decision.writes)
+
+    def persist(self, session: WorkerSession, planned: PlannedStep, memory: StreamMemory | None = None) -> None:
+        """Store a planned step's writes (one atomic script); a failure marks Redis down and leaves
+        `memory` holding the only copy until a later write succeeds. A stream's cost fit is stored
+        at its own cadence (see StreamMemory)."""
+        writes = planned.writes
+        if writes is None:
+            return
+        save_fit = memory is None or memory.should_save_fit()
+        if not save_fit:
+            writes = dataclasses.replace(writes, cost_fit=None)
+        try:
+            writer = self.store.write_step(writes, info=session.info, cost_fit_writer=self._next_writer())
+            self.redis.success()
+        except StoreUnavailable as exc:
+            self.redis.failure(exc)
+            return
+        if memory is not None:
+            if save_fit:
+                memory.cost_fit_writer, memory.fit_unsaved_steps = writer, 0
+            else:
+                memory.fit_unsaved_steps += 1
+
+    def flush(self, session: WorkerSession, memory: StreamMemory) -> None:
+        """A stream ends (or re-introduces itself): store its cost fit if it has unsaved steps."""
+        if memory.cost_fit is None or not memory.fit_unsaved_steps:
+            return
+        try:
+            writer = self.store.write_cost_fit(session.cost_profile_id, memory.cost_fit.to_dict(), self._next_writer())
+            self.redis.success()
+        except StoreUnavailable as exc:
+            self.redis.failure(exc)
+            return
+        memory.cost_fit_writer, memory.fit_unsaved_steps = writer, 0
+
+    def _next_writer(self) -> str:
+        return f"{self._writer}{next(self._writes)}"
+
+    def _state(self, session: WorkerSession, snapshot: StepSnapshot, memory: StreamMemory | None,
+               degraded: bool) -> tuple[HistoryTable, WorkerFigures, OnlineCostFit]:
+        """Histories, last figures and cost fit to plan with: the stream's memory where it holds
+        them (loading it from this step's read the first time), else what was read, else priors."""
+        if memory is None:
+            histories = snapshot.histories if snapshot.histories is not None else HistoryTable()
+            return histories, snapshot.worker, self._cost_fit(session, snapshot)
+        if memory.histories is None and not degraded:
+            memory.histories = snapshot.histories
+        if memory.worker is None and not degraded:
+            memory.worker = snapshot.worker
+        if memory.cost_fit is None or not (degraded or snapshot.cost_fit_unchanged):
+            fit = self._cost_fit(session, snapshot)
+            if degraded:  # the seed, for this step only: the stored fit is loaded when Redis answers
+                return self._held(memory.histories), memory.worker or WorkerFigures(), fit
+            if memory.cost_fit is not None and snapshot.cost_fit_writer is not None:
+                memory.fit_shared = True  # someone else stored this profile's fit since we last did
+            memory.cost_fit, memory.cost_fit_writer, memory.fit_unsaved_steps = fit, snapshot.cost_fit_writer or "", 0
+        return self._held(memory.histories), memory.worker or WorkerFigures(), memory.cost_fit
+
+    @staticmethod
+    def _held(histories: HistoryTable | None) -> HistoryTable:
+        return histories if histories is not None else HistoryTable()
 
     def _policy_spec(self, record: PolicyRecord, policy: Policy, params: dict[str, Any]) -> common_pb2.PolicySpec:
         """The active policy as a PolicySpec, built once per (name, version)."""
@@ -256,19 +376,19 @@ class Decider:
         return OnlineCostFit.create(session.seed_cost)
 
     def _observe(self, report: controller_pb2.StepReport, decision: StepDecision, record: PolicyRecord,
-                 decision_ms: float, snapshot: StepSnapshot, degraded: bool) -> None:
+                 decision_ms: float, previous: WorkerFigures, degraded: bool) -> None:
+        writes = decision.writes
         self.metrics.observe_step(
             policy=record.name,
             decision_ms=decision_ms,
             ks=decision.speculation_lengths,
-            proposed=sum(o.proposed_tokens for o in report.requests),
-            accepted=sum(o.accepted_tokens for o in report.requests),
+            proposed=writes.totals["proposed"],
+            accepted=writes.totals["accepted"],
             predicted_ms=decision.predicted_step_ms,
             predicted_tokens=decision.predicted_tokens,
             measured_ms=decision.measured_step_ms if report.requests else 0.0,
             generated=decision.generated_tokens,
-            previous_predicted_ms=snapshot.worker.predicted_step_ms,
+            previous_predicted_ms=previous.predicted_step_ms,
             degraded=degraded,
             policy_version=record.version,
         )
-

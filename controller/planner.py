@@ -3,29 +3,35 @@
 No gRPC and no Redis here: `plan_step` takes the validated report and the `StepSnapshot` read for it
 and returns the speculation lengths plus the `StepWrites` to store. The servicer does the I/O around
 it, so the same code plans a stream step, a unary Decide and a degraded step (empty snapshot).
+The report is read once into columns and every per-request quantity is a numpy array [B]: at batch
+256 a step is a few dozen vector operations, not a few thousand Python objects. The history table
+and the cost fit are updated in place (a stream keeps both between its steps).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
+
+import numpy as np
 
 from smartspec.controller.acceptance import (
     DEFAULT_PRIOR_DECAY,
     DEFAULT_PRIOR_FILL,
     DEFAULT_PRIOR_RATE,
     DEFAULT_PRIOR_STRENGTH,
-    AcceptanceState,
     PooledPrior,
-    cap_to_proposable,
-    next_step_fill,
-    requested_or_proposed,
 )
 from smartspec.controller.cost_model import CostModel, OnlineCostFit
+from smartspec.controller.history_table import (
+    ACCEPTED, LAST_FULL, LAST_K, PROPOSED, REQUESTED, SINCE_SPEC, TESTED, HistoryTable,
+)
 from smartspec.controller.policies import guarded_decide
-from smartspec.controller.policies.base import BatchState, Policy, RequestState
+from smartspec.controller.policies.base import BatchColumns, BatchState, Policy
 from smartspec.controller.policies.optimizer import predict_plan
+from smartspec.controller.report_columns import UNKNOWN, ReportColumns
 from smartspec.controller.store import StepSnapshot, StepWrites, WorkerFigures
 from smartspec.v1 import controller_pb2
 
@@ -69,6 +75,13 @@ def attended_context(outcome: controller_pb2.RequestOutcome) -> int:
     return max(0, outcome.context_tokens - outcome.accepted_tokens - 1 - outcome.prefill_tokens)
 
 
+def blended(own_hits: np.ndarray, own_trials: np.ndarray, pooled_rate: float, strength: float) -> np.ndarray:
+    """`acceptance.estimate` for many requests at once (the same arithmetic, element by element)."""
+    weight = own_trials + strength
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(weight <= 0, pooled_rate, (own_hits + pooled_rate * strength) / weight)
+
+
 def smoothed(previous: float | None, value: float | None, weight: float) -> float | None:
     if value is None:
         return previous
@@ -89,25 +102,29 @@ def plan_step(
     cost_override: CostModel | None = None,
     proposer_kind: str,
     cost_profile_id: str,
+    columns: ReportColumns | None = None,
+    now_s: int | None = None,
 ) -> StepDecision:
     """Record the reported step and choose k for every unfinished request of the next one.
 
     `cost_fit` is updated in place with the step's measured times (the caller built it from the
-    snapshot or from the seed); the decision uses `cost_override` when given, else the fit.
+    snapshot or from the seed); the decision uses `cost_override` when given, else the fit. So is the
+    snapshot's history table when it is a `HistoryTable` (a stream keeps its table between steps);
+    any other mapping is copied into a new one. `columns`: the report already read (else read here);
+    `now_s`: the clock for the rows' last-seen time.
     """
-    outcomes: Sequence[controller_pb2.RequestOutcome] = report.requests
+    cols = columns if columns is not None else ReportColumns.from_report(report)
+    histories = HistoryTable.from_states(snapshot.histories if snapshot.histories is not None else {})
 
     # Acceptance and fill evidence: per request, and pooled for the prior.
-    histories = {
-        o.request_id: snapshot.histories.get(o.request_id, AcceptanceState()).update(
-            o.proposed_tokens, o.accepted_tokens, o.tested_positions,
-            requested_or_proposed(o.requested_tokens, o.proposed_tokens))
-        for o in outcomes
-    }
-    step_accepted = float(sum(o.accepted_tokens for o in outcomes))
-    step_tested = float(sum(o.tested_positions for o in outcomes))
-    step_proposed = float(sum(o.proposed_tokens for o in outcomes))
-    step_requested = float(sum(requested_or_proposed(o.requested_tokens, o.proposed_tokens) for o in outcomes))
+    rows = histories.rows_for(cols.request_ids)
+    requested = cols.requested
+    histories.record(rows, cols.proposed, cols.accepted, cols.tested, requested,
+                     int(time.time()) if now_s is None else now_s)
+    step_accepted = float(cols.accepted.sum())
+    step_tested = float(cols.tested.sum())
+    step_proposed = float(cols.proposed.sum())
+    step_requested = float(requested.sum())
     # The same decay-and-add the store's script applies in Redis, so new requests in this very
     # step already see this step's evidence.
     prior = (snapshot.prior or PooledPrior()).update(step_accepted, step_tested, settings.prior_decay,
@@ -115,11 +132,11 @@ def plan_step(
 
     # Cost model: learn from the measured step (if it ran anything), then plan with it.
     measured_ms = report.total_ms if report.total_ms > 0 else report.draft_ms + report.verify_ms
-    if outcomes and report.draft_ms + report.verify_ms > 0:
+    if len(cols) and report.draft_ms + report.verify_ms > 0:
         cost_fit.observe(
-            [o.proposed_tokens for o in outcomes],
-            [attended_context(o) for o in outcomes],
-            [o.prefill_tokens for o in outcomes],
+            cols.proposed,
+            cols.attended_context,
+            cols.prefill,
             report.draft_ms,
             report.verify_ms,
             report.total_ms if report.total_ms > 0 else None,
@@ -127,64 +144,69 @@ def plan_step(
     cost = cost_override if cost_override is not None else cost_fit.model()
 
     # The next step: every unfinished request, in report order.
-    pending = [o for o in outcomes if not o.finished]
-    proposable = [o.proposable_tokens if o.HasField("proposable_tokens") else None for o in pending]
-    states = []
-    for o, offer in zip(pending, proposable):
-        h = histories[o.request_id]
-        states.append(RequestState(
-            request_id=o.request_id,
-            acceptance=h.estimate(prior, settings.prior_strength, settings.cold_rate),
-            fill=next_step_fill(h.fill_estimate(prior, settings.prior_strength, settings.cold_fill), offer),
-            context_tokens=o.context_tokens,
-            prefill_tokens=0,
-            last_k=h.last_k,
-            last_fully_accepted=h.last_fully_accepted,
-            steps_since_speculation=h.steps_since_speculation,
-            evidence=float(h.tested),
-        ))
-    batch = BatchState(
-        requests=tuple(states),
+    pending = np.flatnonzero(~cols.finished)
+    pending_ids = [cols.request_ids[i] for i in pending.tolist()]
+    pending_rows = rows[pending]
+    proposable = cols.proposable[pending]  # UNKNOWN where the proposer cannot look ahead
+    tested = histories.column(TESTED, pending_rows)
+    fill_estimate = blended(histories.column(PROPOSED, pending_rows), histories.column(REQUESTED, pending_rows),
+                            prior.fill(settings.cold_fill), settings.prior_strength)
+    columns_ = BatchColumns(
+        request_ids=pending_ids,
+        acceptance=blended(histories.column(ACCEPTED, pending_rows), tested, prior.rate(settings.cold_rate),
+                           settings.prior_strength),
+        context_tokens=cols.context[pending],
+        prefill_tokens=np.zeros(len(pending_ids), dtype=np.int64),
+        last_k=histories.column(LAST_K, pending_rows),
+        last_fully_accepted=histories.column(LAST_FULL, pending_rows).astype(bool),
+        steps_since_speculation=histories.column(SINCE_SPEC, pending_rows),
+        evidence=tested.astype(np.float64),
+        # next_step_fill: known from the look-ahead (1 or 0), else the request's average
+        fill=np.where(proposable == UNKNOWN, fill_estimate, (proposable > 0).astype(np.float64)),
+    )
+    batch = BatchState.from_columns(
+        columns_,
         max_k=hello.max_speculation_length,
         queued_requests=report.queued_requests,
         step_index=report.step_index,
         pooled_evidence=prior.tested,
     )
-    ks: list[int] = []
-    if states:
-        ks = cap_to_proposable(
-            guarded_decide(policy, batch, cost, params, prior_acceptance=prior.rate(settings.cold_rate)), proposable)
-
+    ks = np.zeros(0, dtype=np.int64)
     predicted_tokens, predicted_ms = 0.0, 0.0
-    if states:
+    if pending_ids:
+        ks = np.array(guarded_decide(policy, batch, cost, params, prior_acceptance=prior.rate(settings.cold_rate)),
+                      dtype=np.int64)
+        ks = np.where(proposable == UNKNOWN, ks, np.minimum(ks, proposable))  # cap_to_proposable
         predicted_tokens, predicted_ms = predict_plan(
-            [s.acceptance for s in states], [s.context_tokens for s in states], [0] * len(states), cost, ks,
-            fill=[s.fill for s in states],
+            columns_.acceptance, columns_.context_tokens, columns_.prefill_tokens, cost, ks, fill=columns_.fill,
         )
 
     # Figures the status page and the next step's metrics read back.
-    generated = sum(o.accepted_tokens + 1 for o in outcomes)
-    goodput = generated * 1000.0 / measured_ms if measured_ms > 0 and outcomes else None
+    generated = int(cols.accepted.sum()) + len(cols)
+    goodput = generated * 1000.0 / measured_ms if measured_ms > 0 and len(cols) else None
     figures = WorkerFigures(
         predicted_step_ms=predicted_ms,
         predicted_tokens=predicted_tokens,
         goodput_tok_s=smoothed(snapshot.worker.goodput_tok_s, goodput, settings.goodput_smoothing),
     )
+    speculation_lengths = tuple(ks.tolist())
     totals = {
         "steps": 1,
-        "proposed": sum(o.proposed_tokens for o in outcomes),
+        "proposed": int(step_proposed),
         "accepted": int(step_accepted),
         "tested": int(step_tested),
         "generated": generated,
-        "planned_k": sum(ks),
-        "planned_requests": len(ks),
+        "planned_k": sum(speculation_lengths),
+        "planned_requests": len(speculation_lengths),
     }
+    finished = tuple(cols.request_ids[i] for i in np.flatnonzero(cols.finished).tolist())
+    histories.remove(finished)
     writes = StepWrites(
         worker_id=hello.worker_id,
         cost_profile_id=cost_profile_id,
         proposer_kind=proposer_kind,
-        histories={o.request_id: histories[o.request_id] for o in pending},
-        finished=tuple(o.request_id for o in outcomes if o.finished),
+        histories=histories,
+        finished=finished,
         cost_fit=cost_fit.to_dict(),
         prior_accepted=step_accepted,
         prior_tested=step_tested,
@@ -197,10 +219,10 @@ def plan_step(
     if not math.isfinite(predicted_ms):
         predicted_ms = 0.0
     return StepDecision(
-        request_ids=tuple(s.request_id for s in states),
-        speculation_lengths=tuple(ks),
-        acceptances=tuple(s.acceptance for s in states),
-        fills=tuple(s.fill for s in states),
+        request_ids=tuple(pending_ids),
+        speculation_lengths=speculation_lengths,
+        acceptances=tuple(columns_.acceptance.tolist()),
+        fills=tuple(columns_.fill.tolist()),
         predicted_step_ms=predicted_ms,
         predicted_tokens=predicted_tokens,
         measured_step_ms=measured_ms,

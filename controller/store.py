@@ -2,33 +2,44 @@
 
 Keys (all under a configurable prefix, default ``smartspec:``):
 
-    {p}req:{worker_id}:{request_id}   JSON AcceptanceState, TTL refreshed every step, deleted when finished
-    {p}cost:{cost_profile_id}         JSON of the online cost fit, TTL refreshed on every update
+    {p}hist:{worker_id}               the worker's request histories, one binary table
+                                      (`HistoryTable.encode`), TTL refreshed every step; rows of
+                                      requests not reported for `request_ttl_s` are dropped
+    {p}cost:{cost_profile_id}         hash {fit: JSON of the online cost fit, writer: token of the
+                                      write}, TTL refreshed on every update
     {p}prior:{proposer_kind}          hash {accepted, tested, proposed, requested}: decayed counts pooled
                                       over requests
     {p}policy                         hash {name, parameters (JSON), version, updated_unix_ms}
     {p}worker:{worker_id}             hash: hello info, running totals, last prediction (TTL'd)
     {p}workers                        sorted set worker_id -> last seen (ms), for status pages (TTL'd)
 
-A step costs two round trips: `read_step` (one pipeline: every request's history, the cost fit, the
-prior, the active policy and the worker's last prediction) and `write_step` (one pipeline). Redis
-failures surface as `StoreUnavailable`; after one, the store refuses calls for `retry_after_s` so a
-dead Redis costs a step one failed connect per window, not one per step.
+A step costs two commands, each one Lua script (`store_scripts`): `read_step` (the history table
+if asked, the cost fit unless the caller holds the stored one, the prior, the policy unless the
+caller holds the stored version, the worker's last prediction if asked) and `write_step` (atomic).
+Redis failures surface as `StoreUnavailable`; after one, the store refuses calls for
+`retry_after_s` so a dead Redis costs a step one failed connect per window, not one per step.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import threading
 import time
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping, Sequence
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from smartspec.controller import store_scripts
 from smartspec.controller.acceptance import AcceptanceState, PooledPrior
+from smartspec.controller.history_table import HistoryError, HistoryTable
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "smartspec:"
 REQUEST_TTL_S = 600
@@ -73,22 +84,25 @@ class WorkerFigures:
 class StepSnapshot:
     """What one step needs from Redis, read in a single round trip."""
 
-    histories: dict[str, AcceptanceState]          # request_id -> history (absent = new request)
-    cost_fit: dict[str, Any] | None               # serialised OnlineCostFit, None = never fitted
+    histories: Mapping[str, AcceptanceState] | None  # the worker's HistoryTable (None: not read)
+    cost_fit: dict[str, Any] | None               # serialised OnlineCostFit, None = never fitted (or unchanged)
     prior: PooledPrior | None                     # None = no pooled evidence yet
-    policy: PolicyRecord | None                   # None = no policy ever set
+    policy: PolicyRecord | None                   # None = no policy ever set (or unchanged)
     worker: WorkerFigures = field(default_factory=WorkerFigures)
+    cost_fit_writer: str | None = None            # token of the stored fit's write (None: no fit stored)
+    cost_fit_unchanged: bool = False              # the stored fit is the caller's (same writer): not sent
+    policy_unchanged: bool = False                # the stored policy is the caller's (same stamp): not sent
 
 
 @dataclass(frozen=True)
 class StepWrites:
-    """What one step stores back (one pipelined round trip, not transactional)."""
+    """What one step stores back (one atomic script)."""
 
     worker_id: str
     cost_profile_id: str
     proposer_kind: str
-    histories: dict[str, AcceptanceState]          # unfinished requests: stored with a fresh TTL
-    finished: tuple[str, ...]                     # finished requests: deleted
+    histories: Mapping[str, AcceptanceState]     # the worker's whole table after the step (finished removed)
+    finished: tuple[str, ...]                     # requests that finished in the step (already not in it)
     cost_fit: dict[str, Any] | None
     prior_accepted: float                         # this step's evidence, added to the decayed prior
     prior_tested: float
@@ -113,38 +127,20 @@ class WorkerRecord:
 
 TOTAL_FIELDS = ("steps", "proposed", "accepted", "tested", "generated", "planned_k", "planned_requests")
 
-# Atomic "prior = prior * decay + step evidence", so workers sharing a proposer kind never lose counts.
-_PRIOR_FIELDS = ("accepted", "tested", "proposed", "requested")
-_DECAY_PRIOR_LUA = """
-local decay = tonumber(ARGV[1])
-local names = {'accepted', 'tested', 'proposed', 'requested'}
-for i, name in ipairs(names) do
-  local value = tonumber(redis.call('HGET', KEYS[1], name) or '0') * decay + tonumber(ARGV[i + 1])
-  redis.call('HSET', KEYS[1], name, tostring(value))
-end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[6]))
-return 1
-"""
 
-# Atomic compare-and-set of the active policy; returns {applied (0/1), version}.
-_SET_POLICY_LUA = """
-local version = tonumber(redis.call('HGET', KEYS[1], 'version') or '0')
-local expected = tonumber(ARGV[3])
-if expected > 0 and expected ~= version then
-  return {0, version}
-end
-version = version + 1
-redis.call('HSET', KEYS[1], 'name', ARGV[1], 'parameters', ARGV[2], 'version', version, 'updated_unix_ms', ARGV[4])
-return {1, version}
-"""
+@functools.lru_cache(maxsize=1024)
+def _info_json(items: tuple[tuple[str, str], ...]) -> str:
+    return json.dumps(dict(items))
 
 
-_HISTORY_FIELDS = tuple(f.name for f in fields(AcceptanceState))
+def info_json(info: Mapping[str, str]) -> str:
+    """A worker's hello fields as the JSON object the write script takes (encoded once per hello)."""
+    return _info_json(tuple(info.items()))
 
 
-def _history_json(history: AcceptanceState) -> str:
-    """Compact JSON of a request's state (a flat dict: cheaper than dataclasses.asdict per request)."""
-    return json.dumps({name: getattr(history, name) for name in _HISTORY_FIELDS}, separators=(",", ":"))
+def policy_stamp(record: PolicyRecord | None) -> str:
+    """What the read script compares to tell whether the stored policy changed ("" = never read)."""
+    return ":" if record is None else f"{record.version}:{record.updated_unix_ms}"
 
 
 def _now_ms() -> int:
@@ -174,14 +170,16 @@ class ControllerStore:
             redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
-        self._set_policy = self._redis.register_script(_SET_POLICY_LUA)
+        self._set_policy = self._redis.register_script(store_scripts.SET_POLICY)
+        self._read_step = self._redis.register_script(store_scripts.READ_STEP)
+        self._record_step = self._redis.register_script(store_scripts.RECORD_STEP)
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._closed = False
 
     # -- keys ---------------------------------------------------------------------------------
-    def request_key(self, worker_id: str, request_id: str) -> str:
-        return f"{self.prefix}req:{worker_id}:{request_id}"
+    def history_key(self, worker_id: str) -> str:
+        return f"{self.prefix}hist:{worker_id}"
 
     def cost_key(self, cost_profile_id: str) -> str:
         return f"{self.prefix}cost:{cost_profile_id}"
@@ -229,77 +227,90 @@ class ControllerStore:
         self._redis.close()
 
     # -- per step -----------------------------------------------------------------------------
-    def read_step(self, worker_id: str, request_ids: Sequence[str], cost_profile_id: str,
-                  proposer_kind: str) -> StepSnapshot:
-        """One pipelined round trip: histories, cost fit, prior, active policy, worker figures."""
-
-        def run():
-            pipe = self._redis.pipeline(transaction=False)
-            if request_ids:
-                pipe.mget([self.request_key(worker_id, r) for r in request_ids])
-            pipe.get(self.cost_key(cost_profile_id))
-            pipe.hmget(self.prior_key(proposer_kind), list(_PRIOR_FIELDS))
-            pipe.hgetall(self.policy_key())
-            pipe.hmget(self.worker_key(worker_id), ["pred_step_ms", "pred_tokens", "goodput_tok_s"])
-            return pipe.execute()
-
-        results = self._call(run)
-        raw_histories = results.pop(0) if request_ids else []
-        raw_cost, raw_prior, raw_policy, raw_worker = results
-        histories = {
-            rid: AcceptanceState.from_dict(json.loads(raw)) for rid, raw in zip(request_ids, raw_histories) if raw is not None
-        }
+    def read_step(self, worker_id: str, cost_profile_id: str, proposer_kind: str, *, histories: bool = True,
+                  cost_fit_writer: str | None = None, policy_stamp: str = "",
+                  worker: bool = True) -> StepSnapshot:
+        """One command: the history table (if `histories`), the cost fit (unless the caller holds
+        the stored one: `cost_fit_writer` is its writer token, "" for a fit begun when none was
+        stored, None for none held), the prior, the policy (unless its stamp is `policy_stamp`),
+        the worker's last figures (if `worker`)."""
+        keys = [self.history_key(worker_id), self.cost_key(cost_profile_id), self.prior_key(proposer_kind),
+                self.policy_key(), self.worker_key(worker_id)]
+        args = ["1" if histories else "0", "-" if cost_fit_writer is None else cost_fit_writer, policy_stamp,
+                "1" if worker else "0"]
+        raw_table, writer, raw_fit, raw_prior, raw_policy, raw_worker = self._call(
+            lambda: self._read_step(keys=keys, args=args))
         prior = None
         if raw_prior[0] is not None and raw_prior[1] is not None:
             prior = PooledPrior(*(float(v) if v is not None else 0.0 for v in raw_prior))
+        writer = _text(writer)
+        unchanged = cost_fit_writer is not None and (writer or "") == cost_fit_writer
         return StepSnapshot(
-            histories=histories,
-            cost_fit=json.loads(raw_cost) if raw_cost is not None else None,
+            histories=self._decode_table(worker_id, raw_table) if histories else None,
+            cost_fit=json.loads(raw_fit) if raw_fit is not None and not unchanged else None,
             prior=prior,
-            policy=_policy_from_hash(raw_policy),
-            worker=WorkerFigures(*(_float_or_none(v) for v in raw_worker)),
+            policy=_policy_from_pairs(raw_policy) if raw_policy is not None else None,
+            worker=WorkerFigures(*(_float_or_none(v) for v in raw_worker)) if raw_worker else WorkerFigures(),
+            cost_fit_writer=writer,
+            cost_fit_unchanged=unchanged,
+            policy_unchanged=raw_policy is None,
         )
 
-    def write_step(self, writes: StepWrites, info: Mapping[str, str] | None = None) -> None:
-        """One pipelined round trip storing a step's updates (not transactional: each key has one writer
-        per step, except the pooled prior, which is updated atomically by a script). `info` (the
-        hello's fields) is rewritten too, so a worker whose entry expired while idle reappears."""
+    @staticmethod
+    def _decode_table(worker_id: str, raw: bytes | None) -> HistoryTable:
+        if raw is None:
+            return HistoryTable()
+        try:
+            return HistoryTable.decode(raw)
+        except (HistoryError, UnicodeDecodeError) as exc:
+            log.warning("stored histories of worker %s unreadable (%s); starting them afresh", worker_id, exc)
+            return HistoryTable()
+
+    def write_step(self, writes: StepWrites, info: Mapping[str, str] | None = None,
+                   cost_fit_writer: str | None = None) -> str | None:
+        """One atomic script storing a step's updates; returns the writer token stored with the cost
+        fit (`cost_fit_writer`, or a fresh one), None when no fit was written. `info` (the hello's
+        fields) is rewritten too, so a worker whose entry expired while idle reappears."""
+        now = _now_ms()
+        table = HistoryTable.from_states(writes.histories, seen_s=now // 1000)
+        table.expire(now // 1000, self.request_ttl_s)
+        writer = None
+        fit = ""
+        if writes.cost_fit is not None:
+            writer = cost_fit_writer or uuid.uuid4().hex
+            fit = json.dumps(writes.cost_fit)
+        update_prior = writes.prior_tested > 0 or writes.prior_requested > 0 or writes.prior_decay < 1.0
+        figures = (writes.figures.predicted_step_ms, writes.figures.predicted_tokens, writes.figures.goodput_tok_s)
+        args: list[Any] = [
+            table.encode(), self.request_ttl_s, fit, writer or "", COST_FIT_TTL_S,
+            "1" if update_prior else "0", writes.prior_decay, writes.prior_accepted, writes.prior_tested,
+            writes.prior_proposed, writes.prior_requested, PRIOR_TTL_S,
+            self.worker_ttl_s, now, writes.worker_id,
+            *(int(writes.totals.get(name, 0)) for name in TOTAL_FIELDS),
+            *("" if v is None else repr(float(v)) for v in figures),
+            info_json(info) if info else "",
+        ]
+        keys = [self.history_key(writes.worker_id), self.cost_key(writes.cost_profile_id),
+                self.prior_key(writes.proposer_kind), self.worker_key(writes.worker_id), self.workers_key()]
+        self._call(lambda: self._record_step(keys=keys, args=args))
+        return writer
+
+    def write_cost_fit(self, cost_profile_id: str, fit: Mapping[str, Any], writer: str) -> str:
+        """Store a cost fit alone (a stream ending with unsaved steps); returns `writer`."""
 
         def run():
-            pipe = self._redis.pipeline(transaction=False)
-            for request_id, history in writes.histories.items():
-                pipe.set(self.request_key(writes.worker_id, request_id), _history_json(history), ex=self.request_ttl_s)
-            if writes.finished:
-                pipe.delete(*(self.request_key(writes.worker_id, r) for r in writes.finished))
-            if writes.cost_fit is not None:
-                pipe.set(self.cost_key(writes.cost_profile_id), json.dumps(writes.cost_fit), ex=COST_FIT_TTL_S)
-            if writes.prior_tested > 0 or writes.prior_requested > 0 or writes.prior_decay < 1.0:
-                # Plain EVAL, not a registered Script: in a pipeline redis-py would first send
-                # SCRIPT EXISTS, an extra round trip per step. Redis caches the compiled script.
-                pipe.eval(_DECAY_PRIOR_LUA, 1, self.prior_key(writes.proposer_kind),
-                          writes.prior_decay, writes.prior_accepted, writes.prior_tested,
-                          writes.prior_proposed, writes.prior_requested, PRIOR_TTL_S)
-            worker_key = self.worker_key(writes.worker_id)
-            for name, amount in writes.totals.items():
-                if amount:
-                    pipe.hincrby(worker_key, name, int(amount))
-            figures = {
-                "pred_step_ms": writes.figures.predicted_step_ms,
-                "pred_tokens": writes.figures.predicted_tokens,
-                "goodput_tok_s": writes.figures.goodput_tok_s,
-            }
-            now = _now_ms()
-            pipe.hset(worker_key, mapping={
-                **(info or {}),
-                "last_seen_unix_ms": now,
-                **{k: repr(float(v)) for k, v in figures.items() if v is not None},
-            })
-            pipe.expire(worker_key, self.worker_ttl_s)
-            pipe.zadd(self.workers_key(), {writes.worker_id: now})
-            pipe.expire(self.workers_key(), self.worker_ttl_s)
+            pipe = self._redis.pipeline(transaction=True)
+            key = self.cost_key(cost_profile_id)
+            pipe.hset(key, mapping={"fit": json.dumps(dict(fit)), "writer": writer})
+            pipe.expire(key, COST_FIT_TTL_S)
             pipe.execute()
 
         self._call(run)
+        return writer
+
+    def get_histories(self, worker_id: str) -> HistoryTable:
+        """The worker's stored request histories (empty if none)."""
+        return self._decode_table(worker_id, self._call(lambda: self._redis.get(self.history_key(worker_id))))
 
     # -- workers ------------------------------------------------------------------------------
     def register_worker(self, worker_id: str, info: Mapping[str, str], *, reset_totals: bool) -> None:
@@ -349,7 +360,7 @@ class ControllerStore:
         return records
 
     def get_cost_fit(self, cost_profile_id: str) -> dict[str, Any] | None:
-        raw = self._call(lambda: self._redis.get(self.cost_key(cost_profile_id)))
+        raw = self._call(lambda: self._redis.hget(self.cost_key(cost_profile_id), "fit"))
         return json.loads(raw) if raw is not None else None
 
     # -- policy -------------------------------------------------------------------------------
@@ -379,3 +390,8 @@ def _policy_from_hash(raw: Mapping[bytes, bytes]) -> PolicyRecord | None:
         version=int(data.get("version", 0)),
         updated_unix_ms=int(data.get("updated_unix_ms", 0)),
     )
+
+
+def _policy_from_pairs(raw: list) -> PolicyRecord | None:
+    """The policy from HGETALL's flat [field, value, ...] reply (as a script returns it)."""
+    return _policy_from_hash(dict(zip(raw[::2], raw[1::2])))

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 
 import grpc
 import pytest
 import redis
 
+from smartspec.controller.history_table import HistoryTable
 from smartspec.controller.policies import BasePolicy, Registry
 from smartspec.controller.policies.registry import BUILTIN_POLICIES
 from smartspec.controller.server import ControllerServer
@@ -124,12 +124,12 @@ def test_stream_moves_to_another_replica_without_losing_history(replicas, redis_
     assert [p.step_index for p in plans] == [4, 5, 6, 7]
 
     client = redis.Redis.from_url(redis_url)
-    good = json.loads(client.get(f"{redis_prefix}req:w0:good"))
+    good = HistoryTable.decode(client.get(f"{redis_prefix}hist:w0"))["good"]
     client.close()
-    assert (good["accepted"], good["steps"]) == (4 * 7, 8)
+    assert (good.accepted, good.steps) == (4 * 7, 8)
     # tested also counts a failed position whenever the replayed 4 proposals were fewer than the k
     # the controller planned (a proposer that ran dry, see controller/acceptance.py)
-    assert 4 * 7 <= good["tested"] <= 4 * 7 + 7
+    assert 4 * 7 <= good.tested <= 4 * 7 + 7
 
 
 class AlwaysOne(BasePolicy):

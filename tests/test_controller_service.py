@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from smartspec.controller.history_table import HistoryTable
 from smartspec.controller.server import ControllerServer
 from smartspec.processes import free_port
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
@@ -38,6 +38,11 @@ def stream(channel, first, reports):
     return list(controller_pb2_grpc.ControllerStub(channel).Connect(iter(messages), timeout=30))
 
 
+
+
+def stored_histories(raw, prefix: str, worker_id: str) -> HistoryTable:
+    """The worker's request histories as the controller stored them."""
+    return HistoryTable.decode(raw.get(f"{prefix}hist:{worker_id}"))
 
 
 @pytest.fixture
@@ -70,12 +75,13 @@ def test_stream_answers_each_report_in_order(channel, raw, redis_prefix):
         assert p.predicted_step_ms > 0 and p.predicted_tokens >= len(p.requests)
 
     # Acceptance history: a = 0+4+3 accepted over 0+4+4 tested; c finished and was forgotten.
-    a = json.loads(raw.get(f"{redis_prefix}req:w0:a"))
-    assert (a["accepted"], a["tested"], a["steps"], a["last_k"]) == (7, 8, 3, 4)
-    b = json.loads(raw.get(f"{redis_prefix}req:w0:b"))
-    assert (b["accepted"], b["tested"]) == (1, 2)
-    assert raw.exists(f"{redis_prefix}req:w0:c") == 0
-    assert 0 < raw.ttl(f"{redis_prefix}req:w0:a") <= 600
+    histories = stored_histories(raw, redis_prefix, "w0")
+    a = histories["a"]
+    assert (a.accepted, a.tested, a.steps, a.last_k) == (7, 8, 3, 4)
+    b = histories["b"]
+    assert (b.accepted, b.tested) == (1, 2)
+    assert "c" not in histories
+    assert 0 < raw.ttl(f"{redis_prefix}hist:w0") <= 600
 
 
 def test_decide_low_load_high_acceptance_speculates_fully_and_costly_big_batch_does_not(channel):

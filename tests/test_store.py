@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
+import time
 
+import numpy as np
 import pytest
 
 from smartspec.controller.acceptance import AcceptanceState
+from smartspec.controller.history_table import HistoryTable
 from smartspec.controller.store import (
     ControllerStore,
     StepWrites,
     StoreUnavailable,
     VersionMismatch,
     WorkerFigures,
+    policy_stamp,
 )
 
 
@@ -30,7 +33,7 @@ def _writes(histories=None, finished=(), prior=(0.0, 0.0, 0.0, 0.0), decay=1.0, 
         worker_id=worker_id,
         cost_profile_id="profile-a",
         proposer_kind="PROPOSER_KIND_NGRAM",
-        histories=histories or {},
+        histories=histories if histories is not None else {},
         finished=tuple(finished),
         cost_fit=cost_fit,
         prior_accepted=prior[0],
@@ -44,7 +47,7 @@ def _writes(histories=None, finished=(), prior=(0.0, 0.0, 0.0, 0.0), decay=1.0, 
 
 
 def test_empty_store_reads_nothing(store):
-    snap = store.read_step("w0", ["a", "b"], "profile-a", "PROPOSER_KIND_NGRAM")
+    snap = store.read_step("w0", "profile-a", "PROPOSER_KIND_NGRAM")
     assert snap.histories == {}
     assert snap.cost_fit is None and snap.prior is None and snap.policy is None
     assert snap.worker.predicted_step_ms is None
@@ -53,30 +56,56 @@ def test_empty_store_reads_nothing(store):
 def test_step_round_trip_with_ttls_and_deletion(store, raw, redis_prefix):
     a = AcceptanceState(accepted=7, tested=9, steps=3, last_k=4, last_fully_accepted=False, steps_since_speculation=0)
     b = AcceptanceState(accepted=1, tested=1, steps=1, last_k=1, last_fully_accepted=True)
-    store.write_step(_writes({"a": a, "b": b}, cost_fit={"x": [1.5, 2.25]}), info={"model": "m"})
+    writer = store.write_step(_writes({"a": a, "b": b}, cost_fit={"x": [1.5, 2.25]}), info={"model": "m"})
+    assert writer
 
-    snap = store.read_step("w0", ["a", "b", "c"], "profile-a", "PROPOSER_KIND_NGRAM")
-    assert snap.histories == {"a": a, "b": b}
-    assert snap.cost_fit == {"x": [1.5, 2.25]}
+    snap = store.read_step("w0", "profile-a", "PROPOSER_KIND_NGRAM")
+    assert dict(snap.histories) == {"a": a, "b": b}
+    assert snap.cost_fit == {"x": [1.5, 2.25]} and snap.cost_fit_writer == writer
     assert snap.worker == WorkerFigures(12.5, 3.25, 100.0)
 
-    ttl = raw.ttl(f"{redis_prefix}req:w0:a")
+    ttl = raw.ttl(f"{redis_prefix}hist:w0")
     assert 0 < ttl <= 120
     assert raw.ttl(f"{redis_prefix}cost:profile-a") > 0
     assert raw.ttl(f"{redis_prefix}worker:w0") > 0
 
-    # Another worker's request with the same id is a different key.
-    assert store.read_step("w1", ["a"], "profile-a", "PROPOSER_KIND_NGRAM").histories == {}
+    # Another worker's request with the same id is a different entry.
+    assert store.read_step("w1", "profile-a", "PROPOSER_KIND_NGRAM").histories == {}
 
-    store.write_step(_writes(finished=["a"]))
-    assert raw.exists(f"{redis_prefix}req:w0:a") == 0
-    assert store.read_step("w0", ["a", "b"], "p", "k").histories == {"b": b}
+    # A write stores the worker's whole table: a finished request is no longer in it.
+    store.write_step(_writes({"b": b}, finished=["a"]))
+    assert store.read_step("w0", "p", "k").histories == {"b": b}
+    assert store.get_histories("w0") == {"b": b}
+
+
+def test_read_sends_the_fit_and_the_policy_only_when_they_changed(store):
+    writer = store.write_step(_writes(cost_fit={"x": [1.0]}))
+    held = store.read_step("w0", "profile-a", "PROPOSER_KIND_NGRAM", cost_fit_writer=writer, policy_stamp=":")
+    assert held.cost_fit_unchanged and held.cost_fit is None
+    assert held.policy_unchanged and held.policy is None  # ":" = none set, and none is
+    other = store.write_step(_writes(cost_fit={"x": [2.0]}), cost_fit_writer="another-replica:1")
+    assert other == "another-replica:1"
+    changed = store.read_step("w0", "profile-a", "PROPOSER_KIND_NGRAM", cost_fit_writer=writer, policy_stamp=":")
+    assert not changed.cost_fit_unchanged and changed.cost_fit == {"x": [2.0]}
+
+    record = store.set_policy("fixed", {"k": 3})
+    stale = store.read_step("w0", "profile-a", "PROPOSER_KIND_NGRAM", policy_stamp=":")
+    assert not stale.policy_unchanged and (stale.policy.name, stale.policy.version) == ("fixed", 1)
+    current = store.read_step("w0", "profile-a", "PROPOSER_KIND_NGRAM", policy_stamp=policy_stamp(record))
+    assert current.policy_unchanged
+
+
+def test_requests_not_reported_for_the_ttl_are_dropped(store):
+    table = HistoryTable.from_states({"old": AcceptanceState(steps=1), "new": AcceptanceState(steps=2)}, seen_s=0)
+    table.record(table.rows_for(["new"]), *(np.zeros(1, dtype=np.int64),) * 4, seen_s=int(time.time()))
+    store.write_step(_writes(table))
+    assert set(store.read_step("w0", "p", "k").histories) == {"new"}
 
 
 def test_prior_is_decayed_and_added_atomically(store):
     store.write_step(_writes(prior=(3.0, 4.0, 5.0, 8.0), decay=0.5))
     store.write_step(_writes(prior=(1.0, 2.0, 0.0, 4.0), decay=0.5))
-    prior = store.read_step("w0", [], "profile-a", "PROPOSER_KIND_NGRAM").prior
+    prior = store.read_step("w0", "profile-a", "PROPOSER_KIND_NGRAM").prior
     assert prior.accepted == pytest.approx(3.0 * 0.5 + 1.0)
     assert prior.tested == pytest.approx(4.0 * 0.5 + 2.0)
     assert prior.proposed == pytest.approx(5.0 * 0.5 + 0.0)
@@ -89,7 +118,7 @@ def test_prior_is_decayed_and_added_atomically(store):
         t.start()
     for t in threads:
         t.join()
-    prior = store.read_step("w0", [], "profile-a", "PROPOSER_KIND_NGRAM").prior
+    prior = store.read_step("w0", "profile-a", "PROPOSER_KIND_NGRAM").prior
     assert prior.tested == pytest.approx(4.0 + 40.0)
 
 
@@ -145,23 +174,23 @@ def test_unreachable_redis_raises_typed_error():
         port = sock.getsockname()[1]
     store = ControllerStore(f"redis://127.0.0.1:{port}/0", "x:", timeout_s=0.2, retry_after_s=30.0)
     with pytest.raises(StoreUnavailable):
-        store.read_step("w0", ["a"], "p", "k")
+        store.read_step("w0", "p", "k")
     with pytest.raises(StoreUnavailable, match="marked down"):  # no reconnect storm during an outage
         store.get_policy()
     assert store.ping() is False
     store.close()
 
 
-def test_request_ids_with_colons_stay_distinct(store, raw, redis_prefix):
+def test_request_ids_with_colons_stay_distinct(store):
     store.write_step(_writes({"x:y": AcceptanceState(accepted=1, tested=1)}))
-    assert json.loads(raw.get(f"{redis_prefix}req:w0:x:y"))["accepted"] == 1
-    assert store.read_step("w0", ["x"], "p", "k").histories == {}
+    histories = store.read_step("w0", "p", "k").histories
+    assert histories["x:y"].accepted == 1 and "x" not in histories
 
 
 def test_closed_store_is_unavailable_not_a_crash(redis_url, redis_prefix):
     """Steps still in flight while a server stops must degrade, not fail with INTERNAL."""
     store = ControllerStore(redis_url, redis_prefix)
-    store.read_step("w0", ["a"], "p", "k")
+    store.read_step("w0", "p", "k")
     store.close()
     with pytest.raises(StoreUnavailable, match="closed"):
-        store.read_step("w0", ["a"], "p", "k")
+        store.read_step("w0", "p", "k")

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import enum
 import math
+import operator
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+
+import numpy as np
 
 if TYPE_CHECKING:  # the cost model imports nothing from here; only type hints point back
     from smartspec.controller.cost_model import CostModel
@@ -31,9 +35,85 @@ class RequestState:
     fill: float = 1.0  # expected proposals offered per proposal asked for, in [0, 1] (ngram runs dry)
 
 
+_REQUEST_FIELDS = ("acceptance", "context_tokens", "prefill_tokens", "last_k", "last_fully_accepted",
+                   "steps_since_speculation", "evidence", "fill")
+_REQUEST_VALUES = operator.attrgetter("request_id", *_REQUEST_FIELDS)
+
+
+@dataclass(frozen=True)
+class BatchColumns:
+    """Every RequestState field of a batch as one array [B] (batch order), for policies that work
+    on whole columns. The controller builds these straight from its counters, so a batch of 256
+    costs no RequestState objects unless a policy asks for `batch.requests`."""
+
+    request_ids: Sequence[str]
+    acceptance: np.ndarray                 # float64
+    context_tokens: np.ndarray             # int64 (as given, from requests)
+    prefill_tokens: np.ndarray             # int64 (as given)
+    last_k: np.ndarray                     # int64 (as given)
+    last_fully_accepted: np.ndarray        # bool
+    steps_since_speculation: np.ndarray    # int64 (as given)
+    evidence: np.ndarray                   # float64
+    fill: np.ndarray                       # float64
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    @classmethod
+    def from_requests(cls, requests: Sequence[RequestState]) -> "BatchColumns":
+        if not requests:
+            return cls((), *(np.zeros(0, dtype=t) for t in (float, np.int64, np.int64, np.int64, bool, np.int64,
+                                                            float, float)))
+        ids, acceptance, context, prefill, last_k, full, since, evidence, fill = zip(*map(_REQUEST_VALUES, requests))
+        # Counts keep the type they were given (a simulator may pass fractional contexts).
+        return cls(ids, np.array(acceptance, dtype=np.float64), np.array(context), np.array(prefill),
+                   np.array(last_k), np.array(full, dtype=bool), np.array(since),
+                   np.array(evidence, dtype=np.float64), np.array(fill, dtype=np.float64))
+
+    def request_states(self) -> tuple[RequestState, ...]:
+        columns = [getattr(self, name).tolist() for name in _REQUEST_FIELDS]
+        return tuple(RequestState(rid, *values) for rid, *values in zip(self.request_ids, *columns))
+
+
+class LazyRequests(SequenceABC):
+    """`BatchState.requests` over columns: the RequestState tuple is built only if a policy reads it."""
+
+    __slots__ = ("columns", "_states")
+
+    def __init__(self, columns: BatchColumns) -> None:
+        self.columns = columns
+        self._states: tuple[RequestState, ...] | None = None
+
+    def _all(self) -> tuple[RequestState, ...]:
+        if self._states is None:
+            self._states = self.columns.request_states()
+        return self._states
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def __getitem__(self, index):
+        return self._all()[index]
+
+    def __iter__(self) -> Iterator[RequestState]:
+        return iter(self._all())
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (LazyRequests, tuple, list)):
+            return tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._all())
+
+    def __repr__(self) -> str:
+        return repr(self._all())
+
+
 @dataclass(frozen=True)
 class BatchState:
-    """The whole batch of the next step."""
+    """The whole batch of the next step. `requests` is a tuple of RequestState, or `LazyRequests`
+    (see `from_columns`); `columns` gives the same facts as arrays either way."""
 
     requests: tuple[RequestState, ...]
     max_k: int  # worker's maximum speculation length
@@ -46,6 +126,26 @@ class BatchState:
     @property
     def batch_size(self) -> int:
         return len(self.requests)
+
+    @classmethod
+    def from_columns(cls, columns: BatchColumns, **fields: Any) -> "BatchState":
+        return cls(requests=LazyRequests(columns), **fields)
+
+    @property
+    def has_columns(self) -> bool:
+        """True when built from columns (reading `columns` is then free)."""
+        return isinstance(self.requests, LazyRequests)
+
+    @property
+    def columns(self) -> BatchColumns:
+        """The requests' fields as arrays; derived from `requests` (once) when built from a tuple."""
+        if isinstance(self.requests, LazyRequests):
+            return self.requests.columns
+        cached = self.__dict__.get("_columns")
+        if cached is None:
+            cached = BatchColumns.from_requests(self.requests)
+            object.__setattr__(self, "_columns", cached)
+        return cached
 
 
 class PolicyError(ValueError):

@@ -59,20 +59,20 @@ class GoodputPolicy(BasePolicy):
 
     def decide(self, batch: BatchState, cost: CostModel, params: Mapping[str, Any]) -> list[int]:
         max_k = batch.max_k if params["max_k"] == 0 else min(batch.max_k, params["max_k"])
-        requests = batch.requests
+        columns = batch.columns
         plan = optimize_goodput(
-            [r.acceptance for r in requests],
-            [r.context_tokens for r in requests],
-            [r.prefill_tokens for r in requests],
+            columns.acceptance,
+            columns.context_tokens,
+            columns.prefill_tokens,
             cost,
             max_k,
-            fill=[r.fill for r in requests],
+            fill=columns.fill,
         )
         ks = plan.ks
         if plan.goodput < plan.baseline_goodput * (1.0 + params["min_gain"]):
             ks = np.zeros_like(ks)
         if max_k > 0:
-            held = np.array([r.steps_since_speculation for r in requests], dtype=np.int64)  # [B]
+            held = columns.steps_since_speculation  # [B]
             cold = batch.pooled_evidence < COLD_EVIDENCE
             ks = apply_probes(ks, held, batch.step_index, params["probe_interval"], cold)
         return ks.tolist()

@@ -24,13 +24,20 @@ def _unit(value: float, fallback: float) -> float:
     return fallback if not math.isfinite(value) else min(1.0, max(0.0, value))
 
 
+def _all_in_unit(batch: BatchState) -> bool:
+    """Every acceptance and fill in [0, 1] (NaN fails); on the columns when the batch has them."""
+    if batch.has_columns:
+        a, f = batch.columns.acceptance, batch.columns.fill
+        return bool(((a >= 0.0) & (a <= 1.0) & (f >= 0.0) & (f <= 1.0)).all())
+    return all(0.0 <= r.acceptance <= 1.0 and 0.0 <= r.fill <= 1.0 for r in batch.requests)
+
+
 def sanitize_batch(batch: BatchState, prior_acceptance: float = DEFAULT_PRIOR_RATE) -> BatchState:
     """Non-finite acceptance -> the prior, non-finite fill -> 1; finite values clipped into [0, 1];
     max_k >= 0."""
     if not (math.isfinite(prior_acceptance) and 0.0 <= prior_acceptance <= 1.0):
         prior_acceptance = DEFAULT_PRIOR_RATE
-    if batch.max_k >= 0 and all(0.0 <= r.acceptance <= 1.0 and 0.0 <= r.fill <= 1.0
-                                for r in batch.requests):  # NaN fails this
+    if batch.max_k >= 0 and _all_in_unit(batch):
         return batch
     requests = []
     for request in batch.requests:
