@@ -65,10 +65,10 @@ class HistoryTable(Mapping[str, AcceptanceState]):
     def rows_for(self, request_ids: Sequence[str]) -> np.ndarray:
         """Row index of each id, adding a zeroed row (an empty history) for ids not yet held."""
         row_of = self._row_of
-        rows = [row_of.get(rid, -1) for rid in request_ids]
-        if -1 in rows:
+        rows = list(map(row_of.get, request_ids))
+        if None in rows:
             for position, row in enumerate(rows):
-                if row == -1:
+                if row is None:
                     request_id = request_ids[position]
                     existing = row_of.get(request_id)  # an id repeated in one call gets one row
                     rows[position] = self._add(request_id) if existing is None else existing
