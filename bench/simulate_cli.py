@@ -5,6 +5,7 @@
         --json out.json --markdown out.md --plot out.png [--phases 60:2,60:24,60:2]
     smartspec simulate --calibrate-from bench.json     # predicted vs measured mean latency
     smartspec simulate --calibrate-from bench.json --positions positions.json   # prompt lookup replayed
+    smartspec simulate --plan-mode stale-replan --round-trip-ms 5 ...   # plans one step stale, 5 ms away
 
 Every (policy, rate) point of one acceptance model sees the same arrivals and lengths (paired).
 """
@@ -27,13 +28,15 @@ def _floats(text: str) -> list[float]:
 def sweep(*, step_model, alphas: Sequence[str], rates: Sequence[float], policies: Sequence[tuple[str, str, dict]],
           requests: int, prompt_tokens: str, output_tokens: str, worker, arrival: str = "poisson",
           cv: float = 1.0, phases=None, seed: int = 0, progress: bool = False,
-          fill: Sequence[float] | None = None) -> list[dict[str, Any]]:
+          fill: Sequence[float] | None = None, link=None) -> list[dict[str, Any]]:
     """One record per (acceptance model, rate, policy); `group` names the acceptance model.
 
-    fill: the proposer's fill rate per request (cycled), None: it always fills (a draft model)."""
+    fill: the proposer's fill rate per request (cycled), None: it always fills (a draft model).
+    link: a ControllerLinkSpec (None: fresh plans); non-fresh records name it (plan_mode, round_trip_ms,
+    plan_deadline_ms, plan_fallback)."""
     from smartspec.bench.acceptance_models import parse_acceptance, with_fill
     from smartspec.bench.arrivals import make_arrivals, mean_rate
-    from smartspec.bench.simulator import simulate
+    from smartspec.bench.simulator import ControllerLinkSpec, simulate
     from smartspec.bench.workload import make_workload
     from smartspec.controller.policies import get
 
@@ -43,6 +46,9 @@ def sweep(*, step_model, alphas: Sequence[str], rates: Sequence[float], policies
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=total, desc="simulating", unit="point", file=sys.stderr)
+    link = link or ControllerLinkSpec()
+    link_fields = {} if link.mode == "fresh" else {"plan_mode": link.mode, "round_trip_ms": link.round_trip_ms,
+                                                   "plan_deadline_ms": link.deadline_ms, "plan_fallback": link.fallback}
     records = []
     for alpha_spec, rate in points:
         factory = parse_acceptance(alpha_spec)
@@ -54,10 +60,10 @@ def sweep(*, step_model, alphas: Sequence[str], rates: Sequence[float], policies
         for label, name, params in policies:
             started = time.perf_counter()
             result = simulate(workload, get(name), params, step_model=step_model, acceptance=factory,
-                              worker=worker, seed=seed)
+                              worker=worker, link=link, seed=seed)
             group = f"alpha={alpha_spec}" + ("" if fill is None else f" fill={'/'.join(f'{f:g}' for f in fill)}")
             record = {"policy": label, "rate": offered, "group": group, **result.metrics(),
-                      "arrivals": "phased" if phases else arrival, "wall_s": time.perf_counter() - started}
+                      "arrivals": "phased" if phases else arrival, **link_fields, "wall_s": time.perf_counter() - started}
             records.append(record)
             if bar:
                 bar.update(1)
@@ -101,6 +107,19 @@ def configure(parser) -> None:
     add_flag(parser, "--padded-verify",
              help="time each decode row at the batch's widest k + 1 tokens (right-padded verify batch)")
     add_option(parser, "--noise-cv", default=0.0, type=float, help="multiplicative step-time noise (CV)")
+    add_option(parser, "--plan-mode", default="fresh", choices=["fresh", "stale-replan", "stale-ks"],
+               help="how plans reach the worker: fresh (from the step just run, free: the ideal), stale-replan "
+                    "(the worker re-solves the controller's answer to the report before last with its own "
+                    "fresh history, as it does now), stale-ks (that answer's ks applied as sent)")
+    add_option(parser, "--round-trip-ms", default=0.0, type=float,
+               help="with a stale --plan-mode: ms from a step's report to the controller's answer at the worker")
+    add_option(parser, "--plan-deadline-ms", default=None, type=float,
+               help="with a stale --plan-mode: the worker's wait for a late plan at most (unset: the worker's "
+                    "default, max(5 ms, 25%% of the last step)); past it the step falls back to the last k")
+    add_option(parser, "--plan-fallback", default="last-k", choices=["last-k", "older-plan"],
+               help="with --plan-mode stale-replan, a step without a recent enough plan: last-k (what the "
+                    "worker does: each request keeps its last k, 0 if never planned) or older-plan (what-if: "
+                    "re-solve the newest basis in hand, however old)")
     add_option(parser, "--seed", default=0, type=int, help="seed for arrivals, lengths and acceptance draws")
     add_option(parser, "--json", default="", help="write records here")
     add_option(parser, "--markdown", default="", help="write the markdown table here")
@@ -117,7 +136,7 @@ def run(args) -> int:
     from smartspec.bench.arrivals import parse_phases
     from smartspec.bench.policy_spec import parse_policy_list
     from smartspec.bench.report import machine_meta, git_commit, write_outputs
-    from smartspec.bench.simulator import StepModel, WorkerSpec
+    from smartspec.bench.simulator import ControllerLinkSpec, StepModel, WorkerSpec
     from smartspec.bench.step_models import parse_step_model
     from smartspec.controller.policies import PolicyError
 
@@ -125,6 +144,8 @@ def run(args) -> int:
         if args.positions and not args.calibrate_from:
             raise ValueError("--positions goes with --calibrate-from (to simulate a positions file, "
                              "use --alpha replay:FILE)")
+        if args.calibrate_from and args.plan_mode != "fresh":
+            raise ValueError("--plan-mode applies to sweeps; --calibrate-from simulates with fresh plans")
         if args.calibrate_from:
             from smartspec.bench.calibrate import calibrate_cli
             return calibrate_cli(args)
@@ -147,19 +168,24 @@ def run(args) -> int:
         worker = WorkerSpec(args.max_batch_size, args.max_k, args.token_budget, lookahead=not args.no_lookahead)
         step_model = StepModel(cost, prefill_row_ms=args.prefill_row_ms, step_overhead_ms=max(0.0, args.step_overhead_ms),
                                noise_cv=args.noise_cv, padded_verify=args.padded_verify)
+        link = ControllerLinkSpec(args.plan_mode, args.round_trip_ms, args.plan_deadline_ms,
+                                  fallback=args.plan_fallback)
     except (ValueError, PolicyError, OSError) as exc:
         print(f"smartspec simulate: error: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
     records = sweep(step_model=step_model, alphas=alphas, rates=rates, policies=policies, requests=args.requests,
                     prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, worker=worker,
-                    arrival=args.arrival, cv=args.cv, phases=phases, seed=args.seed, progress=True, fill=fill)
+                    arrival=args.arrival, cv=args.cv, phases=phases, seed=args.seed, progress=True, fill=fill,
+                    link=link)
     meta = {
         "kind": "simulation",
         "step_model": cost.to_dict(),
         "prefill_row_ms": args.prefill_row_ms,
         "step_overhead_ms": args.step_overhead_ms,
         "padded_verify": args.padded_verify,
+        "plan": {"mode": link.mode, "round_trip_ms": link.round_trip_ms, "deadline_ms": link.deadline_ms,
+                 "fallback": link.fallback},
         "noise_cv": args.noise_cv,
         "acceptance": alphas,
         "fill": fill,

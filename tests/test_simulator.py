@@ -276,3 +276,193 @@ def test_lookahead_asks_only_matched_requests_and_beats_average_fill_planning():
                                     acceptance=bursty, worker=WorkerSpec(lookahead=lookahead),
                                     seed=4).metrics()["mean_latency_s"]
     assert means[True] < means[False]
+
+
+# --- plans one step stale: the controller round trip -----------------------------------------
+
+def _link_run(policy, params, workload, alpha, link, *, worker=WorkerSpec(), initial_prior=None, seed=0):
+    return simulate(workload, policy, params, step_model=StepModel(H100_8B), acceptance=fixed(alpha),
+                    worker=worker, link=link, initial_prior=initial_prior, seed=seed)
+
+
+def _same_outcomes(a, b, *, timing=True):
+    fields = ["completion_tokens", "k_sum", "accepted", "tested", "proposed", "decode_steps"]
+    fields += ["first_token_s", "finish_s"] if timing else []
+    return all(np.array_equal(getattr(a, f), getattr(b, f)) for f in fields) and a.steps == b.steps
+
+
+def test_answer_in_hand_waits_only_for_the_report_before_last_and_never_uses_older_plans():
+    from smartspec.bench.simulator import ControllerAnswer, answer_in_hand
+    from smartspec.controller.acceptance import PooledPrior
+
+    answers = [ControllerAnswer(r, arrives, PooledPrior(), {}) for r, arrives in ((3, 1.000), (4, 1.010))]
+    # step 5 needs report 3, here since 1.000; report 4 lands at 1.010, not yet at 1.005
+    assert answer_in_hand(answers, 5, 1.005, 1.005, 0.005) == (0.0, answers[0])
+    # after an idle spell: the newest
+    assert answer_in_hand(answers, 5, 1.005, 1.020, 0.005) == (0.0, answers[1])
+    # step 6 needs report 4: waits 4 ms of a 5 ms deadline; with a 1 ms deadline it falls back
+    wait, answer = answer_in_hand(answers, 6, 1.006, 1.006, 0.005)
+    assert wait == pytest.approx(0.004) and answer is answers[1]
+    assert answer_in_hand(answers, 6, 1.006, 1.006, 0.001) == (pytest.approx(0.001), None)
+    # the wait starts when the report left: an idle spell since then hides (part of) it
+    assert answer_in_hand(answers, 6, 1.006, 1.008, 0.005) == (pytest.approx(0.002), answers[1])
+    assert answer_in_hand(answers, 6, 1.006, 1.008, 0.001) == (0.0, None)  # gave up at 1.007: fall back
+    assert answer_in_hand(answers, 7, 2.0, 2.0, 0.005) == (0.0, None)  # report 5 never answered: 3, 4 too old
+    assert answer_in_hand([], 0, 0.0, 0.0, 0.005) == (0.0, None)  # the first step has no plan at all
+
+
+def test_stale_replan_plans_with_the_prior_one_report_old_and_the_workers_own_fresh_history():
+    """A constant-k policy keeps both runs on the same path, so what the policy is shown can be
+    compared step by step: the same per-request evidence, the pooled prior of one report earlier."""
+    from smartspec.bench.simulator import ControllerLinkSpec
+
+    workload = Workload(np.zeros(6), np.full(6, 50), np.full(6, 200))
+    seen = {}
+    results = {}
+    for mode in ("fresh", "stale-replan"):
+        policy = RecordingPolicy()
+        results[mode] = _link_run(policy, {}, workload, 0.7, ControllerLinkSpec(mode, round_trip_ms=0.0))
+        seen[mode] = {b.step_index: b for b in policy.batches}
+    assert _same_outcomes(results["fresh"], results["stale-replan"])
+    fresh, stale = seen["fresh"], seen["stale-replan"]
+    assert fresh.keys() == stale.keys() and min(fresh) == 1  # step 0 prefills all six
+    assert stale[1].pooled_evidence == fresh[1].pooled_evidence  # step 1 waits for the first report's answer
+    for s in sorted(fresh)[1:]:
+        assert stale[s].pooled_evidence == fresh[s - 1].pooled_evidence
+        assert [r.evidence for r in stale[s].requests] == [r.evidence for r in fresh[s].requests]
+        assert [r.last_k for r in stale[s].requests] == [r.last_k for r in fresh[s].requests]
+    assert any(stale[s].pooled_evidence != fresh[s].pooled_evidence for s in fresh)  # it is stale
+
+
+def test_stale_replan_equals_fresh_when_the_pooled_prior_cannot_move():
+    """Every proposal accepted and a prior that already says so: a one-report-old prior is the fresh
+    one, so at round trip 0 goodput decides exactly as with fresh plans, new requests included."""
+    from smartspec.bench.simulator import ControllerLinkSpec
+    from smartspec.controller.acceptance import PooledPrior
+
+    wl = small_workload(150, rate=20, seed=3)
+    prior = PooledPrior(100.0, 100.0, 100.0, 100.0)
+    goodput = get("goodput")
+    runs = [_link_run(goodput, goodput.validate({}), wl, 1.0, ControllerLinkSpec(mode), initial_prior=prior)
+            for mode in ("fresh", "stale-replan")]
+    assert _same_outcomes(*runs)
+    assert runs[1].fallback_steps == runs[1].waited_steps == 0 and runs[1].planned_steps > 0
+    assert runs[1].k_sum.sum() > 0
+
+
+def test_waiting_within_the_deadline_delays_steps_but_changes_no_plan():
+    from smartspec.bench.simulator import ControllerLinkSpec
+
+    workload = Workload(np.zeros(8), np.full(8, 60), np.full(8, 150))
+    goodput = get("goodput")
+    near = _link_run(goodput, goodput.validate({}), workload, 0.7, ControllerLinkSpec("stale-replan", 0.0))
+    far = _link_run(goodput, goodput.validate({}), workload, 0.7,
+                    ControllerLinkSpec("stale-replan", round_trip_ms=30.0, deadline_ms=1000.0))
+    assert _same_outcomes(near, far, timing=False)
+    assert far.fallback_steps == 0 and far.waited_steps > far.steps // 3
+    assert np.all(far.finish_s > near.finish_s)
+    assert far.busy_step_s == pytest.approx(near.busy_step_s + far.plan_wait_s)
+
+
+def test_a_round_trip_longer_than_every_step_falls_back_every_step():
+    """No answer ever arrives in time: every step that needs a plan falls back, no request was ever
+    planned so all run k = 0, and every step after the first waited the whole deadline: `off` plus
+    the deadline per step."""
+    from smartspec.bench.simulator import ControllerLinkSpec
+
+    workload = Workload(np.zeros(10), np.full(10, 80), np.full(10, 120))
+    link = ControllerLinkSpec("stale-replan", round_trip_ms=1e6, deadline_ms=5.0)
+    goodput = get("goodput")
+    late = _link_run(goodput, goodput.validate({}), workload, 0.9, link)
+    off = _link_run(get("off"), {}, workload, 0.9, ControllerLinkSpec())
+    assert late.planned_steps > 100 and late.fallback_steps == late.planned_steps
+    assert late.k_sum.sum() == 0 and _same_outcomes(late, off, timing=False)
+    assert late.waited_steps == late.steps - 1
+    assert late.busy_step_s == pytest.approx(off.busy_step_s + 0.005 * (late.steps - 1))
+    m = late.metrics()
+    assert m["fallback_share"] == 1.0 and m["mean_plan_wait_ms"] == pytest.approx(5.0 * (late.steps - 1) / late.steps)
+    assert "fallback_share" not in off.metrics()  # fresh records stay as they were
+
+
+def test_a_fallback_keeps_each_requests_last_k():
+    from smartspec.bench.simulator import ControllerLinkSpec, StaleLink
+
+    link = StaleLink(ControllerLinkSpec("stale-replan", round_trip_ms=50.0, deadline_ms=0.0))
+    link.report(0, 0.0, 0.010, None, np.array([1, 2, 0]), lambda prior: pytest.fail("planned"))
+    last_k = np.array([0, 4, 2, 7])
+    wait, ks = link.plan(2, 0.010, np.array([1, 2, 0]), last_k, None, lambda prior: pytest.fail("replanned"))
+    assert wait == 0.0 and ks.tolist() == [4, 2, 0] and link.fallback_steps == 1
+
+
+def test_stale_ks_with_a_fixed_k_equals_fresh_and_new_requests_lose_their_first_step():
+    """A fixed k does not depend on the facts, so a plan one step late asks the same k, as long as
+    no request joined since it was made (a burst prefilled at step 0). A request that joins later
+    runs its first decode step at k = 0; with every proposal accepted that costs it exactly one
+    step: ceil((out - 2) / 4) + 1 decode steps at fixed:3 instead of ceil((out - 1) / 4)."""
+    from smartspec.bench.simulator import ControllerLinkSpec
+
+    fixed3 = get("fixed")
+    burst = Workload(np.zeros(8), np.full(8, 60), np.full(8, 150))
+    fresh, stale = (_link_run(fixed3, {"k": 3}, burst, 0.7, ControllerLinkSpec(mode)) for mode in ("fresh", "stale-ks"))
+    assert _same_outcomes(fresh, stale) and stale.k_sum.sum() > 0
+
+    wl = small_workload(120, rate=5, seed=1)
+    out = wl.output_tokens.astype(np.int64)
+    runs = {mode: _link_run(fixed3, {"k": 3}, wl, 1.0, ControllerLinkSpec(mode))
+            for mode in ("fresh", "stale-replan", "stale-ks")}
+    assert np.array_equal(runs["fresh"].decode_steps, -(-(out - 1) // 4))
+    assert np.array_equal(runs["stale-replan"].decode_steps, -(-(out - 1) // 4))  # re-solved: planned at once
+    assert np.array_equal(runs["stale-ks"].decode_steps[1:], 1 - (-(out[1:] - 2) // 4))  # [0] prefilled at step 0
+
+
+def test_older_plan_fallback_plans_every_request_once_any_answer_has_come():
+    """The what-if fallback: with plans always late (40 ms round trip, no waiting), the worker's
+    last-k fallback never plans a request that joined during the lag, so it never speculates;
+    re-solving the newest basis in hand, however old, plans every request."""
+    from smartspec.bench.simulator import ControllerLinkSpec
+
+    wl = small_workload(60, rate=30, seed=2)
+    goodput = get("goodput")
+    runs = {fallback: _link_run(goodput, goodput.validate({}), wl, 0.8,
+                                ControllerLinkSpec("stale-replan", 40.0, deadline_ms=0.0, fallback=fallback))
+            for fallback in ("last-k", "older-plan")}
+    for r in runs.values():
+        assert r.waited_steps == 0 and r.fallback_steps > 0.9 * r.planned_steps
+    assert np.any(runs["last-k"].k_sum == 0)
+    assert np.all(runs["older-plan"].k_sum > 0)
+    with pytest.raises(ValueError, match="older-plan"):
+        ControllerLinkSpec("stale-ks", fallback="older-plan")
+
+
+def test_link_spec_validates_and_matches_the_workers_defaults():
+    from smartspec.bench.simulator import ControllerLinkSpec
+    from smartspec.worker.controller_link import LinkConfig
+
+    with pytest.raises(ValueError, match="plan mode"):
+        ControllerLinkSpec("late")
+    with pytest.raises(ValueError, match="round_trip_ms"):
+        ControllerLinkSpec("stale-replan", round_trip_ms=-1.0)
+    spec, worker = ControllerLinkSpec("stale-replan"), LinkConfig("x:1")
+    assert (spec.deadline_ms, spec.min_deadline_ms, spec.deadline_fraction) == (
+        worker.plan_deadline_ms, worker.min_deadline_ms, worker.deadline_fraction)
+    assert spec.deadline_s(0.100) == pytest.approx(0.025) and spec.deadline_s(0.008) == pytest.approx(0.005)
+
+
+def test_staleness_experiment_writes_its_tables(tmp_path):
+    from smartspec.bench.report import read_json
+    from smartspec.bench.staleness import main
+
+    md, js = tmp_path / "s.md", tmp_path / "s.json"
+    assert main(["--requests", "30", "--rates", "4", "--alphas", "0.7", "--round-trips", "0,30",
+                 "--deadline-round-trips", "30", "--json", str(js), "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "## Fresh vs one-step-stale plans" in text and "older-plan" in text
+    meta, records = read_json(js)
+    assert meta["policy"] == "goodput" and len(records) == 3 + 1 + 4 + 3  # modes, sweep fresh, 2 x 2 sweep, 3 what-ifs
+    fresh = [r for r in records if r["plan_mode"] == "fresh"]
+    assert all(r["goodput_vs_fresh"] == 0.0 for r in fresh)
+    late = [r for r in records if r["round_trip_ms"] == 30 and r["plan_deadline_ms"] is None]
+    assert all(r["waited_share"] > 0.5 and r["goodput_vs_fresh"] < 0 for r in late)
+    again = tmp_path / "again.md"
+    assert main(["--from-json", str(js), "--markdown", str(again)]) == 0
+    assert again.read_text() == text
