@@ -123,19 +123,25 @@ def test_what_prompt_lookup_can_offer_reaches_the_controller_and_caps_the_plan(c
         link.close()
 
 
-def test_a_plan_one_step_stale_is_used_and_two_steps_stale_is_not(controller):
+def test_a_late_plan_is_re_solved_until_its_basis_is_too_old(controller):
     set_fixed_policy(controller.address, 3)
-    link = ControllerLink(LinkConfig(controller.address, plan_deadline_ms=0.0, fallback_k=1), hello("late"))
+    link = ControllerLink(LinkConfig(controller.address, plan_deadline_ms=0.0, fallback_k=1, basis_max_age_s=0.5),
+                          hello("late"))
     link.start()
     try:
         wait_until(lambda: link.connected, what="link connected")
         link.observe(prefill_step(0, "a"))                      # no wait at all: the plan is late
         wait_until(lambda: link._latest is not None, what="the late plan")
-        # The engine ran step 1 meanwhile: the answer to report 0 still plans step 2 ...
+        # The engine ran step 1 meanwhile: the answer to report 0 plans step 2, on time ...
         assert link.plan(2, [PlanQuery("a", 41)], 0) == {"a": 3}
-        assert link.fallback_steps == 0
-        # ... but not step 3: the request keeps the k it last ran, a new one gets the fallback.
-        assert link.plan(3, [PlanQuery("a", 42), PlanQuery("new", 9)], 0) == {"a": 3, "new": 1}
+        assert (link.plans_applied, link.late_steps, link.fallback_steps) == (1, 0, 0)
+        # ... and, re-solved, step 3 too (late), new requests included ...
+        assert link.plan(3, [PlanQuery("a", 42), PlanQuery("new", 9)], 0) == {"a": 3, "new": 3}
+        assert (link.plans_applied, link.late_steps, link.fallback_steps) == (1, 1, 0)
+        # ... until the basis is older than basis_max_age_s: then each request keeps the k it last
+        # ran and a request never planned gets the fallback k.
+        time.sleep(0.6)
+        assert link.plan(4, [PlanQuery("a", 43), PlanQuery("newer", 9)], 0) == {"a": 3, "newer": 1}
         assert link.fallback_steps == 1
     finally:
         link.close()
@@ -189,9 +195,9 @@ def test_plan_with_an_error_falls_back(controller):
         link.observe(impossible)
         wait_until(lambda: link._latest.step_index == 1, what="the answer to the bad report")
         assert link._latest.HasField("error")
-        # The error plan is not applied: "a" keeps the k it last ran; the stream stays up.
+        # The error plan is not applied: the last good basis is re-solved; the stream stays up.
         assert link.plan(2, [PlanQuery("a", 46)], 0) == {"a": 3}
-        assert link.fallback_steps == 1 and link.connected
+        assert link.late_steps == 1 and link.fallback_steps == 0 and link.connected
     finally:
         link.close()
 
@@ -246,7 +252,7 @@ def test_worker_runs_the_controllers_plan(model, controller):
         assert ks[0] == 3 and all(k in (0, 3) for k in ks[:-3]) and all(k <= 3 for k in ks)
         assert result.speculation.proposed_tokens == result.speculation.requested_tokens  # no dry asks
         assert info(stub).fallback_steps == 0
-        # Every step waited (briefly) for its plan, and the wait is exported.
+        # Every step's plan wait (mostly none) is exported.
         registry = server.metrics.registry
         wait_until(lambda: registry.get_sample_value("smartspec_worker_plan_wait_seconds_count")
                    == server.engine.snapshot().steps, timeout=10, what="every step's plan wait recorded")
@@ -271,7 +277,9 @@ def test_controller_killed_mid_run_then_restarted_on_the_same_port(model, redis_
         assert result.finish_reason == pb.FINISH_REASON_LENGTH
         assert result.usage.completion_tokens == 40               # serving went on
         after_kill = info(stub)
-        assert after_kill.fallback_steps > 0 and not after_kill.controller_connected
+        assert not after_kill.controller_connected
+        # Meanwhile the worker re-solved the last basis it got (younger than basis_max_age_s).
+        assert server.link.late_steps > 0
         assert server.metrics.registry.get_sample_value("smartspec_worker_fallback_steps_total") == \
             after_kill.fallback_steps
 

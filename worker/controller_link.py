@@ -3,13 +3,18 @@
 The stream lives on its own thread, so a slow or dead controller never blocks a step. After step t
 the engine hands its facts here; they are queued for the stream and the engine goes straight on to
 step t+1, planned with the newest plan held, which answers report t-1 (or t, if it was quick).
-That plan's basis (policy, cost model, pooled prior, guard cap) is re-solved for the batch the
-worker actually runs, with the worker's own newest acceptance history and look-ahead
-(`worker/replan.py`). The engine waits only when no plan newer than report t-1 has arrived: then
-at most `plan_deadline_ms` (by default a quarter of the last step time, at least 5 ms). A plan
-that is later still, or carries an error, is replaced by a local fallback for that step: each
-request keeps the k it last ran, and a request not yet planned runs `fallback_k`. A broken stream
-is reopened with capped, jittered exponential backoff while serving goes on.
+That plan's basis (policy, cost model, pooled prior) is re-solved for the batch the worker actually
+runs, with the worker's own newest acceptance history and look-ahead (`worker/replan.py`).
+
+When the controller falls behind (a plan more than one step late), the worker does not wait: it
+re-solves the newest basis it holds, as long as that arrived within `basis_max_age_s`. The shared
+state in a basis moves slowly, and the simulator (BENCHMARKS.md, "Plan staleness") shows that
+re-solving a basis several steps old costs far less than waiting for a fresh one or freezing each
+request's k. Only with no basis that recent (a controller down for a while, or a stream just
+opened) does the engine wait, at most `plan_deadline_ms` (by default a quarter of the last step
+time, at least 5 ms), and then fall back: each request keeps the k it last ran, and a request not
+yet planned runs `fallback_k`. A broken stream is reopened with capped, jittered exponential
+backoff while serving goes on.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class LinkConfig:
     min_deadline_ms: float = 5.0
     deadline_fraction: float = 0.25       # adaptive deadline = max(min, fraction * last step time)
     fallback_k: int = 0
+    basis_max_age_s: float = 5.0          # re-solve a late plan's basis up to this old; then fall back
     backoff_initial_s: float = 0.1
     backoff_max_s: float = 2.0
     connect_timeout_s: float = 2.0
@@ -95,7 +101,8 @@ class ControllerLink:
         self._rng = rng or random.Random()
         self._cond = threading.Condition()
         self._latest: controller_pb2.StepPlan | None = None   # newest plan received
-        self._latest_basis: PlanBasis | None = None            # its decoded basis (None: apply its ks)
+        self._latest_basis: PlanBasis | None = None            # newest usable basis (None: apply plan ks)
+        self._basis_received = 0.0                             # monotonic time it arrived
         self._first_report: int | None = None                  # first step index sent on this stream
         self._last_k: dict[str, int] = {}                      # k each request last ran
         self.book = AcceptanceBook()                           # this worker's own request histories
@@ -105,8 +112,9 @@ class ControllerLink:
         self._closing = threading.Event()
         self._last_step_ms = 0.0
         self.connected = False
-        self.fallback_steps = 0
-        self.plans_applied = 0
+        self.fallback_steps = 0                                # no recent basis: last k / fallback_k
+        self.late_steps = 0                                    # re-solved a basis over one step late
+        self.plans_applied = 0                                 # planned from a plan at most one step old
         self.plan_wait_ms_total = 0.0                          # time steps spent waiting for plans
         self.connections = 0                                   # successful (re)connections
         self._thread = threading.Thread(target=self._run, name="smartspec-controller-link", daemon=True)
@@ -116,30 +124,37 @@ class ControllerLink:
     def plan(self, step_index: int, queries: Sequence[PlanQuery], queued_requests: int) -> dict[str, int]:
         with self._cond:
             plan, basis = self._latest, self._latest_basis
-        # Step t+1 may use the answer to report t-1: one step stale, never more.
-        usable = plan is not None and plan.step_index + 2 >= step_index and not plan.HasField("error")
-        if not usable:
+            basis_fresh_enough = basis is not None and self._basis_age_s() <= self.config.basis_max_age_s
+        # Step t+1 is meant to use the answer to report t-1 (one step stale) or newer.
+        on_time = plan is not None and plan.step_index + 2 >= step_index and not plan.HasField("error")
+        if basis_fresh_enough:
+            if on_time:
+                self.plans_applied += 1
+            else:
+                self.late_steps += 1
+            if self.metrics is not None:
+                self.metrics.observe_plan_age(step_index - 1 - plan.step_index if plan is not None else 0)
+            ks = replan(basis, self.book, queries, step_index=step_index, queued_requests=queued_requests,
+                        max_k=self.hello.max_speculation_length, guard=self.guard)
+        elif on_time:   # a plan whose basis this worker cannot run: its ks as sent, capped to look-ahead
+            self.plans_applied += 1
+            sent = {entry.request_id: entry.speculation_length for entry in plan.requests}
+            ks = self.book.cap(queries, [sent.get(q.request_id, self._last_k.get(q.request_id, self.config.fallback_k))
+                                         for q in queries])
+        else:
             self.fallback_steps += 1
             if self.metrics is not None:
                 self.metrics.observe_fallback()
             ks = {q.request_id: self._last_k.get(q.request_id, self.config.fallback_k) for q in queries}
-        else:
-            self.plans_applied += 1
-            if self.metrics is not None:
-                self.metrics.observe_plan_age(step_index - 1 - plan.step_index)
-            if basis is not None:
-                ks = replan(basis, self.book, queries, step_index=step_index, queued_requests=queued_requests,
-                            max_k=self.hello.max_speculation_length, guard=self.guard)
-            else:
-                sent = {entry.request_id: entry.speculation_length for entry in plan.requests}
-                ks = self.book.cap(queries, [sent.get(q.request_id, self._last_k.get(q.request_id, self.config.fallback_k))
-                                             for q in queries])
         self._last_k.update(ks)
         return ks
 
+    def _basis_age_s(self) -> float:
+        return time.monotonic() - self._basis_received
+
     def observe(self, facts: StepFacts) -> None:
-        """Record the step locally, queue its report, and wait only if no plan newer than the
-        previous report has arrived (a controller more than one step behind)."""
+        """Record the step locally and queue its report. Wait (bounded) only when no usable basis
+        is held at all, e.g. the first report on a new stream."""
         try:
             self.book.observe(facts)
         except OutcomeError as exc:  # an engine bug: the controller will reject the report too
@@ -156,7 +171,12 @@ class ControllerLink:
             if self._first_report is None:
                 self._first_report = facts.step_index
             needed = max(facts.step_index - 1, self._first_report)
+            must_wait = not (self._latest_basis is not None and self._basis_age_s() <= self.config.basis_max_age_s)
         outbox.put(controller_pb2.WorkerMessage(report=report_to_proto(facts)))
+        if not must_wait:
+            if self.metrics is not None:
+                self.metrics.observe_plan_wait(0.0)
+            return
         waited_from = time.perf_counter()
         with self._cond:
             self._cond.wait_for(lambda: self._latest is not None and self._latest.step_index >= needed,
@@ -224,7 +244,11 @@ class ControllerLink:
                 basis = decode_basis(plan.basis) if not plan.HasField("error") else None  # off the step path
                 with self._cond:
                     if self._latest is None or plan.step_index >= self._latest.step_index:
-                        self._latest, self._latest_basis = plan, basis
+                        self._latest = plan
+                        if basis is not None:          # an error plan keeps the last good basis
+                            self._latest_basis, self._basis_received = basis, time.monotonic()
+                        elif not plan.HasField("error"):
+                            self._latest_basis = None  # a basis this worker cannot run: apply the ks
                     self._cond.notify_all()
                 if plan.HasField("error"):
                     log.warning("controller rejected step %d: %s (%s)", plan.step_index,
