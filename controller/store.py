@@ -5,7 +5,7 @@ Keys (all under a configurable prefix, default ``smartspec:``):
     {p}hist:{worker_id}               the worker's request histories, one binary table
                                       (`HistoryTable.encode`), TTL refreshed every step; rows of
                                       requests not reported for `request_ttl_s` are dropped
-    {p}cost:{cost_profile_id}         hash {fit: JSON of the online cost fit, writer: token of the
+    {p}fit:{cost_profile_id}          hash {fit: JSON of the online cost fit, writer: token of the
                                       write}, TTL refreshed on every update
     {p}prior:{proposer_kind}          hash {accepted, tested, proposed, requested}: decayed counts pooled
                                       over requests
@@ -182,7 +182,7 @@ class ControllerStore:
         return f"{self.prefix}hist:{worker_id}"
 
     def cost_key(self, cost_profile_id: str) -> str:
-        return f"{self.prefix}cost:{cost_profile_id}"
+        return f"{self.prefix}fit:{cost_profile_id}"
 
     def prior_key(self, proposer_kind: str) -> str:
         return f"{self.prefix}prior:{proposer_kind}"

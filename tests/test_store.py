@@ -66,7 +66,7 @@ def test_step_round_trip_with_ttls_and_deletion(store, raw, redis_prefix):
 
     ttl = raw.ttl(f"{redis_prefix}hist:w0")
     assert 0 < ttl <= 120
-    assert raw.ttl(f"{redis_prefix}cost:profile-a") > 0
+    assert raw.ttl(f"{redis_prefix}fit:profile-a") > 0
     assert raw.ttl(f"{redis_prefix}worker:w0") > 0
 
     # Another worker's request with the same id is a different entry.
