@@ -18,6 +18,7 @@ point's counts must add up: answered == sent and no mismatches.
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 import time
@@ -62,6 +63,7 @@ class PointResult:
     step_ms: float                 # a round trip longer than this would stall a worker planning ahead
     results: list[StreamResult]
     controller_cpu_s: float | None = None   # CPU time the controller processes spent during the point
+    loadgen_cpu_s: float = 0.0              # CPU time this process (the simulated workers) spent
 
     @property
     def sent(self) -> int:
@@ -118,6 +120,7 @@ class PointResult:
             "decision_p99_ms": round(self.decision_percentile(99), 3),
             "late_fraction": round(self.late_fraction, 4), "step_ms": self.step_ms,
             "cpu_ms_per_step": None if self.cpu_ms_per_step is None else round(self.cpu_ms_per_step, 3),
+            "loadgen_cpu_ms_per_step": round(self.loadgen_cpu_s * 1000.0 / self.answered, 3) if self.answered else None,
         }
 
 
@@ -239,6 +242,7 @@ def run_point(addresses: Sequence[str], *, batch: int, streams: int, duration_s:
             for i in range(streams)
         ]
         cpu_before = cpu_clock() if cpu_clock else None
+        own_before = _own_cpu_s()
         start = time.perf_counter()
         stop_at = start + duration_s
         threads = [
@@ -252,11 +256,18 @@ def run_point(addresses: Sequence[str], *, batch: int, streams: int, duration_s:
             t.join()
         elapsed = time.perf_counter() - start
         cpu = (cpu_clock() - cpu_before) if cpu_clock else None
+        own = _own_cpu_s() - own_before
     finally:
         for channel in channels:
             channel.close()
     return PointResult(batch=batch, streams=streams, replicas=len(addresses), rate=rate, duration_s=elapsed,
-                       step_ms=step_ms, results=[w.result for w in workers], controller_cpu_s=cpu)
+                       step_ms=step_ms, results=[w.result for w in workers], controller_cpu_s=cpu,
+                       loadgen_cpu_s=own)
+
+
+def _own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def markdown_table(points: Sequence[PointResult]) -> str:
