@@ -154,6 +154,11 @@ class Decider:
         self._policy_specs: dict[tuple[str, int], common_pb2.PolicySpec] = {}
         self._writer = f"{uuid.uuid4().hex[:12]}:"  # + a counter: tokens of this replica's cost fit writes
         self._writes = iter(range(1, 1 << 62))
+        # One thread at a time runs a step's Python work (reading the report, planning); Redis I/O
+        # runs outside. Threads waiting here sleep until their turn instead of polling for the GIL
+        # (each waiter wakes every switch interval): with many streams on one replica that polling
+        # cost more kernel time than the plans themselves (BENCHMARKS.md, "Controller capacity").
+        self._cpu = threading.Lock()
 
     # -- policy -------------------------------------------------------------------------------
     def default_policy(self) -> PolicyRecord:
@@ -226,12 +231,20 @@ class Decider:
         """Validate, read Redis once, plan. `memory`: the stream's (updated in place), None for Decide.
         Raises InvalidInput for a malformed report (the caller maps it)."""
         started = time.perf_counter()
-        validation.validate_report_totals(report, session.hello, field_prefix)
-        columns = ReportColumns.from_report(report)
-        validation.validate_outcomes(report, field_prefix, columns)
+        with self._cpu:
+            validation.validate_report_totals(report, session.hello, field_prefix)
+            columns = ReportColumns.from_report(report)
+            validation.validate_outcomes(report, field_prefix, columns)
+        snapshot, policy_record, degraded = self._read(session, memory)
+        with self._cpu:
+            return self._decide(session, report, memory, columns, snapshot, policy_record, degraded,
+                                cost_override, started)
 
+    def _read(self, session: WorkerSession,
+              memory: StreamMemory | None) -> tuple[StepSnapshot, PolicyRecord | None, bool]:
+        """The step's one Redis read, asking only for what the caller does not hold: (snapshot, the
+        active policy, degraded). Redis unreachable: an empty snapshot with the last prior seen."""
         held_stamp, held_policy = self._policy
-        degraded = False
         try:
             snapshot = self.store.read_step(
                 session.worker_id, session.cost_profile_id, session.proposer_kind,
@@ -240,21 +253,25 @@ class Decider:
                 policy_stamp=held_stamp,
                 worker=memory is None or memory.worker is None,
             )
-            self.redis.success()
-            if not snapshot.policy_unchanged:
-                self.remember_policy(snapshot.policy)
-                held_policy = snapshot.policy
-            if snapshot.prior is not None:
-                self._last_priors[session.proposer_kind] = snapshot.prior
         except StoreUnavailable as exc:
             self.redis.failure(exc)
-            degraded = True
-            snapshot = StepSnapshot(histories=None, cost_fit=None, policy=None,
-                                    prior=self._last_priors.get(session.proposer_kind))
+            return (StepSnapshot(histories=None, cost_fit=None, policy=None,
+                                 prior=self._last_priors.get(session.proposer_kind)), held_policy, True)
+        self.redis.success()
+        if not snapshot.policy_unchanged:
+            self.remember_policy(snapshot.policy)
+            held_policy = snapshot.policy
+        if snapshot.prior is not None:
+            self._last_priors[session.proposer_kind] = snapshot.prior
+        return snapshot, held_policy, False
 
+    def _decide(self, session: WorkerSession, report: controller_pb2.StepReport, memory: StreamMemory | None,
+                columns: ReportColumns, snapshot: StepSnapshot, policy_record: PolicyRecord | None, degraded: bool,
+                cost_override: CostModel | None, started: float) -> PlannedStep:
+        """The plan, from what was read and what the caller holds (no I/O)."""
         histories, figures, cost_fit = self._state(session, snapshot, memory, degraded)
         snapshot = dataclasses.replace(snapshot, histories=histories, worker=figures)
-        record, policy, params = self._resolve(held_policy)
+        record, policy, params = self._resolve(policy_record)
         decision = plan_step(
             session.hello, report, snapshot,
             cost_fit=cost_fit,
