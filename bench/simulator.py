@@ -100,11 +100,15 @@ def predict_step_ms(cost: CostModel, ks: np.ndarray, contexts: np.ndarray, prefi
     if ks.size == 0:
         return cost.c_fixed_ms + cost.overhead_ms
     k_total = int(ks.sum())
-    verify = (cost.c_fixed_ms + (cost.c_spec_ms if k_total > 0 else 0.0)
-              + cost.c_tok_ms * (k_total + ks.size + int(prefills.sum())) + cost.c_kv_ms * int(contexts.sum()))
+    top = int(ks.max())
+    speculating = int(np.count_nonzero(ks)) if k_total > 0 else 0
+    verify = (cost.c_fixed_ms + (cost.c_spec_ms if k_total > 0 else 0.0) + cost.c_spec_row_ms * speculating
+              + cost.c_tok_ms * (k_total + ks.size + int(prefills.sum())) + cost.c_kv_ms * int(contexts.sum())
+              + cost.c_row_ms * ks.size + cost.c_width_ms * ks.size * (top + 1) * int(contexts.max()))
     draft = 0.0
-    if k_total > 0 and (cost.d_fixed_ms or cost.d_tok_ms or cost.d_kv_ms):
-        draft = cost.d_fixed_ms * int(ks.max()) + cost.d_tok_ms * k_total + cost.d_kv_ms * int(ks @ contexts)
+    if k_total > 0 and (cost.d_fixed_ms or cost.d_tok_ms or cost.d_kv_ms or cost.d_row_ms):
+        draft = (cost.d_fixed_ms * top + cost.d_row_ms * speculating + cost.d_tok_ms * k_total
+                 + cost.d_kv_ms * int(ks @ contexts))
     return verify + draft + cost.overhead_ms
 
 

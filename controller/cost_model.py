@@ -1,14 +1,28 @@
 """Predicted step time of one batch, and how its coefficients are learned from measured steps.
 
-    verify_ms = c_fixed + c_spec * [any k_i > 0] + c_tok * sum_i (k_i + 1 + prefill_i)
-                + c_kv * sum_i context_i
-    draft_ms  = sum over depths j = 1..max_i k_i of
-                d_fixed + d_tok * #{i : k_i >= j} + d_kv * sum_{i : k_i >= j} context_i
-              = d_fixed * max_i k_i + d_tok * sum_i k_i + d_kv * sum_i k_i * context_i
+B rows, row i speculating k_i tokens over context_i cached tokens (prefill_i prompt tokens to
+prefill), W = max_i (k_i + 1) the padded query width, L = max_i context_i the padded key length:
+
+    verify_ms = c_fixed + c_spec * [any k_i > 0] + c_spec_row * #{i : k_i > 0}
+                + c_tok * sum_i (k_i + 1 + prefill_i) + c_kv * sum_i context_i
+                + c_row * B + c_width * B * W * L
+    draft_ms  = d_row * #{i : k_i > 0} + sum over depths j = 1..max_i k_i of
+                (d_fixed + d_tok * #{i : k_i >= j} + d_kv * sum_{i : k_i >= j} context_i)
+              = d_row * #{i : k_i > 0} + d_fixed * max_i k_i + d_tok * sum_i k_i
+                + d_kv * sum_i k_i * context_i
     step_ms   = draft_ms + verify_ms + overhead_ms
 
+Why each term (worker/engine.py, worker/model/llama.py): projections, MLP and lm_head run on the
+real query tokens only (c_tok), but attention runs over the padded [B, W] queries against every
+row's keys up to the longest row (c_width: B * W * L score cells), so the widest row makes every
+row pay its width, and the widest context makes every row pay its length. A step with proposals
+builds a wider mask and packs more logits (c_spec); each row with proposals is verified and rolled
+back (c_spec_row); every row costs host bookkeeping (appending tokens, detokenising, the
+proposer's look-ahead: c_row) and reading its KV (c_kv). The proposer is asked once per
+speculating row (d_row) and runs once per depth (d_fixed: a draft model's forward).
+
 Both parts are linear in their coefficients, so each is a least-squares problem over a small
-feature vector (`verify_features`: 4 numbers, `draft_features`: 3 numbers).
+feature vector (`verify_features`: 7 numbers, `draft_features`: 4 numbers).
 """
 
 from __future__ import annotations
@@ -22,8 +36,8 @@ import numpy as np
 
 from smartspec.v1 import common_pb2
 
-VERIFY_FIELDS = ("c_fixed_ms", "c_spec_ms", "c_tok_ms", "c_kv_ms")
-DRAFT_FIELDS = ("d_fixed_ms", "d_tok_ms", "d_kv_ms")
+VERIFY_FIELDS = ("c_fixed_ms", "c_spec_ms", "c_spec_row_ms", "c_tok_ms", "c_kv_ms", "c_row_ms", "c_width_ms")
+DRAFT_FIELDS = ("d_fixed_ms", "d_row_ms", "d_tok_ms", "d_kv_ms")
 
 
 class CostModelError(ValueError):
@@ -41,23 +55,43 @@ def _as_batch(values: Sequence[float] | np.ndarray | None, like: np.ndarray) -> 
     return np.broadcast_to(np.asarray(values, dtype=np.float64), like.shape)
 
 
+def padded_attention_cells(ks, contexts) -> np.ndarray:
+    """B * max_i (k_i + 1) * max_i context_i: the score cells attention computes, padding included.
+    ks, contexts: [..., B] -> [...]. 0 for an empty batch."""
+    k = np.asarray(ks, dtype=np.float64)  # k: [..., B]
+    ctx = _as_batch(contexts, k)  # ctx: [..., B]
+    rows = k.shape[-1]
+    if rows == 0:
+        return np.zeros(k.shape[:-1])
+    return rows * (k.max(axis=-1) + 1.0) * ctx.max(axis=-1)
+
+
 def verify_features(ks, contexts, prefills=None) -> np.ndarray:
-    """[1, any k>0, sum(k+1+prefill), sum context] per batch. ks, contexts: [..., B] -> [..., 4]."""
+    """[1, any k>0, #k>0, sum(k+1+prefill), sum context, B, B*W*L] per batch (order of
+    VERIFY_FIELDS). ks, contexts, prefills: [..., B] -> [..., 7]."""
     k = np.asarray(ks, dtype=np.float64)  # k: [..., B]
     ctx = _as_batch(contexts, k)  # ctx: [..., B]
     pre = _as_batch(prefills, k)  # pre: [..., B]
-    ones = np.ones(k.shape[:-1])
-    speculating = (k > 0).any(axis=-1).astype(np.float64)
-    query_tokens = (k + 1.0 + pre).sum(axis=-1)
-    return np.stack([ones, speculating, query_tokens, ctx.sum(axis=-1)], axis=-1)
+    ones = np.ones(k.shape[:-1])  # [...]
+    speculating = k > 0  # [..., B]
+    return np.stack([
+        ones,
+        speculating.any(axis=-1).astype(np.float64),
+        speculating.sum(axis=-1).astype(np.float64),
+        (k + 1.0 + pre).sum(axis=-1),
+        ctx.sum(axis=-1),
+        ones * k.shape[-1],
+        padded_attention_cells(k, ctx),
+    ], axis=-1)
 
 
 def draft_features(ks, contexts) -> np.ndarray:
-    """[max k, sum k, sum k*context] per batch: ks, contexts: [..., B] -> [..., 3]."""
+    """[max k, #k>0, sum k, sum k*context] per batch (order of DRAFT_FIELDS): [..., B] -> [..., 4]."""
     k = np.asarray(ks, dtype=np.float64)  # k: [..., B]
     ctx = _as_batch(contexts, k)
     depth = k.max(axis=-1, initial=0.0)
-    return np.stack([depth, k.sum(axis=-1), (k * ctx).sum(axis=-1)], axis=-1)
+    return np.stack([depth, (k > 0).sum(axis=-1).astype(np.float64), k.sum(axis=-1), (k * ctx).sum(axis=-1)],
+                    axis=-1)
 
 
 def _scalar_or_array(values: np.ndarray) -> float | np.ndarray:
@@ -68,14 +102,18 @@ def _scalar_or_array(values: np.ndarray) -> float | np.ndarray:
 class CostModel:
     """Coefficients of the predicted step time, all in milliseconds, all >= 0."""
 
-    c_fixed_ms: float = 0.0
-    c_spec_ms: float = 0.0
-    c_tok_ms: float = 0.0
-    c_kv_ms: float = 0.0
-    d_fixed_ms: float = 0.0
-    d_tok_ms: float = 0.0
-    d_kv_ms: float = 0.0
-    overhead_ms: float = 0.0
+    c_fixed_ms: float = 0.0  # per step
+    c_spec_ms: float = 0.0  # per step with any k_i > 0
+    c_tok_ms: float = 0.0  # per query token (k_i + 1 + prefill_i)
+    c_kv_ms: float = 0.0  # per context token, summed over rows
+    d_fixed_ms: float = 0.0  # per draft depth (max_i k_i of them)
+    d_tok_ms: float = 0.0  # per proposed token
+    d_kv_ms: float = 0.0  # per proposed token per context token of its row
+    overhead_ms: float = 0.0  # per step, outside draft + verify (mean of what the worker measured)
+    c_spec_row_ms: float = 0.0  # per row with k_i > 0 (verify and rollback of its proposals)
+    c_row_ms: float = 0.0  # per row (host bookkeeping: sampling, appending, detokenising)
+    c_width_ms: float = 0.0  # per padded attention cell: B * max_i (k_i + 1) * max_i context_i
+    d_row_ms: float = 0.0  # per row the proposer is asked (k_i > 0)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -90,11 +128,11 @@ class CostModel:
 
     @property
     def verify_coefficients(self) -> np.ndarray:
-        return np.array([getattr(self, name) for name in VERIFY_FIELDS])  # [4]
+        return np.array([getattr(self, name) for name in VERIFY_FIELDS])  # [7]
 
     @property
     def draft_coefficients(self) -> np.ndarray:
-        return np.array([getattr(self, name) for name in DRAFT_FIELDS])  # [3]
+        return np.array([getattr(self, name) for name in DRAFT_FIELDS])  # [4]
 
     def verify_ms(self, ks, contexts, prefills=None) -> float | np.ndarray:
         return _scalar_or_array(verify_features(ks, contexts, prefills) @ self.verify_coefficients)
@@ -136,19 +174,31 @@ class CostModel:
         return CostModel(**{**self.to_dict(), **changes})
 
 
-# Fitted by hand to DESIGN.md's CPU measurements (SmolLM2-135M, fp32, 2 cores, 200 tokens of
-# context): batch 1: 90 ms for one token, 160 ms verifying 9; batch 32: 250 ms for one token each,
-# 1,050 ms for 9 each. Solving the verify formula through those four points gives c_tok ~ 2.94,
-# c_spec ~ 46.5, c_kv ~ 0.0111, c_fixed ~ 84.8. The draft terms are zero: an n-gram lookup is free.
+# Fitted to steps a real engine measured on this machine class (SmolLM2-135M-Instruct, fp32, 2 CPU
+# cores, 2 torch threads, prompt lookup made to offer exactly k), batch 1-32 x six compositions:
+# two runs at 150-600 tokens of context and one at 800-2,000 (812 steps, no forgetting), rounded:
+#   scripts/validate_cost_model.py --fit-default docs/bench/cost-model-validation{,-rerun,-long}.json
+# What they show: a step costs ~45 ms before any token; each real query token ~1.3 ms (projections,
+# MLP, lm_head); the padded attention 0.53 us per cell (one row at k = 8 among 12 rows at k = 0
+# with 400 tokens of context: +20 ms of width beside +11 ms for its 8 tokens); ~3.7 us per row per
+# context token; a step with proposals ~5 ms more and ~0.5 ms per speculating row. Other per-row
+# host work (verification is batched) and prompt lookup cost next to nothing. The same machine ran
+# 10-15% faster or slower from one run to the next (the online fit follows that). Not captured
+# (BLAS picks kernels by the token count): one token is ~15 ms faster than the line through the
+# rest, 2-3 tokens ~15-25 ms slower; see BENCHMARKS.md, "Cost model validation".
 DEFAULT_COST_MODEL = CostModel(
-    c_fixed_ms=84.84,
-    c_spec_ms=46.45,
-    c_tok_ms=2.944,
-    c_kv_ms=0.01109,
-    d_fixed_ms=0.0,
+    c_fixed_ms=44.6,
+    c_spec_ms=5.48,
+    c_spec_row_ms=0.483,
+    c_tok_ms=1.34,
+    c_kv_ms=0.00367,
+    c_row_ms=0.00935,
+    c_width_ms=0.000528,
+    d_fixed_ms=0.00248,
+    d_row_ms=0.0106,
     d_tok_ms=0.0,
     d_kv_ms=0.0,
-    overhead_ms=0.0,
+    overhead_ms=0.0947,
 )
 
 
@@ -158,12 +208,49 @@ DEFAULT_COST_MODEL = CostModel(
 
 
 def nonnegative_least_squares(gram: np.ndarray, moment: np.ndarray) -> np.ndarray:
-    """argmin_{x >= 0} x'Gx - 2 m'x for a small positive-definite G (d <= ~6), exactly.
+    """argmin_{x >= 0} x'Gx - 2 m'x for a small positive-definite G, exactly.
 
-    Every active set is tried: the optimum is the unconstrained minimiser on its own support,
-    so the best feasible candidate over all 2^d supports is the global optimum. With d = 4 that
-    is 16 tiny solves, cheaper and simpler than an iterative NNLS.
+    Lawson-Hanson's active set method on the normal equations: free the coordinate whose
+    gradient most wants to rise, solve on the free set, step back to the boundary when a free
+    coordinate would go negative. It ends at the KKT point, which for a positive-definite G is
+    the unique optimum. With 7 coefficients that is a handful of tiny solves per call (the
+    controller calls it every step), where trying all 2^7 supports took ~1 ms. G is rescaled to
+    a unit diagonal first, so one tolerance serves coefficients of very different units.
     """
+    size = len(moment)
+    scale = 1.0 / np.sqrt(np.maximum(np.diag(gram), 1e-300))  # [d]
+    g = gram * scale[:, None] * scale[None, :]  # [d, d], unit diagonal
+    m = moment * scale  # [d]
+    tolerance = 1e-10 * max(1.0, float(np.abs(m).max(initial=0.0)))
+    x = np.zeros(size)
+    free = np.zeros(size, dtype=bool)
+    for _ in range(4 * size + 8):  # Lawson-Hanson ends within a few passes; the bound only guards cycling
+        ascent = m - g @ x  # minus half the gradient: [d]
+        wanting = ~free & (ascent > tolerance)
+        if not wanting.any():
+            return x * scale
+        free[int(np.argmax(np.where(wanting, ascent, -np.inf)))] = True
+        for _ in range(size):
+            idx = np.flatnonzero(free)
+            trial = np.zeros(size)
+            try:
+                trial[idx] = np.linalg.solve(g[np.ix_(idx, idx)], m[idx])
+            except np.linalg.LinAlgError:
+                return _nonnegative_least_squares_by_supports(gram, moment)
+            if (trial[idx] > 0).all():
+                x = trial
+                break
+            blocking = free & (trial <= 0)
+            step = float(np.min(x[blocking] / (x[blocking] - trial[blocking])))
+            x = x + step * (trial - x)
+            free &= x > tolerance
+            x[~free] = 0.0
+    return _nonnegative_least_squares_by_supports(gram, moment)
+
+
+def _nonnegative_least_squares_by_supports(gram: np.ndarray, moment: np.ndarray) -> np.ndarray:
+    """The same optimum by brute force (every support's unconstrained minimiser, best feasible
+    one wins): 2^d solves, the fallback for a singular G and the reference in the tests."""
     size = len(moment)
     best, best_value = np.zeros(size), 0.0  # the empty support: x = 0, objective 0
     for support_size in range(1, size + 1):
@@ -189,7 +276,7 @@ class ForgettingLeastSquares:
 
     State is the weighted Gram matrix G = sum_t lam^(n-t) w_t x_t x_t' and moment
     m = sum_t lam^(n-t) w_t x_t y_t, seeded with a prior (G0, G0 theta0). This is the same
-    estimator as the covariance-form RLS update, but with d <= 4 a direct solve each time is
+    estimator as the covariance-form RLS update, but with d <= 7 a direct solve each time is
     cheap, numerically steadier than propagating P = G^-1, and lets the non-negativity be an
     exact projection (`nonnegative_least_squares`) instead of a clip. A small floor of the prior
     (`prior_floor` x G0) is never forgotten, so directions the data never excites (c_spec while
@@ -345,6 +432,7 @@ class OnlineCostFit:
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "terms": {"verify": list(VERIFY_FIELDS), "draft": list(DRAFT_FIELDS)},
             "verify": self.verify.to_dict(),
             "draft": self.draft.to_dict(),
             "overhead_sum": self.overhead_sum,
@@ -355,6 +443,12 @@ class OnlineCostFit:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "OnlineCostFit":
+        """Raises ValueError for a fit over other terms (one stored before the model changed):
+        its matrices would be read against the wrong coefficients, so the caller reseeds."""
+        terms = data.get("terms")
+        expected = {"verify": list(VERIFY_FIELDS), "draft": list(DRAFT_FIELDS)}
+        if terms != expected:
+            raise ValueError(f"stored cost fit is over the terms {terms}, this model's are {expected}")
         return cls(
             verify=ForgettingLeastSquares.from_dict(data["verify"]),
             draft=ForgettingLeastSquares.from_dict(data["draft"]),

@@ -22,21 +22,26 @@ def brute_force(acceptance, contexts, prefills, cost: CostModel, max_k: int, fil
     With `fill`, request i's proposer fills all k_i positions with probability f_i and none
     otherwise: tokens and step time are averaged over all 2^B fill outcomes, the step time of each
     outcome taken from the cost model on the proposals actually made. The batch-wide terms
-    (c_spec, draft depth) are charged on the plan, as the policy charges them.
+    (c_spec, draft depth, the padded attention width) are charged on the plan, as the policy
+    charges them; a request's own terms (per token, per speculating row) on what it proposed.
     """
     batch = len(acceptance)
     fill = [1.0] * batch if fill is None else list(fill)
     plans = np.array(list(itertools.product(range(max_k + 1), repeat=batch)), dtype=float)  # [N, B]
     tokens = np.zeros(len(plans))  # [N]
     step_ms = np.zeros(len(plans))  # [N]
+
+    def shared(depth: np.ndarray) -> np.ndarray:  # depth: [N] -> [N]
+        width_cells = batch * (depth + 1) * max(contexts)  # B * max(k + 1) * max context
+        return cost.c_spec_ms * (depth > 0) + cost.d_fixed_ms * depth + cost.c_width_ms * width_cells
+
     for outcome in itertools.product([0, 1], repeat=batch):
         filled = np.array(outcome, dtype=float)  # [B]
         chance = float(np.prod([f if o else 1.0 - f for f, o in zip(fill, outcome)]))
         if chance == 0.0:
             continue
         proposed = plans * filled  # [N, B]
-        shared_real = cost.c_spec_ms * (proposed.max(axis=1) > 0) + cost.d_fixed_ms * proposed.max(axis=1)
-        shared_plan = cost.c_spec_ms * (plans.max(axis=1) > 0) + cost.d_fixed_ms * plans.max(axis=1)
+        shared_real, shared_plan = shared(proposed.max(axis=1)), shared(plans.max(axis=1))
         step_ms += chance * (cost.predict_ms(proposed, contexts, prefills) - shared_real + shared_plan)
         tokens += chance * np.array([
             sum(1 + sum(a**j for j in range(1, int(k) + 1)) for a, k in zip(acceptance, row))
@@ -59,6 +64,10 @@ def random_cost(rng: np.random.Generator) -> CostModel:
         d_tok_ms=pick(5.0),
         d_kv_ms=pick(0.01),
         overhead_ms=pick(5.0),
+        c_spec_row_ms=float(rng.choice([pick(5.0), float(rng.uniform(20, 200))])),  # sometimes dominant
+        c_row_ms=pick(3.0),
+        c_width_ms=float(rng.choice([pick(1e-4), float(rng.uniform(1e-3, 1e-2))])),  # sometimes dominant
+        d_row_ms=pick(2.0),
     )
 
 
@@ -118,6 +127,36 @@ def test_shared_draft_depth_caps_every_request():
     assert int(np.argmax(alone)) > plan.ks.max() > 0
 
 
+def test_per_request_cost_leaves_out_requests_whose_gain_is_marginal():
+    """A fixed cost per speculating row (its verify and rollback on the host) is a step in each
+    row's own table: a mediocre request that would speculate 1-2 tokens for free stays at k = 0,
+    while the good one still speculates. Exact against brute force."""
+    acceptance, contexts, prefills = [0.95, 0.45, 0.45], [300] * 3, [0] * 3
+    free = CostModel(c_fixed_ms=20.0, c_tok_ms=1.0)
+    costly = free.replace(c_spec_row_ms=8.0)
+    assert optimize_goodput(acceptance, contexts, prefills, free, 4).ks[1:].min() > 0
+    plan = optimize_goodput(acceptance, contexts, prefills, costly, 4)
+    assert plan.ks[0] > 0 and plan.ks[1:].tolist() == [0, 0]
+    assert plan.goodput == pytest.approx(brute_force(acceptance, contexts, prefills, costly, 4), rel=1e-9)
+
+
+def test_padded_width_shortens_the_widest_row():
+    """Attention over the padded [B, max k + 1] width makes every row pay the widest row's depth:
+    with a costly width the one excellent request no longer speculates as deep as it would alone,
+    and the plan is still the brute-force optimum."""
+    acceptance, contexts, prefills = [0.9, 0.2, 0.2, 0.2], [1500, 300, 300, 300], [0] * 4
+    narrow = CostModel(c_fixed_ms=40.0, c_tok_ms=1.0)
+    wide = narrow.replace(c_width_ms=1e-3)  # 4 rows x 1500 keys: 6 ms per column of width
+    deep = optimize_goodput(acceptance, contexts, prefills, narrow, 8)
+    capped = optimize_goodput(acceptance, contexts, prefills, wide, 8)
+    assert deep.ks[0] == 8 and 0 < capped.ks[0] < 8
+    # the width is paid up to the widest row anyway, so the weak rows still fill it cheaply
+    assert capped.ks[1:].min() > 0 and capped.ks[1:].max() <= capped.ks[0]
+    assert capped.goodput == pytest.approx(brute_force(acceptance, contexts, prefills, wide, 8), rel=1e-9)
+    tokens, step_ms = predict_plan(acceptance, contexts, prefills, wide, capped.ks)
+    assert step_ms == pytest.approx(float(wide.predict_ms(capped.ks, contexts, prefills)), rel=1e-12)
+
+
 def test_low_load_high_acceptance_speculates_long():
     plan = optimize_goodput([0.9], [200], [0], DEFAULT_COST_MODEL, 8)
     assert plan.ks.tolist() == [8]
@@ -125,7 +164,7 @@ def test_low_load_high_acceptance_speculates_long():
 
 
 def test_same_requests_in_a_large_batch_with_costly_verify_do_not_speculate():
-    costly = DEFAULT_COST_MODEL.replace(c_tok_ms=20.0, c_spec_ms=200.0)  # compute-bound verify
+    costly = DEFAULT_COST_MODEL.replace(c_tok_ms=20.0, c_spec_ms=50.0)  # compute-bound verify
     single = optimize_goodput([0.9], [200], [0], costly, 8)
     assert single.ks[0] > 0  # alone, speculation still pays off despite the cost...
     plan = optimize_goodput([0.9] * 128, [200] * 128, [0] * 128, costly, 8)

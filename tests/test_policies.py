@@ -137,7 +137,7 @@ def test_goodput_low_load_high_acceptance_speculates_to_the_limit():
 
 
 def test_goodput_same_requests_at_batch_128_with_costly_verify_do_not_speculate():
-    costly = DEFAULT_COST_MODEL.replace(c_tok_ms=20.0, c_spec_ms=200.0)
+    costly = DEFAULT_COST_MODEL.replace(c_tok_ms=20.0, c_spec_ms=50.0)
     assert decide("goodput", batch_of([0.9] * 4), costly)[0] > 0
     assert decide("goodput", batch_of([0.9] * 128), costly) == [0] * 128
 

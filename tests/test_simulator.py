@@ -46,7 +46,7 @@ def test_accepted_runs_are_truncated_geometric(alpha):
 def test_fast_step_time_equals_the_cost_model():
     rng = np.random.default_rng(1)
     cost = CostModel(c_fixed_ms=5, c_spec_ms=3, c_tok_ms=0.2, c_kv_ms=0.01, d_fixed_ms=1.5, d_tok_ms=0.1,
-                     d_kv_ms=0.002, overhead_ms=0.7)
+                     d_kv_ms=0.002, overhead_ms=0.7, c_spec_row_ms=0.4, c_row_ms=0.3, c_width_ms=2e-4, d_row_ms=0.05)
     for _ in range(50):
         b = int(rng.integers(1, 20))
         ks, ctx, pre = rng.integers(0, 6, b), rng.integers(10, 900, b), rng.integers(0, 50, b)
@@ -207,8 +207,9 @@ def test_padded_verify_charges_every_row_the_widest_k():
     ks, ctx, pre = np.array([0, 1, 6, 0]), np.array([100, 100, 100, 0]), np.array([0, 0, 0, 50])
     plain, padded = StepModel(CPU), StepModel(CPU, padded_verify=True)
     extra_tokens = (6 - 0) + (6 - 1)  # decode rows 0 and 1 padded to width 7; the prefill row is not
+    # row 0, padded up from k = 0, also counts as a speculating row (its verify, its proposer call)
     assert padded.step_ms(ks, ctx, pre, 1, rng) - plain.step_ms(ks, ctx, pre, 1, rng) == pytest.approx(
-        CPU.c_tok_ms * extra_tokens)
+        (CPU.c_tok_ms + CPU.d_tok_ms + CPU.d_kv_ms * 100) * extra_tokens + CPU.c_spec_row_ms + CPU.d_row_ms)
     same = np.array([3, 3, 3])
     assert padded.step_ms(same, ctx[:3], pre[:3] * 0, 0, rng) == plain.step_ms(same, ctx[:3], pre[:3] * 0, 0, rng)
 

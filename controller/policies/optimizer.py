@@ -2,28 +2,33 @@
 
     maximise  G(k) = sum_i E_i(k_i) / T(k)   over k in {0..K}^B
     E_i(k)    = 1 + f_i (a_i + ... + a_i^k)
-    T(k)      = base + sum_i f_i w_i k_i + depth(max_i k_i)
+    T(k)      = base + sum_i f_i (w_i k_i + s_i [k_i > 0]) + depth(max_i k_i)
 
 where a_i is the chance that each offered proposal is accepted, f_i the expected share of the k
 asked-for positions the proposer fills (1 for a draft model; prompt lookup often offers nothing),
-and, from the cost model (see cost_model.py),
+and, from the cost model (see cost_model.py; L = max_i context_i),
 
-    base      = c_fixed + overhead + c_tok * sum_i (1 + prefill_i) + c_kv * sum_i context_i   (T at k = 0)
+    base      = c_fixed + overhead + c_tok * sum_i (1 + prefill_i) + c_kv * sum_i context_i
+                + c_row * B + c_width * B * L                                        (T at k = 0)
     w_i       = c_tok + d_tok + d_kv * context_i      marginal cost of one more proposal for request i
-    depth(m)  = c_spec * [m > 0] + d_fixed * m        terms shared by the whole batch
+    s_i       = c_spec_row + d_row                    cost of request i speculating at all
+    depth(m)  = c_spec * [m > 0] + d_fixed * m + c_width * B * L * m
+                                                      terms shared by the whole batch: the padded
+                                                      attention width is set by the widest row
 
 An unfilled position is never verified, so it costs nothing and yields nothing: both the gain and
 the per-token cost scale with f_i. The shared depth(m) is charged in full whenever anything is
-planned (the batch pays it if any row fills), which errs toward less speculation.
+planned (the batch pays it if any row fills), which errs toward less speculation. A request's own
+terms (w_i, s_i) are paid only when it is filled, so they scale with f_i.
 
 Dinkelbach: G* is the lambda at which F(lambda) = max_k [sum_i E_i(k_i) - lambda T(k)] is zero.
 Start from lambda = G(0) and set lambda <- G(argmax) until it stops growing (superlinear, a
 handful of rounds). The inner maximisation is exact despite the coupling through max_i k_i:
 for each cap m in 0..K, every request picks its own best k_i <= m (the rows are independent
-once the shared depth(m) is fixed), and we take the best cap. Charging depth(m) for a vector
-whose true max is below m only overestimates its cost, and the cap equal to the true max is
-among those tried, so the best over caps is the true maximum. All caps at once: a running
-maximum along k of the [B, K+1] table.
+once the shared depth(m) is fixed: each row's cost f_i (w_i k + s_i [k > 0]) is its own, of any
+shape in k), and we take the best cap. Charging depth(m) for a vector whose true max is below m
+only overestimates its cost, and the cap equal to the true max is among those tried, so the best
+over caps is the true maximum. All caps at once: a running maximum along k of the [B, K+1] table.
 """
 
 from __future__ import annotations
@@ -52,29 +57,41 @@ def expected_tokens(acceptance: float, k: int, fill: float = 1.0) -> float:
 
 @dataclass(frozen=True)
 class CostTerms:
-    """T(k) = base_ms + per_token_ms @ k + depth_ms[max k], split as the optimiser needs it."""
+    """T(k) = base_ms + per_token_ms @ k + per_request_ms @ [k > 0] + depth_ms[max k], split as the
+    optimiser needs it: a per-row part (separable) and a part that depends only on max k."""
 
     base_ms: float
     per_token_ms: np.ndarray  # [B]
-    depth_ms: np.ndarray  # [K+1]
+    per_request_ms: np.ndarray  # [B]
+    depth_ms: np.ndarray  # [K+1], depth_ms[0] = 0
+
+    def row_ms(self, max_k: int) -> np.ndarray:
+        """Each row's own cost at k = 0..K: [B, K+1] (0 at k = 0)."""
+        k = np.arange(max_k + 1)  # [K+1]
+        return self.per_token_ms[:, None] * k + self.per_request_ms[:, None] * (k > 0)  # [B, K+1]
 
     def step_ms(self, ks: np.ndarray) -> float:
         top = int(ks.max(initial=0))
-        return float(self.base_ms + self.per_token_ms @ ks + self.depth_ms[top])
+        return float(self.base_ms + self.per_token_ms @ ks + self.per_request_ms @ (ks > 0) + self.depth_ms[top])
 
 
 def cost_terms(cost: CostModel, contexts: np.ndarray, prefills: np.ndarray, max_k: int,
                fill: np.ndarray | None = None) -> CostTerms:
-    """The expected step time's terms; per_token_ms is w_i f_i (only filled positions are verified)."""
+    """The expected step time's terms; a row's own terms are scaled by f_i (only filled positions
+    are verified, only a filled row is verified at all)."""
     contexts = np.asarray(contexts, dtype=np.float64)  # [B]
     prefills = np.asarray(prefills, dtype=np.float64)  # [B]
     fill = np.ones_like(contexts) if fill is None else np.asarray(fill, dtype=np.float64)  # [B]
     depth = np.arange(max_k + 1, dtype=np.float64)  # m: [K+1]
+    rows = contexts.size
+    padded_keys = rows * float(contexts.max(initial=0.0))  # B * L: attention cells per query column
     return CostTerms(
         base_ms=cost.c_fixed_ms + cost.overhead_ms
-        + cost.c_tok_ms * float((1.0 + prefills).sum()) + cost.c_kv_ms * float(contexts.sum()),
+        + cost.c_tok_ms * float((1.0 + prefills).sum()) + cost.c_kv_ms * float(contexts.sum())
+        + cost.c_row_ms * rows + cost.c_width_ms * padded_keys,
         per_token_ms=(cost.c_tok_ms + cost.d_tok_ms + cost.d_kv_ms * contexts) * fill,
-        depth_ms=cost.c_spec_ms * (depth > 0) + cost.d_fixed_ms * depth,
+        per_request_ms=np.full(rows, cost.c_spec_row_ms + cost.d_row_ms) * fill,
+        depth_ms=cost.c_spec_ms * (depth > 0) + (cost.d_fixed_ms + cost.c_width_ms * padded_keys) * depth,
     )
 
 
@@ -112,11 +129,11 @@ def optimize_goodput(acceptance, contexts, prefills, cost: CostModel, max_k: int
         return GoodputPlan(zeros, float(batch), terms.base_ms, baseline)
 
     gains = expected_tokens_table(a, max_k, f)  # E: [B, K+1]
-    marginal = terms.per_token_ms[:, None] * np.arange(max_k + 1)  # w_i * k: [B, K+1]
+    own_ms = terms.row_ms(max_k)  # f_i (w_i k + s_i [k > 0]): [B, K+1]
     rows = np.arange(batch)
     best_ks, best_tokens, best_ms, lam = zeros, float(batch), terms.base_ms, baseline
     for _ in range(max_rounds):
-        objective = gains - lam * marginal  # E_i(k) - lam w_i k: [B, K+1]
+        objective = gains - lam * own_ms  # E_i(k) - lam f_i (w_i k + s_i [k > 0]): [B, K+1]
         capped = np.maximum.accumulate(objective, axis=1)  # best with k_i <= m: [B, K+1]
         by_cap = capped.sum(axis=0) - lam * terms.depth_ms  # [K+1]
         cap = int(np.argmax(by_cap))
