@@ -1,7 +1,7 @@
 """`--step-model` values: coefficients, a named published fit, or a JSON file from a real worker.
 
 Published fits are the SmartSpec authors' H100 measurements (verify time per batch); this
-machine's CPU default is the controller's DEFAULT_COST_MODEL (from DESIGN.md's measurements).
+machine's CPU default is the controller's DEFAULT_COST_MODEL (fitted to real engine steps here).
 """
 
 from __future__ import annotations
