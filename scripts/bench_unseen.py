@@ -179,6 +179,16 @@ def summarise(rows: list[dict], policies: list[str]) -> list[dict]:
     return table
 
 
+def combined_table(paths: list[str]) -> list[dict]:
+    """One table over several runs of the same cells: run j's repeat r becomes a repeat of its own."""
+    rows, policies = [], None
+    for run, path in enumerate(paths):
+        data = json.loads(Path(path).read_text())
+        policies = policies or data["args"]["policies"].split(",")
+        rows += [{**row, "repeat": (run, row["repeat"])} for row in data["rows"]]
+    return summarise(rows, policies)
+
+
 def markdown(table: list[dict]) -> str:
     lines = ["| workload | requests at once | policy | mean latency vs off | throughput vs off | "
              "outputs = off | plan wait (ms/step) |", "|---|---|---|---|---|---|---|"]
@@ -221,7 +231,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--redis", default="", help="Redis URL (default: a private redis-server)")
     parser.add_argument("--json", default="")
+    parser.add_argument("--from-json", default="",
+                        help="measure nothing: the table of earlier runs' JSON files (comma-separated; "
+                             "each run's repeats become further repeats)")
     args = parser.parse_args()
+    if args.from_json:
+        print(markdown(combined_table(args.from_json.split(","))))
+        return
     if "off" not in args.policies.split(","):
         raise SystemExit("--policies must include off (every ratio is against it)")
     started = time.time()
