@@ -83,3 +83,17 @@ def test_local_goodput_planner_backs_off_where_measured_speculation_lost():
         fixed.observe(decode_step(index, 2, 0 if index < 5 else 4, 4 if index >= 5 else 0,
                                   100.0 if index < 5 else 1000.0))
     assert fixed.plan(12, [PlanQuery("r0", 320)], 0) == {"r0": 3}
+
+
+def test_near_a_tie_the_guard_does_not_flap():
+    """Speculative steps 1% slower, then 1% faster than plain: held off once, not resumed (the
+    resume needs 3% better), so the cap does not flip with every noisy step."""
+    guard = GoodputGuard()
+    for index in range(5):
+        guard.observe(decode_step(index, 8, 0, 0, 100.0))           # 8 tokens / 100 ms
+    for index in range(5, 10):
+        guard.observe(decode_step(index, 8, 2, 1, 202.0))           # 16 / 202 ms: 1% slower
+    assert guard.backed_off_classes() == [batch_class(8)]
+    for index in range(10, 40):
+        guard.observe(decode_step(index, 8, 2, 1, 198.0))           # 16 / 198 ms: 1% faster
+    assert guard.backed_off_classes() == [batch_class(8)]

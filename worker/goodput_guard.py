@@ -5,8 +5,10 @@ it has no term for, a batch size it has rarely seen) can make it speculate where
 faster. The worker measures every step, so it can check: per batch-size class (1, 2-3, 4-7, 8-15,
 ...), the decayed tokens per ms of decode steps that verified proposals, against those of plain
 decode steps (k = 0 for every row). When speculative steps delivered less than plain ones by more
-than `margin`, speculation is held off in that class: the plan's k is capped at 0, except one
-step in `probe_every`, which keeps measuring whether speculation has become worth it again.
+than `margin` (0: at all), speculation is held off in that class until they measure
+`resume_margin` above plain ones (hysteresis: near a tie, noise must not flip it every few
+steps). Held off, the plan's k is capped at 0, except one step in `probe_every`, which keeps
+measuring whether speculation has become worth it again.
 When a class has speculated for so long that its plain measurement has decayed away, one plain
 step is run to refresh it, so the comparison never rests on numbers from another phase of the run.
 
@@ -64,7 +66,9 @@ class ClassRecord:
 
 @dataclass(frozen=True)
 class GuardSettings:
-    margin: float = 0.02           # speculative goodput must not fall below plain by more than this
+    margin: float = 0.0            # hold off once speculative steps measure below plain ones ...
+    resume_margin: float = 0.03    # ... and resume only once they measure this much above: in the
+                                   # band between, noise would flip it every few steps
     decay: float = 0.99            # per step of the class: ~100 steps of memory
     min_steps: float = 2.0         # decayed steps of each kind needed before judging
     probe_every: int = 16          # while held off, one step in this many may speculate
@@ -115,7 +119,10 @@ class GoodputGuard:
         if record.speculative.steps < s.min_steps or record.plain.steps < s.min_steps:
             return
         spec, plain = record.speculative.rate(), record.plain.rate()
-        losing = spec < plain * (1.0 - s.margin)
+        if record.backed_off:
+            losing = spec <= plain * (1.0 + s.resume_margin)
+        else:
+            losing = spec < plain * (1.0 - s.margin)
         if losing != record.backed_off:
             record.backed_off = losing
             low, high = 2**cls, 2 ** (cls + 1) - 1
