@@ -123,11 +123,10 @@ class ControllerLink:
 
     def plan(self, step_index: int, queries: Sequence[PlanQuery], queued_requests: int) -> dict[str, int]:
         with self._cond:
-            plan, basis = self._latest, self._latest_basis
-            basis_fresh_enough = basis is not None and self._basis_age_s() <= self.config.basis_max_age_s
+            plan, basis = self._latest, self._usable_basis()
         # Step t+1 is meant to use the answer to report t-1 (one step stale) or newer.
         on_time = plan is not None and plan.step_index + 2 >= step_index and not plan.HasField("error")
-        if basis_fresh_enough:
+        if basis is not None:
             if on_time:
                 self.plans_applied += 1
             else:
@@ -149,8 +148,11 @@ class ControllerLink:
         self._last_k.update(ks)
         return ks
 
-    def _basis_age_s(self) -> float:
-        return time.monotonic() - self._basis_received
+    def _usable_basis(self) -> PlanBasis | None:
+        """The newest good basis, if it arrived within basis_max_age_s (call holding _cond)."""
+        if self._latest_basis is None or time.monotonic() - self._basis_received > self.config.basis_max_age_s:
+            return None
+        return self._latest_basis
 
     def observe(self, facts: StepFacts) -> None:
         """Record the step locally and queue its report. Wait (bounded) only when no usable basis
@@ -171,7 +173,7 @@ class ControllerLink:
             if self._first_report is None:
                 self._first_report = facts.step_index
             needed = max(facts.step_index - 1, self._first_report)
-            must_wait = not (self._latest_basis is not None and self._basis_age_s() <= self.config.basis_max_age_s)
+            must_wait = self._usable_basis() is None
         outbox.put(controller_pb2.WorkerMessage(report=report_to_proto(facts)))
         if not must_wait:
             if self.metrics is not None:

@@ -28,6 +28,8 @@ from .steps import StepFacts
 
 log = logging.getLogger(__name__)
 
+CHECKED_POLICY = "goodput"   # a fixed k, or any other policy, is the user's explicit choice: never capped
+
 
 def batch_class(batch_size: int) -> int:
     """0 for one request, 1 for 2-3, 2 for 4-7, ...: steps of similar batch size share a class."""
@@ -85,8 +87,12 @@ class GoodputGuard:
         self.classes: dict[int, ClassRecord] = {}
         self.held_steps = 0        # steps whose k the guard capped at 0
 
+    def cap_for(self, policy_name: str, batch_size: int, max_k: int) -> int:
+        """The largest k the next step of this batch size may plan under `policy_name`."""
+        return self.allowed_k(batch_size, max_k) if policy_name == CHECKED_POLICY else max_k
+
     def allowed_k(self, batch_size: int, max_k: int) -> int:
-        """The largest k the next step of this batch size may plan."""
+        """The largest k the next step of this batch size may plan (under the checked policy)."""
         record = self.classes.setdefault(batch_class(batch_size), ClassRecord())
         record.steps += 1
         s = self.settings

@@ -168,7 +168,7 @@ class LocalPolicyPlanner:
         self.fallback_steps = 0
 
     def plan(self, step_index: int, queries: Sequence[PlanQuery], queued_requests: int) -> dict[str, int]:
-        max_k = self.guard.allowed_k(len(queries), self.max_k) if self.choice.name == "goodput" else self.max_k
+        max_k = self.guard.cap_for(self.choice.name, len(queries), self.max_k)
         batch = self.book.batch_state(queries, max_k=max_k, queued_requests=queued_requests,
                                       step_index=step_index)
         ks = guarded_decide(self.choice.policy, batch, self.cost, self.choice.params,

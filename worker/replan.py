@@ -33,8 +33,6 @@ from .steps import PlanQuery
 
 log = logging.getLogger(__name__)
 
-GOODPUT = "goodput"   # the policy whose choices the measured-goodput guard checks
-
 
 @dataclass(frozen=True)
 class PlanBasis:
@@ -81,8 +79,8 @@ def replan(basis: PlanBasis, book: AcceptanceBook, queries: Sequence[PlanQuery],
     request's proposer can offer next step (and, for `goodput`, by the measured-goodput guard).
     Never raises (guarded_decide falls back to k = 0)."""
     max_k = min(max_k, basis.max_k)
-    if guard is not None and basis.policy.name == GOODPUT:
-        max_k = guard.allowed_k(len(queries), max_k)
+    if guard is not None:
+        max_k = guard.cap_for(basis.policy.name, len(queries), max_k)
     batch = book.batch_state(queries, max_k=max_k, queued_requests=queued_requests,
                              step_index=step_index, prior=basis.prior, estimator=basis.estimator)
     ks = guarded_decide(basis.policy, batch, basis.cost, basis.params,
