@@ -52,6 +52,35 @@ def raw(redis_url: str):
     client.close()
 
 
+@pytest.fixture
+def controller(redis_url: str, redis_prefix: str):
+    """A real controller replica on a free loopback port, keys under the test's own prefix."""
+    from smartspec.controller.server import ControllerServer
+
+    server = ControllerServer(port=0, redis_url=redis_url, prefix=redis_prefix)
+    server.start()
+    yield server
+    server.stop(grace=0)
+
+
+@pytest.fixture
+def replicas(redis_url: str, redis_prefix: str):
+    """Two controller replicas on one Redis prefix: a channel to each."""
+    import grpc
+
+    from smartspec.controller.server import ControllerServer
+
+    servers = [ControllerServer(0, redis_url, redis_prefix, redis_retry_after_s=0.0) for _ in range(2)]
+    for server in servers:
+        server.start()
+    channels = [grpc.insecure_channel(server.address) for server in servers]
+    yield channels
+    for channel in channels:
+        channel.close()
+    for server in servers:
+        server.stop(0)
+
+
 @pytest.fixture(scope="session")
 def start_real_stack(redis_url: str):
     """Context manager factory: a real controller + a SmolLM2/ngram worker on free ports.

@@ -17,14 +17,6 @@ from smartspec.v1 import generation_pb2_grpc
 from test_sdk import AioServerThread, EchoGeneration, free_closed_port, self_signed_certificate
 
 
-@pytest.fixture
-def controller(redis_url, redis_prefix):
-    server = ControllerServer(port=0, redis_url=redis_url, prefix=redis_prefix)
-    server.start()
-    yield server
-    server.stop(grace=0)
-
-
 def smartspec(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     out, err = capsys.readouterr()

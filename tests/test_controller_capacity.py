@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 
-import grpc
 import numpy as np
 import pytest
 
@@ -16,7 +15,6 @@ from smartspec.controller.history_table import HistoryError, HistoryTable
 from smartspec.controller.metrics import ControllerMetrics
 from smartspec.controller.policies import BatchState, RequestState, default_registry, get, guarded_decide
 from smartspec.controller.report_columns import UNKNOWN, ReportColumns
-from smartspec.controller.server import ControllerServer
 from smartspec.controller.store import ControllerStore
 from smartspec.controller.stream_memory import FIT_SAVE_EVERY, StreamMemory
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
@@ -144,19 +142,6 @@ def test_workers_sharing_a_cost_profile_keep_pooling_their_steps(decider):
     assert 2 * (2 * FIT_SAVE_EVERY + 2) - FIT_SAVE_EVERY <= steps <= 2 * (2 * FIT_SAVE_EVERY + 2)
 
 
-@pytest.fixture
-def two_replicas(redis_url, redis_prefix):
-    servers = [ControllerServer(0, redis_url, redis_prefix, redis_retry_after_s=0.0) for _ in range(2)]
-    for s in servers:
-        s.start()
-    channels = [grpc.insecure_channel(s.address) for s in servers]
-    yield servers, channels
-    for ch in channels:
-        ch.close()
-    for s in servers:
-        s.stop(0)
-
-
 class Stream:
     """A live Connect stream: send a report, get its plan."""
 
@@ -176,8 +161,8 @@ class Stream:
         assert list(self._plans) == []
 
 
-def test_a_policy_set_on_one_replica_reaches_a_stream_on_the_other_at_its_next_step(two_replicas, raw, redis_prefix):
-    (_, _), (a, b) = two_replicas
+def test_a_policy_set_on_one_replica_reaches_a_stream_on_the_other_at_its_next_step(replicas, raw, redis_prefix):
+    a, b = replicas
     stream = Stream(b, hello())
     assert stream.send(report(0, [outcome("x")])).policy_name == "goodput"
     admin_pb2_grpc.AdminStub(a).SetPolicy(admin_pb2.SetPolicyRequest(policy=common_pb2.PolicySpec(

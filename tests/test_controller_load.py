@@ -8,21 +8,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 
 from smartspec.bench.controller_load import run_point
 from smartspec.bench.controller_trace import build_trace, worker_message
 from smartspec.cli import main
-from smartspec.controller.server import ControllerServer
 from smartspec.v1 import controller_pb2
-
-
-@pytest.fixture
-def controller(redis_url, redis_prefix):
-    server = ControllerServer(port=0, redis_url=redis_url, prefix=redis_prefix)
-    server.start()
-    yield server
-    server.stop(grace=0)
 
 
 def test_trace_is_a_busy_worker_with_requests_finishing_and_joining():

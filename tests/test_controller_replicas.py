@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 
 import grpc
-import pytest
 import redis
 
 from smartspec.controller.history_table import HistoryTable
@@ -51,19 +50,6 @@ def comparable(plan: controller_pb2.StepPlan) -> controller_pb2.StepPlan:
     copy.CopyFrom(plan)
     copy.ClearField("decision_ms")
     return copy
-
-
-@pytest.fixture
-def replicas(redis_url, redis_prefix):
-    servers = [ControllerServer(0, redis_url, redis_prefix, redis_retry_after_s=0.0) for _ in range(2)]
-    for s in servers:
-        s.start()
-    channels = [grpc.insecure_channel(s.address) for s in servers]
-    yield channels
-    for ch in channels:
-        ch.close()
-    for s in servers:
-        s.stop(0)
 
 
 def test_policy_set_on_one_replica_is_used_by_the_other_next_step(replicas):
