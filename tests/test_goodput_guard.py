@@ -97,3 +97,26 @@ def test_near_a_tie_the_guard_does_not_flap():
     for index in range(10, 40):
         guard.observe(decode_step(index, 8, 2, 1, 198.0))           # 16 / 198 ms: 1% faster
     assert guard.backed_off_classes() == [batch_class(8)]
+
+
+def test_a_burst_where_speculation_stops_paying_is_held_off_within_a_few_of_its_steps():
+    """After a long stretch where speculation won at batch 32 (code edits), a burst where it loses
+    (chat) is held off after a handful of its speculative steps, not after the old record has
+    decayed over a hundred steps."""
+    guard = GoodputGuard()
+    index = 0
+    for _ in range(120):   # winning by 30%: 32 rows x 2 tokens / 230 ms vs 32 / 150 ms plain
+        k = guard.allowed_k(32, 4)
+        guard.observe(decode_step(index, 32, k, 1 if k else 0, 230.0 if k else 150.0))
+        index += 1
+    assert guard.backed_off_classes() == []
+    losing_steps = 0
+    while not guard.backed_off_classes():
+        k = guard.allowed_k(32, 4)
+        guard.observe(decode_step(index, 32, k, 0, 200.0 if k else 150.0))   # 32 tokens / 200 ms < 32 / 150
+        index += 1
+        losing_steps += k > 0
+        assert losing_steps <= 10
+    # At batch 1, one step's row is a noisy sample: its speculative record keeps a long memory.
+    assert guard.speculative_decay(1) == guard.settings.decay
+    assert guard.speculative_decay(32) < 0.9

@@ -12,6 +12,15 @@ measuring whether speculation has become worth it again.
 When a class has speculated for so long that its plain measurement has decayed away, one plain
 step is run to refresh it, so the comparison never rests on numbers from another phase of the run.
 
+The two records forget at different speeds because they measure different things. A plain step's
+rate depends on the batch and its context lengths, which drift slowly, so the plain record decays
+by `decay` per step of the class. A speculative step's rate depends on the workload (what the
+proposer guesses right), which can change from one burst to the next: after a burst of code edits
+where speculation won, a burst of chat must not ride on that record for a hundred steps. So the
+speculative record decays per speculative step, by how many rows it measured: a window of about
+`speculative_memory_rows` row-steps (~8 steps at batch 32, never more than `decay` allows at
+batch 1, where one step's row is a noisy sample).
+
 Only steps that are all decode count (a prefill chunk makes a step slow for reasons k does not
 change); a step asked for proposals that the proposer could not fill is neither kind. A row
 cancelled between steps is reported with the next step and counts one token it did not make:
@@ -71,7 +80,8 @@ class GuardSettings:
     margin: float = 0.0            # hold off once speculative steps measure below plain ones ...
     resume_margin: float = 0.03    # ... and resume only once they measure this much above: in the
                                    # band between, noise would flip it every few steps
-    decay: float = 0.99            # per step of the class: ~100 steps of memory
+    decay: float = 0.99            # plain record, per step of the class: ~100 steps of memory
+    speculative_memory_rows: float = 256.0   # speculative record: ~this many row-steps of memory
     min_steps: float = 2.0         # decayed steps of each kind needed before judging
     probe_every: int = 16          # while held off, one step in this many may speculate
     refresh_below: float = 2.0     # a plain record decayed below this many steps gets a plain step
@@ -114,11 +124,19 @@ class GoodputGuard:
             return
         cls = batch_class(len(rows))
         record = self.classes.setdefault(cls, ClassRecord())
-        record.speculative.decay(self.settings.decay)
         record.plain.decay(self.settings.decay)
         tokens = float(sum(r.accepted_tokens + 1 for r in rows))   # each row's accepted + its own token
-        (record.speculative if speculative else record.plain).add(tokens, facts.total_ms)
+        if speculative:
+            record.speculative.decay(self.speculative_decay(len(rows)))
+            record.speculative.add(tokens, facts.total_ms)
+        else:
+            record.plain.add(tokens, facts.total_ms)
         self._judge(cls, record)
+
+    def speculative_decay(self, rows: int) -> float:
+        """Per speculative step: forget faster the more rows one step measured."""
+        s = self.settings
+        return min(s.decay, math.exp(-rows / s.speculative_memory_rows))
 
     def _judge(self, cls: int, record: ClassRecord) -> None:
         s = self.settings
