@@ -13,9 +13,11 @@ WORKDIR /app
 # Dependencies first (cached while only the sources change). requirements/cpu.txt pins the torch
 # build; pass --build-arg TORCH_CONSTRAINTS=/dev/null to let pip pick any torch (e.g. for CUDA).
 ARG TORCH_CONSTRAINTS=requirements/cpu.txt
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md __init__.py ./
 COPY requirements/ requirements/
+COPY core/ core/
 COPY clients/ clients/
+COPY cli/ cli/
 COPY controller/ controller/
 COPY worker/ worker/
 COPY bench/ bench/
@@ -30,7 +32,7 @@ EXPOSE 50051 50061 9101 9102
 
 # gRPC health of whichever server this container runs, on 127.0.0.1:$SMARTSPEC_PORT.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=5 \
-  CMD ["python", "-m", "smartspec.healthcheck"]
+  CMD ["python", "-m", "smartspec.core.healthcheck"]
 
 ENTRYPOINT ["smartspec"]
 CMD ["--help"]

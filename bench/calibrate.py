@@ -28,8 +28,8 @@ from smartspec.bench.positions import check_dataset, load_positions
 from smartspec.bench.simulator import StepModel, WorkerSpec, simulate
 from smartspec.bench.step_models import cost_model_from_mapping
 from smartspec.bench.workload import Workload
-from smartspec.controller.acceptance import PooledPrior
-from smartspec.controller.policies import get
+from smartspec.core.acceptance import PooledPrior
+from smartspec.core.policies import get
 
 TOLERANCE = 0.15
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from smartspec.config import add_flag, add_option
+from smartspec.core.config import add_flag, add_option
 
 DEFAULT_POLICIES = "off,fixed:1,fixed:3,fixed:5,goodput"
 
@@ -65,8 +65,8 @@ def _stack(args) -> Iterator[tuple[str, str]]:
             raise ValueError("give --worker and --controller, or --start")
         yield args.worker, args.controller
         return
-    from smartspec.processes import free_port, start_child, stop_all
-    from smartspec.up import Ports, controller_argv, start_redis, wait_serving, worker_argv
+    from smartspec.core.processes import free_port, start_child, stop_all
+    from smartspec.core.launch import Ports, controller_argv, start_redis, wait_serving, worker_argv
 
     host = "127.0.0.1"
     log_dir = Path(tempfile.mkdtemp(prefix="smartspec-bench-"))
@@ -182,7 +182,7 @@ def run(args) -> int:
     from smartspec.bench.datasets import load_dataset
     from smartspec.bench.policy_spec import parse_policy_list
     from smartspec.bench.report import git_commit, machine_meta, write_outputs
-    from smartspec.controller.policies import PolicyError
+    from smartspec.core.policies import PolicyError
 
     if args.from_json:
         return rerender(args)
@@ -200,7 +200,7 @@ def run(args) -> int:
         return 2
 
     async def go(worker: str, controller: str) -> tuple[list, dict]:
-        from smartspec.client import AsyncClient
+        from smartspec.clients.client import AsyncClient
 
         async with AsyncClient(worker=worker, controller=controller, stream_timeout=3600) as client:
             info = await client.worker_info()
@@ -226,7 +226,7 @@ def run(args) -> int:
             }
             return records, stack
 
-    from smartspec.errors import SmartspecError
+    from smartspec.clients.errors import SmartspecError
 
     commit = git_commit()  # what the stack runs: read before, as the checkout may move during a long run
     started = time.perf_counter()

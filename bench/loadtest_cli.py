@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from smartspec.config import add_flag, add_option
+from smartspec.core.config import add_flag, add_option
 
 
 def configure(parser) -> None:
@@ -65,8 +65,8 @@ def _controllers(args, count: int) -> Iterator[tuple[list[str], list[int]]]:
         return
     import redis
 
-    from smartspec.processes import free_port, start_child, stop_all
-    from smartspec.up import wait_serving
+    from smartspec.core.processes import free_port, start_child, stop_all
+    from smartspec.core.launch import wait_serving
 
     prefix = f"smartspec-loadtest:{uuid.uuid4().hex[:8]}:"
     log_dir = Path(tempfile.mkdtemp(prefix="smartspec-loadtest-"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from smartspec.controller.policies import PolicyError, get
+from smartspec.core.policies import PolicyError, get
 
 
 def _value(text: str) -> Any:

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-from smartspec.config import add_flag, add_option
+from smartspec.core.config import add_flag, add_option
 
 DEFAULT_POLICIES = "off,fixed:1,fixed:3,fixed:5,goodput"
 
@@ -38,7 +38,7 @@ def sweep(*, step_model, alphas: Sequence[str], rates: Sequence[float], policies
     from smartspec.bench.arrivals import make_arrivals, mean_rate
     from smartspec.bench.simulator import ControllerLinkSpec, simulate
     from smartspec.bench.workload import make_workload
-    from smartspec.controller.policies import get
+    from smartspec.core.policies import get
 
     points = [(a, r) for a in alphas for r in (rates if not phases else [None])]
     total = len(points) * len(policies)
@@ -138,7 +138,7 @@ def run(args) -> int:
     from smartspec.bench.report import machine_meta, git_commit, write_outputs
     from smartspec.bench.simulator import ControllerLinkSpec, StepModel, WorkerSpec
     from smartspec.bench.step_models import parse_step_model
-    from smartspec.controller.policies import PolicyError
+    from smartspec.core.policies import PolicyError
 
     try:
         if args.positions and not args.calibrate_from:

@@ -35,10 +35,10 @@ import numpy as np
 from smartspec.bench.acceptance_models import AcceptanceFactory, RequestAcceptance
 from smartspec.bench.report import point_metrics
 from smartspec.bench.workload import Workload
-from smartspec.controller.acceptance import DEFAULT_PRIOR_FILL, DEFAULT_PRIOR_RATE, PooledPrior
-from smartspec.controller.cost_model import CostModel
+from smartspec.core.acceptance import DEFAULT_PRIOR_FILL, DEFAULT_PRIOR_RATE, PooledPrior
+from smartspec.core.cost_model import CostModel
 from smartspec.controller.planner import PlannerSettings
-from smartspec.controller.policies import BatchState, Policy, RequestState, guarded_decide
+from smartspec.core.policies import BatchState, Policy, RequestState, guarded_decide
 from smartspec.worker.scheduler import plan_prefill
 
 

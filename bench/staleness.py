@@ -29,7 +29,7 @@ from smartspec.bench.report import git_commit, machine_meta, write_json
 from smartspec.bench.simulate_cli import sweep
 from smartspec.bench.simulator import ControllerLinkSpec, StepModel, WorkerSpec
 from smartspec.bench.step_models import parse_step_model
-from smartspec.controller.policies import get
+from smartspec.core.policies import get
 
 STEP_MODEL = "h100-llama8b"
 WORKLOAD = {"prompt_tokens": "100:400", "output_tokens": "64:128"}

@@ -21,9 +21,9 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVa
 
 import grpc
 
-from smartspec.errors import InvalidArgumentError, SmartspecError, error_from_rpc
-from smartspec.retry import RetryPolicy, retry_unavailable
-from smartspec.types import (
+from smartspec.clients.errors import InvalidArgumentError, SmartspecError, error_from_rpc
+from smartspec.clients.retry import RetryPolicy, retry_unavailable
+from smartspec.clients.types import (
     ActivePolicy,
     ChatMessage,
     ControllerStatus,

@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import grpc
 
-from smartspec.config import add_option
-from smartspec.errors import SmartspecError
+from smartspec.core.config import add_option
+from smartspec.clients.errors import SmartspecError
 
 DEFAULT_CONTROLLER = "127.0.0.1:50051"
 DEFAULT_WORKER = "127.0.0.1:50061"
@@ -38,7 +38,7 @@ def add_connection_options(parser, *, worker: bool = False, controller: bool = F
 
 def client_from_args(args, **overrides: Any):
     """A blocking smartspec.Client configured from the parsed connection options."""
-    from smartspec.sync_client import Client
+    from smartspec.clients.sync_client import Client
 
     options: dict[str, Any] = dict(
         worker=getattr(args, "worker", None),

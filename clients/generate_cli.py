@@ -13,9 +13,9 @@ import dataclasses
 import json
 import sys
 
-from smartspec.client_options import add_connection_options, client_from_args, reports_errors
-from smartspec.config import add_flag, add_option, env_default, env_name
-from smartspec.types import GenerationResult
+from smartspec.clients.client_options import add_connection_options, client_from_args, reports_errors
+from smartspec.core.config import add_flag, add_option, env_default, env_name
+from smartspec.clients.types import GenerationResult
 
 
 def configure(parser) -> None:

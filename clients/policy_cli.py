@@ -17,11 +17,11 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from smartspec.client_options import add_connection_options, client_from_args, reports_errors
-from smartspec.config import add_flag, add_option
-from smartspec.errors import InvalidArgumentError
-from smartspec.table import format_table
-from smartspec.types import ActivePolicy, ParameterPy, ParameterSchema, PolicyInfo
+from smartspec.clients.client_options import add_connection_options, client_from_args, reports_errors
+from smartspec.core.config import add_flag, add_option
+from smartspec.clients.errors import InvalidArgumentError
+from smartspec.clients.table import format_table
+from smartspec.clients.types import ActivePolicy, ParameterPy, ParameterSchema, PolicyInfo
 
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})

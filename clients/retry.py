@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
-from smartspec.errors import UnavailableError
+from smartspec.clients.errors import UnavailableError
 
 T = TypeVar("T")
 

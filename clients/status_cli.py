@@ -9,11 +9,11 @@ import dataclasses
 import json
 import time
 
-from smartspec.client_options import add_connection_options, client_from_args, reports_errors
-from smartspec.config import add_flag
-from smartspec.policy_cli import format_active
-from smartspec.table import format_table
-from smartspec.types import ControllerStatus
+from smartspec.clients.client_options import add_connection_options, client_from_args, reports_errors
+from smartspec.core.config import add_flag
+from smartspec.clients.policy_cli import format_active
+from smartspec.clients.table import format_table
+from smartspec.clients.types import ControllerStatus
 
 WORKER_COLUMNS = ("worker", "model", "proposer", "device", "max k", "steps", "generated", "acceptance",
                   "mean k", "goodput tok/s", "last seen")

@@ -21,7 +21,7 @@ import inspect
 import threading
 from typing import Any, Callable
 
-from smartspec.client import AsyncClient, GenerationStream
+from smartspec.clients.client import AsyncClient, GenerationStream
 
 
 class _LoopThread:

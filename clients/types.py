@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
-from smartspec.controller.cost_model import CostModel  # the one definition, shared with the controller
-from smartspec.errors import InvalidArgumentError
+from smartspec.core.cost_model import CostModel  # the one definition, shared with the controller
+from smartspec.clients.errors import InvalidArgumentError
 from smartspec.v1 import admin_pb2, common_pb2, generation_pb2
 
 # A policy parameter as Python sees it.

@@ -7,11 +7,13 @@ import logging
 import grpc
 
 from smartspec.controller import codec
-from smartspec.controller.cost_model import OnlineCostFit
+from smartspec.core.cost_model import OnlineCostFit
 from smartspec.controller.decider import Decider
-from smartspec.controller.policies import PolicyError
+from smartspec.core.policies import PolicyError
 from smartspec.controller.store import PolicyRecord, StoreUnavailable, VersionMismatch, WorkerRecord
 from smartspec.controller.validation import InvalidInput
+from smartspec.core.codec import parameters_from_proto
+from smartspec.core.errors import FieldError, abort
 from smartspec.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -56,13 +58,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 policy = self._decider.registry.get(name)
             except PolicyError as exc:
                 raise InvalidInput("policy.name", exc.message) from None
-            raw = codec.parameters_from_proto(request.policy.parameters)
+            raw = parameters_from_proto(request.policy.parameters)
             try:
                 params = policy.validate(raw)
             except PolicyError as exc:
                 raise InvalidInput(_parameter_field(exc), exc.message) from None
-        except InvalidInput as exc:
-            context.abort(exc.code, str(exc))
+        except FieldError as exc:
+            abort(context, exc)
 
         try:
             record = self._decider.store.set_policy(name, params, request.expected_version)

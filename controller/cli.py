@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 
-from smartspec.config import add_option
-from smartspec.security import add_security_options, security_from_args
+from smartspec.core.config import add_option
+from smartspec.core.security import add_security_options, security_from_args
 
 
 def configure(parser) -> None:
@@ -61,9 +60,3 @@ def run(args) -> int:
         pass
     server.stop(args.grace_s)
     return 0
-
-
-if __name__ == "__main__":
-    from smartspec.cli import main
-
-    sys.exit(main(["controller", *sys.argv[1:]]))

@@ -14,7 +14,7 @@ from typing import Iterator
 
 import grpc
 
-from smartspec.controller.cost_model import CostModel
+from smartspec.core.cost_model import CostModel
 from smartspec.controller.decider import Decider, PlannedStep, error_plan
 from smartspec.controller.stream_memory import StreamMemory
 from smartspec.controller.validation import InvalidInput, validate_cost_override, validate_hello

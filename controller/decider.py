@@ -27,14 +27,15 @@ from typing import Any
 
 
 from smartspec.controller import validation
-from smartspec.controller.codec import plan_basis_proto, policy_spec_proto
-from smartspec.controller.acceptance import PooledPrior
-from smartspec.controller.cost_model import DEFAULT_COST_MODEL, CostModel, OnlineCostFit, fit_profile
+from smartspec.controller.codec import plan_basis_proto
+from smartspec.core.codec import policy_spec_proto
+from smartspec.core.acceptance import PooledPrior
+from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel, OnlineCostFit, fit_profile
 from smartspec.controller.metrics import ControllerMetrics
 from smartspec.controller.history_table import HistoryTable
 from smartspec.controller.planner import PlannerSettings, StepDecision, plan_step
-from smartspec.controller.policies import DEFAULT_POLICY, PolicyError, Registry
-from smartspec.controller.policies.base import Policy
+from smartspec.core.policies import DEFAULT_POLICY, PolicyError, Registry
+from smartspec.core.policies.base import Policy
 from smartspec.controller.report_columns import ReportColumns
 from smartspec.controller.store import (
     ControllerStore,

@@ -20,7 +20,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from smartspec.controller.acceptance import AcceptanceState
+from smartspec.core.acceptance import AcceptanceState
 
 # Column order of the counters array; the last one is bookkeeping, not part of AcceptanceState.
 FIELDS = ("accepted", "tested", "proposed", "requested", "steps", "last_k", "last_fully_accepted",

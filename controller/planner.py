@@ -17,20 +17,20 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from smartspec.controller.acceptance import (
+from smartspec.core.acceptance import (
     DEFAULT_PRIOR_DECAY,
     DEFAULT_PRIOR_FILL,
     DEFAULT_PRIOR_RATE,
     DEFAULT_PRIOR_STRENGTH,
     PooledPrior,
 )
-from smartspec.controller.cost_model import CostModel, OnlineCostFit
+from smartspec.core.cost_model import CostModel, OnlineCostFit
 from smartspec.controller.history_table import (
     ACCEPTED, LAST_FULL, LAST_K, PROPOSED, REQUESTED, SINCE_SPEC, TESTED, HistoryTable,
 )
-from smartspec.controller.policies import guarded_decide
-from smartspec.controller.policies.base import BatchColumns, BatchState, Policy
-from smartspec.controller.policies.optimizer import predict_plan
+from smartspec.core.policies import guarded_decide
+from smartspec.core.policies.base import BatchColumns, BatchState, Policy
+from smartspec.core.policies.optimizer import predict_plan
 from smartspec.controller.report_columns import UNKNOWN, ReportColumns
 from smartspec.controller.store import StepSnapshot, StepWrites, WorkerFigures
 from smartspec.v1 import controller_pb2

@@ -24,9 +24,9 @@ from smartspec.controller.controller_servicer import ControllerServicer
 from smartspec.controller.decider import Decider
 from smartspec.controller.metrics import ControllerMetrics
 from smartspec.controller.planner import PlannerSettings
-from smartspec.controller.policies import Registry, default_registry
+from smartspec.core.policies import Registry, default_registry
 from smartspec.controller.store import DEFAULT_PREFIX, ControllerStore
-from smartspec.security import ServerSecurity
+from smartspec.core.security import ServerSecurity
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, controller_pb2, controller_pb2_grpc
 
 log = logging.getLogger(__name__)

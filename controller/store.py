@@ -36,7 +36,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from smartspec.controller import store_scripts
-from smartspec.controller.acceptance import AcceptanceState, PooledPrior
+from smartspec.core.acceptance import AcceptanceState, PooledPrior
 from smartspec.controller.history_table import HistoryError, HistoryTable
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ Each check raises `InvalidInput` naming the offending field the way a caller wou
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import grpc
 
+from smartspec.core.errors import FieldError
 from smartspec.v1 import common_pb2, controller_pb2
 
 if TYPE_CHECKING:  # annotations only
@@ -24,17 +24,8 @@ MAX_SPECULATION_LENGTH = 64
 MAX_ID_LENGTH = 256
 
 
-@dataclass
-class InvalidInput(Exception):
+class InvalidInput(FieldError):
     """A field of a worker message is wrong; `code` is the gRPC status it maps to."""
-
-    field: str
-    message: str
-    code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT
-    request_id: str = ""  # the request at fault, for logs, when the field is inside one
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}"
 
 
 def _check_id(value: str, field: str, *, allow_colon: bool) -> None:
@@ -96,7 +87,7 @@ def validate_report_totals(report: controller_pb2.StepReport, hello: controller_
     count = len(report.requests)
     if count > MAX_BATCH_SIZE:
         raise InvalidInput(f"{prefix}requests", f"batch of {count} exceeds the controller's limit of "
-                           f"{MAX_BATCH_SIZE}", grpc.StatusCode.RESOURCE_EXHAUSTED)
+                           f"{MAX_BATCH_SIZE}", code=grpc.StatusCode.RESOURCE_EXHAUSTED)
     if count > batch_limit(hello):
         raise InvalidInput(f"{prefix}requests", f"batch of {count} exceeds the hello's max_batch_size "
                            f"{hello.max_batch_size}")

@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from smartspec.controller.cost_model import DEFAULT_COST_MODEL
-from smartspec.controller.policies import BatchState, RequestState, get, guarded_decide
+from smartspec.core.cost_model import DEFAULT_COST_MODEL
+from smartspec.core.policies import BatchState, RequestState, get, guarded_decide
 
 
 def random_batch(rng: np.random.Generator, batch: int, max_k: int) -> BatchState:

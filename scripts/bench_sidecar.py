@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from smartspec import AsyncClient, Client
-from smartspec.processes import free_port, start_child, stop_child, wait_port_open
+from smartspec.core.processes import free_port, start_child, stop_child, wait_port_open
 from smartspec.worker.engine import EngineConfig
 from smartspec.worker.model import load_model
 from smartspec.worker.proposers import make_proposer

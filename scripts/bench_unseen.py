@@ -35,8 +35,8 @@ import tempfile
 from smartspec import AsyncClient
 from smartspec.bench.cli import wait_idle
 from smartspec.bench.policy_spec import parse_policy_spec
-from smartspec.processes import free_port, start_child, stop_all
-from smartspec.up import Ports, controller_argv, start_redis, wait_serving, worker_argv
+from smartspec.core.processes import free_port, start_child, stop_all
+from smartspec.core.launch import Ports, controller_argv, start_redis, wait_serving, worker_argv
 
 NPM = Path("/usr/lib/node_modules/npm")
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from demo_support import SMARTSPEC, REDIS_URL, Child, DemoFailure, check, main_wrapper, private_prefix, wipe_prefix
 from smartspec import AsyncClient
-from smartspec.processes import free_port
+from smartspec.core.processes import free_port
 
 PROMPT = "Write a short list of tips for writing clear Python code:\n1."
 

@@ -118,7 +118,7 @@ PB2_WARNING = ensure_common_pb2()
 
 import torch  # noqa: E402
 
-from smartspec.controller.policies.base import BasePolicy, BatchState, ParameterSpec, ParameterType  # noqa: E402
+from smartspec.core.policies.base import BasePolicy, BatchState, ParameterSpec, ParameterType  # noqa: E402
 from smartspec.worker.engine import Engine, EngineConfig  # noqa: E402
 from smartspec.worker.local_policy import LocalPolicyPlanner, PolicyChoice  # noqa: E402
 from smartspec.worker.model import build_draft, load_model  # noqa: E402

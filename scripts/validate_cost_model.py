@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from smartspec.controller.cost_model import (
+from smartspec.core.cost_model import (
     DEFAULT_COST_MODEL,
     CostModel,
     ForgettingLeastSquares,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smartspec.controller.acceptance import (
+from smartspec.core.acceptance import (
     AcceptanceState,
     OutcomeError,
     PooledPrior,
@@ -177,7 +177,7 @@ def test_fill_and_acceptance_make_the_expected_tokens_match_a_bursty_proposer():
     """An all-or-nothing proposer (a long, always-right match 3 steps in 10, else nothing) at k = 8:
     with the fill rate the planner's expected tokens per step match the realised ones, where the
     acceptance rate alone (a = 1 here) would predict 9."""
-    from smartspec.controller.policies.optimizer import expected_tokens
+    from smartspec.core.policies.optimizer import expected_tokens
     state = AcceptanceState()
     realised = []
     for step in range(100):

@@ -16,7 +16,7 @@ from smartspec.bench.datasets import load_dataset
 from smartspec.bench import loadgen
 from smartspec.bench.loadgen import run_point, summarise_point
 from smartspec.bench.report import REQUIRED_FIELDS
-from smartspec.client import AsyncClient
+from smartspec.clients.client import AsyncClient
 from smartspec.v1 import generation_pb2, generation_pb2_grpc
 
 FIRST_TOKEN_S = 0.1

@@ -15,7 +15,7 @@ from smartspec.bench.arrivals import make_arrivals
 from smartspec.bench.step_models import PRESETS
 from smartspec.bench.workload import Workload
 from smartspec.cli import main
-from smartspec.controller.policies import get
+from smartspec.core.policies import get
 
 RECORD_SCHEMA = {
     "type": "object",

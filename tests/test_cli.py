@@ -9,10 +9,10 @@ import pytest
 
 from smartspec.cli import main
 from smartspec.controller.server import ControllerServer
-from smartspec.errors import InvalidArgumentError
-from smartspec.policy_cli import parse_parameter, parse_parameters
-from smartspec.security import ServerSecurity
-from smartspec.types import ParameterSchema, PolicyInfo
+from smartspec.clients.errors import InvalidArgumentError
+from smartspec.clients.policy_cli import parse_parameter, parse_parameters
+from smartspec.core.security import ServerSecurity
+from smartspec.clients.types import ParameterSchema, PolicyInfo
 from smartspec.v1 import generation_pb2_grpc
 from test_sdk import AioServerThread, EchoGeneration, free_closed_port, self_signed_certificate
 

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from smartspec.cli import build_parser
-from smartspec.config import env_name
-from smartspec.healthcheck import main as healthcheck_main
+from smartspec.core.config import env_name
+from smartspec.core.healthcheck import main as healthcheck_main
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -87,9 +87,9 @@ def test_gpu_worker_reserves_an_nvidia_gpu_under_the_gpu_profile():
 def test_health_checks_use_grpc_health_on_the_served_port(service):
     svc = SMARTSPEC_SERVICES[service]
     test = svc["healthcheck"]["test"]
-    assert test[:4] == ["CMD", "python", "-m", "smartspec.healthcheck"]
+    assert test[:4] == ["CMD", "python", "-m", "smartspec.core.healthcheck"]
     assert test[4] == f"127.0.0.1:{svc['environment']['SMARTSPEC_PORT']}"
-    assert importlib.util.find_spec("smartspec.healthcheck") is not None
+    assert importlib.util.find_spec("smartspec.core.healthcheck") is not None
 
 
 @pytest.mark.parametrize("service", sorted(SMARTSPEC_SERVICES))
@@ -113,7 +113,7 @@ def test_compose_commands_and_variables_exist_in_the_cli(service, monkeypatch):
         action = option_for_env(parser, variable)
         assert action is not None, f"{service}: {variable} is not a flag of `smartspec {command[0]}`"
         if raw == "":
-            continue  # empty = unset (smartspec.config)
+            continue  # empty = unset (smartspec.core.config)
         expected = action.type(raw) if action.type else raw
         assert getattr(args, action.dest) == expected, f"{service}: {variable} did not reach --{action.dest}"
 
@@ -127,7 +127,7 @@ def test_dockerfile_installs_pinned_cpu_torch_and_the_model_package():
     entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", DOCKERFILE, re.M).group(1))
     assert entrypoint == ["smartspec"]
     health = re.search(r"CMD (\[.*\])\s*$", DOCKERFILE.split("HEALTHCHECK", 1)[1], re.M).group(1)
-    assert json.loads(health)[:3] == ["python", "-m", "smartspec.healthcheck"]
+    assert json.loads(health)[:3] == ["python", "-m", "smartspec.core.healthcheck"]
     # every file the image copies exists
     for source in re.findall(r"^COPY (.+) \S+$", DOCKERFILE, re.M):
         for path in shlex.split(source):

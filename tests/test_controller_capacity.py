@@ -8,12 +8,12 @@ import time
 import numpy as np
 import pytest
 
-from smartspec.controller.acceptance import AcceptanceState
-from smartspec.controller.cost_model import DEFAULT_COST_MODEL
+from smartspec.core.acceptance import AcceptanceState
+from smartspec.core.cost_model import DEFAULT_COST_MODEL
 from smartspec.controller.decider import Decider
 from smartspec.controller.history_table import HistoryError, HistoryTable
 from smartspec.controller.metrics import ControllerMetrics
-from smartspec.controller.policies import BatchState, RequestState, default_registry, get, guarded_decide
+from smartspec.core.policies import BatchState, RequestState, default_registry, get, guarded_decide
 from smartspec.controller.report_columns import UNKNOWN, ReportColumns
 from smartspec.controller.store import ControllerStore
 from smartspec.controller.stream_memory import FIT_SAVE_EVERY, StreamMemory

@@ -8,8 +8,8 @@ import grpc
 import redis
 
 from smartspec.controller.history_table import HistoryTable
-from smartspec.controller.policies import BasePolicy, Registry
-from smartspec.controller.policies.registry import BUILTIN_POLICIES
+from smartspec.core.policies import BasePolicy, Registry
+from smartspec.core.policies.registry import BUILTIN_POLICIES
 from smartspec.controller.server import ControllerServer
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
 

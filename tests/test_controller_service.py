@@ -17,7 +17,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from smartspec.controller.history_table import HistoryTable
 from smartspec.controller.server import ControllerServer
-from smartspec.processes import free_port
+from smartspec.core.processes import free_port
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
 from wire import outcome
 
@@ -210,9 +210,9 @@ def test_cli_subprocess_serves_health_and_exits_on_sigterm(redis_url, redis_pref
 
 def test_planner_pure_step_bookkeeping():
     """plan_step without gRPC or Redis: evidence, pooled prior, override vs fit, writes."""
-    from smartspec.controller.cost_model import DEFAULT_COST_MODEL, CostModel, OnlineCostFit
+    from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel, OnlineCostFit
     from smartspec.controller.planner import PlannerSettings, plan_step
-    from smartspec.controller.policies import get
+    from smartspec.core.policies import get
     from smartspec.controller.store import StepSnapshot
 
     step = report(3, [outcome("old", 4, 4, context=40), outcome("new", context=10),
@@ -241,9 +241,9 @@ def test_planner_pure_step_bookkeeping():
 def test_planner_learns_fill_apart_from_acceptance():
     """2 proposals offered of 3 requested, both accepted: acceptance counts 2 of 2 tested, fill 2 of 3,
     in the request's history and in the pooled prior; the plan uses both estimates."""
-    from smartspec.controller.cost_model import CostModel, OnlineCostFit
+    from smartspec.core.cost_model import CostModel, OnlineCostFit
     from smartspec.controller.planner import PlannerSettings, plan_step
-    from smartspec.controller.policies import get
+    from smartspec.core.policies import get
     from smartspec.controller.store import StepSnapshot
 
     policy = get("fixed")
@@ -269,9 +269,9 @@ def test_planner_plans_on_what_the_proposer_can_offer_next_step():
     """A worker that looks ahead (prompt lookup) says what each request's proposer has for the next
     step: nothing -> k 0 and fill 0; fewer than k -> only that many; unset (a draft model) -> the
     average fill and the policy's k; more than k -> the policy's k."""
-    from smartspec.controller.cost_model import CostModel, OnlineCostFit
+    from smartspec.core.cost_model import CostModel, OnlineCostFit
     from smartspec.controller.planner import PlannerSettings, plan_step
-    from smartspec.controller.policies import get
+    from smartspec.core.policies import get
     from smartspec.controller.store import StepSnapshot
 
     policy = get("fixed")
@@ -294,10 +294,10 @@ def test_goodput_asks_a_rarely_matching_request_exactly_when_it_has_a_match():
     """A request whose lookup matched 1 step in 10 (but is right when it matches): planning on the
     average fill does not pay for c_spec, so it would never be asked; told that a match is there now,
     goodput asks for it, and told there is none, it does not."""
-    from smartspec.controller.acceptance import AcceptanceState, PooledPrior
-    from smartspec.controller.cost_model import CostModel, OnlineCostFit
+    from smartspec.core.acceptance import AcceptanceState, PooledPrior
+    from smartspec.core.cost_model import CostModel, OnlineCostFit
     from smartspec.controller.planner import PlannerSettings, plan_step
-    from smartspec.controller.policies import get
+    from smartspec.core.policies import get
     from smartspec.controller.store import StepSnapshot
 
     policy = get("goodput")
@@ -319,7 +319,7 @@ def test_goodput_asks_a_rarely_matching_request_exactly_when_it_has_a_match():
 
 
 def test_bearer_token_guards_services_but_not_health(redis_url, redis_prefix):
-    from smartspec.security import ServerSecurity
+    from smartspec.core.security import ServerSecurity
 
     srv = ControllerServer(0, redis_url, redis_prefix, security=ServerSecurity(auth_token="s3cret"))
     srv.start()

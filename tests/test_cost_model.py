@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from smartspec.controller.cost_model import (
+from smartspec.core.cost_model import (
     DEFAULT_COST_MODEL,
     DRAFT_FIELDS,
     VERIFY_FIELDS,

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import pytest
 
-from smartspec.controller.policies.base import BasePolicy, BatchState, ParameterSpec, ParameterType
+from smartspec.core.policies.base import BasePolicy, BatchState, ParameterSpec, ParameterType
 from smartspec.worker.engine import Engine, EngineConfig
 from smartspec.worker.local_policy import LocalPolicyPlanner, PolicyChoice
 from smartspec.worker.model import build_draft, load_model

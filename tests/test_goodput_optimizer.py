@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from smartspec.controller.cost_model import DEFAULT_COST_MODEL, CostModel
-from smartspec.controller.policies.optimizer import (
+from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
+from smartspec.core.policies.optimizer import (
     expected_tokens,
     expected_tokens_table,
     optimize_goodput,

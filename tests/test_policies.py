@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from smartspec.controller.cost_model import DEFAULT_COST_MODEL, CostModel
-from smartspec.controller.policies import (
+from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
+from smartspec.core.policies import (
     BasePolicy,
     BatchState,
     ParameterSpec,
@@ -219,7 +219,7 @@ def test_guard_clamps_to_zero_and_max_k():
 @pytest.mark.parametrize("answer", [RuntimeError("boom"), [1, 2], [1, math.nan, 1], ["a", "b", "c"], None])
 def test_guard_falls_back_to_no_speculation_and_logs(answer, caplog):
     batch = batch_of([0.5] * 3)
-    with caplog.at_level(logging.ERROR, logger="smartspec.controller.policies.guard"):
+    with caplog.at_level(logging.ERROR, logger="smartspec.core.policies.guard"):
         assert guarded_decide(Recorder(answer), batch, DEFAULT_COST_MODEL, {}) == [0, 0, 0]
     assert "recorder" in caplog.text
 
@@ -255,7 +255,7 @@ def test_registry_rejects_duplicates_and_non_policies():
 def test_entry_point_plugins_load_from_a_dist_info_on_sys_path(tmp_path, monkeypatch, caplog):
     module = f"smartspec_test_plugin_{uuid.uuid4().hex[:8]}"
     (tmp_path / f"{module}.py").write_text(textwrap.dedent("""
-        from smartspec.controller.policies import BasePolicy, ParameterSpec, ParameterType
+        from smartspec.core.policies import BasePolicy, ParameterSpec, ParameterType
 
         class Always(BasePolicy):
             description = "always k"

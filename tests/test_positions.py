@@ -15,7 +15,7 @@ from smartspec.bench.positions import load_positions, walk
 from smartspec.bench.simulator import StepModel, WorkerSpec, simulate
 from smartspec.bench.step_models import PRESETS
 from smartspec.bench.workload import Workload
-from smartspec.controller.policies import get
+from smartspec.core.policies import get
 
 CPU = PRESETS["cpu-smollm2"]
 

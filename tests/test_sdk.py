@@ -27,9 +27,9 @@ from smartspec import (
     UnauthenticatedError,
     UnavailableError,
 )
-from smartspec.retry import RetryPolicy, backoff_s
-from smartspec.security import ServerSecurity
-from smartspec.types import from_parameter_value, to_parameter_value
+from smartspec.clients.retry import RetryPolicy, backoff_s
+from smartspec.core.security import ServerSecurity
+from smartspec.clients.types import from_parameter_value, to_parameter_value
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
 
 MAX_TOKENS_LIMIT = 50

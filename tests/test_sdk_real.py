@@ -12,7 +12,7 @@ import pytest
 
 from smartspec import AsyncClient, Client, InvalidArgumentError
 from smartspec.controller.server import ControllerServer
-from smartspec.processes import free_port
+from smartspec.core.processes import free_port
 
 pytestmark = pytest.mark.slow
 

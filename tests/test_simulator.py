@@ -11,9 +11,9 @@ from smartspec.bench.arrivals import poisson_arrivals
 from smartspec.bench.simulator import StepModel, WorkerSpec, estimate_acceptance, predict_step_ms, simulate
 from smartspec.bench.step_models import PRESETS, parse_step_model
 from smartspec.bench.workload import Workload, make_workload
-from smartspec.controller.acceptance import estimate
-from smartspec.controller.cost_model import CostModel
-from smartspec.controller.policies import get
+from smartspec.core.acceptance import estimate
+from smartspec.core.cost_model import CostModel
+from smartspec.core.policies import get
 
 H100_8B = PRESETS["h100-llama8b"]
 CPU = PRESETS["cpu-smollm2"]
@@ -294,7 +294,7 @@ def _same_outcomes(a, b, *, timing=True):
 
 def test_answer_in_hand_waits_only_for_the_report_before_last_and_never_uses_older_plans():
     from smartspec.bench.simulator import ControllerAnswer, answer_in_hand
-    from smartspec.controller.acceptance import PooledPrior
+    from smartspec.core.acceptance import PooledPrior
 
     answers = [ControllerAnswer(r, arrives, PooledPrior(), {}) for r, arrives in ((3, 1.000), (4, 1.010))]
     # step 5 needs report 3, here since 1.000; report 4 lands at 1.010, not yet at 1.005
@@ -339,7 +339,7 @@ def test_stale_replan_equals_fresh_when_the_pooled_prior_cannot_move():
     """Every proposal accepted and a prior that already says so: a one-report-old prior is the fresh
     one, so at round trip 0 goodput decides exactly as with fresh plans, new requests included."""
     from smartspec.bench.simulator import ControllerLinkSpec
-    from smartspec.controller.acceptance import PooledPrior
+    from smartspec.core.acceptance import PooledPrior
 
     wl = small_workload(150, rate=20, seed=3)
     prior = PooledPrior(100.0, 100.0, 100.0, 100.0)

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from smartspec.controller.acceptance import AcceptanceState
+from smartspec.core.acceptance import AcceptanceState
 from smartspec.controller.history_table import HistoryTable
 from smartspec.controller.store import (
     ControllerStore,

@@ -19,10 +19,10 @@ import pytest
 import redis
 
 from smartspec import Client
-from smartspec.demo import compact_ks, demo_prompts, k_range, report_table
-from smartspec.processes import start_child, stop_all, stop_child
-from smartspec.types import GenerationResult, SpeculationStats, Usage
-from smartspec.up import start_redis
+from smartspec.cli.demo import compact_ks, demo_prompts, k_range, report_table
+from smartspec.core.processes import start_child, stop_all, stop_child
+from smartspec.clients.types import GenerationResult, SpeculationStats, Usage
+from smartspec.core.launch import start_redis
 
 
 def alive(pid: int) -> bool:

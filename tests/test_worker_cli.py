@@ -80,7 +80,7 @@ def test_startup_profile_covers_the_grid_and_reaches_the_hello():
         assert all(s.verify_ms > 0 and s.draft_ms >= 0 and s.context_tokens == 128 for s in server.profile)
         assert list(server.hello().profile) == server.profile
         # The local goodput policy plans with the cost model fitted from this profile, not the prior.
-        from smartspec.controller.cost_model import DEFAULT_COST_MODEL
+        from smartspec.core.cost_model import DEFAULT_COST_MODEL
 
         assert server.engine.planner.cost != DEFAULT_COST_MODEL
     finally:

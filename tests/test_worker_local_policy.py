@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from smartspec.controller.policies.base import PolicyError
+from smartspec.core.policies.base import PolicyError
 from smartspec.worker.local_policy import AcceptanceBook, LocalPolicyPlanner, parse_policy_spec
 from smartspec.worker.steps import PlanQuery, RequestFacts, StepFacts
 

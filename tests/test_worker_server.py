@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from smartspec.security import ServerSecurity
+from smartspec.core.security import ServerSecurity
 from smartspec.v1 import generation_pb2 as pb
 from smartspec.v1 import generation_pb2_grpc
 from smartspec.worker.engine import EngineConfig

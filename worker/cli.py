@@ -1,6 +1,6 @@
 """`smartspec worker`: load a model and a proposer, serve Generation, follow a controller.
 
-Every flag is also a SMARTSPEC_* environment variable (see smartspec.config).
+Every flag is also a SMARTSPEC_* environment variable (see smartspec.core.config).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 import threading
 from typing import Any
 
-from smartspec.config import add_option
-from smartspec.security import add_security_options, security_from_args
+from smartspec.core.config import add_option
+from smartspec.core.security import add_security_options, security_from_args
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -31,7 +31,7 @@ import grpc
 
 from smartspec.v1 import controller_pb2, controller_pb2_grpc
 
-from smartspec.controller.acceptance import OutcomeError
+from smartspec.core.acceptance import OutcomeError
 
 from .goodput_guard import GoodputGuard
 from .local_policy import AcceptanceBook

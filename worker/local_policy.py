@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from smartspec.controller.acceptance import (
+from smartspec.core.acceptance import (
     DEFAULT_PRIOR_FILL,
     DEFAULT_PRIOR_RATE,
     DEFAULT_PRIOR_STRENGTH,
@@ -20,10 +20,10 @@ from smartspec.controller.acceptance import (
     next_step_fill,
     requested_or_proposed,
 )
-from smartspec.controller.cost_model import DEFAULT_COST_MODEL, CostModel
-from smartspec.controller.policies import registry
-from smartspec.controller.policies.base import BatchState, ParameterType, Policy, PolicyError, RequestState
-from smartspec.controller.policies.guard import guarded_decide
+from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
+from smartspec.core.policies import registry
+from smartspec.core.policies.base import BatchState, ParameterType, Policy, PolicyError, RequestState
+from smartspec.core.policies.guard import guarded_decide
 
 from .goodput_guard import GoodputGuard
 from .steps import PlanQuery, StepFacts

@@ -18,13 +18,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from smartspec.controller.acceptance import PooledPrior
-from smartspec.controller.codec import parameters_from_proto
-from smartspec.controller.cost_model import CostModel, CostModelError
-from smartspec.controller.policies import registry
-from smartspec.controller.policies.base import Policy, PolicyError
-from smartspec.controller.policies.guard import guarded_decide
-from smartspec.controller.validation import InvalidInput
+from smartspec.core.acceptance import PooledPrior
+from smartspec.core.codec import parameters_from_proto
+from smartspec.core.cost_model import CostModel
+from smartspec.core.policies import registry
+from smartspec.core.policies.base import Policy
+from smartspec.core.policies.guard import guarded_decide
+from smartspec.core.errors import FieldError
 from smartspec.v1 import controller_pb2
 
 from .goodput_guard import GoodputGuard
@@ -59,7 +59,7 @@ def decode_basis(message: controller_pb2.PlanBasis) -> PlanBasis | None:
         cost = CostModel.from_proto(message.cost_model)
         prior = PooledPrior(message.prior_accepted, message.prior_tested, message.prior_proposed,
                             message.prior_requested)
-    except (PolicyError, InvalidInput, CostModelError, KeyError, ValueError) as exc:
+    except (FieldError, KeyError, ValueError) as exc:
         log.warning("plan basis unusable on this worker (%s); applying the controller's k as sent", exc)
         return None
     return PlanBasis(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from smartspec.v1 import generation_pb2
+from smartspec.core.errors import FieldError
 
 from .sequence import GenerationRequest
 
@@ -28,11 +29,8 @@ class RequestLimits:
     max_temperature: float = 2.0
 
 
-class InvalidRequest(ValueError):
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
+class InvalidRequest(FieldError):
+    """A Generate request's field is wrong (maps to INVALID_ARGUMENT)."""
 
 
 def prompt_token_ids(request: generation_pb2.GenerateRequest, tokenizer: Any) -> tuple[str, list[int]]:

@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from smartspec.security import ServerSecurity
+from smartspec.core.security import ServerSecurity
 from smartspec.v1 import common_pb2, controller_pb2, generation_pb2, generation_pb2_grpc
 
 from .controller_link import ControllerLink, LinkConfig
@@ -193,7 +193,7 @@ class WorkerServer:
         if self._planner_override is not None:
             return self._planner_override
         if opts.controller == "none":
-            from smartspec.controller.cost_model import DEFAULT_COST_MODEL, fit_profile
+            from smartspec.core.cost_model import DEFAULT_COST_MODEL, fit_profile
 
             cost = fit_profile(self.profile) if self.profile else DEFAULT_COST_MODEL
             return LocalPolicyPlanner(self.local_policy, max_k=opts.engine.max_k, cost=cost, metrics=self.metrics)

@@ -35,18 +35,14 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from smartspec.v1 import common_pb2
+from smartspec.core.errors import FieldError
 
 VERIFY_FIELDS = ("c_fixed_ms", "c_spec_ms", "c_spec_row_ms", "c_tok_ms", "c_kv_ms", "c_row_ms", "c_width_ms")
 DRAFT_FIELDS = ("d_fixed_ms", "d_row_ms", "d_tok_ms", "d_kv_ms")
 
 
-class CostModelError(ValueError):
+class CostModelError(FieldError):
     """A coefficient is negative or not finite; `field` names it (maps to INVALID_ARGUMENT)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def _as_batch(values: Sequence[float] | np.ndarray | None, like: np.ndarray) -> np.ndarray:

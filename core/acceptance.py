@@ -28,19 +28,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping, Sequence
 
+from smartspec.core.errors import FieldError
+
 DEFAULT_PRIOR_RATE = 0.5  # when nothing at all has been seen for a proposer kind
 DEFAULT_PRIOR_FILL = 1.0  # likewise for the fill rate: a draft model always fills what it is asked
 DEFAULT_PRIOR_STRENGTH = 8.0  # pseudo-trials: ~2 full steps at k = 4 before own history dominates
 DEFAULT_PRIOR_DECAY = 0.995  # per pooled update: the pool remembers roughly the last 200 updates
 
 
-class OutcomeError(ValueError):
+class OutcomeError(FieldError):
     """A reported outcome is impossible; `field` is the RequestOutcome field at fault."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 def positions_tested(proposed: int, accepted: int) -> int:

@@ -16,9 +16,9 @@ import textwrap
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from smartspec.client import AsyncClient
-from smartspec.table import format_table
-from smartspec.types import GenerationResult
+from smartspec.clients.client import AsyncClient
+from smartspec.clients.table import format_table
+from smartspec.clients.types import GenerationResult
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Speculation policies: pure functions (batch facts, estimates, cost model, params) -> per-request k."""
 
-from smartspec.controller.policies.base import (
+from smartspec.core.policies.base import (
     BasePolicy,
     BatchState,
     ParameterSpec,
@@ -11,9 +11,9 @@ from smartspec.controller.policies.base import (
     UnknownPolicyError,
     validate_parameters,
 )
-from smartspec.controller.policies.guard import guarded_decide, sanitize_batch
-from smartspec.controller.policies.optimizer import GoodputPlan, expected_tokens, optimize_goodput, predict_plan
-from smartspec.controller.policies.registry import (
+from smartspec.core.policies.guard import guarded_decide, sanitize_batch
+from smartspec.core.policies.optimizer import GoodputPlan, expected_tokens, optimize_goodput, predict_plan
+from smartspec.core.policies.registry import (
     DEFAULT_POLICY,
     ENTRY_POINT_GROUP,
     Registry,

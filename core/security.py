@@ -108,7 +108,7 @@ class AioBearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
 def add_security_options(parser) -> None:
     """--auth-token / --tls-cert / --tls-key for server subcommands (SMARTSPEC_* env too)."""
-    from smartspec.config import add_option
+    from smartspec.core.config import add_option
 
     add_option(parser, "--auth-token", default="", help="require `authorization: Bearer TOKEN` on every call but health")
     add_option(parser, "--tls-cert", default="", help="PEM certificate file; with --tls-key serves TLS")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from smartspec.controller.cost_model import CostModel
-from smartspec.controller.policies.base import BasePolicy, BatchState, ParameterSpec, ParameterType
+from smartspec.core.cost_model import CostModel
+from smartspec.core.policies.base import BasePolicy, BatchState, ParameterSpec, ParameterType
 
 
 class BatchThresholdPolicy(BasePolicy):

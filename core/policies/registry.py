@@ -7,8 +7,8 @@ import logging
 from importlib import metadata
 from typing import Any, Callable, Iterable
 
-from smartspec.controller.policies import batch_threshold, fixed, goodput, heuristic, off, table
-from smartspec.controller.policies.base import Policy, UnknownPolicyError
+from smartspec.core.policies import batch_threshold, fixed, goodput, heuristic, off, table
+from smartspec.core.policies.base import Policy, UnknownPolicyError
 
 log = logging.getLogger(__name__)
 

@@ -17,70 +17,12 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from smartspec.config import add_flag, add_option
-from smartspec.errors import SmartspecError
-from smartspec.healthcheck import check as health_status
-from smartspec.processes import Child, check_ports_free, free_port, start_child, stop_all, wait_port_open
-from smartspec.redis_launcher import find_redis_server, redis_server_argv
-
-
-@dataclass(frozen=True)
-class Ports:
-    controller: int
-    worker: int
-    controller_metrics: int
-    worker_metrics: int
-
-
-def resolve_port(port: int, host: str) -> int:
-    """0 means "any free port": chosen here, because `up` must know it to wait and to print it."""
-    return port if port else free_port(host)
-
-
-def controller_argv(host: str, ports: Ports, redis_url: str, redis_prefix: str) -> list[str]:
-    return [sys.executable, "-m", "smartspec.cli", "controller", "--host", host, "--port", str(ports.controller),
-            "--metrics-port", str(ports.controller_metrics), "--redis", redis_url, "--redis-prefix", redis_prefix]
-
-
-def worker_argv(host: str, ports: Ports, model: str, proposer: str) -> list[str]:
-    argv = [sys.executable, "-m", "smartspec.cli", "worker", "--host", host, "--port", str(ports.worker),
-            "--metrics-port", str(ports.worker_metrics), "--controller", f"{host}:{ports.controller}",
-            "--proposer", proposer]
-    return argv + (["--model", model] if model else [])
-
-
-def wait_serving(child: Child, address: str, timeout_s: float, what: str) -> None:
-    """Poll grpc.health.v1 until SERVING, with a spinner on a terminal; fail fast if the child dies."""
-    from tqdm import tqdm
-
-    interactive = sys.stderr.isatty()
-    if not interactive:
-        print(f"waiting for {child.name} ({what})", file=sys.stderr, flush=True)
-    deadline = time.monotonic() + timeout_s
-    with tqdm(desc=f"waiting for {child.name} ({what})", total=None, leave=False, file=sys.stderr,
-              bar_format="{desc}: {elapsed}", disable=not interactive) as spinner:
-        while True:
-            if not child.alive():
-                raise RuntimeError(f"{child.name} exited with status {child.process.returncode}; "
-                                   f"last log lines ({child.log_path}):\n{child.log_tail()}")
-            if health_status(address, timeout_s=1.0) == "SERVING":
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{child.name} at {address} not SERVING after {timeout_s:.0f} s; "
-                                   f"see {child.log_path}")
-            time.sleep(0.25)
-            spinner.update(0)  # redraw the elapsed time
-
-
-def start_redis(log_dir: Path) -> tuple[Child, str]:
-    port = free_port("127.0.0.1")
-    child = start_child("redis", redis_server_argv(find_redis_server(), port), log_dir)
-    if not wait_port_open("127.0.0.1", port, timeout_s=10):
-        raise RuntimeError(f"redis-server did not open port {port}:\n{child.log_tail()}")
-    return child, f"redis://127.0.0.1:{port}/0"
+from smartspec.clients.errors import SmartspecError
+from smartspec.core.config import add_flag, add_option
+from smartspec.core.launch import Ports, controller_argv, resolve_port, start_redis, wait_serving, worker_argv
+from smartspec.core.processes import Child, check_ports_free, start_child, stop_all
 
 
 def listening_lines(host: str, ports: Ports, redis_url: str, children: dict[str, Child]) -> list[str]:
@@ -123,8 +65,8 @@ def serve_until_stopped(children: list[Child]) -> int:
 
 
 def run_demo(host: str, ports: Ports, max_tokens: int) -> None:
-    from smartspec.client import AsyncClient
-    from smartspec.demo import run_demo as demo
+    from smartspec.clients.client import AsyncClient
+    from smartspec.cli.demo import run_demo as demo
 
     async def go() -> str:
         async with AsyncClient(worker=f"{host}:{ports.worker}", controller=f"{host}:{ports.controller}",

@@ -1,7 +1,7 @@
 """The `smartspec` command: one entry point, one module per subcommand.
 
 Each subcommand module exposes `configure(parser)` (adds its flags, with defaults from
-SMARTSPEC_* environment variables via `smartspec.config.env_default`) and `run(args) -> int`.
+SMARTSPEC_* environment variables via `smartspec.core.config.env_default`) and `run(args) -> int`.
 Modules are imported only when their subcommand runs, so `smartspec generate` does not load torch.
 """
 
@@ -15,10 +15,10 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "controller": ("smartspec.controller.cli", "run a stateless controller (gRPC) backed by Redis"),
     "worker": ("smartspec.worker.cli", "run an inference worker with speculative decoding"),
-    "up": ("smartspec.up", "start Redis, a controller and a worker locally; --demo runs a workload"),
-    "generate": ("smartspec.generate_cli", "stream a completion from a worker"),
-    "policy": ("smartspec.policy_cli", "list, get or set the controller's speculation policy"),
-    "status": ("smartspec.status_cli", "show connected workers, the active policy and figures"),
+    "up": ("smartspec.cli.up", "start Redis, a controller and a worker locally; --demo runs a workload"),
+    "generate": ("smartspec.clients.generate_cli", "stream a completion from a worker"),
+    "policy": ("smartspec.clients.policy_cli", "list, get or set the controller's speculation policy"),
+    "status": ("smartspec.clients.status_cli", "show connected workers, the active policy and figures"),
     "bench": ("smartspec.bench.cli", "open-loop load benchmark across rates and policies"),
     "simulate": ("smartspec.bench.simulate_cli", "discrete-event simulation with the real policy code"),
     "loadtest": ("smartspec.bench.loadtest_cli", "simulated worker streams against controllers: latency and steps/s"),
@@ -52,7 +52,3 @@ def main(argv: list[str] | None = None) -> int:
     if run is None:
         parser.error(f"subcommand {args.command!r} is not available")
     return int(run(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Protocol, Sequence, ru
 
 import numpy as np
 
+from smartspec.core.errors import FieldError
+
 if TYPE_CHECKING:  # the cost model imports nothing from here; only type hints point back
-    from smartspec.controller.cost_model import CostModel
+    from smartspec.core.cost_model import CostModel
 
 
 @dataclass(frozen=True)
@@ -148,20 +150,14 @@ class BatchState:
         return cached
 
 
-class PolicyError(ValueError):
+class PolicyError(FieldError):
     """A policy name or parameter is wrong; `field` names the culprit (maps to INVALID_ARGUMENT)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 class UnknownPolicyError(PolicyError, KeyError):
     """No policy is registered under that name (field "name"). Also a KeyError, for lookups."""
 
-    def __str__(self) -> str:  # KeyError would quote the message
-        return f"{self.field}: {self.message}"
+    __str__ = FieldError.__str__   # KeyError's would quote the message
 
 
 class ParameterType(enum.Enum):

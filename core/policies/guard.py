@@ -12,9 +12,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from smartspec.controller.acceptance import DEFAULT_PRIOR_RATE
-from smartspec.controller.cost_model import CostModel
-from smartspec.controller.policies.base import BatchState, Policy
+from smartspec.core.acceptance import DEFAULT_PRIOR_RATE
+from smartspec.core.cost_model import CostModel
+from smartspec.core.policies.base import BatchState, Policy
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from smartspec.controller.cost_model import CostModel
-from smartspec.controller.policies.base import (
+from smartspec.core.cost_model import CostModel
+from smartspec.core.policies.base import (
     BasePolicy,
     BatchState,
     ParameterSpec,

@@ -1,10 +1,10 @@
-"""`python -m smartspec.healthcheck [HOST:PORT]`: exit 0 when the server's gRPC health is SERVING.
+"""`python -m smartspec.core.healthcheck [HOST:PORT]`: exit 0 when the server's gRPC health is SERVING.
 
 For container health checks (compose.yaml, Dockerfile) and scripts. Asks the standard
 grpc.health.v1 service, which the servers leave open without a bearer token. Without an address it
 checks 127.0.0.1 on $SMARTSPEC_PORT, the port the container's own server was told to use.
 
-    python -m smartspec.healthcheck 127.0.0.1:50051 --service smartspec.v1.Admin
+    python -m smartspec.core.healthcheck 127.0.0.1:50051 --service smartspec.v1.Admin
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def check(address: str, service: str = "", timeout_s: float = 3.0, tls_ca: str =
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m smartspec.healthcheck", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m smartspec.core.healthcheck", description=__doc__.splitlines()[0])
     parser.add_argument("address", nargs="?", default=f"127.0.0.1:{os.environ.get('SMARTSPEC_PORT') or 50051}",
                         help="HOST:PORT of a smartspec controller or worker (default: 127.0.0.1:$SMARTSPEC_PORT)")
     parser.add_argument("--service", default="", help="service name to check ('' = the whole server)")

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from smartspec.controller.cost_model import CostModel
+from smartspec.core.cost_model import CostModel
 
 
 def expected_tokens_table(acceptance: np.ndarray, max_k: int, fill: np.ndarray | None = None) -> np.ndarray:

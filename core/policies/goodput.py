@@ -6,10 +6,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from smartspec.controller.acceptance import DEFAULT_PRIOR_STRENGTH
-from smartspec.controller.cost_model import CostModel
-from smartspec.controller.policies.base import BasePolicy, BatchState, ParameterSpec, ParameterType
-from smartspec.controller.policies.optimizer import optimize_goodput
+from smartspec.core.acceptance import DEFAULT_PRIOR_STRENGTH
+from smartspec.core.cost_model import CostModel
+from smartspec.core.policies.base import BasePolicy, BatchState, ParameterSpec, ParameterType
+from smartspec.core.policies.optimizer import optimize_goodput
 
 # Below this many verified positions pooled over the proposer kind, estimates are still the cold guess.
 COLD_EVIDENCE = DEFAULT_PRIOR_STRENGTH
