@@ -17,6 +17,7 @@ import grpc
 from smartspec.core.cost_model import CostModel
 from smartspec.controller.decider import Decider, PlannedStep, error_plan
 from smartspec.controller.stream_memory import StreamMemory
+from smartspec.core.errors import abort
 from smartspec.controller.validation import InvalidInput, validate_cost_override, validate_hello
 from smartspec.v1 import controller_pb2, controller_pb2_grpc
 
@@ -62,7 +63,7 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         try:
             validate_hello(hello, "hello")
         except InvalidInput as exc:
-            context.abort(exc.code, str(exc))
+            abort(context, exc)
         return self._decider.connect(hello)
 
     def _plan_or_error(self, session, report: controller_pb2.StepReport, memory: StreamMemory) -> PlannedStep:
@@ -93,4 +94,4 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
             return self._decider.step(session, request.report, field_prefix="report.", cost_override=override)
         except InvalidInput as exc:
             self._decider.metrics.rejected_reports.labels(exc.field.split("[")[0]).inc()
-            context.abort(exc.code, str(exc))
+            abort(context, exc)

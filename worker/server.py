@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from smartspec.core.errors import abort
 from smartspec.core.security import ServerSecurity
 from smartspec.v1 import common_pb2, controller_pb2, generation_pb2, generation_pb2_grpc
 
@@ -108,7 +109,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             with engine.tokenizer_lock:
                 domain = to_domain(request, self._worker.model.tokenizer, self._worker.limits)
         except InvalidRequest as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            abort(context, exc)
         try:
             handle: RequestHandle = engine.submit(domain)
         except QueueFullError as exc:
