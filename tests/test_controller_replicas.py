@@ -114,7 +114,7 @@ def test_stream_moves_to_another_replica_without_losing_history(replicas, redis_
     client.close()
     assert (good.accepted, good.steps) == (4 * 7, 8)
     # tested also counts a failed position whenever the replayed 4 proposals were fewer than the k
-    # the controller planned (a proposer that ran dry, see controller/acceptance.py)
+    # the controller planned (a proposer that ran dry, see core/acceptance.py)
     assert 4 * 7 <= good.tested <= 4 * 7 + 7
 
 
