@@ -30,7 +30,7 @@ def cost_model_from_profile(samples: list[Mapping[str, Any]]) -> CostModel:
     """Fit a startup profile: [{batch_size, speculation_length, context_tokens, draft_ms, verify_ms}, ...]."""
     from types import SimpleNamespace
 
-    from smartspec.core.cost_model import fit_profile
+    from smartspec.core.cost_fit import fit_profile
 
     needed = ("batch_size", "speculation_length", "context_tokens", "draft_ms", "verify_ms")
     for i, sample in enumerate(samples):

@@ -7,7 +7,7 @@ import logging
 import grpc
 
 from smartspec.controller import codec
-from smartspec.core.cost_model import OnlineCostFit
+from smartspec.core.cost_fit import OnlineCostFit
 from smartspec.controller.decider import Decider
 from smartspec.core.policies import PolicyError
 from smartspec.controller.store import PolicyRecord, StoreUnavailable, VersionMismatch, WorkerRecord

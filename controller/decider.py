@@ -30,7 +30,8 @@ from smartspec.controller import validation
 from smartspec.controller.codec import plan_basis_proto
 from smartspec.core.codec import policy_spec_proto
 from smartspec.core.acceptance import PooledPrior
-from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel, OnlineCostFit, fit_profile
+from smartspec.core.cost_fit import OnlineCostFit, fit_profile
+from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
 from smartspec.controller.metrics import ControllerMetrics
 from smartspec.controller.history_table import HistoryTable
 from smartspec.controller.planner import PlannerSettings, StepDecision, plan_step

@@ -24,7 +24,8 @@ from smartspec.core.acceptance import (
     DEFAULT_PRIOR_STRENGTH,
     PooledPrior,
 )
-from smartspec.core.cost_model import CostModel, OnlineCostFit
+from smartspec.core.cost_fit import OnlineCostFit
+from smartspec.core.cost_model import CostModel
 from smartspec.controller.history_table import (
     ACCEPTED, LAST_FULL, LAST_K, PROPOSED, REQUESTED, SINCE_SPEC, TESTED, HistoryTable,
 )

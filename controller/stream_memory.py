@@ -26,7 +26,7 @@ from dataclasses import dataclass
 # Steps between two writes of a cost fit only this stream writes.
 FIT_SAVE_EVERY = 8
 
-from smartspec.core.cost_model import OnlineCostFit
+from smartspec.core.cost_fit import OnlineCostFit
 from smartspec.controller.history_table import HistoryTable
 from smartspec.controller.store import WorkerFigures
 

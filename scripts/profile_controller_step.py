@@ -24,7 +24,7 @@ import redis
 from smartspec.bench.controller_trace import build_trace, hello_message, worker_message
 from smartspec.controller import decider as decider_module
 from smartspec.controller import planner as planner_module
-from smartspec.core.cost_model import OnlineCostFit
+from smartspec.core.cost_fit import OnlineCostFit
 from smartspec.controller.decider import Decider
 from smartspec.controller.metrics import ControllerMetrics
 from smartspec.core.policies import default_registry

@@ -44,14 +44,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from smartspec.core.cost_model import (
-    DEFAULT_COST_MODEL,
-    CostModel,
-    ForgettingLeastSquares,
-    OnlineCostFit,
-    _prior_gram,
-    _relative_weight,
-)
+from smartspec.core.cost_fit import ForgettingLeastSquares, OnlineCostFit, _prior_gram, _relative_weight
+from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
 
 COMPOSITIONS = ("all-0", "half-4", "all-2", "all-4", "all-8", "one-8")
 PRIORS = {

@@ -210,7 +210,8 @@ def test_cli_subprocess_serves_health_and_exits_on_sigterm(redis_url, redis_pref
 
 def test_planner_pure_step_bookkeeping():
     """plan_step without gRPC or Redis: evidence, pooled prior, override vs fit, writes."""
-    from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel, OnlineCostFit
+    from smartspec.core.cost_fit import OnlineCostFit
+    from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
     from smartspec.controller.planner import PlannerSettings, plan_step
     from smartspec.core.policies import get
     from smartspec.controller.store import StepSnapshot
@@ -241,7 +242,8 @@ def test_planner_pure_step_bookkeeping():
 def test_planner_learns_fill_apart_from_acceptance():
     """2 proposals offered of 3 requested, both accepted: acceptance counts 2 of 2 tested, fill 2 of 3,
     in the request's history and in the pooled prior; the plan uses both estimates."""
-    from smartspec.core.cost_model import CostModel, OnlineCostFit
+    from smartspec.core.cost_fit import OnlineCostFit
+    from smartspec.core.cost_model import CostModel
     from smartspec.controller.planner import PlannerSettings, plan_step
     from smartspec.core.policies import get
     from smartspec.controller.store import StepSnapshot
@@ -269,7 +271,8 @@ def test_planner_plans_on_what_the_proposer_can_offer_next_step():
     """A worker that looks ahead (prompt lookup) says what each request's proposer has for the next
     step: nothing -> k 0 and fill 0; fewer than k -> only that many; unset (a draft model) -> the
     average fill and the policy's k; more than k -> the policy's k."""
-    from smartspec.core.cost_model import CostModel, OnlineCostFit
+    from smartspec.core.cost_fit import OnlineCostFit
+    from smartspec.core.cost_model import CostModel
     from smartspec.controller.planner import PlannerSettings, plan_step
     from smartspec.core.policies import get
     from smartspec.controller.store import StepSnapshot
@@ -295,7 +298,8 @@ def test_goodput_asks_a_rarely_matching_request_exactly_when_it_has_a_match():
     average fill does not pay for c_spec, so it would never be asked; told that a match is there now,
     goodput asks for it, and told there is none, it does not."""
     from smartspec.core.acceptance import AcceptanceState, PooledPrior
-    from smartspec.core.cost_model import CostModel, OnlineCostFit
+    from smartspec.core.cost_fit import OnlineCostFit
+    from smartspec.core.cost_model import CostModel
     from smartspec.controller.planner import PlannerSettings, plan_step
     from smartspec.core.policies import get
     from smartspec.controller.store import StepSnapshot

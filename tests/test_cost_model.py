@@ -1,4 +1,4 @@
-"""Cost model formula, (de)serialisation, and the online fit recovering known coefficients."""
+"""Cost model formula and (de)serialisation (the online fit: test_cost_fit.py)."""
 
 from __future__ import annotations
 
@@ -8,24 +8,14 @@ import math
 import numpy as np
 import pytest
 
+from cost_steps import TRUE_MODEL
 from smartspec.core.cost_model import (
     DEFAULT_COST_MODEL,
-    DRAFT_FIELDS,
-    VERIFY_FIELDS,
     CostModel,
     CostModelError,
-    OnlineCostFit,
-    _nonnegative_least_squares_by_supports,
-    fit_profile,
-    nonnegative_least_squares,
     padded_attention_cells,
 )
 from smartspec.v1 import common_pb2
-
-TRUE_MODEL = CostModel(
-    c_fixed_ms=30.0, c_spec_ms=12.0, c_spec_row_ms=3.0, c_tok_ms=1.5, c_kv_ms=0.004, c_row_ms=2.0,
-    c_width_ms=4e-4, d_fixed_ms=6.0, d_row_ms=2.0, d_tok_ms=0.4, d_kv_ms=0.0008, overhead_ms=0.0,
-)
 
 
 def draft_by_depth(cost: CostModel, ks, contexts) -> float:
@@ -35,23 +25,6 @@ def draft_by_depth(cost: CostModel, ks, contexts) -> float:
         active = [i for i, k in enumerate(ks) if k >= depth]
         total += cost.d_fixed_ms + cost.d_tok_ms * len(active) + cost.d_kv_ms * sum(contexts[i] for i in active)
     return total
-
-
-def random_step(rng: np.random.Generator):
-    batch = int(rng.integers(1, 33))
-    # the share of rows that speculate varies from step to step (some steps: none), so the
-    # per-speculating-row terms are told apart from the per-row and per-token ones
-    speculating = rng.random(batch) < rng.random() * (rng.random() < 0.8)
-    ks = rng.integers(1, 9, size=batch) * speculating
-    contexts = rng.integers(50, 2000, size=batch)
-    prefills = np.where(rng.random(batch) < 0.1, rng.integers(1, 200, size=batch), 0)
-    return ks, contexts, prefills
-
-
-def noisy_times(rng, cost: CostModel, ks, contexts, prefills, noise=0.05):
-    draft = cost.draft_ms(ks, contexts) * (1 + noise * rng.standard_normal())
-    verify = cost.verify_ms(ks, contexts, prefills) * (1 + noise * rng.standard_normal())
-    return max(0.0, draft), max(0.0, verify)
 
 
 # ---------------------------------------------------------------- formula
@@ -169,190 +142,3 @@ def test_round_trips_through_dict_json_and_proto():
     with pytest.raises(CostModelError) as info:
         CostModel.from_dict({"c_fixed": 5})
     assert info.value.field == "c_fixed"
-
-
-# ---------------------------------------------------------------- non-negative least squares
-
-
-def test_nonnegative_least_squares_satisfies_kkt():
-    rng = np.random.default_rng(11)
-    for _ in range(50):
-        x = rng.standard_normal((40, 4))
-        y = x @ rng.standard_normal(4) + 0.1 * rng.standard_normal(40)  # some true coefficients < 0
-        gram, moment = x.T @ x, x.T @ y
-        solution = nonnegative_least_squares(gram, moment)
-        gradient = gram @ solution - moment
-        assert (solution >= 0).all()
-        assert np.allclose(gradient[solution > 0], 0.0, atol=1e-8)  # free coordinates are optimal
-        assert (gradient[solution == 0] >= -1e-8).all()  # pushing a zero up would not help
-
-
-def test_active_set_solver_equals_trying_every_support():
-    """Lawson-Hanson against the brute-force optimum, on problems whose coefficients differ by
-    eight orders of magnitude (as c_width_ms and c_fixed_ms do)."""
-    rng = np.random.default_rng(12)
-    for _ in range(300):
-        size = int(rng.integers(1, 8))
-        units = 10.0 ** rng.uniform(-4, 4, size)
-        x = rng.standard_normal((40, size)) * units
-        y = x @ (rng.standard_normal(size) / units) + 0.1 * rng.standard_normal(40)
-        gram, moment = x.T @ x, x.T @ y
-        fast, slow = nonnegative_least_squares(gram, moment), _nonnegative_least_squares_by_supports(gram, moment)
-        objective = lambda theta: theta @ gram @ theta - 2 * moment @ theta  # noqa: E731
-        assert (fast >= 0).all()
-        assert objective(fast) == pytest.approx(objective(slow), rel=1e-9, abs=1e-9)
-
-
-# ---------------------------------------------------------------- online fit
-
-
-def test_online_fit_recovers_known_coefficients_from_noisy_steps():
-    rng = np.random.default_rng(0)
-    # The prior counts as one typical step of its own (~135 ms at batch 8, k 4); these steps run
-    # up to a second, and the fit weighs relative error, so 5 such steps would outweigh ~100 of them.
-    fit = OnlineCostFit.create(DEFAULT_COST_MODEL, forgetting=1.0, prior_weight=1.0)
-    for _ in range(600):
-        ks, contexts, prefills = random_step(rng)
-        draft, verify = noisy_times(rng, TRUE_MODEL, ks, contexts, prefills)
-        fit.observe(ks, contexts, prefills, draft, verify, total_ms=draft + verify + 1.0)
-    model = fit.model()
-    # well-excited directions come back to a few percent; c_spec (one indicator bit per step) and
-    # the draft's per-token terms (nearly collinear with max k and k * context) are looser, and so
-    # are the per-row terms: rows, summed context and padded cells all grow with the batch, and a
-    # per-row millisecond is small beside a 5% noise on the whole step
-    tolerance = {"c_fixed_ms": 0.1, "c_tok_ms": 0.1, "c_kv_ms": 0.1, "d_fixed_ms": 0.1,
-                 "c_spec_ms": 0.25, "d_tok_ms": 0.25, "d_kv_ms": 0.25,
-                 "c_spec_row_ms": 0.35, "c_row_ms": 0.35, "c_width_ms": 0.2, "d_row_ms": 0.35}
-    for name, rel in tolerance.items():
-        assert getattr(model, name) == pytest.approx(getattr(TRUE_MODEL, name), rel=rel), name
-    assert model.overhead_ms == pytest.approx(1.0, rel=0.05)
-    for _ in range(50):  # held-out steps: predictions within a few percent
-        ks, contexts, prefills = random_step(rng)
-        truth = TRUE_MODEL.predict_ms(ks, contexts, prefills) + 1.0
-        assert model.predict_ms(ks, contexts, prefills) == pytest.approx(truth, rel=0.04)
-
-
-def test_online_fit_follows_a_hardware_change():
-    rng = np.random.default_rng(1)
-    slower = TRUE_MODEL.replace(c_fixed_ms=60.0, c_tok_ms=4.0, c_spec_ms=30.0, d_tok_ms=1.0)
-
-    def run(fit: OnlineCostFit, truth: CostModel, steps: int) -> None:
-        for _ in range(steps):
-            ks, contexts, prefills = random_step(rng)
-            fit.observe(ks, contexts, prefills, *noisy_times(rng, truth, ks, contexts, prefills))
-
-    def worst_error(model: CostModel, truth: CostModel) -> float:
-        steps = [random_step(rng) for _ in range(100)]
-        return max(abs(model.predict_ms(*step) / truth.predict_ms(*step) - 1) for step in steps)
-
-    fit = OnlineCostFit.create(DEFAULT_COST_MODEL, forgetting=0.98)  # ~ the last 50 steps count
-    run(fit, TRUE_MODEL, 300)
-    assert worst_error(fit.model(), TRUE_MODEL) < 0.12
-    run(fit, slower, 300)
-    after = fit.model()
-    assert worst_error(after, slower) < 0.12
-    assert after.c_tok_ms == pytest.approx(slower.c_tok_ms, rel=0.08)
-    assert after.c_fixed_ms == pytest.approx(slower.c_fixed_ms, rel=0.2)
-
-    # without forgetting the old hardware still weighs half: the fit sits in between
-    stubborn = OnlineCostFit.create(DEFAULT_COST_MODEL, forgetting=1.0)
-    run(stubborn, TRUE_MODEL, 300)
-    run(stubborn, slower, 300)
-    assert TRUE_MODEL.c_tok_ms < stubborn.model().c_tok_ms < 0.9 * slower.c_tok_ms
-    assert worst_error(stubborn.model(), slower) > 0.2
-
-
-def test_early_fit_stays_near_the_prior_and_non_negative():
-    """One wildly unrepresentative first step (a GC pause, say) must not wreck the model: the
-    prior counts as `prior_weight` steps. With a negligible prior the same step does."""
-    step = ([0] * 8, [200] * 8)
-    predictions = {}
-    for prior_weight in (5.0, 1e-6):
-        fit = OnlineCostFit.create(DEFAULT_COST_MODEL, prior_weight=prior_weight)
-        assert fit.model().predict_ms(*step) == pytest.approx(DEFAULT_COST_MODEL.predict_ms(*step))
-        fit.observe([2, 2], [200, 200], [0, 0], draft_ms=0.0, verify_ms=900.0)
-        model = fit.model()
-        assert all(value >= 0 for value in model.to_dict().values())
-        predictions[prior_weight] = model.predict_ms(*step)
-    assert predictions[5.0] == pytest.approx(DEFAULT_COST_MODEL.predict_ms(*step), rel=0.25)
-    assert predictions[1e-6] > 2 * DEFAULT_COST_MODEL.predict_ms(*step)
-
-
-def test_fit_state_survives_json_and_continues_identically():
-    rng = np.random.default_rng(4)
-    fit = OnlineCostFit.create(DEFAULT_COST_MODEL, forgetting=0.99)
-    for _ in range(20):
-        ks, contexts, prefills = random_step(rng)
-        fit.observe(ks, contexts, prefills, *noisy_times(rng, TRUE_MODEL, ks, contexts, prefills))
-    restored = OnlineCostFit.from_dict(json.loads(json.dumps(fit.to_dict())))
-    assert restored.model() == fit.model()
-    ks, contexts, prefills = random_step(rng)
-    fit.observe(ks, contexts, prefills, 5.0, 80.0)
-    restored.observe(ks, contexts, prefills, 5.0, 80.0)
-    assert restored.model() == fit.model() and restored.steps == fit.steps == 21
-
-
-def test_a_fit_stored_over_other_terms_is_refused_so_the_controller_reseeds():
-    """A fit kept in Redis before the per-row and width terms existed has 4 x 4 and 3 x 3 matrices:
-    reading them against 7 and 4 coefficients would be silently wrong. from_dict raises a
-    ValueError, which the decider's `_cost_fit` turns into a fresh fit seeded from the hello."""
-    current = OnlineCostFit.create().to_dict()
-    assert current["terms"] == {"verify": list(VERIFY_FIELDS), "draft": list(DRAFT_FIELDS)}
-    old = {key: value for key, value in current.items() if key != "terms"}
-    old["verify"] = {**current["verify"], "gram": np.eye(4).tolist(), "moment": [0.0] * 4,
-                     "prior_gram": np.eye(4).tolist(), "prior_theta": [0.0] * 4}
-    with pytest.raises(ValueError, match="terms"):
-        OnlineCostFit.from_dict(old)
-    with pytest.raises(ValueError, match="terms"):
-        OnlineCostFit.from_dict({**current, "terms": {"verify": ["c_fixed_ms"], "draft": []}})
-
-
-def test_observe_rejects_nonsense_times():
-    fit = OnlineCostFit.create()
-    with pytest.raises(ValueError, match="verify_ms"):
-        fit.observe([1], [10], [0], draft_ms=1.0, verify_ms=math.nan)
-    with pytest.raises(ValueError, match="draft_ms"):
-        fit.observe([1], [10], [0], draft_ms=-1.0, verify_ms=10.0)
-
-
-# ---------------------------------------------------------------- startup profile
-
-
-def test_fit_profile_from_hello_samples():
-    rng = np.random.default_rng(5)
-    samples = []
-    for batch in (1, 4, 16, 32):
-        for k in (0, 2, 4, 8):
-            for context in (128, 1024):
-                ks, contexts = [k] * batch, [context] * batch
-                draft, verify = noisy_times(rng, TRUE_MODEL, ks, contexts, None, noise=0.03)
-                samples.append(common_pb2.ProfileSample(
-                    batch_size=batch, speculation_length=k, context_tokens=context,
-                    draft_ms=draft, verify_ms=verify,
-                ))
-    model = fit_profile(samples)
-    for batch, k, context in [(2, 3, 500), (24, 6, 300), (8, 0, 2000)]:
-        ks, contexts = [k] * batch, [context] * batch
-        assert model.verify_ms(ks, contexts) == pytest.approx(TRUE_MODEL.verify_ms(ks, contexts), rel=0.06)
-        assert model.draft_ms(ks, contexts) == pytest.approx(TRUE_MODEL.draft_ms(ks, contexts), rel=0.1)
-    assert model.c_spec_ms == pytest.approx(TRUE_MODEL.c_spec_ms, rel=0.3)
-    assert fit_profile([]) == DEFAULT_COST_MODEL
-
-
-def test_unexcited_coefficients_stay_at_the_prior_after_it_is_forgotten():
-    """A worker that never speculates tells us nothing about c_spec or the draft; after its
-    prior has decayed away the fit must still not invent (or zero) them."""
-    rng = np.random.default_rng(6)
-    fit = OnlineCostFit.create(DEFAULT_COST_MODEL.replace(d_tok_ms=0.5), forgetting=0.95)
-    for _ in range(500):  # 0.95^500: the prior's own weight is long gone
-        batch = int(rng.integers(1, 33))
-        ks, contexts = np.zeros(batch, dtype=int), rng.integers(50, 2000, size=batch)
-        fit.observe(ks, contexts, None, *noisy_times(rng, TRUE_MODEL, ks, contexts, None))
-    model = fit.model()
-    assert model.c_spec_ms == pytest.approx(DEFAULT_COST_MODEL.c_spec_ms, rel=1e-6)
-    assert model.c_spec_row_ms == pytest.approx(DEFAULT_COST_MODEL.c_spec_row_ms, rel=1e-6)
-    assert model.d_tok_ms == pytest.approx(0.5, rel=1e-6)
-    assert model.d_row_ms == pytest.approx(DEFAULT_COST_MODEL.d_row_ms, rel=1e-6)
-    # what it did see, it learned: at k = 0 every row verifies one token, so a row's cost
-    # (c_tok + c_row) is what the steps tell, not how it splits
-    assert model.c_tok_ms + model.c_row_ms == pytest.approx(TRUE_MODEL.c_tok_ms + TRUE_MODEL.c_row_ms, rel=0.2)

@@ -194,7 +194,8 @@ class WorkerServer:
         if self._planner_override is not None:
             return self._planner_override
         if opts.controller == "none":
-            from smartspec.core.cost_model import DEFAULT_COST_MODEL, fit_profile
+            from smartspec.core.cost_fit import fit_profile
+            from smartspec.core.cost_model import DEFAULT_COST_MODEL
 
             cost = fit_profile(self.profile) if self.profile else DEFAULT_COST_MODEL
             return LocalPolicyPlanner(self.local_policy, max_k=opts.engine.max_k, cost=cost, metrics=self.metrics)
