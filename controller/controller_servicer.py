@@ -15,7 +15,8 @@ from typing import Iterator
 import grpc
 
 from smartspec.core.cost_model import CostModel
-from smartspec.controller.decider import Decider, PlannedStep, error_plan
+from smartspec.controller.decider import Decider, PlannedStep
+from smartspec.controller.plans import error_plan
 from smartspec.controller.stream_memory import StreamMemory
 from smartspec.core.errors import abort
 from smartspec.controller.validation import InvalidInput, validate_cost_override, validate_hello

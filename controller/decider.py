@@ -25,15 +25,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-
 from smartspec.controller import validation
-from smartspec.controller.codec import plan_basis_proto
 from smartspec.core.codec import policy_spec_proto
 from smartspec.core.acceptance import PooledPrior
 from smartspec.core.cost_fit import OnlineCostFit, fit_profile
 from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
 from smartspec.controller.metrics import ControllerMetrics
 from smartspec.controller.history_table import HistoryTable
+from smartspec.controller.plans import step_plan
 from smartspec.controller.planner import PlannerSettings, StepDecision, plan_step
 from smartspec.core.policies import DEFAULT_POLICY, PolicyError, Registry
 from smartspec.core.policies.base import Policy
@@ -48,7 +47,6 @@ from smartspec.controller.store import (
     policy_stamp,
 )
 from smartspec.controller.stream_memory import StreamMemory
-from smartspec.controller.validation import InvalidInput
 from smartspec.v1 import common_pb2, controller_pb2
 
 log = logging.getLogger(__name__)
@@ -93,15 +91,6 @@ def open_session(hello: controller_pb2.WorkerHello) -> WorkerSession:
 @functools.lru_cache(maxsize=256)
 def _session_from_bytes(hello_bytes: bytes) -> WorkerSession:
     return open_session(controller_pb2.WorkerHello.FromString(hello_bytes))
-
-
-def error_plan(step_index: int, error: InvalidInput, decision_ms: float = 0.0) -> controller_pb2.StepPlan:
-    return controller_pb2.StepPlan(
-        step_index=step_index,
-        error=controller_pb2.PlanError(grpc_status_code=error.code.value[0], field=error.field,
-                                       message=error.message),
-        decision_ms=decision_ms,
-    )
 
 
 class RedisHealth:
@@ -286,24 +275,9 @@ class Decider:
         if memory is not None:
             memory.worker = decision.writes.figures
 
-        basis = plan_basis_proto(
-            self._policy_spec(record, policy, params), record.version, decision.cost, decision.prior,
-            self.settings, max_k=session.hello.max_speculation_length,
-            goodput_per_ms=(decision.predicted_tokens / decision.predicted_step_ms
-                            if decision.predicted_step_ms > 0 else 0.0),
-        )
-        plan = controller_pb2.StepPlan(
-            step_index=report.step_index,
-            policy_name=record.name,
-            policy_version=record.version,
-            predicted_step_ms=decision.predicted_step_ms,
-            predicted_tokens=decision.predicted_tokens,
-            degraded=degraded,
-            basis=basis,
-        )
-        add = plan.requests.add
-        for request_id, k in zip(decision.request_ids, decision.speculation_lengths):
-            add(request_id=request_id, speculation_length=k)
+        plan = step_plan(report.step_index, decision, record=record,
+                         policy_spec=self._policy_spec(record, policy, params), settings=self.settings,
+                         max_k=session.hello.max_speculation_length, degraded=degraded)
         plan.decision_ms = decision_ms = (time.perf_counter() - started) * 1000.0
         self._observe(report, decision, record, decision_ms, figures, degraded)
         if log.isEnabledFor(logging.DEBUG):
