@@ -124,7 +124,8 @@ from smartspec.worker.local_policy import LocalPolicyPlanner, PolicyChoice  # no
 from smartspec.worker.model import build_draft, load_model  # noqa: E402
 from smartspec.worker.proposers import Proposal, SamplingParams, make_proposer, probs_from_logits  # noqa: E402
 from smartspec.worker.proposers.sampling import sample  # noqa: E402
-from smartspec.worker.proposers.verify import rejection_verify, verify_batch  # noqa: E402
+from smartspec.worker.proposers.verify import verify_batch  # noqa: E402
+from smartspec.worker.proposers.verify_reference import rejection_verify  # noqa: E402
 from smartspec.worker.sequence import FinishReason, GenerationRequest, TokenDelta  # noqa: E402
 from smartspec.worker.steps import StaticPlanner  # noqa: E402
 

@@ -29,7 +29,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from smartspec.worker.proposers import Proposal, ProposalRequest, Proposer, RowVerification, SamplingParams
-from smartspec.worker.proposers.verify import to_device_without_sync, verify_packed
+from smartspec.worker.proposers.device_copy import to_device_without_sync
+from smartspec.worker.proposers.verify import verify_packed
 
 from .scheduler import clamp_speculation, group_by_length, plan_prefill
 from .sequence import (

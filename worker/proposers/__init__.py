@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from .base import Proposal, ProposalRequest, Proposer
 from .sampling import GREEDY, SamplingParams, probs_from_logits, sample
-from .verify import RowVerification, greedy_verify, rejection_verify, verify_batch
+from .verify import RowVerification, verify_batch
+from .verify_reference import greedy_verify, rejection_verify
 
 __all__ = [
     "GREEDY",
