@@ -14,6 +14,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
                           Qwen2Config, Qwen2ForCausalLM)
 
 from smartspec.worker.model import load_model
+from smartspec.worker.model.llama import LogitsRows
 
 VOCAB = 97
 ATOL = 1e-4
@@ -164,6 +165,20 @@ def test_logits_rows_last_picks_each_rows_last_real_token(tiny):
     torch.testing.assert_close(last[:, 0], torch.stack([full[0, 5], full[1, 1]]), atol=1e-5, rtol=0)
 
 
+def test_logits_rows_takes_the_enum_or_its_string_and_names_a_bad_one(tiny):
+    loaded, _ = tiny
+    module = loaded.module
+    arguments = (torch.tensor([[3, 4, 5]]), torch.tensor([0]), torch.tensor([0]), torch.tensor([3]))
+    by_enum = module.forward_step(module.allocate_cache(1, 8), *arguments, logits_rows=LogitsRows.PACKED)
+    by_string = module.forward_step(module.allocate_cache(1, 8), *arguments, logits_rows="packed")
+    padded = module.forward_step(module.allocate_cache(1, 8), *arguments, logits_rows=LogitsRows.ALL)
+    assert by_enum.shape == (3, VOCAB)
+    torch.testing.assert_close(by_enum, by_string, atol=0, rtol=0)
+    torch.testing.assert_close(padded[0], by_enum, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="logits_rows"):
+        module.forward_step(module.allocate_cache(1, 8), *arguments, logits_rows="first")
+
+
 def test_packed_logits_of_very_uneven_rows_equal_per_row_forwards(tiny):
     """A decode row (1 token) beside a 12-token verify row: packed [N, V] logits, row after row,
     equal each row's own forward, and the padded [B, S, V] output is zero past each row's length."""
@@ -195,32 +210,6 @@ def test_packed_logits_of_very_uneven_rows_equal_per_row_forwards(tiny):
         assert not padded[index, len(tokens):].any()
         torch.testing.assert_close(alone, reference_logits(hf_model, histories[slot] + tokens)[-len(tokens):],
                                    atol=ATOL, rtol=0)
-
-
-def test_tree_branches_equal_separate_chains(tiny):
-    """Root r with two branches: r -> a1 -> a2 and r -> b1, verified in one forward."""
-    loaded, hf_model = tiny
-    module = loaded.module
-    prompt = random_tokens(6, seed=11)
-    r, a1, b1, a2 = 30, 31, 32, 33
-    tree = torch.tensor([   # row i may see column j (itself included)
-        [1, 0, 0, 0],       # r
-        [1, 1, 0, 0],       # a1 <- r
-        [1, 0, 1, 0],       # b1 <- r
-        [1, 1, 0, 1],       # a2 <- a1
-    ], dtype=torch.bool)
-    cache = module.allocate_cache(num_slots=1, max_tokens=32)
-    step(module, cache, [(0, 0, prompt)])
-    logits = module.forward_step(cache, torch.tensor([[r, a1, b1, a2]]), torch.tensor([0]), torch.tensor([6]),
-                                 torch.tensor([4]), tree_mask=tree[None])[0]
-    chain_a = reference_logits(hf_model, prompt + [r, a1, a2])[-3:]
-    chain_b = reference_logits(hf_model, prompt + [r, b1])[-2:]
-    torch.testing.assert_close(logits[[0, 1, 3]], chain_a, atol=ATOL, rtol=0)
-    torch.testing.assert_close(logits[2], chain_b[-1], atol=ATOL, rtol=0)
-    # Accept branch b: compact its K/V (columns 0, 2 -> positions 6, 7) and keep decoding.
-    cache.move_tokens(0, [6 + 0, 6 + 2], dst_start=6)
-    logits = step(module, cache, [(0, 8, [34])])[0, 0]
-    torch.testing.assert_close(logits, reference_logits(hf_model, prompt + [r, b1, 34])[-1], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("rope_scaling", [

@@ -2,13 +2,14 @@
 
 One `forward_step` serves a whole continuous batch: each row has its own cache slot, its own
 context length and its own number of new tokens (1 for decode, k + 1 for verification, the prompt
-for prefill), optionally with a token-tree mask. Parameter names follow Hugging Face's, except
+for prefill), attending causally. Parameter names follow Hugging Face's, except
 that q/k/v and gate/up projections are fused into one matrix each (`fuse_hf_checkpoint`): one
 larger matmul instead of three (two) is ~20-30% faster on CPU at batch 16+ tokens.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,14 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 # and a serving step's shapes change every step (context length, batch, k), so on an H200 each bf16
 # decode step paid ~40 ms of planning for ~1 ms of attention (measured: 47 ms vs 4.9 ms per step).
 ATTENTION_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+class LogitsRows(str, enum.Enum):
+    """Which next-token logits `forward_step` returns (the plain strings work too: "last", "packed")."""
+
+    ALL = "all"        # [B, S, V], zeros at padding (also what None asks for)
+    LAST = "last"      # [B, 1, V]: each row's last real token
+    PACKED = "packed"  # [N, V]: every real token, row after row
 
 
 class KVCache:
@@ -53,20 +62,6 @@ class KVCache:
 
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * 2
-
-    def move_tokens(self, slot: int, src_positions: list[int], dst_start: int) -> None:
-        """Copy K/V at `src_positions` of `slot` to dst_start, dst_start+1, ... .
-
-        After a tree verification the accepted path sits at scattered cache positions; moving it
-        to consecutive positions makes the cache a plain prefix again. Its keys were rotated with
-        their depth in the tree, which is exactly their position in the compacted sequence.
-        """
-        if not src_positions:
-            return
-        src = torch.tensor(src_positions, device=self.k.device)
-        dst = slice(dst_start, dst_start + len(src_positions))
-        self.k[:, slot, :, dst] = self.k[:, slot, :, src].clone()  # [layers, kv_heads, n, head_dim]
-        self.v[:, slot, :, dst] = self.v[:, slot, :, src].clone()
 
 
 class RMSNorm(nn.Module):
@@ -116,16 +111,16 @@ class StepPlan:
         return flat if self.packed_index is None else flat.index_select(0, self.packed_index)
 
 
-def attention_mask(starts: torch.Tensor, lengths: torch.Tensor, sees_new: torch.Tensor,
-                   context_length: int) -> torch.Tensor:
+def attention_mask(starts: torch.Tensor, lengths: torch.Tensor, seq: int, context_length: int) -> torch.Tensor:
     """Which cache positions each query may attend to: [B, 1, S, L] bool.
 
-    starts, lengths: [B]; sees_new: [B or 1, S, S] (query i may see new token j).
-    A real query sees the row's cached context [0, start) and the new tokens sees_new allows; a
-    padding query sees the row's real tokens (so its softmax is finite; its output is unused).
-    Cache positions past start + length hold stale K/V and are never visible.
+    starts, lengths: [B]. A real query sees the row's cached context [0, start) and the new tokens
+    up to itself (causal); a padding query sees the row's real tokens (so its softmax is finite;
+    its output is unused). Cache positions past start + length hold stale K/V and are never visible.
     """
-    batch, seq = starts.shape[0], sees_new.shape[-1]
+    batch = starts.shape[0]
+    columns = torch.arange(seq, device=starts.device)                                      # [S]
+    sees_new = columns[None, None, :] <= columns[None, :, None]                            # [1, S, S] causal
     rel = torch.arange(context_length, device=starts.device)[None, :] - starts[:, None]   # [B, L] key - start
     in_context = (rel < 0)[:, None, :]                                                     # [B, 1, L]
     is_new = ((rel >= 0) & (rel < lengths[:, None]))[:, None, :]                           # [B, 1, L]
@@ -246,54 +241,43 @@ class LlamaForCausal(nn.Module):
         slots: torch.Tensor,            # [B] long
         start_positions: torch.Tensor,  # [B] long: tokens already in each slot
         query_lengths: torch.Tensor,    # [B] long: real tokens per row, 1..S
-        tree_mask: torch.Tensor | None = None,   # [B, S, S] bool, new token i may see new token j
-        logits_rows: str | None = None,          # None -> [B, S, V]; "last" -> [B, 1, V]; "packed" -> [N, V]
+        logits_rows: LogitsRows | str | None = None,  # None / ALL -> [B, S, V]; LAST -> [B, 1, V]; PACKED -> [N, V]
     ) -> torch.Tensor:
         """Write the new tokens' K/V into their slots and return their next-token logits.
 
-        Each row attends over its slot's positions [0, start) plus its own new tokens (causally,
-        or as `tree_mask` says). With a tree mask, a token's RoPE position is start + its depth
-        (the number of new tokens it sees, itself included, minus one), so a branch computes
-        exactly what the same tokens would as a plain chain. Its K/V is still written at
-        start + column: compact the accepted path with `KVCache.move_tokens`.
+        Each row attends over its slot's positions [0, start) plus its own new tokens, causally.
 
         Everything but attention runs on the N = sum(query_lengths) real tokens only, so a row
         with a short query does not pay for the widest row in the projections, MLP and lm_head.
         "packed" returns the logits of those N tokens row after row (row i's at
         offsets sum(query_lengths[:i]) ...), without materialising the padded [B, S, V].
         """
-        plan = self._plan(cache, input_ids, slots, start_positions, query_lengths, tree_mask, logits_rows)
+        rows = _logits_rows(logits_rows)
+        plan = self._plan(cache, input_ids, slots, start_positions, query_lengths)
         ids = plan.pack(input_ids.to(self.device))                                        # [N]
         hidden = self.model.embed_tokens(ids)                                             # [N, H]
         with sdpa_kernel(ATTENTION_BACKENDS):
             for index, layer in enumerate(self.model.layers):
                 hidden = layer(hidden, index, cache, plan)
-        if logits_rows == "last":
+        if rows is LogitsRows.LAST:
             last = query_lengths.to(device=hidden.device, dtype=torch.long).cumsum(0) - 1  # [B] packed index
             hidden = hidden.index_select(0, last)                                          # [B, H]
         logits = self.lm_head(self.model.norm(hidden))                                     # [N|B, V]
         # At least fp32 logits whatever the weights' dtype, so drafts and targets compare like for like.
         logits = logits.float() if logits.dtype in HALF_DTYPES else logits
-        if logits_rows == "last":
+        if rows is LogitsRows.LAST:
             return logits.unsqueeze(1)                                                     # [B, 1, V]
-        if logits_rows == "packed":
+        if rows is LogitsRows.PACKED:
             return logits                                                                  # [N, V]
         return plan.pad(logits)                                                            # [B, S, V], zeros at padding
 
-    def _plan(self, cache, input_ids, slots, start_positions, query_lengths, tree_mask, logits_rows) -> StepPlan:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
-        batch, seq = input_ids.shape
+    def _plan(self, cache: KVCache, input_ids: torch.Tensor, slots: torch.Tensor, start_positions: torch.Tensor,
+              query_lengths: torch.Tensor) -> StepPlan:
+        batch, seq = _check_shapes(input_ids, slots, start_positions, query_lengths)
         device = self.device
-        for name, tensor in (("slots", slots), ("start_positions", start_positions),
-                             ("query_lengths", query_lengths)):
-            if tuple(tensor.shape) != (batch,):
-                raise ValueError(f"{name} must have shape [{batch}], got {tuple(tensor.shape)}")
-        if logits_rows not in (None, "last", "packed"):
-            raise ValueError(f"logits_rows must be None, 'last' or 'packed', got {logits_rows!r}")
-        slots = slots.to(device=device, dtype=torch.long)
-        starts = start_positions.to(device=device, dtype=torch.long)
-        lengths = query_lengths.to(device=device, dtype=torch.long)
+        slots = slots.to(device=device, dtype=torch.long)                                # [B]
+        starts = start_positions.to(device=device, dtype=torch.long)                     # [B]
+        lengths = query_lengths.to(device=device, dtype=torch.long)                      # [B]
 
         # One host sync for all the checks and the attended length.
         slot_list = slots.tolist()
@@ -307,18 +291,9 @@ class LlamaForCausal(nn.Module):
             raise ValueError(f"slots must be distinct and in 0..{cache.num_slots - 1}, got {slot_list}")
         context_length = max(ends)
 
-        columns = torch.arange(seq, device=device)                                        # [S]
-        is_real = columns[None, :] < lengths[:, None]                                    # [B, S]
-        if tree_mask is None:
-            sees_new = columns[None, None, :] <= columns[None, :, None]                  # [1, S, S] causal
-            depth = columns[None, :].expand(batch, seq)                                  # [B, S]
-        else:
-            if tuple(tree_mask.shape) != (batch, seq, seq):
-                raise ValueError(f"tree_mask must be [{batch}, {seq}, {seq}], got {tuple(tree_mask.shape)}")
-            sees_new = tree_mask.to(device=device, dtype=torch.bool) | torch.eye(seq, dtype=torch.bool, device=device)
-            depth = (sees_new & is_real[:, None, :]).sum(-1) - 1                        # [B, S]
+        is_real = torch.arange(seq, device=device)[None, :] < lengths[:, None]          # [B, S]
         write_rows, write_cols = is_real.nonzero(as_tuple=True)                          # [N], [N] row-major
-        positions = starts[write_rows] + depth[write_rows, write_cols]                   # [N]
+        positions = starts[write_rows] + write_cols                                      # [N] cache = RoPE position
         cos, sin = self._rope_for(cache.max_tokens)
         cos = cos[positions].unsqueeze(1)                                                # [N, 1, D]
         sin = sin[positions].unsqueeze(1)
@@ -326,21 +301,42 @@ class LlamaForCausal(nn.Module):
         # Two common shapes need no mask, which lets SDPA take its faster unmasked kernels:
         # a plain prefill of whole rows (causal over L == S keys) and a decode step where every
         # row has the same length (each query sees all L keys).
-        plain_prefill = tree_mask is None and max(ends) == min(ends) == seq and int(starts.max()) == 0
+        plain_prefill = max(ends) == min(ends) == seq and int(starts.max()) == 0
         even_decode = seq == 1 and max(ends) == min(ends)
-        mask = None if plain_prefill or even_decode else attention_mask(starts, lengths, sees_new, context_length)
+        mask = None if plain_prefill or even_decode else attention_mask(starts, lengths, seq, context_length)
 
         first = slot_list[0]
         consecutive = slot_list == list(range(first, first + batch))
         return StepPlan(
             cos=cos, sin=sin, batch=batch, seq=seq,
             packed_index=None if min_len == seq else write_rows * seq + write_cols,
-            write_slots=slots[write_rows], write_positions=starts[write_rows] + write_cols,
+            write_slots=slots[write_rows], write_positions=positions,
             read_slots=slice(first, first + batch) if consecutive else slots,
             context_length=context_length,
             mask=mask,                                                                   # [B, 1, S, L]
             is_causal=plain_prefill,
         )
+
+
+def _logits_rows(logits_rows: LogitsRows | str | None) -> LogitsRows:
+    if logits_rows is None:
+        return LogitsRows.ALL
+    try:
+        return LogitsRows(logits_rows)
+    except ValueError:
+        raise ValueError(f"logits_rows must be None, 'last' or 'packed', got {logits_rows!r}") from None
+
+
+def _check_shapes(input_ids: torch.Tensor, slots: torch.Tensor, start_positions: torch.Tensor,
+                  query_lengths: torch.Tensor) -> tuple[int, int]:
+    """(B, S) once input_ids is [B, S] and the per-row tensors are [B]."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, S], got shape {tuple(input_ids.shape)}")
+    batch, seq = input_ids.shape
+    for name, tensor in (("slots", slots), ("start_positions", start_positions), ("query_lengths", query_lengths)):
+        if tuple(tensor.shape) != (batch,):
+            raise ValueError(f"{name} must have shape [{batch}], got {tuple(tensor.shape)}")
+    return batch, seq
 
 
 FUSED_PROJECTIONS = {   # this module's fused Linear -> the Hugging Face Linears it stacks, in row order
