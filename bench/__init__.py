@@ -9,7 +9,7 @@ Modules, one job each:
 - `workload`, `acceptance_models`, `step_models`: what the simulator is asked to replay.
 - `simulator`: discrete-event worker model running the controller's own policy code.
 - `calibrate`: replay a measured bench run in the simulator, predicted vs measured.
-- `policy_spec`: `fixed:3` -> ("fixed", {"k": 3}), shared by both CLIs.
+- policy specs (`fixed:3` -> ("fixed", {"k": 3})) are read by `smartspec.core.policy_spec`, as everywhere.
 - `controller_trace`, `controller_load`: simulated worker streams against real controllers
   (round trip, decision time, steps/s).
 - `cli`, `simulate_cli`, `loadtest_cli`: the subcommands.

@@ -23,7 +23,7 @@ import numpy as np
 
 from smartspec.bench.acceptance_models import per_request, replay
 from smartspec.bench.arrivals import make_arrivals, parse_phases
-from smartspec.bench.policy_spec import parse_policy_spec
+from smartspec.core.policy_spec import parse_policy_spec
 from smartspec.bench.positions import check_dataset, load_positions
 from smartspec.bench.simulator import StepModel, WorkerSpec, simulate
 from smartspec.bench.step_models import cost_model_from_mapping

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -38,7 +39,8 @@ def configure(parser) -> None:
     add_option(parser, "--dataset", default="summarise", help="summarise, code-edit, chat or mixed")
     add_option(parser, "--max-tokens", default=0, type=int, help="completion tokens per request (0: dataset default)")
     add_option(parser, "--rates", default="0.1,0.2,0.4,0.8", help="request rates (req/s), comma-separated")
-    add_option(parser, "--policies", default=DEFAULT_POLICIES, help="policy specs NAME[:ARG...], comma-separated")
+    add_option(parser, "--policies", default=DEFAULT_POLICIES,
+               help="policy specs NAME[:ARGS], comma-separated (fixed:3, goodput:max_k=6,min_gain=0.05)")
     add_option(parser, "--requests", default=40, type=int, help="measured requests per point")
     add_option(parser, "--repeats", default=1, type=int,
                help="measure every point this many times (same prompts and arrivals) and keep the median "
@@ -177,81 +179,108 @@ async def bench(client, *, dataset, policies, rates, phases, requests: int, warm
             for which in range(len(policies)) for point in range(len(points))]
 
 
-def run(args) -> int:
+@dataclass(frozen=True)
+class BenchInputs:
+    """What a bench run measures, read and checked from its flags before anything starts."""
+
+    policies: list[tuple[str, str, dict[str, Any]]]   # (label, name, params), see core.policy_spec
+    rates: list[float]
+    phases: Any
+    dataset: Any
+
+
+def read_inputs(args) -> BenchInputs:
+    """The run's policies, rates or phases and prompts; ValueError (PolicyError among them)
+    naming what is wrong."""
     from smartspec.bench.arrivals import parse_phases
     from smartspec.bench.datasets import load_dataset
-    from smartspec.bench.policy_spec import parse_policy_list
-    from smartspec.bench.report import git_commit, machine_meta, write_outputs
-    from smartspec.core.policies import PolicyError
+    from smartspec.core.policy_spec import parse_policy_list
+
+    policies = parse_policy_list(args.policies)
+    phases = parse_phases(args.phases) if args.phases else None
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    dataset = load_dataset(args.dataset, args.requests, seed=args.seed, max_tokens=args.max_tokens or None)
+    if args.requests < 1:
+        raise ValueError("--requests must be >= 1")
+    if args.repeats < 1:
+        raise ValueError("--repeats must be >= 1")
+    return BenchInputs(policies, rates, phases, dataset)
+
+
+def stack_facts(info, cost: dict[str, float] | None) -> dict[str, Any]:
+    """What the measured stack runs (from the worker's info and the controller's fitted cost model)."""
+    return {
+        "worker_id": info.worker_id, "model": info.model, "proposer": info.proposer,
+        "device": info.device, "dtype": info.dtype,
+        "worker": {"max_batch_size": info.max_batch_size,
+                   "max_k": info.max_speculation_length,
+                   # the worker reports what it can offer next step (proposable_tokens)
+                   "lookahead": info.reports_proposable_tokens},
+        "cost_model": cost,
+    }
+
+
+async def measure(args, inputs: BenchInputs, worker: str, controller: str) -> tuple[list, dict]:
+    """Every point's record against the running stack, and the stack's facts."""
+    from smartspec.clients.client import AsyncClient
+
+    async with AsyncClient(worker=worker, controller=controller, stream_timeout=3600) as client:
+        info = await client.worker_info()
+
+        async def fitted_cost_model() -> dict[str, Any]:
+            status = await client.status()
+            cost = next((w.cost_model for w in status.workers if w.worker_id == info.worker_id), None)
+            return {"cost_model": _as_dict(cost)}
+
+        records = await bench(client, dataset=inputs.dataset, policies=inputs.policies, rates=inputs.rates,
+                              phases=inputs.phases, requests=args.requests, warmup=args.warmup,
+                              arrival=args.arrival, cv=args.cv, temperature=args.temperature, seed=args.seed,
+                              snapshot=fitted_cost_model, repeats=args.repeats)
+        return records, stack_facts(info, (await fitted_cost_model())["cost_model"])
+
+
+def run_meta(args, inputs: BenchInputs, stack: dict[str, Any], commit: str | None, wall_s: float) -> dict[str, Any]:
+    from smartspec.bench.report import machine_meta
+
+    dataset = inputs.dataset
+    return {
+        "kind": "bench",
+        **stack,
+        "dataset": dataset.meta() | {"max_tokens": dataset.prompts[0].max_tokens},
+        "policies": [label for label, _, _ in inputs.policies],
+        "rates": inputs.rates, "arrival": args.arrival, "cv": args.cv, "phases": args.phases or None,
+        "requests": args.requests, "repeats": args.repeats, "warmup": args.warmup, "temperature": args.temperature,
+        "seed": args.seed, "machine": machine_meta(), "git_commit": commit,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_s": wall_s,
+    }
+
+
+def run(args) -> int:
+    from smartspec.bench.report import git_commit, write_outputs
+    from smartspec.clients.errors import SmartspecError
 
     if args.from_json:
         return rerender(args)
     try:
-        policies = parse_policy_list(args.policies)
-        phases = parse_phases(args.phases) if args.phases else None
-        rates = [float(r) for r in args.rates.split(",") if r.strip()]
-        dataset = load_dataset(args.dataset, args.requests, seed=args.seed, max_tokens=args.max_tokens or None)
-        if args.requests < 1:
-            raise ValueError("--requests must be >= 1")
-        if args.repeats < 1:
-            raise ValueError("--repeats must be >= 1")
-    except (ValueError, PolicyError) as exc:
+        inputs = read_inputs(args)
+    except ValueError as exc:   # PolicyError (a FieldError) is a ValueError too
         print(f"smartspec bench: error: {exc}", file=sys.stderr)
         return 2
-
-    async def go(worker: str, controller: str) -> tuple[list, dict]:
-        from smartspec.clients.client import AsyncClient
-
-        async with AsyncClient(worker=worker, controller=controller, stream_timeout=3600) as client:
-            info = await client.worker_info()
-
-            async def fitted_cost_model() -> dict[str, Any]:
-                status = await client.status()
-                cost = next((w.cost_model for w in status.workers if w.worker_id == info.worker_id), None)
-                return {"cost_model": _as_dict(cost)}
-
-            records = await bench(client, dataset=dataset, policies=policies, rates=rates, phases=phases,
-                                     requests=args.requests, warmup=args.warmup, arrival=args.arrival, cv=args.cv,
-                                     temperature=args.temperature, seed=args.seed, snapshot=fitted_cost_model,
-                                     repeats=args.repeats)
-            cost = (await fitted_cost_model())["cost_model"]
-            stack = {
-                "worker_id": info.worker_id, "model": info.model, "proposer": info.proposer,
-                "device": info.device, "dtype": info.dtype,
-                "worker": {"max_batch_size": info.max_batch_size,
-                           "max_k": info.max_speculation_length,
-                           # the worker reports what it can offer next step (proposable_tokens)
-                           "lookahead": info.reports_proposable_tokens},
-                "cost_model": cost,
-            }
-            return records, stack
-
-    from smartspec.clients.errors import SmartspecError
-
     commit = git_commit()  # what the stack runs: read before, as the checkout may move during a long run
     started = time.perf_counter()
     try:
         with _stack(args) as (worker, controller):
-            records, stack = asyncio.run(go(worker, controller))
+            records, stack = asyncio.run(measure(args, inputs, worker, controller))
     except (SmartspecError, ValueError, RuntimeError, TimeoutError, OSError) as exc:
         print(f"smartspec bench: error: {exc}", file=sys.stderr)
         return 1
-    meta = {
-        "kind": "bench",
-        **stack,
-        "dataset": dataset.meta() | {"max_tokens": dataset.prompts[0].max_tokens},
-        "policies": [label for label, _, _ in policies],
-        "rates": rates, "arrival": args.arrival, "cv": args.cv, "phases": args.phases or None,
-        "requests": args.requests, "repeats": args.repeats, "warmup": args.warmup, "temperature": args.temperature, "seed": args.seed,
-        "machine": machine_meta(), "git_commit": commit,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "wall_s": time.perf_counter() - started,
-    }
+    meta = run_meta(args, inputs, stack, commit, time.perf_counter() - started)
     # each record names what produced it too, so records from several files can be pooled
     provenance = {"model": stack.get("model"), "proposer": stack.get("proposer"), "machine": meta["machine"]["cpu"],
                   "git_commit": meta["git_commit"]}
     records = [{**record, **provenance} for record in records]
-    title = run_title(stack, dataset.name)
+    title = run_title(stack, inputs.dataset.name)
     print(write_outputs(meta, records, json_path=args.json or None, markdown_path=args.markdown or None,
                         plot_path=args.plot or None, title=title))
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from smartspec.core.config import add_flag, add_option
@@ -87,7 +88,8 @@ def configure(parser) -> None:
                help="proposer fill rate: F or F1/F2/... cycled over requests; a request's k is offered in "
                     "full with probability F, else nothing (prompt lookup without a match); default: always")
     add_option(parser, "--rates", default="1,2,4,8,16,32", help="request rates (req/s), comma-separated")
-    add_option(parser, "--policies", default=DEFAULT_POLICIES, help="policy specs: NAME or NAME:ARG[:ARG], comma-separated")
+    add_option(parser, "--policies", default=DEFAULT_POLICIES,
+               help="policy specs NAME[:ARGS], comma-separated (fixed:3, goodput:max_k=6,min_gain=0.05)")
     add_option(parser, "--requests", default=2000, type=int, help="requests per point")
     add_option(parser, "--arrival", default="poisson", choices=["poisson", "gamma"], help="arrival process")
     add_option(parser, "--cv", default=1.0, type=float, help="gamma arrivals: coefficient of variation of the gaps")
@@ -131,14 +133,88 @@ def configure(parser) -> None:
                     "on the bench's dataset) instead of each prompt's measured acceptance and fill rates")
 
 
-def run(args) -> int:
-    from smartspec.bench.acceptance_models import parse_acceptance, parse_fill
+@dataclass(frozen=True)
+class SweepInputs:
+    """What a sweep simulates, read and checked from its flags before any point runs."""
+
+    cost: Any                  # the step-time cost model
+    policies: list[tuple[str, str, dict[str, Any]]]   # (label, name, params), see core.policy_spec
+    phases: Any
+    rates: list[float]
+    alphas: list[str]
+    fill: list[float] | None
+    worker: Any                # WorkerSpec
+    step_model: Any            # StepModel
+    link: Any                  # ControllerLinkSpec
+
+
+def check_alphas(alphas: Sequence[str], max_k: int) -> None:
+    """A bad acceptance spec or file is a usage error now, not a traceback mid-sweep."""
+    from smartspec.bench.acceptance_models import parse_acceptance
+
+    for alpha in alphas:
+        parse_acceptance(alpha)
+        if alpha.startswith("replay:"):
+            from smartspec.bench.positions import load_positions
+
+            recorded_k = int(load_positions(alpha.partition(":")[2])["max_k"])
+            if max_k > recorded_k:
+                raise ValueError(f"{alpha}: recorded with max_k={recorded_k}, below --max-k {max_k}")
+
+
+def read_inputs(args) -> SweepInputs:
+    """The sweep's inputs from its flags; ValueError (PolicyError among them) or OSError naming
+    what is wrong."""
+    from smartspec.bench.acceptance_models import parse_fill
     from smartspec.bench.arrivals import parse_phases
-    from smartspec.bench.policy_spec import parse_policy_list
-    from smartspec.bench.report import machine_meta, git_commit, write_outputs
     from smartspec.bench.simulator import ControllerLinkSpec, StepModel, WorkerSpec
     from smartspec.bench.step_models import parse_step_model
-    from smartspec.core.policies import PolicyError
+    from smartspec.core.policy_spec import parse_policy_list
+
+    cost = parse_step_model(args.step_model or "h100-llama8b")
+    policies = parse_policy_list(args.policies)
+    phases = parse_phases(args.phases) if args.phases else None
+    rates = _floats(args.rates)
+    alphas = [a.strip() for a in args.alpha.split(",") if a.strip()]
+    check_alphas(alphas, args.max_k)
+    fill = parse_fill(args.fill) if args.fill else None
+    if fill is not None and any(a.startswith("replay:") for a in alphas):
+        raise ValueError("--fill does not apply to replay: (the positions say when prompt lookup fills)")
+    worker = WorkerSpec(args.max_batch_size, args.max_k, args.token_budget, lookahead=not args.no_lookahead)
+    step_model = StepModel(cost, prefill_row_ms=args.prefill_row_ms, step_overhead_ms=max(0.0, args.step_overhead_ms),
+                           noise_cv=args.noise_cv, padded_verify=args.padded_verify)
+    link = ControllerLinkSpec(args.plan_mode, args.round_trip_ms, args.plan_deadline_ms, fallback=args.plan_fallback)
+    return SweepInputs(cost, policies, phases, rates, alphas, fill, worker, step_model, link)
+
+
+def sweep_meta(args, inputs: SweepInputs, wall_s: float) -> dict[str, Any]:
+    from smartspec.bench.report import git_commit, machine_meta
+
+    link = inputs.link
+    return {
+        "kind": "simulation",
+        "step_model": inputs.cost.to_dict(),
+        "prefill_row_ms": args.prefill_row_ms,
+        "step_overhead_ms": args.step_overhead_ms,
+        "padded_verify": args.padded_verify,
+        "plan": {"mode": link.mode, "round_trip_ms": link.round_trip_ms, "deadline_ms": link.deadline_ms,
+                 "fallback": link.fallback},
+        "noise_cv": args.noise_cv,
+        "acceptance": inputs.alphas,
+        "fill": inputs.fill,
+        "arrival": args.arrival, "cv": args.cv, "phases": args.phases or None,
+        "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
+        "worker": {"max_batch_size": args.max_batch_size, "max_k": args.max_k, "token_budget": args.token_budget,
+                   "lookahead": not args.no_lookahead},
+        "requests": args.requests, "seed": args.seed,
+        "machine": machine_meta(), "git_commit": git_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "wall_s": wall_s,
+    }
+
+
+def run(args) -> int:
+    from smartspec.bench.report import write_outputs
 
     try:
         if args.positions and not args.calibrate_from:
@@ -149,55 +225,16 @@ def run(args) -> int:
         if args.calibrate_from:
             from smartspec.bench.calibrate import calibrate_cli
             return calibrate_cli(args)
-        cost = parse_step_model(args.step_model or "h100-llama8b")
-        policies = parse_policy_list(args.policies)
-        phases = parse_phases(args.phases) if args.phases else None
-        rates = _floats(args.rates)
-        alphas = [a.strip() for a in args.alpha.split(",") if a.strip()]
-        for alpha in alphas:  # a bad spec or file is a usage error now, not a traceback mid-sweep
-            parse_acceptance(alpha)
-            if alpha.startswith("replay:"):
-                from smartspec.bench.positions import load_positions
-
-                recorded_k = int(load_positions(alpha.partition(":")[2])["max_k"])
-                if args.max_k > recorded_k:
-                    raise ValueError(f"{alpha}: recorded with max_k={recorded_k}, below --max-k {args.max_k}")
-        fill = parse_fill(args.fill) if args.fill else None
-        if fill is not None and any(a.startswith("replay:") for a in alphas):
-            raise ValueError("--fill does not apply to replay: (the positions say when prompt lookup fills)")
-        worker = WorkerSpec(args.max_batch_size, args.max_k, args.token_budget, lookahead=not args.no_lookahead)
-        step_model = StepModel(cost, prefill_row_ms=args.prefill_row_ms, step_overhead_ms=max(0.0, args.step_overhead_ms),
-                               noise_cv=args.noise_cv, padded_verify=args.padded_verify)
-        link = ControllerLinkSpec(args.plan_mode, args.round_trip_ms, args.plan_deadline_ms,
-                                  fallback=args.plan_fallback)
-    except (ValueError, PolicyError, OSError) as exc:
+        inputs = read_inputs(args)
+    except (ValueError, OSError) as exc:   # PolicyError (a FieldError) is a ValueError too
         print(f"smartspec simulate: error: {exc}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    records = sweep(step_model=step_model, alphas=alphas, rates=rates, policies=policies, requests=args.requests,
-                    prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, worker=worker,
-                    arrival=args.arrival, cv=args.cv, phases=phases, seed=args.seed, progress=True, fill=fill,
-                    link=link)
-    meta = {
-        "kind": "simulation",
-        "step_model": cost.to_dict(),
-        "prefill_row_ms": args.prefill_row_ms,
-        "step_overhead_ms": args.step_overhead_ms,
-        "padded_verify": args.padded_verify,
-        "plan": {"mode": link.mode, "round_trip_ms": link.round_trip_ms, "deadline_ms": link.deadline_ms,
-                 "fallback": link.fallback},
-        "noise_cv": args.noise_cv,
-        "acceptance": alphas,
-        "fill": fill,
-        "arrival": args.arrival, "cv": args.cv, "phases": args.phases or None,
-        "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-        "worker": {"max_batch_size": args.max_batch_size, "max_k": args.max_k, "token_budget": args.token_budget,
-                   "lookahead": not args.no_lookahead},
-        "requests": args.requests, "seed": args.seed,
-        "machine": machine_meta(), "git_commit": git_commit(),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "wall_s": time.perf_counter() - started,
-    }
+    records = sweep(step_model=inputs.step_model, alphas=inputs.alphas, rates=inputs.rates, policies=inputs.policies,
+                    requests=args.requests, prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens,
+                    worker=inputs.worker, arrival=args.arrival, cv=args.cv, phases=inputs.phases, seed=args.seed,
+                    progress=True, fill=inputs.fill, link=inputs.link)
+    meta = sweep_meta(args, inputs, time.perf_counter() - started)
     table = write_outputs(meta, records, json_path=args.json or None, markdown_path=args.markdown or None,
                           plot_path=args.plot or None, title=f"simulation: {args.step_model or 'h100-llama8b'}")
     print(table)

@@ -3,11 +3,13 @@
     smartspec policy list --controller 127.0.0.1:50051
     smartspec policy get
     smartspec policy set fixed --param k=3
+    smartspec policy set fixed:3
     smartspec policy set table --param ks=4,4,2,1,0 --expected-version 7
 
-`set` reads the policy's parameter schema first (ListPolicies) and parses each `--param key=value`
-by its declared type: ints, floats, bools (true/false/1/0/yes/no/on/off), strings and comma lists of
-ints. The controller validates bounds and answers INVALID_ARGUMENT naming the field.
+`set` takes a policy spec (smartspec.core.policy_spec, the grammar `--local-policy` and
+`--policies` use too) plus `--param key=value` words, and types every value by the schema the
+controller declares (ListPolicies): ints, floats, bools (true/false/1/0/yes/no/on/off), strings and
+lists of ints. The controller validates bounds and answers INVALID_ARGUMENT naming the field.
 """
 
 from __future__ import annotations
@@ -15,64 +17,42 @@ from __future__ import annotations
 import dataclasses
 import json
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any, Sequence
 
 from smartspec.clients.client_options import add_connection_options, client_from_args, reports_errors
-from smartspec.core.config import add_flag, add_option
 from smartspec.clients.errors import InvalidArgumentError
 from smartspec.clients.table import format_table
-from smartspec.clients.types import ActivePolicy, ParameterPy, ParameterSchema, PolicyInfo
-
-_TRUE = frozenset({"true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
-
-
-def _parse_bool(raw: str) -> bool:
-    word = raw.strip().lower()
-    if word in _TRUE | _FALSE:
-        return word in _TRUE
-    raise ValueError(f"not a bool: {raw!r}")
+from smartspec.clients.types import ActivePolicy, ParameterPy, PolicyInfo
+from smartspec.core.config import add_flag, add_option
+from smartspec.core.errors import FieldError
+from smartspec.core.policies.base import ParameterType
+from smartspec.core.policy_spec import ParsedPolicy, read_policy_spec, spec_name
 
 
-def _parse_int_list(raw: str) -> list[int]:
-    return [int(part) for part in raw.split(",") if part.strip()]
+def policy_schema(policy: PolicyInfo) -> list[tuple[str, ParameterType | None]]:
+    """The controller's schema of `policy` as the spec parser takes it; a type this client does
+    not know (a newer controller's) is None: such a value is typed by its look."""
+    return [(p.name, ParameterType.__members__.get(p.type.upper())) for p in policy.parameters]
 
 
-# schema type -> parser of the command-line text
-VALUE_PARSERS: dict[str, Callable[[str], ParameterPy]] = {
-    "int": int,
-    "float": float,
-    "bool": _parse_bool,
-    "string": str,
-    "int_list": _parse_int_list,
-}
-
-
-def parse_parameter(schema: ParameterSchema, raw: str) -> ParameterPy:
-    """Command-line text -> the Python value of the parameter's declared type."""
-    parser = VALUE_PARSERS.get(schema.type)
-    if parser is None:
-        raise InvalidArgumentError(f"--param {schema.name}: the controller declared an unknown type {schema.type!r}")
+def parse_parameters(policy: PolicyInfo, assignments: Sequence[str], spec: str = "") -> dict[str, ParameterPy]:
+    """["k=3", "ks=4,2"] (and the ARGS of a spec like "fixed:3") -> {"k": 3, "ks": [4, 2]}, typed
+    by the controller's schema of `policy` (smartspec.core.policy_spec: the one grammar)."""
     try:
-        return parser(raw)
-    except ValueError:
-        raise InvalidArgumentError(f"--param {schema.name}: expected {schema.type}, got {raw!r}") from None
+        return read_policy_spec(spec or policy.name, assignments, schema=policy_schema(policy)).params
+    except FieldError as exc:
+        raise InvalidArgumentError(str(exc)) from None
 
 
-def parse_parameters(policy: PolicyInfo, assignments: list[str]) -> dict[str, ParameterPy]:
-    """["k=3", "ks=4,2"] -> {"k": 3, "ks": [4, 2]} by the policy's schema."""
-    values: dict[str, ParameterPy] = {}
-    for assignment in assignments:
-        name, sep, raw = assignment.partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise InvalidArgumentError(f"--param: expected KEY=VALUE, got {assignment!r}")
-        schema = policy.parameter(name)
-        if schema is None:
-            known = ", ".join(p.name for p in policy.parameters) or "none"
-            raise InvalidArgumentError(f"--param {name}: policy {policy.name!r} has no such parameter (known: {known})")
-        values[name] = parse_parameter(schema, raw)
-    return values
+def parse_policy_set(policies: list[PolicyInfo], spec: str, assignments: Sequence[str] = ()) -> ParsedPolicy:
+    """What `policy set SPEC --param KEY=VALUE...` asks the controller for: the policy's name and
+    its parameters typed by the controller's schema (the controller checks bounds and fills defaults)."""
+    try:
+        name = spec_name(spec)
+    except FieldError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+    policy = find_policy(policies, name)
+    return ParsedPolicy(policy.name, parse_parameters(policy, assignments, spec))
 
 
 def find_policy(policies: list[PolicyInfo], name: str) -> PolicyInfo:
@@ -136,9 +116,8 @@ def _get(args, client) -> int:
 
 
 def _set(args, client) -> int:
-    policy = find_policy(client.list_policies(), args.name)
-    parameters = parse_parameters(policy, args.param or [])
-    active = client.set_policy(policy.name, expected_version=args.expected_version, **parameters)
+    name, parameters = parse_policy_set(client.list_policies(), args.name, args.param or ())
+    active = client.set_policy(name, expected_version=args.expected_version, **parameters)
     _print(args, active, format_active(active))
     return 0
 
@@ -152,9 +131,11 @@ def configure(parser) -> None:
     ):
         sub = actions.add_parser(name, help=help_text, description=help_text)
         if name == "set":
-            sub.add_argument("name", help="registered policy name (see `smartspec policy list`)")
+            sub.add_argument("name", metavar="SPEC",
+                             help="registered policy name (see `smartspec policy list`), optionally with "
+                                  "parameters: fixed, fixed:3, goodput:max_k=6,min_gain=0.05")
             sub.add_argument("--param", action="append", metavar="KEY=VALUE",
-                             help="a parameter, parsed by the policy's schema (repeatable)")
+                             help="a parameter, parsed by the policy's schema (repeatable; a list as 4,2,1)")
             add_option(sub, "--expected-version", default=0, type=int,
                        help="apply only if the active version still equals this (0 = always)")
         add_connection_options(sub, controller=True)

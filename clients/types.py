@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
+from smartspec.core.codec import parameters_from_proto, policy_spec_proto, value_from_proto
 from smartspec.core.cost_model import CostModel  # the one definition, shared with the controller
+from smartspec.core.errors import FieldError
 from smartspec.clients.errors import InvalidArgumentError
 from smartspec.v1 import admin_pb2, common_pb2, generation_pb2
 
@@ -111,41 +113,13 @@ class GenerationResult:
 
 # --- policies ---------------------------------------------------------------------------------
 
-_TO_VALUE_FIELD: tuple[tuple[type, str], ...] = (
-    # bool first: bool is a subclass of int.
-    (bool, "bool_value"),
-    (int, "int_value"),
-    (float, "float_value"),
-    (str, "string_value"),
-)
-
-
-def to_parameter_value(name: str, value: Any) -> common_pb2.ParameterValue:
-    """Python value -> typed ParameterValue: int, float, bool, str or a list/tuple of ints."""
-    for py_type, field_name in _TO_VALUE_FIELD:
-        if isinstance(value, py_type):
-            return common_pb2.ParameterValue(**{field_name: value})
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        return common_pb2.ParameterValue(int_list_value=common_pb2.IntList(values=list(value)))
-    raise InvalidArgumentError(
-        f"parameters.{name}: unsupported value {value!r} (use int, float, bool, str or a list of ints)"
-    )
-
-
-def from_parameter_value(value: common_pb2.ParameterValue) -> ParameterPy | None:
-    """Typed ParameterValue -> Python value (None when no kind is set)."""
-    kind = value.WhichOneof("kind")
-    if kind is None:
-        return None
-    if kind == "int_list_value":
-        return list(value.int_list_value.values)
-    return getattr(value, kind)
-
-
 def to_policy_spec(name: str, parameters: Mapping[str, Any]) -> common_pb2.PolicySpec:
-    return common_pb2.PolicySpec(
-        name=name, parameters={key: to_parameter_value(key, v) for key, v in parameters.items()}
-    )
+    """Python values -> PolicySpec (int, float, bool, str or a list/tuple of ints, through the one
+    codec, smartspec.core.codec); any other value is an InvalidArgumentError naming it."""
+    try:
+        return policy_spec_proto(name, parameters, field="parameters")
+    except FieldError as exc:
+        raise InvalidArgumentError(str(exc)) from None
 
 
 @dataclass(frozen=True)
@@ -165,7 +139,7 @@ class ParameterSchema:
             name=msg.name,
             type=_enum_label(admin_pb2.ParameterType, msg.type, "PARAMETER_TYPE_"),
             description=msg.description,
-            default=from_parameter_value(msg.default_value),
+            default=value_from_proto(msg.default_value, required=False),
             minimum=msg.minimum if msg.HasField("minimum") else None,
             maximum=msg.maximum if msg.HasField("maximum") else None,
         )
@@ -196,7 +170,7 @@ class ActivePolicy:
 
     @classmethod
     def from_proto(cls, msg: admin_pb2.ActivePolicy) -> "ActivePolicy":
-        params = {key: from_parameter_value(v) for key, v in sorted(msg.policy.parameters.items())}
+        params = parameters_from_proto(dict(sorted(msg.policy.parameters.items())), required=False)
         return cls(msg.policy.name, params, msg.version, msg.updated_unix_ms)
 
 
@@ -275,7 +249,7 @@ class WorkerInfo:
         if msg.HasField("local_policy"):
             local = ActivePolicy(
                 msg.local_policy.name,
-                {k: from_parameter_value(v) for k, v in sorted(msg.local_policy.parameters.items())},
+                parameters_from_proto(dict(sorted(msg.local_policy.parameters.items())), required=False),
                 version=0,
                 updated_unix_ms=0,
             )

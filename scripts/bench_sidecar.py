@@ -50,7 +50,7 @@ async def burst(address: str, batch: int, new_tokens: int) -> tuple[float, int]:
     return elapsed, sum(r.usage.completion_tokens for r in results)
 
 
-def start_worker(model, name: str, controller: str, max_batch: int) -> WorkerServer:
+def start_worker(model, name: str, controller: str | None, max_batch: int) -> WorkerServer:
     engine = EngineConfig(max_batch_size=max_batch, max_context_tokens=512, max_queue=64,
                           token_budget=max(2048, max_batch * 9), max_k=8)
     options = WorkerOptions(worker_id=f"sidecar-{name}-{uuid.uuid4().hex[:6]}", engine=engine,
@@ -84,7 +84,7 @@ def main() -> None:
     model = load_model()
     workers = {
         "attached": start_worker(model, "attached", address, max(batches)),
-        "none": start_worker(model, "none", "none", max(batches)),
+        "none": start_worker(model, "none", None, max(batches)),
     }
     deadline = time.monotonic() + 30
     while not workers["attached"].link.connected and time.monotonic() < deadline:

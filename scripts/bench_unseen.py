@@ -34,7 +34,7 @@ import tempfile
 
 from smartspec import AsyncClient
 from smartspec.bench.cli import wait_idle
-from smartspec.bench.policy_spec import parse_policy_spec
+from smartspec.core.policy_spec import parse_policy_list, parse_policy_spec, split_policy_list
 from smartspec.core.processes import free_port, start_child, stop_all
 from smartspec.core.launch import Ports, controller_argv, start_redis, wait_serving, worker_argv
 
@@ -131,7 +131,7 @@ async def bench(worker: str, controller: str, metrics_url: str, args) -> list[di
     rng = random.Random(args.seed)
     workloads = {name: WORKLOADS[name](args.prompts, rng) for name in args.workloads.split(",")}
     modes = [int(m) for m in args.modes.split(",")]
-    policies = args.policies.split(",")
+    policies = split_policy_list(args.policies)
     rows = []
     async with AsyncClient(worker=worker, controller=controller) as client:
         await client.complete("Warm up.", max_tokens=8)
@@ -184,7 +184,7 @@ def combined_table(paths: list[str]) -> list[dict]:
     rows, policies = [], None
     for run, path in enumerate(paths):
         data = json.loads(Path(path).read_text())
-        policies = policies or data["args"]["policies"].split(",")
+        policies = policies or split_policy_list(data["args"]["policies"])
         rows += [{**row, "repeat": (run, row["repeat"])} for row in data["rows"]]
     return summarise(rows, policies)
 
@@ -238,12 +238,17 @@ def main() -> None:
     if args.from_json:
         print(markdown(combined_table(args.from_json.split(","))))
         return
-    if "off" not in args.policies.split(","):
+    policies = split_policy_list(args.policies)
+    if "off" not in policies:
         raise SystemExit("--policies must include off (every ratio is against it)")
+    try:
+        parse_policy_list(args.policies)   # a typo is a usage error now, not after the stack has started
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     started = time.time()
     with local_stack(args.redis) as (worker, controller, ports):
         rows = asyncio.run(bench(worker, controller, f"http://127.0.0.1:{ports.worker_metrics}/metrics", args))
-    table = summarise(rows, args.policies.split(","))
+    table = summarise(rows, policies)
     print(markdown(table))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "started_unix_s": started, "table": table,

@@ -134,7 +134,7 @@ def test_bench_switches_policy_before_each_policys_points_and_keeps_arrivals_pai
                 async def set_policy(name, params):
                     calls.append((name, dict(params)))
 
-                from smartspec.bench.policy_spec import parse_policy_list
+                from smartspec.core.policy_spec import parse_policy_list
 
                 records = await bench(
                     client, dataset=load_dataset("summarise", 4, seed=0, max_tokens=8),
@@ -177,7 +177,7 @@ def test_bench_cli_names_bad_input_and_unreachable_servers(capsys):
     from smartspec.cli import main
 
     assert main(["bench", "--worker", "127.0.0.1:1", "--controller", "127.0.0.1:2", "--policies", "off,fixed:x"]) == 2
-    assert "k: must be an integer" in capsys.readouterr().err
+    assert "policies[1].k: expected int, got 'x'" in capsys.readouterr().err   # the spec and field at fault
     assert main(["bench", "--worker", "127.0.0.1:1", "--controller", "127.0.0.1:2", "--dataset", "nope"]) == 2
     assert "unknown dataset 'nope'" in capsys.readouterr().err
     assert main(["bench", "--worker", "127.0.0.1:1", "--controller", "127.0.0.1:2", "--requests", "2",

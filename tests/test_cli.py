@@ -10,7 +10,7 @@ import pytest
 from smartspec.cli import main
 from smartspec.controller.server import ControllerServer
 from smartspec.clients.errors import InvalidArgumentError
-from smartspec.clients.policy_cli import parse_parameter, parse_parameters
+from smartspec.clients.policy_cli import parse_parameters
 from smartspec.core.security import ServerSecurity
 from smartspec.clients.types import ParameterSchema, PolicyInfo
 from smartspec.v1 import generation_pb2_grpc
@@ -138,17 +138,18 @@ def test_generate_rejected_by_worker_exits_2(echo_worker, capsys):
 
 
 def test_parameter_parsing_follows_the_schema():
-    def schema(kind: str) -> ParameterSchema:
-        return ParameterSchema("p", kind, "", None)
+    def parse(kind: str, raw: str):
+        policy = PolicyInfo("pol", "", (ParameterSchema("p", kind, "", None),))
+        return parse_parameters(policy, [f"p={raw}"])["p"]
 
-    assert parse_parameter(schema("int"), "7") == 7
-    assert parse_parameter(schema("float"), "0.5") == 0.5
-    assert [parse_parameter(schema("bool"), v) for v in ("true", "OFF", "1", "no")] == [True, False, True, False]
-    assert parse_parameter(schema("int_list"), "4, 2,0") == [4, 2, 0]
-    assert parse_parameter(schema("string"), "a=b") == "a=b"
+    assert parse("int", "7") == 7
+    assert parse("float", "0.5") == 0.5
+    assert [parse("bool", v) for v in ("true", "OFF", "1", "no")] == [True, False, True, False]
+    assert parse("int_list", "4, 2,0") == [4, 2, 0]
+    assert parse("string", "a=b") == "a=b"
     for kind, raw in (("int", "1.5"), ("bool", "maybe"), ("int_list", "1,x"), ("float", "fast")):
         with pytest.raises(InvalidArgumentError, match=f"expected {kind}"):
-            parse_parameter(schema(kind), raw)
+            parse(kind, raw)
     policy = PolicyInfo("fixed", "", (ParameterSchema("k", "int", 4, ""),))
     assert parse_parameters(policy, ["k=2"]) == {"k": 2}
     with pytest.raises(InvalidArgumentError, match="KEY=VALUE"):

@@ -29,7 +29,9 @@ from smartspec import (
 )
 from smartspec.clients.retry import RetryPolicy, backoff_s
 from smartspec.core.security import ServerSecurity
-from smartspec.clients.types import from_parameter_value, to_parameter_value
+from smartspec.clients.types import to_policy_spec
+from smartspec.core.codec import value_from_proto, value_to_proto
+from smartspec.core.errors import FieldError
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
 
 MAX_TOKENS_LIMIT = 50
@@ -426,10 +428,19 @@ def test_set_policy_sends_typed_parameter_values():
 
 def test_parameter_values_round_trip():
     for value in (0, -7, 2.5, True, False, "x", [1, 2, 3], []):
-        back = from_parameter_value(to_parameter_value("p", value))
+        back = value_from_proto(value_to_proto(value))
         assert back == value and type(back) is type(value)
-    with pytest.raises(InvalidArgumentError):
-        to_parameter_value("p", [1, True])
+    spec = to_policy_spec("table", {"ks": (4, 2), "on": True})
+    assert value_from_proto(spec.parameters["ks"]) == [4, 2] and spec.parameters["on"].bool_value is True
+    with pytest.raises(FieldError, match="p"):
+        value_to_proto([1, True], field="p")
+    assert value_from_proto(common_pb2.ParameterValue(), required=False) is None   # a schema without a default
+    with pytest.raises(FieldError, match="has no value"):
+        value_from_proto(common_pb2.ParameterValue(), "p")
+    with pytest.raises(InvalidArgumentError, match=r"parameters\.p: "):   # the SDK's error, naming the value
+        to_policy_spec("x", {"p": [1, True]})
+    with pytest.raises(InvalidArgumentError, match="unsupported"):
+        to_policy_spec("x", {"p": {"a": 1}})
 
 
 def test_backoff_grows_exponentially_and_is_capped():

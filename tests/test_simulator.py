@@ -20,7 +20,7 @@ CPU = PRESETS["cpu-smollm2"]
 
 
 def run(policy_spec, workload, alpha, cost=H100_8B, worker=WorkerSpec(), seed=0):
-    from smartspec.bench.policy_spec import parse_policy_spec
+    from smartspec.core.policy_spec import parse_policy_spec
 
     name, params = parse_policy_spec(policy_spec)
     return simulate(workload, get(name), params, step_model=StepModel(cost), acceptance=fixed(alpha),
@@ -247,7 +247,7 @@ def test_goodput_speculates_for_requests_whose_proposer_fills_now_and_then():
     mixed = with_fill(choice([0.9, 0.9]), [1.0, 0.2])
     means = {}
     for spec in ("off", "fixed:1", "fixed:3", "fixed:5", "goodput"):
-        from smartspec.bench.policy_spec import parse_policy_spec
+        from smartspec.core.policy_spec import parse_policy_spec
 
         name, params = parse_policy_spec(spec)
         means[spec] = simulate(wl, get(name), params, step_model=StepModel(CPU), acceptance=mixed,

@@ -16,14 +16,21 @@ from smartspec.core.config import add_option
 from smartspec.core.security import add_security_options, security_from_args
 
 DTYPES = ("float32", "bfloat16", "float16")
+NO_CONTROLLER = "none"   # what `--controller` takes to plan in-process with --local-policy
+
+
+def controller_address(text: str) -> str | None:
+    """`--controller`: HOST:PORT, or None for `none` (no controller: plan with --local-policy)."""
+    text = text.strip()
+    return None if text.lower() == NO_CONTROLLER else text
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--host", default="0.0.0.0", help="address to bind")
     add_option(parser, "--port", default=50061, type=int, help="gRPC port (0 = any free port)")
     add_option(parser, "--worker-id", default="worker-0", help="unique id reported to the controller")
-    add_option(parser, "--controller", default="none",
-               help="controller HOST:PORT, or 'none' to plan locally with --local-policy")
+    add_option(parser, "--controller", default=NO_CONTROLLER, type=controller_address,
+               help=f"controller HOST:PORT, or '{NO_CONTROLLER}' to plan locally with --local-policy")
     add_option(parser, "--controller-token", default="", help="bearer token for the controller")
     add_option(parser, "--controller-tls-ca", default="", help="PEM roots: reach the controller over TLS")
     add_option(parser, "--model", default="SmolLM2-135M-Instruct",
@@ -47,9 +54,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--fallback-k", default=0, type=int,
                help="k for requests the controller has not planned (0: a missed plan never costs extra compute)")
     add_option(parser, "--local-policy", default="goodput",
-               help="policy with --controller none: name or name:value (e.g. fixed:3)")
+               help="policy with --controller none, a policy spec: NAME[:ARGS] "
+                    "(e.g. fixed:3, goodput:max_k=6,min_gain=0.05)")
     add_option(parser, "--local-policy-param", default=None, action="append",
-               help="extra key=value parameter for --local-policy (repeatable)")
+               help="extra KEY=VALUE parameter for --local-policy (repeatable)")
     add_option(parser, "--cost-profile-id", default="", help="share a fitted cost model with same-hardware workers")
     add_option(parser, "--profile-steps", default=3, type=int, help="timed repeats per startup profile point, median sent (0 = skip)")
     add_option(parser, "--metrics-port", default=0, type=int, help="Prometheus /metrics port (0 = off)")
@@ -76,9 +84,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from smartspec.worker.engine import EngineConfig
-    from smartspec.worker.local_policy import parse_policy_spec
     from smartspec.worker.model import load_model
-    from smartspec.worker.server import WorkerOptions, WorkerServer
+    from smartspec.worker.server import WorkerOptions, WorkerServer, local_policy_choice
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -90,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
             max_k=args.max_k,
             fallback_k=args.fallback_k,
         )
-        if args.controller == "none":   # check the policy before spending seconds on the model
-            parse_policy_spec(args.local_policy, args.local_policy_param or ())
+        if args.controller is None:   # check the policy before spending seconds on the model
+            local_policy_choice(args.local_policy, args.local_policy_param or ())
     except ValueError as exc:
         print(f"smartspec worker: {exc}", file=sys.stderr)
         return 2

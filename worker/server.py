@@ -8,19 +8,21 @@ import logging
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from smartspec.core.codec import policy_spec_proto
 from smartspec.core.errors import abort
+from smartspec.core.policy_spec import parse_policy_spec
 from smartspec.core.security import ServerSecurity
 from smartspec.v1 import common_pb2, controller_pb2, generation_pb2, generation_pb2_grpc
 
 from .controller_link import ControllerLink, LinkConfig
 from .engine import DuplicateRequestError, Engine, EngineConfig, EngineStoppedError, QueueFullError, RequestHandle
-from .local_policy import LocalPolicyPlanner, PolicyChoice, parse_policy_spec
+from .local_policy import LocalPolicyPlanner, PolicyChoice
 from .metrics import WorkerMetrics
 from .profile import measure_profile
 from .requests import InvalidRequest, RequestLimits, to_domain
@@ -45,12 +47,12 @@ class WorkerOptions:
     port: int = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
     default_max_tokens: int = 256
-    controller: str = "none"              # "HOST:PORT" or "none"
+    controller: str | None = None         # "HOST:PORT"; None: plan in-process with local_policy
     plan_deadline_ms: float | None = None  # None = adaptive (see controller_link)
     controller_auth_token: str = ""
     controller_tls_ca: str = ""
-    local_policy: str = "goodput"         # `name[:value]`, used with controller "none"
-    local_policy_params: tuple[str, ...] = ()
+    local_policy: str = "goodput"         # a policy spec (smartspec.core.policy_spec), used without a controller
+    local_policy_params: tuple[str, ...] = ()   # KEY=VALUE words added to it
     cost_profile_id: str = ""
     profile_steps: int = 3                # timed repeats per profile point (median sent); 0 = no profile
     metrics_port: int = 0                 # 0 = no /metrics endpoint
@@ -81,22 +83,17 @@ def result_to_proto(outcome: GenerationOutcome) -> generation_pb2.GenerationResu
     )
 
 
+def local_policy_choice(spec: str, extra: Sequence[str] = ()) -> PolicyChoice:
+    """`--local-policy SPEC --local-policy-param KEY=VALUE...` as the validated policy the local
+    planner runs; PolicyError (a FieldError) naming `local_policy` or `local_policy.KEY`."""
+    parsed = parse_policy_spec(spec, extra, field="local_policy")
+    return PolicyChoice(parsed.policy, parsed.params)
+
+
 def policy_to_proto(choice: PolicyChoice | None) -> common_pb2.PolicySpec:
     if choice is None:
         return common_pb2.PolicySpec()
-    spec = common_pb2.PolicySpec(name=choice.name)
-    for key, value in choice.params.items():
-        if isinstance(value, bool):
-            spec.parameters[key].bool_value = value
-        elif isinstance(value, int):
-            spec.parameters[key].int_value = value
-        elif isinstance(value, float):
-            spec.parameters[key].float_value = value
-        elif isinstance(value, str):
-            spec.parameters[key].string_value = value
-        else:
-            spec.parameters[key].int_list_value.values.extend(int(v) for v in value)
-    return spec
+    return policy_spec_proto(choice.name, choice.params, choice.policy)
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -157,9 +154,9 @@ class WorkerServer:
         self._health = health.HealthServicer()
         self._server: grpc.Server | None = None
         self._stopped = threading.Event()
-        if planner is None and options.controller == "none":
+        if planner is None and options.controller is None:
             # Validate the policy spec before anything starts (a typo is a startup error).
-            self.local_policy = parse_policy_spec(options.local_policy, options.local_policy_params)
+            self.local_policy = local_policy_choice(options.local_policy, options.local_policy_params)
 
     def start(self) -> int:
         """Bind, profile, connect the planner, start the engine; returns the bound port."""
@@ -193,7 +190,7 @@ class WorkerServer:
         opts = self.options
         if self._planner_override is not None:
             return self._planner_override
-        if opts.controller == "none":
+        if opts.controller is None:
             from smartspec.core.cost_fit import fit_profile
             from smartspec.core.cost_model import DEFAULT_COST_MODEL
 
@@ -241,7 +238,7 @@ class WorkerServer:
             max_speculation_length=opts.engine.max_k,
             max_batch_size=opts.engine.max_batch_size,
             context_window=self.engine.context_window,
-            controller=opts.controller,
+            controller=opts.controller or "none",   # generation.proto: "HOST:PORT" or "none"
             controller_connected=bool(self.link and self.link.connected),
             fallback_steps=getattr(planner, "fallback_steps", 0),
             running_requests=snapshot.running,
