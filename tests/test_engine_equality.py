@@ -210,6 +210,31 @@ def test_ngram_lookahead_reports_exactly_what_the_next_step_offers(model, prompt
     assert checked > 20 and 0 < dry < checked  # matched and unmatched steps both happened
 
 
+def test_a_prefill_step_and_a_cancellation_are_reported_as_such(model, prompts):
+    """The first step reports the whole prompt prefilled (and its first token in the context); a
+    request cancelled between steps is reported once, finished, with nothing proposed or tested."""
+    planner = RecordingPlanner(0)
+    engine = make_engine(model, make_proposer("ngram"), planner)
+    prompt = prompts[1]
+    try:
+        handle = engine.submit(GenerationRequest("c", prompt, 400, ignore_eos=True))
+        events = handle.events(timeout=120)
+        assert isinstance(next(events), TokenDelta)
+        engine.cancel("c", handle)
+        assert _Replay(None, events).result().finish_reason is FinishReason.CANCELLED
+    finally:
+        engine.stop(0)
+    facts = [fact for step in planner.steps for fact in step.requests]
+    first, last = facts[0], facts[-1]
+    assert (first.prefill_tokens, first.context_tokens, first.proposed_tokens, first.finished) == \
+        (len(prompt), len(prompt) + 1, 0, False)
+    assert first.proposable_tokens is not None        # it decodes next: the proposer's look-ahead
+    assert [fact.finished for fact in facts].count(True) == 1 and last.finished
+    assert (last.proposed_tokens, last.accepted_tokens, last.tested_positions, last.prefill_tokens,
+            last.requested_tokens, last.proposable_tokens) == (0, 0, 0, 0, 0, None)
+    assert len(prompt) + 1 <= last.context_tokens < len(prompt) + 400
+
+
 def test_chunked_prefill_gives_the_same_output(model, prompts, reference):
     # A 40-token budget prefills the ~80-token summary prompt in several chunks, next to decoding rows.
     assert len(prompts[0]) > 40

@@ -25,6 +25,28 @@ class RequestFacts:
     requested_tokens: int = 0   # k asked of the proposer after clamping (proposed may be fewer)
     proposable_tokens: int | None = None  # what the proposer can offer next step; None = not known
 
+    @classmethod
+    def decoded(cls, request_id: str, *, requested: int, proposed: int, accepted: int, tested: int,
+                context_tokens: int, finished: bool, proposable: int | None) -> "RequestFacts":
+        """A decode step: k asked, proposals made, accepted and tested by verification."""
+        return cls(request_id=request_id, proposed_tokens=proposed, accepted_tokens=accepted,
+                   tested_positions=tested, context_tokens=context_tokens, finished=finished,
+                   requested_tokens=requested, proposable_tokens=proposable)
+
+    @classmethod
+    def prefilled(cls, request_id: str, *, chunk: int, context_tokens: int, finished: bool,
+                  proposable: int | None) -> "RequestFacts":
+        """A prefill step: `chunk` prompt tokens went in (and the first token, when it was the last chunk)."""
+        return cls(request_id=request_id, proposed_tokens=0, accepted_tokens=0, tested_positions=0,
+                   context_tokens=context_tokens, prefill_tokens=chunk, finished=finished,
+                   proposable_tokens=proposable)
+
+    @classmethod
+    def ended(cls, request_id: str, *, context_tokens: int) -> "RequestFacts":
+        """A request cancelled or failed between steps: it ran nothing, it only ended."""
+        return cls(request_id=request_id, proposed_tokens=0, accepted_tokens=0, tested_positions=0,
+                   context_tokens=context_tokens, finished=True)
+
 
 @dataclass(frozen=True)
 class StepFacts:
