@@ -302,5 +302,5 @@ def fit_profile(samples: Iterable[Any], prior: CostModel = DEFAULT_COST_MODEL,
     for sample, batch in zip(samples, batches):
         ks = [int(sample.speculation_length)] * batch
         contexts = [int(sample.context_tokens)] * batch
-        fit.observe(ks, contexts, None, float(sample.draft_ms), float(sample.verify_ms))
+        fit.observe(ks, contexts, None, draft_ms=float(sample.draft_ms), verify_ms=float(sample.verify_ms))
     return fit.model().replace(overhead_ms=prior.overhead_ms)

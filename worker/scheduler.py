@@ -59,7 +59,7 @@ def plan_prefill(
         chunk = min(prompt_len, budget)
         new_chunks.append(chunk)
         budget -= chunk
-    return PrefillPlan(tuple(continuing), len(new_chunks), tuple(new_chunks))
+    return PrefillPlan(continuing=tuple(continuing), admitted=len(new_chunks), new_chunks=tuple(new_chunks))
 
 
 def clamp_speculation(k: int, *, max_k: int, context_tokens: int, capacity: int, tokens_left: int) -> int:

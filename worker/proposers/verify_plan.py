@@ -162,8 +162,8 @@ def _row_blocks(by_params: dict[SamplingParams, list[int]], lengths_in_step: Seq
         slots = sum(lengths_in_step[row] + 1 for row in rows)
         positions = slot_positions[first_slot : first_slot + slots]
         in_a_run = positions == list(range(positions[0], positions[0] + slots))
-        blocks.append(RowBlock(params, len(rows), first_slot, slots,
-                               (positions[0], positions[0] + slots) if in_a_run else None))
+        blocks.append(RowBlock(params=params, rows=len(rows), first_slot=first_slot, slots=slots,
+                               packed_range=(positions[0], positions[0] + slots) if in_a_run else None))
         first_slot += slots
     return tuple(blocks)
 
