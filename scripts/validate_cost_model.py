@@ -451,7 +451,7 @@ def code_state() -> dict[str, Any]:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    changed = git("status", "--porcelain", "--", "worker", "core/cost_model.py").splitlines()
+    changed = git("status", "--porcelain", "--", "worker", "core/cost_model.py", "core/cost_fit.py").splitlines()
     return {"git_commit": git("rev-parse", "--short", "HEAD"), "uncommitted": [line[3:] for line in changed]}
 
 
