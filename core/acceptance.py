@@ -18,9 +18,10 @@ tokens (see policies/optimizer.py). Folding dry positions into a (counting them 
 makes an ngram request that matches now and then look hopeless at every k, while a fixed k would
 collect its matches for free; ignoring them makes it look like a draft model at every k.
 
-A new request has no trials, so each estimate starts at the rate pooled over the worker's recent
-requests (per proposer kind) and moves toward its own rate as evidence grows: the posterior mean
+A new request has no trials, so each estimate starts at the rate pooled over recent steps of every
+request (per proposer kind) and moves toward its own rate as evidence grows: the posterior mean
 of a Beta(prior_rate * s, (1 - prior_rate) * s) prior with s = `prior_strength` pseudo-trials.
+(How these feed a plan, and when the pool is updated: core/decision.py.)
 """
 
 from __future__ import annotations
@@ -33,16 +34,20 @@ from smartspec.core.errors import FieldError
 DEFAULT_PRIOR_RATE = 0.5  # when nothing at all has been seen for a proposer kind
 DEFAULT_PRIOR_FILL = 1.0  # likewise for the fill rate: a draft model always fills what it is asked
 DEFAULT_PRIOR_STRENGTH = 8.0  # pseudo-trials: ~2 full steps at k = 4 before own history dominates
-DEFAULT_PRIOR_DECAY = 0.995  # per pooled update: the pool remembers roughly the last 200 updates
+DEFAULT_PRIOR_DECAY = 0.995  # per reported step: the pool remembers roughly the last 200 steps
 
 
 class OutcomeError(FieldError):
     """A reported outcome is impossible; `field` is the RequestOutcome field at fault."""
 
 
-def positions_tested(proposed: int, accepted: int) -> int:
-    """Positions the target judged: every accepted one, plus the rejection that stopped it (if any)."""
-    return accepted + (1 if accepted < proposed else 0)
+def positions_tested(proposed, accepted):
+    """Positions the target judged: every accepted one, plus the rejection that stopped it (if any).
+
+    The one definition of a step's tested positions. Ints give an int; numpy arrays (a batch of
+    rows, as the simulator keeps them) give the same rule element by element.
+    """
+    return accepted + (accepted < proposed)
 
 
 def check_outcome(proposed: int, accepted: int, tested: int, requested: int | None = None) -> None:
@@ -102,7 +107,8 @@ class PooledPrior:
 
     accepted / tested pools the acceptance rate, proposed / requested the fill rate. Decaying by
     `decay` per update keeps the prior following the recent mix of requests rather than
-    everything since start-up.
+    everything since start-up. When to update is the decision pipeline's rule (core/decision.py,
+    `pool_step`): once per reported step, with that step's evidence.
     """
 
     accepted: float = 0.0
@@ -118,7 +124,7 @@ class PooledPrior:
 
     def update(self, accepted: float, tested: float, decay: float = DEFAULT_PRIOR_DECAY,
                proposed: float = 0.0, requested: float = 0.0) -> "PooledPrior":
-        """Fold in one step's (or one request's) counts after decaying the old ones."""
+        """Fold in one step's counts after decaying the old ones."""
         if not 0.0 < decay <= 1.0:
             raise ValueError(f"decay must be in (0, 1], got {decay}")
         if accepted < 0 or tested < accepted:

@@ -30,6 +30,13 @@ def test_tested_positions_counts_the_stopping_rejection_only():
     assert positions_tested(4, 1) == 2  # one accepted, then the rejection
     assert positions_tested(4, 0) == 1
     assert positions_tested(0, 0) == 0  # no proposals, nothing tested
+    assert type(positions_tested(4, 1)) is int
+
+
+def test_tested_positions_of_many_rows_is_the_same_rule_per_row():
+    proposed, accepted = np.array([4, 4, 4, 0, 3]), np.array([4, 1, 0, 0, 2])
+    assert positions_tested(proposed, accepted).tolist() == [
+        positions_tested(p, a) for p, a in zip(proposed.tolist(), accepted.tolist())] == [4, 2, 1, 0, 3]
 
 
 @pytest.mark.parametrize("rate", [0.3, 0.6, 0.85])

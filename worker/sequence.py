@@ -10,6 +10,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from smartspec.core.acceptance import positions_tested
+
 INCOMPLETE_CHAR = "\ufffd"  # what a byte-level decoder yields for a cut UTF-8 sequence
 
 
@@ -45,7 +47,7 @@ class SpeculationCounters:
     proposed: int = 0
     requested: int = 0       # proposals asked for (a proposer may offer fewer: proposed <= requested)
     accepted: int = 0
-    tested: int = 0          # accepted + (1 if a rejection ended the run)
+    tested: int = 0          # positions_tested: accepted + (1 if a rejection ended the run)
     decode_steps: int = 0
     emitted: int = 0         # tokens produced by decode steps (accepted + the target's own)
     ks: list[int] = field(default_factory=list)
@@ -55,7 +57,7 @@ class SpeculationCounters:
         self.requested += k
         self.proposed += proposed
         self.accepted += accepted
-        self.tested += accepted + (1 if accepted < proposed else 0)
+        self.tested += positions_tested(proposed, accepted)
         self.decode_steps += 1
         self.emitted += accepted + 1
 

@@ -25,6 +25,8 @@ from typing import Sequence
 
 import torch
 
+from smartspec.core.acceptance import positions_tested
+
 from .base import Proposal
 from .device_copy import to_device_without_sync
 from .sampling import SamplingParams
@@ -102,7 +104,7 @@ def verify_packed(
     for column, row in enumerate(plan.order):
         n = len(proposals[row].tokens)
         accepted = accepted_in_plan_order[column]
-        tested = accepted + (1 if accepted < n else 0)  # a rejection tested one more position
+        tested = positions_tested(n, accepted)  # a rejection tested one more position
         tokens = proposals[row].tokens[:accepted] + [tokens_in_plan_order[column]]
         results[row] = RowVerification(tokens, accepted, tested)
     return results  # type: ignore[return-value]
