@@ -1,45 +1,46 @@
 """Discrete-event simulation of one continuous-batching worker with speculative decoding.
 
 Why: to see a policy across loads, models and hardware we do not have (the SmartSpec authors'
-H100 fits), in seconds, and to check our CPU benchmark against a model of it. The simulator runs
-the controller's own decision path every step: `guarded_decide(policy, BatchState, cost, params)`
-with acceptance and fill estimates built exactly as `controller.planner` builds them (per-request
-tested positions and offered / asked proposals, a decaying pooled prior, the Beta-posterior blend
-of `controller.acceptance`), and the worker's own admission and clamping rules (`worker.scheduler`).
+H100 fits), in seconds, and to check our CPU benchmark against a model of it. The simulator plans
+every step with the controller's own decision pipeline (core/decision.py, through
+`bench/sim_planner.py`): the same per-request evidence, the same pooled prior and its per-step decay,
+the same estimates, `guarded_decide` and look-ahead cap, so a simulated step is planned exactly as
+the controller plans it from the same facts; and it applies the worker's own admission and
+clamping rules (`worker.scheduler`).
 
-One step, as the engine runs it:
+One step, as the engine runs it (`Simulation.step`):
   1. decoding requests get k from the policy, clamped (max_k, tokens left);
   2. queued requests are admitted into free slots with chunked prefill inside the token budget;
   3. the proposer offers k or, where it runs dry, fewer proposals (the acceptance model's fill);
   4. the clock advances by the step model's time for the proposals actually verified (plus noise);
   5. each decoding row accepts min(offered, G) proposals (+1 bonus token); a prefill that completes
      yields the request's first token; requests with all their tokens finish.
-Bookkeeping is numpy arrays indexed by request; the only per-request Python work per step is
-building the `RequestState`s the policy reads.
+Bookkeeping is numpy arrays indexed by request.
 
-Plans normally come fresh and free (`ControllerLinkSpec()`, the ideal). With a `ControllerLinkSpec`
-mode of "stale-replan" or "stale-ks" the simulator models the controller round trip as the worker
-meets it (worker/controller_link.py): step s runs on the answer to report s-2, the worker waits a
-bounded time when that answer is late, and falls back to each request's last k when it never came.
+Plans normally come fresh and free (`ControllerLinkSpec()`, the ideal); the stale plan modes model
+the controller round trip as the worker meets it (`bench/sim_link.py`).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
 from smartspec.bench.acceptance_models import AcceptanceFactory, RequestAcceptance
 from smartspec.bench.report import point_metrics
+from smartspec.bench.sim_link import ControllerLinkSpec, PlanMode, StaleLink
+from smartspec.bench.sim_planner import SimPlanner
 from smartspec.bench.workload import Workload
-from smartspec.core.acceptance import DEFAULT_PRIOR_FILL, DEFAULT_PRIOR_RATE, PooledPrior
+from smartspec.core.acceptance import PooledPrior, positions_tested
 from smartspec.core.cost_model import CostModel
-from smartspec.controller.planner import PlannerSettings
-from smartspec.core.policies import BatchState, Policy, RequestState, guarded_decide
+from smartspec.core.decision import Estimator
+from smartspec.core.policies import Policy
 from smartspec.worker.scheduler import plan_prefill
+
+__all__ = ["ControllerLinkSpec", "SimResult", "Simulation", "StepModel", "WorkerSpec", "predict_step_ms", "simulate"]
 
 
 @dataclass(frozen=True)
@@ -112,187 +113,6 @@ def predict_step_ms(cost: CostModel, ks: np.ndarray, contexts: np.ndarray, prefi
     return verify + draft + cost.overhead_ms
 
 
-def estimate_acceptance(accepted: np.ndarray, tested: np.ndarray, prior_accepted: float, prior_tested: float,
-                        prior_strength: float, default_rate: float = 0.5) -> np.ndarray:
-    """Vectorised `controller.acceptance.estimate`: Beta posterior mean around the pooled rate."""
-    prior_rate = prior_accepted / prior_tested if prior_tested > 0 else default_rate
-    return (accepted + prior_rate * prior_strength) / (tested + prior_strength)
-
-
-PLAN_MODES = ("fresh", "stale-replan", "stale-ks")
-FALLBACKS = ("last-k", "older-plan")
-
-
-@dataclass(frozen=True)
-class ControllerLinkSpec:
-    """How plans reach the worker, and what a late plan costs (worker/controller_link.py).
-
-    fresh: step s is planned from the facts of step s-1 at no cost in time: the ideal, and the
-    simulator's behaviour before plans went one step ahead.
-    stale-replan: what the worker does. Step s re-solves the controller's newest answer (normally the
-    one to report s-2) on the worker: the policy runs on the worker's own up-to-date per-request
-    history and look-ahead, with the pooled prior as the controller held it after that report.
-    stale-ks: for comparison, the controller's own ks from that answer applied as sent (a request
-    that joined since runs 0), only capped to the fresh look-ahead.
-
-    The answer to report r reaches the worker round_trip_ms after step r ended. Before step s the
-    worker waits for the answer to report s-2 (before step 1: report 0) at most the deadline, and the
-    wait adds to the step's time; if the answer still has not come, step s falls back: each request
-    keeps the k it last ran, one never planned runs 0 (fallback "last-k"). deadline_ms None: the
-    worker's adaptive deadline, max(min_deadline_ms, deadline_fraction x the last step's time),
-    LinkConfig's default.
-
-    fallback "older-plan" (stale-replan only) is a what-if, not what the worker does: a step without
-    a recent enough answer re-solves the newest basis in hand, however old.
-    """
-
-    mode: str = "fresh"
-    round_trip_ms: float = 0.0
-    deadline_ms: float | None = None
-    min_deadline_ms: float = 5.0
-    deadline_fraction: float = 0.25
-    fallback: str = "last-k"
-
-    def __post_init__(self) -> None:
-        if self.mode not in PLAN_MODES:
-            raise ValueError(f"unknown plan mode {self.mode!r} (known: {', '.join(PLAN_MODES)})")
-        if not self.round_trip_ms >= 0 or (self.deadline_ms is not None and not self.deadline_ms >= 0):
-            raise ValueError("need round_trip_ms >= 0 and deadline_ms >= 0")
-        if self.fallback not in FALLBACKS or (self.fallback == "older-plan" and self.mode != "stale-replan"):
-            raise ValueError(f"fallback is one of {', '.join(FALLBACKS)}; older-plan only with stale-replan")
-
-    def deadline_s(self, last_step_s: float) -> float:
-        if self.deadline_ms is not None:
-            return self.deadline_ms / 1000.0
-        return max(self.min_deadline_ms / 1000.0, self.deadline_fraction * last_step_s)
-
-
-@dataclass(frozen=True)
-class ControllerAnswer:
-    """The controller's answer to one step report, as the worker receives it."""
-
-    report_index: int
-    arrives_s: float
-    prior: PooledPrior            # the pooled prior with this report folded in (the plan's basis)
-    ks: Mapping[int, int]         # the controller's own k per request for the next step (stale-ks)
-
-
-def answer_in_hand(answers: Sequence[ControllerAnswer], step_index: int, reported_s: float, now_s: float,
-                   deadline_s: float) -> tuple[float, ControllerAnswer | None]:
-    """(seconds step `step_index` waits for a plan, the answer it then plans with).
-
-    answers: the latest answers, in report order. Right after sending the previous report (at
-    reported_s) the worker waits for the answer to report step_index - 2 (before step 1: report 0,
-    the first it sent) or a newer one, at most deadline_s; an idle spell until now_s hides that wait. The step then
-    plans with the newest answer in hand, which after an idle spell may answer the report just sent.
-    The worker goes straight on after a report, so an answer landing the instant the step starts is
-    not in hand unless it is the one awaited. None (fall back) when even that one has not come:
-    plans older than it are never applied.
-    """
-    recent = [a for a in answers if a.report_index >= max(step_index - 2, 0)]  # arrive in report order
-    if step_index == 0 or not recent:
-        return 0.0, None
-    awaited = recent[0]
-    start_s = max(now_s, reported_s + min(max(awaited.arrives_s - reported_s, 0.0), deadline_s))
-    held = [a for a in recent if a.arrives_s < start_s or (a is awaited and a.arrives_s <= start_s)]
-    return start_s - now_s, (held[-1] if held else None)
-
-
-def newest_arrived(answers: Sequence[ControllerAnswer], by_s: float) -> ControllerAnswer | None:
-    """The newest answer that reached the worker before by_s, however old (None: none yet)."""
-    arrived = [a for a in answers if a.arrives_s < by_s]
-    return arrived[-1] if arrived else None
-
-
-@dataclass
-class RequestHistory:
-    """What the planner knows of each request (arrays [N]); simulate updates them in place."""
-
-    accepted: np.ndarray
-    tested: np.ndarray
-    proposed: np.ndarray
-    requested: np.ndarray  # proposals asked for (= the k planned, after clamping)
-    last_k: np.ndarray
-    last_full: np.ndarray
-    since_spec: np.ndarray
-
-    @classmethod
-    def empty(cls, n: int) -> "RequestHistory":
-        return cls(*(np.zeros(n, np.int64) for _ in range(5)), np.zeros(n, bool), np.zeros(n, np.int64))
-
-
-def policy_ks(policy: Policy, params: Mapping[str, Any], cost: CostModel, settings: PlannerSettings, max_k: int,
-              history: RequestHistory, dec: np.ndarray, context: np.ndarray, offer: np.ndarray | None,
-              prior: PooledPrior, *, queued: int, step_index: int) -> np.ndarray:
-    """The policy's k per decoding request [D], planned as controller.planner plans: each request's
-    own history shrunk toward `prior`, the fill from the look-ahead `offer` where there is one, and
-    never more than that offer (cap_to_proposable). The engine's clamps come after."""
-    cold_rate = float(getattr(settings, "cold_rate", DEFAULT_PRIOR_RATE))
-    cold_fill = float(getattr(settings, "cold_fill", DEFAULT_PRIOR_FILL))
-    h = history
-    a_hat = estimate_acceptance(h.accepted[dec], h.tested[dec], prior.accepted, prior.tested,
-                                settings.prior_strength, cold_rate)  # [D]
-    f_hat = estimate_acceptance(h.proposed[dec], h.requested[dec], prior.proposed, prior.requested,
-                                settings.prior_strength, cold_fill)  # [D] same posterior, fill counts
-    if offer is not None:  # the proposer knows now what it can offer next step: plan on that
-        f_hat = (offer > 0).astype(np.float64)  # [D]
-    lk, lf, ss, ev = h.last_k[dec].tolist(), h.last_full[dec].tolist(), h.since_spec[dec].tolist(), h.tested[dec].tolist()
-    fl = f_hat.tolist()
-    states = tuple(
-        RequestState(str(r), a, c, 0, lk[j], lf[j], ss[j], float(ev[j]), fl[j])
-        for j, (r, a, c) in enumerate(zip(dec.tolist(), a_hat.tolist(), context.tolist()))
-    )
-    batch = BatchState(states, max_k, queued, step_index, prior.tested)
-    ks = np.array(guarded_decide(policy, batch, cost, params, prior_acceptance=prior.rate(cold_rate)),
-                  dtype=np.int64)  # [D]
-    return ks if offer is None else np.minimum(ks, offer)
-
-
-@dataclass
-class StaleLink:
-    """The worker's side of a stale controller link during one run: the answers on their way, and
-    what waiting for them and falling back cost."""
-
-    spec: ControllerLinkSpec
-    answers: deque = field(default_factory=deque)  # [ControllerAnswer], the ones a next step may use
-    fallback_steps: int = 0
-    waited_steps: int = 0
-    wait_s: float = 0.0
-    reported_s: float = 0.0  # when the newest report left
-    last_step_s: float = 0.0  # the time of its step, waits included (the adaptive deadline's base)
-
-    def report(self, report_index: int, ended_s: float, step_s: float, prior: PooledPrior, dec: np.ndarray,
-               plan_with: Callable[[PooledPrior], np.ndarray]) -> None:
-        """Report `report_index` left when its step (of step_s seconds) ended; the controller answers
-        a round trip later with the basis it then holds (`prior`) and, for stale-ks, its own ks for
-        the requests `dec`."""
-        self.reported_s, self.last_step_s = ended_s, step_s
-        ks = dict(zip(dec.tolist(), plan_with(prior).tolist())) if self.spec.mode == "stale-ks" and dec.size else {}
-        self.answers.append(ControllerAnswer(report_index, ended_s + self.spec.round_trip_ms / 1000.0, prior, ks))
-        # Keep what a later step may use: answers not yet arrived, and the newest one that has.
-        while len(self.answers) > 1 and self.answers[1].arrives_s < ended_s:
-            self.answers.popleft()
-
-    def plan(self, step_index: int, now_s: float, dec: np.ndarray, last_k: np.ndarray, offer: np.ndarray | None,
-             plan_with: Callable[[PooledPrior], np.ndarray]) -> tuple[float, np.ndarray]:
-        """(wait before the step, k per decoding request [D] before the engine's clamps)."""
-        wait_s, answer = answer_in_hand(self.answers, step_index, self.reported_s, now_s,
-                                        self.spec.deadline_s(self.last_step_s))
-        self.waited_steps += wait_s > 0
-        self.wait_s += wait_s
-        if not dec.size:
-            return wait_s, dec
-        if answer is None:
-            self.fallback_steps += 1
-            answer = newest_arrived(self.answers, now_s + wait_s) if self.spec.fallback == "older-plan" else None
-            if answer is None:  # the worker's fallback: the k each request last ran (0 if never planned)
-                return wait_s, last_k[dec].copy()
-        if self.spec.mode == "stale-replan":
-            return wait_s, plan_with(answer.prior)
-        ks = np.array([answer.ks.get(r, 0) for r in dec.tolist()], dtype=np.int64)  # [D] joined since: 0
-        return wait_s, ks if offer is None else np.minimum(ks, offer)
-
-
 @dataclass
 class SimResult:
     """Per-request outcomes of one run (arrays [N], seconds) and per-step totals."""
@@ -346,167 +166,192 @@ class SimResult:
         return out
 
 
+class Simulation:
+    """One run of a workload to completion: the engine's step loop over arrays indexed by request."""
+
+    def __init__(self, workload: Workload, planner: SimPlanner, *, step_model: StepModel,
+                 acceptance: AcceptanceFactory | RequestAcceptance, worker: WorkerSpec, link: ControllerLinkSpec,
+                 seed: int) -> None:
+        n = workload.size
+        self.rng = np.random.default_rng([seed, 11])
+        self.accept_model = acceptance(n, np.random.default_rng([seed, 13])) if callable(acceptance) else acceptance
+        self.planner, self.step_model, self.worker, self.link = planner, step_model, worker, link
+        self.stale = StaleLink(link) if link.mode != PlanMode.FRESH else None
+        self.arrival = workload.arrival_s
+        self.prompt = workload.prompt_tokens.astype(np.int64)
+        self.output = workload.output_tokens.astype(np.int64)
+        self.cached = np.zeros(n, np.int64)  # prompt tokens prefilled so far
+        self.generated = np.zeros(n, np.int64)
+        self.k_sum = np.zeros(n, np.int64)
+        self.decode_steps = np.zeros(n, np.int64)
+        self.first_token = np.full(n, np.nan)
+        self.finish = np.full(n, np.nan)
+        self.waiting: deque[int] = deque()
+        self.prefilling: list[int] = []  # admitted, prompt not fully in yet (admission order)
+        self.dec = np.zeros(0, np.int64)  # [D] decoding requests, rebuilt only when membership changes
+        self.next_arrival = self.done = self.step_index = self.planned_steps = self.batch_size_sum = 0
+        self.t = self.busy_step_s = 0.0
+        self.last_end = self.last_dt = 0.0  # when the previous step ended (its report left), and how long it took
+
+    def run(self) -> SimResult:
+        n = self.arrival.size
+        while self.done < n:
+            while self.next_arrival < n and self.arrival[self.next_arrival] <= self.t:
+                self.waiting.append(self.next_arrival)
+                self.next_arrival += 1
+            if not self.dec.size and not self.prefilling and not self.waiting:
+                self.t = float(self.arrival[self.next_arrival])  # idle until the next arrival
+                continue
+            self.step()
+        return self.result()
+
+    def step(self) -> None:
+        """Plan, admit, propose, time, verify: one engine step."""
+        wait_s, ks, context = self.plan_decode()
+        pre_rows, chunks = self.schedule_prefill(ks)
+        offered = self.propose(ks)
+        dt = wait_s + self.step_seconds(offered, context, pre_rows, chunks)
+        self.t += dt
+        self.last_end, self.last_dt = self.t, dt
+        self.busy_step_s += dt
+        self.batch_size_sum += int(offered.size + pre_rows.size)
+        self.step_index += 1
+        self.finish_decode(ks, offered, pre_rows)
+        self.finish_prefill(pre_rows, chunks)
+
+    def plan_decode(self) -> tuple[float, np.ndarray, np.ndarray]:
+        """(wait for a plan, k per decoding request [D] after the engine's clamps, their contexts [D])."""
+        dec, offer = self.dec, None
+        context = self.prompt[dec] + self.generated[dec]  # [D] tokens the step attends over
+        # The worker's look-ahead: where the proposer knows now what it can offer next step,
+        # the planner plans on that instead of the average fill (as controller.planner does).
+        if dec.size and self.worker.lookahead and hasattr(self.accept_model, "proposable"):
+            offer = self.accept_model.proposable(dec, self.worker.max_k, self.rng)  # [D] or None (draft model)
+
+        def plan_with(prior: PooledPrior) -> np.ndarray:  # ks [D] planned on `prior`
+            return self.planner.plan(dec, context, offer, prior=prior, queued=len(self.waiting),
+                                     step_index=self.step_index)
+
+        wait_s, ks = 0.0, dec
+        if self.stale is None:
+            ks = plan_with(self.planner.prior) if dec.size else dec
+        else:
+            if self.step_index:  # the previous step's report: the controller plans on the facts as they stand now
+                self.stale.report(self.step_index - 1, self.last_end, self.last_dt, self.planner.prior, dec, plan_with)
+            wait_s, ks = self.stale.plan(self.step_index, self.t, dec, self.planner.evidence.last_k, offer, plan_with)
+        if dec.size:
+            self.planned_steps += 1
+            # the engine's clamp: no more proposals than tokens still wanted, minus the bonus token
+            ks = np.maximum(np.minimum(ks, self.output[dec] - self.generated[dec] - 1), 0)
+        return wait_s, ks, context
+
+    def schedule_prefill(self, ks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Admission and chunked prefill within what decoding leaves of the token budget:
+        (prefill rows [P], their chunks [P])."""
+        no_rows = np.zeros(0, np.int64)
+        if not (self.prefilling or self.waiting):
+            return no_rows, no_rows
+        free = self.worker.max_batch_size - self.dec.size - len(self.prefilling)
+        heads = [self.waiting[i] for i in range(min(max(free, 0), len(self.waiting)))]
+        plan = plan_prefill(
+            token_budget=self.worker.token_budget,
+            decode_tokens=int(ks.sum()) + int(ks.size),
+            remaining_prompts=[int(self.prompt[r] - self.cached[r]) for r in self.prefilling],
+            waiting_prompts=self.prompt[heads].tolist() if heads else [],
+            free_slots=free,
+        )
+        self.prefilling.extend(self.waiting.popleft() for _ in range(plan.admitted))
+        rows = np.array(self.prefilling, dtype=np.int64)  # [P]
+        sizes = np.array(plan.continuing + plan.new_chunks, dtype=np.int64)  # [P]
+        active = sizes > 0
+        return rows[active], sizes[active]
+
+    def propose(self, ks: np.ndarray) -> np.ndarray:
+        """The proposer: k asked of it, `offered` (<= k) made [D]; the target verifies only those."""
+        spec = ks > 0  # [D]
+        if not spec.any():
+            return ks
+        offered = ks.copy()
+        offered[spec] = self.accept_model.propose(self.dec[spec], ks[spec], self.rng)
+        return offered
+
+    def step_seconds(self, offered: np.ndarray, context: np.ndarray, pre_rows: np.ndarray,
+                     chunks: np.ndarray) -> float:
+        """Step time over every row the target runs: decode rows (offered_i + 1 tokens) and prefill chunks."""
+        if pre_rows.size:
+            all_k = np.concatenate([offered, np.zeros(pre_rows.size, np.int64)])  # [B]
+            all_ctx = np.concatenate([context, self.cached[pre_rows]])  # [B]
+            all_pre = np.concatenate([np.zeros(offered.size, np.int64), chunks])  # [B]
+        else:
+            all_k, all_ctx, all_pre = offered, context, np.zeros(offered.size, np.int64)
+        return self.step_model.step_ms(all_k, all_ctx, all_pre, int(pre_rows.size), self.rng) / 1000.0
+
+    def finish_decode(self, ks: np.ndarray, offered: np.ndarray, pre_rows: np.ndarray) -> None:
+        """Decode outcomes: min(offered, run of acceptances) proposals kept, plus the target's own token;
+        the step's rows recorded as evidence (prefill rows too) and pooled."""
+        dec = self.dec
+        acc = np.zeros(dec.size, np.int64)
+        made = offered > 0  # [D]
+        if made.any():
+            acc[made] = self.accept_model.accept(dec[made], offered[made], self.rng)
+        self.planner.record_step(dec, ks, offered, acc, positions_tested(offered, acc), pre_rows)
+        if not dec.size:
+            return
+        self.k_sum[dec] += ks
+        self.decode_steps[dec] += 1
+        self.generated[dec] += acc + 1
+        if hasattr(self.accept_model, "advance"):  # position-replay models follow each request's text
+            self.accept_model.advance(dec, acc + 1)
+        ended = self.generated[dec] >= self.output[dec]
+        if ended.any():
+            self.finish[dec[ended]] = self.t
+            self.done += int(ended.sum())
+            self.dec = dec[~ended]
+
+    def finish_prefill(self, pre_rows: np.ndarray, chunks: np.ndarray) -> None:
+        """Prefill progress: a completed prompt yields the first token at the end of this step."""
+        if not pre_rows.size:
+            return
+        self.cached[pre_rows] += chunks
+        complete = pre_rows[self.cached[pre_rows] >= self.prompt[pre_rows]]
+        if not complete.size:
+            return
+        self.generated[complete] = 1
+        self.first_token[complete] = self.t
+        gone = set(complete.tolist())
+        self.prefilling = [r for r in self.prefilling if r not in gone]
+        one_token = complete[self.output[complete] <= 1]
+        self.finish[one_token] = self.t
+        self.done += int(one_token.size)
+        self.dec = np.concatenate([self.dec, complete[self.output[complete] > 1]])
+
+    def result(self) -> SimResult:
+        evidence, stale = self.planner.evidence, self.stale
+        return SimResult(
+            arrival_s=self.arrival.copy(), first_token_s=self.first_token, finish_s=self.finish,
+            completion_tokens=self.generated, proposed=evidence.proposed, requested=evidence.requested,
+            accepted=evidence.accepted, tested=evidence.tested, k_sum=self.k_sum, decode_steps=self.decode_steps,
+            true_acceptance=np.asarray(self.accept_model.mean_rates()), steps=self.step_index,
+            busy_step_s=self.busy_step_s, batch_size_sum=self.batch_size_sum, plan_mode=self.link.mode,
+            planned_steps=self.planned_steps, fallback_steps=stale.fallback_steps if stale else 0,
+            waited_steps=stale.waited_steps if stale else 0, plan_wait_s=stale.wait_s if stale else 0.0,
+        )
+
+
 def simulate(workload: Workload, policy: Policy, params: Mapping[str, Any], *, step_model: StepModel,
              acceptance: AcceptanceFactory | RequestAcceptance, worker: WorkerSpec = WorkerSpec(),
-             planning_cost: CostModel | None = None, settings: PlannerSettings = PlannerSettings(),
+             planning_cost: CostModel | None = None, settings: Estimator = Estimator(),
              initial_prior: PooledPrior | None = None, link: ControllerLinkSpec = ControllerLinkSpec(),
              seed: int = 0) -> SimResult:
     """Run the workload to completion under `policy`; the policy plans with `planning_cost`
     (default: the step model's own cost model, i.e. a perfectly fitted controller).
 
+    `settings`: the estimates' knobs (the controller's PlannerSettings is one).
     `initial_prior`: the pooled acceptance counts the controller already holds (a real controller
     keeps them in Redis across benchmark points); default: none, a cold start.
     `link`: how plans reach the worker (default: fresh and free, see ControllerLinkSpec).
     """
-    rng = np.random.default_rng([seed, 11])
-    n = workload.size
-    accept_model = acceptance(n, np.random.default_rng([seed, 13])) if callable(acceptance) else acceptance
-    plan_cost = planning_cost or step_model.cost
-    arrival = workload.arrival_s
-    prompt = workload.prompt_tokens.astype(np.int64)
-    output = workload.output_tokens.astype(np.int64)
-
-    cached = np.zeros(n, np.int64)  # prompt tokens prefilled so far
-    generated = np.zeros(n, np.int64)
-    history = RequestHistory.empty(n)  # the arrays below are its fields, updated in place
-    accepted, tested, proposed, requested = history.accepted, history.tested, history.proposed, history.requested
-    last_k, last_full, since_spec = history.last_k, history.last_full, history.since_spec
-    k_sum = np.zeros(n, np.int64)
-    decode_steps = np.zeros(n, np.int64)
-    first_token = np.full(n, np.nan)
-    finish = np.full(n, np.nan)
-
-    prior = initial_prior or PooledPrior()
-    stale = StaleLink(link) if link.mode != "fresh" else None
-    planned_steps = 0
-    last_end = last_dt = 0.0  # when the previous step ended (its report left), and how long it took
-    waiting: deque[int] = deque()
-    prefilling: list[int] = []  # admitted, prompt not fully in yet (admission order)
-    dec = np.zeros(0, np.int64)  # [D] decoding requests, rebuilt only when membership changes
-    next_arrival = 0
-    t = 0.0
-    step_index = 0
-    done = 0
-    busy_step_s = 0.0
-    batch_size_sum = 0
-    no_rows = np.zeros(0, np.int64)
-
-    while done < n:
-        while next_arrival < n and arrival[next_arrival] <= t:
-            waiting.append(next_arrival)
-            next_arrival += 1
-        if not dec.size and not prefilling and not waiting:
-            t = float(arrival[next_arrival])  # idle until the next arrival
-            continue
-
-        ks, context, offer, wait_s = no_rows, no_rows, None, 0.0
-        if dec.size:
-            context = prompt[dec] + generated[dec]  # [D] tokens the step attends over
-            # The worker's look-ahead: where the proposer knows now what it can offer next step,
-            # the planner plans on that instead of the average fill (as controller.planner does).
-            if worker.lookahead and hasattr(accept_model, "proposable"):
-                offer = accept_model.proposable(dec, worker.max_k, rng)  # [D] or None (draft model)
-        plan_with = partial(policy_ks, policy, params, plan_cost, settings, worker.max_k, history, dec, context,
-                            offer, queued=len(waiting), step_index=step_index)  # prior -> ks [D]
-        if stale is None:
-            ks = plan_with(prior) if dec.size else no_rows
-        else:
-            if step_index:  # the previous step's report: the controller plans on the facts as they stand now
-                stale.report(step_index - 1, last_end, last_dt, prior, dec, plan_with)
-            wait_s, ks = stale.plan(step_index, t, dec, last_k, offer, plan_with)
-        if dec.size:
-            planned_steps += 1
-            # the engine's clamp: no more proposals than tokens still wanted, minus the bonus token
-            ks = np.maximum(np.minimum(ks, output[dec] - generated[dec] - 1), 0)
-
-        # Admission and chunked prefill within what decoding leaves of the token budget.
-        pre_rows, chunks = no_rows, no_rows
-        if prefilling or waiting:
-            free = worker.max_batch_size - dec.size - len(prefilling)
-            heads = [waiting[i] for i in range(min(max(free, 0), len(waiting)))]
-            plan = plan_prefill(
-                token_budget=worker.token_budget,
-                decode_tokens=int(ks.sum()) + int(ks.size),
-                remaining_prompts=[int(prompt[r] - cached[r]) for r in prefilling],
-                waiting_prompts=prompt[heads].tolist() if heads else [],
-                free_slots=free,
-            )
-            prefilling.extend(waiting.popleft() for _ in range(plan.admitted))
-            rows = np.array(prefilling, dtype=np.int64)  # [P]
-            sizes = np.array(plan.continuing + plan.new_chunks, dtype=np.int64)  # [P]
-            active = sizes > 0
-            pre_rows, chunks = rows[active], sizes[active]
-
-        # The proposer: k asked of it, `offered` (<= k) made; the target verifies only those.
-        offered = ks
-        spec = ks > 0  # [D]
-        if spec.any():
-            offered = ks.copy()
-            offered[spec] = accept_model.propose(dec[spec], ks[spec], rng)
-
-        # Step time over every row the target runs: decode rows (offered_i + 1 tokens) and prefill chunks.
-        if pre_rows.size:
-            all_k = np.concatenate([offered, np.zeros(pre_rows.size, np.int64)])  # [B]
-            all_ctx = np.concatenate([prompt[dec] + generated[dec], cached[pre_rows]])  # [B]
-            all_pre = np.concatenate([np.zeros(dec.size, np.int64), chunks])  # [B]
-        else:
-            all_k, all_ctx, all_pre = offered, context, np.zeros(ks.size, np.int64)
-        dt = wait_s + step_model.step_ms(all_k, all_ctx, all_pre, int(pre_rows.size), rng) / 1000.0
-        t += dt
-        last_end, last_dt = t, dt
-        busy_step_s += dt
-        batch_size_sum += int(all_k.size)
-        step_index += 1
-
-        # Decode outcomes: min(offered, run of acceptances) proposals kept, plus the target's own token.
-        step_acc = step_tested = step_offered = step_asked = 0
-        if dec.size:
-            acc = np.zeros(dec.size, np.int64)
-            made = offered > 0  # [D]
-            if made.any():
-                acc[made] = accept_model.accept(dec[made], offered[made], rng)
-            tst = acc + (acc < offered)
-            proposed[dec] += offered
-            requested[dec] += ks
-            accepted[dec] += acc
-            tested[dec] += tst
-            k_sum[dec] += ks
-            decode_steps[dec] += 1
-            generated[dec] += acc + 1
-            if hasattr(accept_model, "advance"):  # position-replay models follow each request's text
-                accept_model.advance(dec, acc + 1)
-            last_k[dec] = ks
-            last_full[dec] = made & (acc == offered)
-            since_spec[dec] = (since_spec[dec] + 1) * ~spec
-            step_acc, step_tested = int(acc.sum()), int(tst.sum())
-            step_offered, step_asked = int(offered.sum()), int(ks.sum())
-            ended = generated[dec] >= output[dec]
-            if ended.any():
-                finish[dec[ended]] = t
-                done += int(ended.sum())
-                dec = dec[~ended]
-
-        # Prefill progress: a completed prompt yields the first token at the end of this step.
-        if pre_rows.size:
-            cached[pre_rows] += chunks
-            complete = pre_rows[cached[pre_rows] >= prompt[pre_rows]]
-            if complete.size:
-                generated[complete] = 1
-                first_token[complete] = t
-                gone = set(complete.tolist())
-                prefilling = [r for r in prefilling if r not in gone]
-                one_token = complete[output[complete] <= 1]
-                finish[one_token] = t
-                done += int(one_token.size)
-                dec = np.concatenate([dec, complete[output[complete] > 1]])
-
-        prior = prior.update(step_acc, step_tested, settings.prior_decay, step_offered, step_asked)
-
-    return SimResult(
-        arrival_s=arrival.copy(), first_token_s=first_token, finish_s=finish, completion_tokens=generated,
-        proposed=proposed, requested=requested, accepted=accepted, tested=tested, k_sum=k_sum, decode_steps=decode_steps,
-        true_acceptance=np.asarray(accept_model.mean_rates()), steps=step_index, busy_step_s=busy_step_s,
-        batch_size_sum=batch_size_sum, plan_mode=link.mode, planned_steps=planned_steps,
-        fallback_steps=stale.fallback_steps if stale else 0, waited_steps=stale.waited_steps if stale else 0,
-        plan_wait_s=stale.wait_s if stale else 0.0,
-    )
+    planner = SimPlanner(policy, params, planning_cost or step_model.cost, settings, worker.max_k, workload.size,
+                         prior=initial_prior or PooledPrior())
+    return Simulation(workload, planner, step_model=step_model, acceptance=acceptance, worker=worker, link=link,
+                      seed=seed).run()

@@ -27,13 +27,15 @@ from typing import Any, Mapping, Sequence
 
 from smartspec.bench.report import git_commit, machine_meta, write_json
 from smartspec.bench.simulate_cli import sweep
-from smartspec.bench.simulator import ControllerLinkSpec, StepModel, WorkerSpec
+from smartspec.bench.sim_link import ControllerLinkSpec, LinkFallback, PlanMode
+from smartspec.bench.simulator import StepModel, WorkerSpec
 from smartspec.bench.step_models import parse_step_model
 from smartspec.core.policies import get
 
 STEP_MODEL = "h100-llama8b"
 WORKLOAD = {"prompt_tokens": "100:400", "output_tokens": "64:128"}
 LOSS_THRESHOLD = 0.01  # the claim: one-step-stale plans lose at most 1% goodput against fresh ones
+STALE_REPLAN, STALE_KS = PlanMode.STALE_REPLAN, PlanMode.STALE_KS
 
 
 def _floats(text: str) -> list[float]:
@@ -66,7 +68,7 @@ def run_points(links: Sequence[ControllerLinkSpec], alphas: Sequence[str], rates
 def with_deltas(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Each record with its goodput and mean-latency change against the fresh point of its
     (part, alpha, rate)."""
-    fresh = {(r["part"], r["group"], r["rate"]): r for r in records if r["plan_mode"] == "fresh"}
+    fresh = {(r["part"], r["group"], r["rate"]): r for r in records if r["plan_mode"] == PlanMode.FRESH}
     out = []
     for r in records:
         base = fresh.get((r["part"], r["group"], r["rate"]))
@@ -86,14 +88,14 @@ def _share(x: Any) -> str:
 def modes_table(records: Sequence[Mapping[str, Any]]) -> str:
     """Part `modes`: per (alpha, rate), fresh goodput and latency, and each stale mode's change."""
     rows = [r for r in records if r["part"] == "modes"]
-    modes = ["stale-replan", "stale-ks"]
+    modes = [STALE_REPLAN, STALE_KS]
     head = ("| alpha | rate (req/s) | fresh goodput (tok/s) | " + " | ".join(f"{m} goodput" for m in modes)
             + " | fresh mean lat (s) | " + " | ".join(f"{m} latency" for m in modes) + " |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     keys = dict.fromkeys((r["group"], r["rate"]) for r in rows)
     for group, rate in keys:
         point = {r["plan_mode"]: r for r in rows if (r["group"], r["rate"]) == (group, rate)}
-        fresh = point["fresh"]
+        fresh = point[PlanMode.FRESH]
         lines.append(f"| {group.removeprefix('alpha=')} | {rate:g} | {fresh['goodput_tok_s']:.1f} | "
                      + " | ".join(_pct(point[m]["goodput_vs_fresh"]) for m in modes if m in point)
                      + f" | {fresh['mean_latency_s']:.4f} | "
@@ -101,15 +103,15 @@ def modes_table(records: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def variant_rows(records: Sequence[Mapping[str, Any]], mode: str, deadline: float | None,
-                 fallback: str = "last-k") -> list[Mapping[str, Any]]:
+def variant_rows(records: Sequence[Mapping[str, Any]], mode: PlanMode, deadline: float | None,
+                 fallback: LinkFallback = LinkFallback.LAST_K) -> list[Mapping[str, Any]]:
     """Part `round-trip` records of one link variant (mode, deadline, fallback)."""
     return [r for r in records if r["part"] == "round-trip" and r["plan_mode"] == mode
             and r["plan_deadline_ms"] == deadline and r["plan_fallback"] == fallback]
 
 
-def round_trip_table(records: Sequence[Mapping[str, Any]], mode: str, deadline: float | None,
-                     fallback: str = "last-k") -> str:
+def round_trip_table(records: Sequence[Mapping[str, Any]], mode: PlanMode, deadline: float | None,
+                     fallback: LinkFallback = LinkFallback.LAST_K) -> str:
     """Part `round-trip`, one link variant: per round trip, the goodput change at every rate, the
     worst latency change, and the range over rates of the shares of steps that waited / fell back."""
     rows = variant_rows(records, mode, deadline, fallback)
@@ -129,7 +131,7 @@ def round_trip_table(records: Sequence[Mapping[str, Any]], mode: str, deadline: 
     return "\n".join(lines) + "\n"
 
 
-def first_costly_round_trip(records: Sequence[Mapping[str, Any]], mode: str = "stale-replan",
+def first_costly_round_trip(records: Sequence[Mapping[str, Any]], mode: PlanMode = STALE_REPLAN,
                             deadline: float | None = None, metric: str = "goodput_vs_fresh") -> float | None:
     """The smallest swept round trip at which some rate loses more than LOSS_THRESHOLD (goodput
     down, or latency up) against fresh plans; None if none does."""
@@ -146,7 +148,7 @@ def points_table(records: Sequence[Mapping[str, Any]]) -> str:
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         deadline = "adaptive" if r["plan_deadline_ms"] is None else f"{r['plan_deadline_ms']:g}"
-        stale = r["plan_mode"] != "fresh"
+        stale = r["plan_mode"] != PlanMode.FRESH
         lines.append(
             f"| {r['part']} | {r['group'].removeprefix('alpha=')} | {r['rate']:g} | {r['plan_mode']} "
             f"| {r['round_trip_ms']:g} | {deadline if stale else '-'} | {r['plan_fallback'] if stale else '-'} "
@@ -164,12 +166,13 @@ def report(records: Sequence[Mapping[str, Any]], sweep_alpha: str) -> str:
              "at 16-32 req/s the worker is almost never idle, so it follows the arrival rate and hides a slower "
              "worker until it saturates; mean latency shows it.", "",
              "## Fresh vs one-step-stale plans (round trip below every step)", "", modes_table(records)]
-    variants = [("stale-replan", None, "last-k",
+    last_k, older = LinkFallback.LAST_K, LinkFallback.OLDER_PLAN
+    variants = [(STALE_REPLAN, None, last_k,
                  "stale-replan, the worker's adaptive deadline max(5 ms, 25% of the last step)"),
-                ("stale-ks", None, "last-k", "stale-ks, adaptive deadline"),
-                ("stale-replan", 0.0, "last-k", "stale-replan, deadline 0 (never wait: fall back at once)"),
-                ("stale-replan", 1000.0, "last-k", "stale-replan, deadline 1 s (always wait, never fall back)"),
-                ("stale-replan", 0.0, "older-plan",
+                (STALE_KS, None, last_k, "stale-ks, adaptive deadline"),
+                (STALE_REPLAN, 0.0, last_k, "stale-replan, deadline 0 (never wait: fall back at once)"),
+                (STALE_REPLAN, 1000.0, last_k, "stale-replan, deadline 1 s (always wait, never fall back)"),
+                (STALE_REPLAN, 0.0, older,
                  "what-if: stale-replan, deadline 0, a late plan replaced by the newest basis in hand (older-plan)")]
     for mode, deadline, fallback, title in variants:
         if variant_rows(records, mode, deadline, fallback):
@@ -183,7 +186,7 @@ def report(records: Sequence[Mapping[str, Any]], sweep_alpha: str) -> str:
     return "\n".join(parts)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m smartspec.bench.staleness", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--alphas", default="0.5,0.7,0.9")
@@ -199,50 +202,64 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", default="")
     parser.add_argument("--markdown", default="")
     parser.add_argument("--from-json", default="", help="re-render the markdown of an earlier run's JSON")
+    return parser.parse_args(argv)
+
+
+def sweep_links(round_trips: Sequence[float], deadline_round_trips: Sequence[float]) -> list[ControllerLinkSpec]:
+    """Part `round-trip`: both stale modes with the adaptive deadline at every round trip, and
+    stale-replan with deadlines 0 and 1 s and the older-plan what-if at the longer ones."""
+    links = [ControllerLinkSpec(mode, x) for mode in (STALE_REPLAN, STALE_KS) for x in round_trips]
+    return links + [ControllerLinkSpec(STALE_REPLAN, x, deadline, fallback=fallback)
+                    for deadline, fallback in ((0.0, LinkFallback.LAST_K), (1000.0, LinkFallback.LAST_K),
+                                               (0.0, LinkFallback.OLDER_PLAN))
+                    for x in deadline_round_trips]
+
+
+def run_experiment(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Both parts' records, with their changes against fresh plans."""
+    alphas = [a.strip() for a in args.alphas.split(",") if a.strip()]
+    rates = _floats(args.rates)
+    common = {"requests": args.requests, "seed": args.seed}
+    rt = args.modes_round_trip_ms
+    records = run_points([ControllerLinkSpec(), ControllerLinkSpec(STALE_REPLAN, rt), ControllerLinkSpec(STALE_KS, rt)],
+                         alphas, rates, part="modes", **common)
+    sweep_fresh = [dict(r, part="round-trip") for r in records if r["plan_mode"] == PlanMode.FRESH
+                   and r["group"] == f"alpha={args.sweep_alpha}"]
+    if not sweep_fresh:  # the sweep alpha is not among part 1's: run its fresh baseline
+        sweep_fresh = run_points([ControllerLinkSpec()], [args.sweep_alpha], rates, part="round-trip", **common)
+    links = sweep_links(_floats(args.round_trips), _floats(args.deadline_round_trips))
+    records += sweep_fresh + run_points(links, [args.sweep_alpha], rates, part="round-trip", **common)
+    return with_deltas(records)
+
+
+def write_text(path: str, text: str) -> None:
+    if path:
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if args.from_json:
         from smartspec.bench.report import read_json
 
         meta, records = read_json(args.from_json)
         text = report(records, meta["sweep_alpha"])
-        if args.markdown:
-            with open(args.markdown, "w") as f:
-                f.write(text)
-        print(text)
-        return 0
-    alphas = [a.strip() for a in args.alphas.split(",") if a.strip()]
-    rates = _floats(args.rates)
-    common = {"requests": args.requests, "seed": args.seed}
-    started = time.perf_counter()
-
-    rt = args.modes_round_trip_ms
-    records = run_points([ControllerLinkSpec(), ControllerLinkSpec("stale-replan", rt), ControllerLinkSpec("stale-ks", rt)],
-                         alphas, rates, part="modes", **common)
-    sweep_links = [ControllerLinkSpec(mode, x) for mode in ("stale-replan", "stale-ks") for x in _floats(args.round_trips)]
-    sweep_links += [ControllerLinkSpec("stale-replan", x, deadline, fallback=fallback)
-                    for deadline, fallback in ((0.0, "last-k"), (1000.0, "last-k"), (0.0, "older-plan"))
-                    for x in _floats(args.deadline_round_trips)]
-    sweep_fresh = [dict(r, part="round-trip") for r in records if r["plan_mode"] == "fresh"
-                   and r["group"] == f"alpha={args.sweep_alpha}"]
-    if not sweep_fresh:  # the sweep alpha is not among part 1's: run its fresh baseline
-        sweep_fresh = run_points([ControllerLinkSpec()], [args.sweep_alpha], rates, part="round-trip", **common)
-    records += sweep_fresh + run_points(sweep_links, [args.sweep_alpha], rates, part="round-trip", **common)
-    records = with_deltas(records)
-
-    meta = {"kind": "simulation", "experiment": "plan staleness", "step_model": parse_step_model(STEP_MODEL).to_dict(),
-            **WORKLOAD, "worker": asdict(WorkerSpec()),
-            "arrival": "poisson", "requests": args.requests, "seed": args.seed, "policy": "goodput",
-            "modes_round_trip_ms": rt, "sweep_alpha": args.sweep_alpha,
-            "command": " ".join(["python -m smartspec.bench.staleness", *argv]),
-            "machine": machine_meta(), "git_commit": git_commit(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": time.perf_counter() - started}
-    text = report(records, args.sweep_alpha)
-    if args.json:
-        write_json(args.json, meta, records)
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(text)
+    else:
+        started = time.perf_counter()
+        records = run_experiment(args)
+        meta = {"kind": "simulation", "experiment": "plan staleness",
+                "step_model": parse_step_model(STEP_MODEL).to_dict(), **WORKLOAD, "worker": asdict(WorkerSpec()),
+                "arrival": "poisson", "requests": args.requests, "seed": args.seed, "policy": "goodput",
+                "modes_round_trip_ms": args.modes_round_trip_ms, "sweep_alpha": args.sweep_alpha,
+                "command": " ".join(["python -m smartspec.bench.staleness", *argv]),
+                "machine": machine_meta(), "git_commit": git_commit(),
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": time.perf_counter() - started}
+        text = report(records, args.sweep_alpha)
+        if args.json:
+            write_json(args.json, meta, records)
+    write_text(args.markdown, text)
     print(text)
     return 0
 

@@ -5,7 +5,9 @@ and returns the speculation lengths plus the `StepWrites` to store. The servicer
 it, so the same code plans a stream step, a unary Decide and a degraded step (empty snapshot).
 The report is read once into columns and every per-request quantity is a numpy array [B]: at batch
 256 a step is a few dozen vector operations, not a few thousand Python objects. The history table
-and the cost fit are updated in place (a stream keeps both between its steps).
+and the cost fit are updated in place (a stream keeps both between its steps). The decision itself
+is the pipeline the worker and the simulator run too (`core/decision.py`): this module only records
+the step, gathers each pending request's evidence from the history table and calls `plan_batch`.
 """
 
 from __future__ import annotations
@@ -17,39 +19,26 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from smartspec.core.acceptance import (
-    DEFAULT_PRIOR_DECAY,
-    DEFAULT_PRIOR_FILL,
-    DEFAULT_PRIOR_RATE,
-    DEFAULT_PRIOR_STRENGTH,
-    PooledPrior,
-)
+from smartspec.core import decision
+from smartspec.core.acceptance import PooledPrior
 from smartspec.core.cost_fit import OnlineCostFit
 from smartspec.core.cost_model import CostModel
+from smartspec.core.decision import BatchPlan, Estimator, Evidence
 from smartspec.controller.history_table import (
     ACCEPTED, LAST_FULL, LAST_K, PROPOSED, REQUESTED, SINCE_SPEC, TESTED, HistoryTable,
 )
-from smartspec.core.policies import guarded_decide
-from smartspec.core.policies.base import BatchColumns, BatchState, Policy
+from smartspec.core.policies.base import Policy
 from smartspec.core.policies.optimizer import predict_plan
-from smartspec.controller.report_columns import UNKNOWN, ReportColumns
+from smartspec.controller.report_columns import ReportColumns
 from smartspec.controller.store import StepSnapshot, StepWrites, WorkerFigures
 from smartspec.v1 import controller_pb2
 
 
 @dataclass(frozen=True)
-class PlannerSettings:
-    """Knobs of the controller's estimates (not of a policy)."""
+class PlannerSettings(Estimator):
+    """Knobs of the controller's estimates (not of a policy): the pipeline's `Estimator` (prior
+    strength and decay, cold acceptance and fill), plus how the worker's goodput is smoothed."""
 
-    # Weight of the pooled prior in tested positions: a new request's estimate moves halfway to its
-    # own rate after this many tested positions.
-    prior_strength: float = DEFAULT_PRIOR_STRENGTH
-    # Per-step decay of the pooled prior's counts: ~1/(1 - decay) steps of memory.
-    prior_decay: float = DEFAULT_PRIOR_DECAY
-    # Acceptance assumed before any request of a proposer kind was ever verified.
-    cold_rate: float = DEFAULT_PRIOR_RATE
-    # Fill rate (proposals offered per proposal asked for) assumed before any was asked for.
-    cold_fill: float = DEFAULT_PRIOR_FILL
     # Weight of the newest step in the worker's goodput average.
     goodput_smoothing: float = 0.2
 
@@ -71,16 +60,24 @@ class StepDecision:
     prior: PooledPrior                            # the pooled prior, this report's evidence included
 
 
+@dataclass(frozen=True)
+class StepEvidence:
+    """The reported step's counts summed over every outcome (what the pooled prior adds)."""
+
+    accepted: float
+    tested: float
+    proposed: float
+    requested: float
+
+    @classmethod
+    def of(cls, cols: ReportColumns, requested: np.ndarray) -> "StepEvidence":
+        return cls(float(cols.accepted.sum()), float(cols.tested.sum()), float(cols.proposed.sum()),
+                   float(requested.sum()))
+
+
 def attended_context(outcome: controller_pb2.RequestOutcome) -> int:
     """Context the reported step attended over: the context after it, less what the step added."""
     return max(0, outcome.context_tokens - outcome.accepted_tokens - 1 - outcome.prefill_tokens)
-
-
-def blended(own_hits: np.ndarray, own_trials: np.ndarray, pooled_rate: float, strength: float) -> np.ndarray:
-    """`acceptance.estimate` for many requests at once (the same arithmetic, element by element)."""
-    weight = own_trials + strength
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(weight <= 0, pooled_rate, (own_hits + pooled_rate * strength) / weight)
 
 
 def smoothed(previous: float | None, value: float | None, weight: float) -> float | None:
@@ -116,23 +113,71 @@ def plan_step(
     """
     cols = columns if columns is not None else ReportColumns.from_report(report)
     histories = HistoryTable.from_states(snapshot.histories if snapshot.histories is not None else {})
-
-    # Acceptance and fill evidence: per request, and pooled for the prior.
     rows = histories.rows_for(cols.request_ids)
     requested = cols.requested
     histories.record(rows, cols.proposed, cols.accepted, cols.tested, requested,
                      int(time.time()) if now_s is None else now_s)
-    step_accepted = float(cols.accepted.sum())
-    step_tested = float(cols.tested.sum())
-    step_proposed = float(cols.proposed.sum())
-    step_requested = float(requested.sum())
+    step = StepEvidence.of(cols, requested)
     # The same decay-and-add the store's script applies in Redis, so new requests in this very
     # step already see this step's evidence.
-    prior = (snapshot.prior or PooledPrior()).update(step_accepted, step_tested, settings.prior_decay,
-                                                     step_proposed, step_requested)
+    prior = decision.pool_step(snapshot.prior or PooledPrior(), step.accepted, step.tested, step.proposed,
+                               step.requested, settings.prior_decay)
+    measured_ms = learn_step_cost(report, cols, cost_fit)
+    cost = cost_override if cost_override is not None else cost_fit.model()
 
-    # Cost model: learn from the measured step (if it ran anything), then plan with it.
-    measured_ms = report.total_ms if report.total_ms > 0 else report.draft_ms + report.verify_ms
+    pending = np.flatnonzero(~cols.finished)  # the next step: every unfinished request, in report order
+    pending_ids = [cols.request_ids[i] for i in pending.tolist()]
+    plan = decision.plan_batch(
+        policy, params, cost, request_ids=pending_ids, evidence=history_evidence(histories, rows[pending]),
+        context=cols.context[pending], proposable=cols.proposable[pending], prior=prior, estimator=settings,
+        max_k=hello.max_speculation_length, queued_requests=report.queued_requests,
+        step_index=report.step_index + 1,  # the step this plan is for
+    )
+    predicted_tokens, predicted_ms = predicted(plan, cost)
+    generated = int(cols.accepted.sum()) + len(cols)
+    finished = tuple(cols.request_ids[i] for i in np.flatnonzero(cols.finished).tolist())
+    histories.remove(finished)
+    figures = worker_figures(snapshot, generated, measured_ms, predicted_ms, predicted_tokens, settings)
+    writes = step_writes(hello, histories, finished, step, plan, generated, figures, cost_fit=cost_fit,
+                         settings=settings, proposer_kind=proposer_kind, cost_profile_id=cost_profile_id)
+    return StepDecision(
+        request_ids=tuple(pending_ids),
+        speculation_lengths=tuple(plan.ks.tolist()),
+        acceptances=tuple(plan.columns.acceptance.tolist()),
+        fills=tuple(plan.columns.fill.tolist()),
+        predicted_step_ms=predicted_ms if math.isfinite(predicted_ms) else 0.0,
+        predicted_tokens=predicted_tokens,
+        measured_step_ms=measured_ms,
+        generated_tokens=generated,
+        writes=writes,
+        cost=cost,
+        prior=prior,
+    )
+
+
+def predicted(plan: BatchPlan, cost: CostModel) -> tuple[float, float]:
+    """(tokens, ms): what the planned step should yield and take; nothing for an empty plan."""
+    if not len(plan.ks):
+        return 0.0, 0.0
+    c = plan.columns
+    return predict_plan(c.acceptance, c.context_tokens, c.prefill_tokens, cost, plan.ks, fill=c.fill)
+
+
+def history_evidence(histories: HistoryTable, rows: np.ndarray) -> Evidence:
+    """The evidence the decision reads, for these rows of the history table."""
+    return Evidence(
+        accepted=histories.column(ACCEPTED, rows),
+        tested=histories.column(TESTED, rows),
+        proposed=histories.column(PROPOSED, rows),
+        requested=histories.column(REQUESTED, rows),
+        last_k=histories.column(LAST_K, rows),
+        last_fully_accepted=histories.column(LAST_FULL, rows).astype(bool),
+        steps_since_speculation=histories.column(SINCE_SPEC, rows),
+    )
+
+
+def learn_step_cost(report: controller_pb2.StepReport, cols: ReportColumns, cost_fit: OnlineCostFit) -> float:
+    """Fold the measured step into the cost fit (if it ran anything); returns its measured time."""
     if len(cols) and report.draft_ms + report.verify_ms > 0:
         cost_fit.observe(
             cols.proposed,
@@ -142,93 +187,46 @@ def plan_step(
             report.verify_ms,
             report.total_ms if report.total_ms > 0 else None,
         )
-    cost = cost_override if cost_override is not None else cost_fit.model()
+    return report.total_ms if report.total_ms > 0 else report.draft_ms + report.verify_ms
 
-    # The next step: every unfinished request, in report order.
-    pending = np.flatnonzero(~cols.finished)
-    pending_ids = [cols.request_ids[i] for i in pending.tolist()]
-    pending_rows = rows[pending]
-    proposable = cols.proposable[pending]  # UNKNOWN where the proposer cannot look ahead
-    tested = histories.column(TESTED, pending_rows)
-    fill_estimate = blended(histories.column(PROPOSED, pending_rows), histories.column(REQUESTED, pending_rows),
-                            prior.fill(settings.cold_fill), settings.prior_strength)
-    columns_ = BatchColumns(
-        request_ids=pending_ids,
-        acceptance=blended(histories.column(ACCEPTED, pending_rows), tested, prior.rate(settings.cold_rate),
-                           settings.prior_strength),
-        context_tokens=cols.context[pending],
-        prefill_tokens=np.zeros(len(pending_ids), dtype=np.int64),
-        last_k=histories.column(LAST_K, pending_rows),
-        last_fully_accepted=histories.column(LAST_FULL, pending_rows).astype(bool),
-        steps_since_speculation=histories.column(SINCE_SPEC, pending_rows),
-        evidence=tested.astype(np.float64),
-        # next_step_fill: known from the look-ahead (1 or 0), else the request's average
-        fill=np.where(proposable == UNKNOWN, fill_estimate, (proposable > 0).astype(np.float64)),
-    )
-    batch = BatchState.from_columns(
-        columns_,
-        max_k=hello.max_speculation_length,
-        queued_requests=report.queued_requests,
-        step_index=report.step_index,
-        pooled_evidence=prior.tested,
-    )
-    ks = np.zeros(0, dtype=np.int64)
-    predicted_tokens, predicted_ms = 0.0, 0.0
-    if pending_ids:
-        ks = np.array(guarded_decide(policy, batch, cost, params, prior_acceptance=prior.rate(settings.cold_rate)),
-                      dtype=np.int64)
-        ks = np.where(proposable == UNKNOWN, ks, np.minimum(ks, proposable))  # cap_to_proposable
-        predicted_tokens, predicted_ms = predict_plan(
-            columns_.acceptance, columns_.context_tokens, columns_.prefill_tokens, cost, ks, fill=columns_.fill,
-        )
 
-    # Figures the status page and the next step's metrics read back.
-    generated = int(cols.accepted.sum()) + len(cols)
-    goodput = generated * 1000.0 / measured_ms if measured_ms > 0 and len(cols) else None
-    figures = WorkerFigures(
+def worker_figures(snapshot: StepSnapshot, generated: int, measured_ms: float, predicted_ms: float,
+                   predicted_tokens: float, settings: PlannerSettings) -> WorkerFigures:
+    """Figures the status page and the next step's metrics read back."""
+    goodput = generated * 1000.0 / measured_ms if measured_ms > 0 and generated else None
+    return WorkerFigures(
         predicted_step_ms=predicted_ms,
         predicted_tokens=predicted_tokens,
         goodput_tok_s=smoothed(snapshot.worker.goodput_tok_s, goodput, settings.goodput_smoothing),
     )
-    speculation_lengths = tuple(ks.tolist())
+
+
+def step_writes(hello: controller_pb2.WorkerHello, histories: HistoryTable, finished: tuple[str, ...],
+                step: StepEvidence, plan: BatchPlan, generated: int, figures: WorkerFigures, *,
+                cost_fit: OnlineCostFit, settings: PlannerSettings, proposer_kind: str,
+                cost_profile_id: str) -> StepWrites:
+    """What the store records for this step: histories, cost fit, the prior's evidence, totals, figures."""
     totals = {
         "steps": 1,
-        "proposed": int(step_proposed),
-        "accepted": int(step_accepted),
-        "tested": int(step_tested),
+        "proposed": int(step.proposed),
+        "accepted": int(step.accepted),
+        "tested": int(step.tested),
         "generated": generated,
-        "planned_k": sum(speculation_lengths),
-        "planned_requests": len(speculation_lengths),
+        "planned_k": int(plan.ks.sum()),
+        "planned_requests": len(plan.ks),
     }
-    finished = tuple(cols.request_ids[i] for i in np.flatnonzero(cols.finished).tolist())
-    histories.remove(finished)
-    writes = StepWrites(
+    return StepWrites(
         worker_id=hello.worker_id,
         cost_profile_id=cost_profile_id,
         proposer_kind=proposer_kind,
         histories=histories,
         finished=finished,
         cost_fit=cost_fit.to_dict(),
-        prior_accepted=step_accepted,
-        prior_tested=step_tested,
-        prior_proposed=step_proposed,
-        prior_requested=step_requested,
+        prior_accepted=step.accepted,
+        prior_tested=step.tested,
+        prior_proposed=step.proposed,
+        prior_requested=step.requested,
         prior_decay=settings.prior_decay,
         totals=totals,
         figures=figures,
-    )
-    if not math.isfinite(predicted_ms):
-        predicted_ms = 0.0
-    return StepDecision(
-        request_ids=tuple(pending_ids),
-        speculation_lengths=speculation_lengths,
-        acceptances=tuple(columns_.acceptance.tolist()),
-        fills=tuple(columns_.fill.tolist()),
-        predicted_step_ms=predicted_ms,
-        predicted_tokens=predicted_tokens,
-        measured_step_ms=measured_ms,
-        generated_tokens=generated,
-        writes=writes,
-        cost=cost,
-        prior=prior,
     )

@@ -56,7 +56,7 @@ def instrument() -> None:
     timed(decider_module.validation, "validate_outcomes", "validation")
     timed(ControllerStore, "read_step", "Redis read (client side)")
     timed(decider_module, "plan_step", "plan_step")
-    timed(planner_module, "guarded_decide", "  policy (guarded_decide: optimiser, probes)")
+    timed(planner_module.decision, "guarded_decide", "  policy (guarded_decide: optimiser, probes)")
     timed(planner_module, "predict_plan", "  predict_plan")
     timed(OnlineCostFit, "observe", "  cost fit observe")
     timed(OnlineCostFit, "model", "  cost fit model() (NNLS)")

@@ -8,10 +8,9 @@ import pytest
 from smartspec.bench.acceptance_models import (TraceAcceptance, accepted_runs, fixed, parse_acceptance,
                                                stream_from_steps)
 from smartspec.bench.arrivals import poisson_arrivals
-from smartspec.bench.simulator import StepModel, WorkerSpec, estimate_acceptance, predict_step_ms, simulate
+from smartspec.bench.simulator import StepModel, WorkerSpec, predict_step_ms, simulate
 from smartspec.bench.step_models import PRESETS, parse_step_model
 from smartspec.bench.workload import Workload, make_workload
-from smartspec.core.acceptance import estimate
 from smartspec.core.cost_model import CostModel
 from smartspec.core.policies import get
 
@@ -51,17 +50,6 @@ def test_fast_step_time_equals_the_cost_model():
         b = int(rng.integers(1, 20))
         ks, ctx, pre = rng.integers(0, 6, b), rng.integers(10, 900, b), rng.integers(0, 50, b)
         assert predict_step_ms(cost, ks, ctx, pre) == pytest.approx(cost.predict_ms(ks, ctx, pre))
-
-
-def test_vectorised_estimate_is_the_controllers_estimate():
-    rng = np.random.default_rng(2)
-    tested = rng.integers(0, 40, 30)
-    accepted = (tested * rng.random(30)).astype(int)
-    ours = estimate_acceptance(accepted, tested, 13.0, 20.0, 8.0)
-    theirs = [estimate(a, t, 13.0, 20.0, 8.0) for a, t in zip(accepted, tested)]
-    assert np.allclose(ours, theirs)
-    assert np.allclose(estimate_acceptance(accepted, tested, 0.0, 0.0, 8.0, 0.5),
-                       [estimate(a, t, 0.0, 0.0, 8.0, 0.5) for a, t in zip(accepted, tested)])
 
 
 def test_trace_replay_consumes_outcomes_in_order():
@@ -293,7 +281,7 @@ def _same_outcomes(a, b, *, timing=True):
 
 
 def test_answer_in_hand_waits_only_for_the_report_before_last_and_never_uses_older_plans():
-    from smartspec.bench.simulator import ControllerAnswer, answer_in_hand
+    from smartspec.bench.sim_link import ControllerAnswer, answer_in_hand
     from smartspec.core.acceptance import PooledPrior
 
     answers = [ControllerAnswer(r, arrives, PooledPrior(), {}) for r, arrives in ((3, 1.000), (4, 1.010))]
@@ -315,7 +303,7 @@ def test_answer_in_hand_waits_only_for_the_report_before_last_and_never_uses_old
 def test_stale_replan_plans_with_the_prior_one_report_old_and_the_workers_own_fresh_history():
     """A constant-k policy keeps both runs on the same path, so what the policy is shown can be
     compared step by step: the same per-request evidence, the pooled prior of one report earlier."""
-    from smartspec.bench.simulator import ControllerLinkSpec
+    from smartspec.bench.sim_link import ControllerLinkSpec
 
     workload = Workload(np.zeros(6), np.full(6, 50), np.full(6, 200))
     seen = {}
@@ -338,7 +326,7 @@ def test_stale_replan_plans_with_the_prior_one_report_old_and_the_workers_own_fr
 def test_stale_replan_equals_fresh_when_the_pooled_prior_cannot_move():
     """Every proposal accepted and a prior that already says so: a one-report-old prior is the fresh
     one, so at round trip 0 goodput decides exactly as with fresh plans, new requests included."""
-    from smartspec.bench.simulator import ControllerLinkSpec
+    from smartspec.bench.sim_link import ControllerLinkSpec
     from smartspec.core.acceptance import PooledPrior
 
     wl = small_workload(150, rate=20, seed=3)
@@ -352,7 +340,7 @@ def test_stale_replan_equals_fresh_when_the_pooled_prior_cannot_move():
 
 
 def test_waiting_within_the_deadline_delays_steps_but_changes_no_plan():
-    from smartspec.bench.simulator import ControllerLinkSpec
+    from smartspec.bench.sim_link import ControllerLinkSpec
 
     workload = Workload(np.zeros(8), np.full(8, 60), np.full(8, 150))
     goodput = get("goodput")
@@ -369,7 +357,7 @@ def test_a_round_trip_longer_than_every_step_falls_back_every_step():
     """No answer ever arrives in time: every step that needs a plan falls back, no request was ever
     planned so all run k = 0, and every step after the first waited the whole deadline: `off` plus
     the deadline per step."""
-    from smartspec.bench.simulator import ControllerLinkSpec
+    from smartspec.bench.sim_link import ControllerLinkSpec
 
     workload = Workload(np.zeros(10), np.full(10, 80), np.full(10, 120))
     link = ControllerLinkSpec("stale-replan", round_trip_ms=1e6, deadline_ms=5.0)
@@ -386,7 +374,7 @@ def test_a_round_trip_longer_than_every_step_falls_back_every_step():
 
 
 def test_a_fallback_keeps_each_requests_last_k():
-    from smartspec.bench.simulator import ControllerLinkSpec, StaleLink
+    from smartspec.bench.sim_link import ControllerLinkSpec, StaleLink
 
     link = StaleLink(ControllerLinkSpec("stale-replan", round_trip_ms=50.0, deadline_ms=0.0))
     link.report(0, 0.0, 0.010, None, np.array([1, 2, 0]), lambda prior: pytest.fail("planned"))
@@ -400,7 +388,7 @@ def test_stale_ks_with_a_fixed_k_equals_fresh_and_new_requests_lose_their_first_
     no request joined since it was made (a burst prefilled at step 0). A request that joins later
     runs its first decode step at k = 0; with every proposal accepted that costs it exactly one
     step: ceil((out - 2) / 4) + 1 decode steps at fixed:3 instead of ceil((out - 1) / 4)."""
-    from smartspec.bench.simulator import ControllerLinkSpec
+    from smartspec.bench.sim_link import ControllerLinkSpec
 
     fixed3 = get("fixed")
     burst = Workload(np.zeros(8), np.full(8, 60), np.full(8, 150))
@@ -420,7 +408,7 @@ def test_older_plan_fallback_plans_every_request_once_any_answer_has_come():
     """The what-if fallback: with plans always late (40 ms round trip, no waiting), the worker's
     last-k fallback never plans a request that joined during the lag, so it never speculates;
     re-solving the newest basis in hand, however old, plans every request."""
-    from smartspec.bench.simulator import ControllerLinkSpec
+    from smartspec.bench.sim_link import ControllerLinkSpec
 
     wl = small_workload(60, rate=30, seed=2)
     goodput = get("goodput")
@@ -436,7 +424,7 @@ def test_older_plan_fallback_plans_every_request_once_any_answer_has_come():
 
 
 def test_link_spec_validates_and_matches_the_workers_defaults():
-    from smartspec.bench.simulator import ControllerLinkSpec
+    from smartspec.bench.sim_link import ControllerLinkSpec
     from smartspec.worker.controller_link import LinkConfig
 
     with pytest.raises(ValueError, match="plan mode"):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from smartspec.core.acceptance import DEFAULT_PRIOR_DECAY, OutcomeError, PooledPrior, positions_tested
+from smartspec.core.decision import AcceptanceBook
 from smartspec.core.policies.base import PolicyError
-from smartspec.worker.local_policy import AcceptanceBook, LocalPolicyPlanner, parse_policy_spec
+from smartspec.worker.local_policy import LocalPolicyPlanner, parse_policy_spec
 from smartspec.worker.steps import PlanQuery, RequestFacts, StepFacts
 
 
@@ -16,7 +18,7 @@ def step(index: int, *outcomes: RequestFacts) -> StepFacts:
 
 def decode(request_id: str, proposed: int, accepted: int, finished: bool = False,
            requested: int | None = None) -> RequestFacts:
-    tested = accepted + (1 if accepted < proposed else 0)
+    tested = positions_tested(proposed, accepted)
     return RequestFacts(request_id, proposed, accepted, tested, context_tokens=100, finished=finished,
                         requested_tokens=proposed if requested is None else requested)
 
@@ -53,28 +55,51 @@ def test_fixed_policy_plans_every_request_and_clamps_to_max_k():
     assert plan == {"a": 4, "b": 4}
 
 
-def test_acceptance_is_counted_over_tested_positions_and_pooled_when_requests_finish():
+def test_acceptance_is_counted_over_tested_positions_and_pooled_every_step():
+    """The controller's rules: every outcome is a step of its request's history (a prefill chunk one at
+    k = 0), and once per step the prior decays and takes the step's evidence, running requests' too."""
+    d = DEFAULT_PRIOR_DECAY
     book = AcceptanceBook()
-    book.observe(step(0, RequestFacts("a", 0, 0, 0, context_tokens=50, prefill_tokens=50)))
-    assert book.requests["a"].tested == 0                       # a prefill step is no evidence
-    book.observe(step(1, decode("a", 4, 1)))                    # tested 2: one accept, one reject
-    book.observe(step(2, decode("a", 4, 4)))                    # tested 4
+    book.observe(step(0, RequestFacts("a", 0, 0, 0, context_tokens=50, prefill_tokens=50),
+                      RequestFacts("b", 0, 0, 0, context_tokens=50, prefill_tokens=50)))
+    assert book.requests["a"].tested == 0                       # a prefill step is no evidence ...
+    assert book.requests["a"].steps_since_speculation == 1      # ... but a step that asked for nothing
+    assert book.prior == PooledPrior()
+    book.observe(step(1, decode("a", 4, 1), decode("b", 4, 0)))  # tested 2 (one accept, one reject) and 1
+    assert book.prior == PooledPrior(1, 3, 8, 8)                # pooled while both still run
+    book.observe(step(2, decode("a", 4, 4), decode("b", 4, 0)))  # tested 4 and 1
     state = book.requests["a"]
     assert (state.accepted, state.tested) == (5, 6)
+    assert book.prior == PooledPrior(d * 1 + 4, d * 3 + 5, d * 8 + 8, d * 8 + 8)
     high = book.request_state(PlanQuery("a", 110)).acceptance
+    low = book.request_state(PlanQuery("b", 110)).acceptance
     fresh = book.request_state(PlanQuery("new", 10)).acceptance
-    assert high > fresh                                         # own history pulls it up from the prior
+    assert fresh == pytest.approx(book.prior.rate())            # no evidence of its own: the pooled rate
+    assert high > fresh > low                                   # own history pulls each away from it
+    before = book.prior
     book.observe(step(3, decode("a", 2, 2, finished=True)))
-    assert "a" not in book.requests
-    assert (book.prior.accepted, book.prior.tested) == (7, 8)   # the finished request feeds the prior
-    assert book.request_state(PlanQuery("next", 10)).acceptance > fresh
+    assert "a" not in book.requests and "b" in book.requests
+    assert book.prior == before.update(2, 2, d, 2, 2)           # the finished request's last step, no more
 
 
 def test_cancellation_record_is_not_evidence():
     book = AcceptanceBook()
     book.observe(step(0, decode("a", 2, 0)))
+    assert book.prior == PooledPrior(0, 1, 2, 2)
     book.observe(step(1, RequestFacts("a", 0, 0, 0, context_tokens=60, finished=True)))
-    assert (book.prior.accepted, book.prior.tested) == (0, 1)
+    assert "a" not in book.requests
+    d = DEFAULT_PRIOR_DECAY
+    assert book.prior == PooledPrior(0, d * 1, d * 2, d * 2)    # nothing added; the step still decays it
+
+
+def test_an_impossible_outcome_records_nothing_of_its_step():
+    book = AcceptanceBook()
+    book.observe(step(0, decode("a", 2, 1)))
+    before = (dict(book.requests), book.prior)
+    with pytest.raises(OutcomeError) as caught:
+        book.observe(step(1, decode("a", 2, 2), RequestFacts("b", 2, 3, 3, context_tokens=10, requested_tokens=2)))
+    assert caught.value.field == "accepted_tokens"
+    assert (dict(book.requests), book.prior) == before
 
 
 def test_goodput_policy_speculates_less_for_a_request_that_is_always_rejected():

@@ -34,7 +34,7 @@ from smartspec.v1 import controller_pb2, controller_pb2_grpc
 from smartspec.core.acceptance import OutcomeError
 
 from .goodput_guard import GoodputGuard
-from .local_policy import AcceptanceBook
+from smartspec.core.decision import AcceptanceBook
 from .replan import PlanBasis, decode_basis, replan
 from .steps import PlanQuery, StepFacts
 

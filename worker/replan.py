@@ -6,10 +6,11 @@ and this step, requests joined or finished, prompt lookup found or lost its matc
 request verified one more step. Only the worker knows those facts; only the controller knows the
 shared ones (the active policy, the cost model fitted over every worker of the profile, the
 acceptance prior pooled over all workers, the measured-goodput guard's cap). The plan's `basis`
-carries the controller's part, and `replan` runs the same registered policy, through the same
-`guarded_decide`, on the worker's fresh batch. For `goodput` this is the exact optimum for the
-batch as it is now, made in well under a millisecond, with estimates one step fresher than the
-controller's.
+carries the controller's part, and `replan` runs the controller's own decision pipeline
+(`core/decision.py`: the same estimates, the same registered policy through the same
+`guarded_decide`, the same look-ahead cap) on the worker's fresh batch, so for the same facts it
+makes the controller's plan. For `goodput` this is the exact optimum for the batch as it is now,
+made in well under a millisecond, with estimates one step fresher than the controller's.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ from typing import Any, Mapping, Sequence
 from smartspec.core.acceptance import PooledPrior
 from smartspec.core.codec import parameters_from_proto
 from smartspec.core.cost_model import CostModel
+from smartspec.core.decision import AcceptanceBook, Estimator
 from smartspec.core.policies import registry
 from smartspec.core.policies.base import Policy
-from smartspec.core.policies.guard import guarded_decide
 from smartspec.core.errors import FieldError
 from smartspec.v1 import controller_pb2
 
 from .goodput_guard import GoodputGuard
-from .local_policy import AcceptanceBook, Estimator
 from .steps import PlanQuery
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,8 @@ def decode_basis(message: controller_pb2.PlanBasis) -> PlanBasis | None:
         policy_version=message.policy_version,
         cost=cost,
         prior=prior,
-        estimator=Estimator(message.prior_strength, message.cold_acceptance, message.cold_fill),
+        estimator=Estimator(prior_strength=message.prior_strength, cold_rate=message.cold_acceptance,
+                            cold_fill=message.cold_fill),
         max_k=message.max_speculation_length,
     )
 
@@ -81,8 +82,5 @@ def replan(basis: PlanBasis, book: AcceptanceBook, queries: Sequence[PlanQuery],
     max_k = min(max_k, basis.max_k)
     if guard is not None:
         max_k = guard.cap_for(basis.policy.name, len(queries), max_k)
-    batch = book.batch_state(queries, max_k=max_k, queued_requests=queued_requests,
-                             step_index=step_index, prior=basis.prior, estimator=basis.estimator)
-    ks = guarded_decide(basis.policy, batch, basis.cost, basis.params,
-                        prior_acceptance=basis.prior.rate(basis.estimator.cold_rate))
-    return book.cap(queries, ks)
+    return book.plan(basis.policy, basis.params, basis.cost, queries, max_k=max_k, queued_requests=queued_requests,
+                     step_index=step_index, prior=basis.prior, estimator=basis.estimator)
