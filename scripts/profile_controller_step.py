@@ -24,6 +24,7 @@ import redis
 from smartspec.bench.controller_trace import build_trace, hello_message, worker_message
 from smartspec.controller import decider as decider_module
 from smartspec.controller import planner as planner_module
+from smartspec.controller import plans as plans_module
 from smartspec.core.cost_fit import OnlineCostFit
 from smartspec.controller.decider import Decider
 from smartspec.controller.metrics import ControllerMetrics
@@ -60,7 +61,7 @@ def instrument() -> None:
     timed(planner_module, "predict_plan", "  predict_plan")
     timed(OnlineCostFit, "observe", "  cost fit observe")
     timed(OnlineCostFit, "model", "  cost fit model() (NNLS)")
-    timed(decider_module, "plan_basis_proto", "basis proto")
+    timed(plans_module, "plan_basis_proto", "basis proto")
     timed(Decider, "_observe", "metrics")
     timed(ControllerStore, "write_step", "Redis write (client side)")
     original = ReportColumns.from_report.__func__
