@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from smartspec.core.acceptance import positions_tested
 from smartspec.v1 import common_pb2, controller_pb2
 
 
@@ -114,7 +115,7 @@ def build_trace(batch: int, steps: int = 512, *, max_k: int = 8, seed: int = 0) 
                 accepted = 0
                 while accepted < proposed and rng.random() < req.acceptance:
                     accepted += 1
-                tested = accepted + (1 if accepted < proposed else 0)
+                tested = positions_tested(proposed, accepted)
                 req.context += accepted + 1
                 req.remaining -= accepted + 1
                 req.proposable = _look_ahead(rng, max_k)

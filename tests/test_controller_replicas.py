@@ -7,6 +7,7 @@ import uuid
 import grpc
 import redis
 
+from smartspec.core.acceptance import positions_tested
 from smartspec.controller.history_table import HistoryTable
 from smartspec.core.policies import BasePolicy, Registry
 from smartspec.core.policies.registry import BUILTIN_POLICIES
@@ -27,7 +28,7 @@ def hello(worker_id="w0") -> controller_pb2.WorkerHello:
 def outcome(request_id, proposed, accepted, context, finished=False):
     return controller_pb2.RequestOutcome(
         request_id=request_id, proposed_tokens=proposed, accepted_tokens=accepted,
-        tested_positions=accepted + (1 if accepted < proposed else 0), context_tokens=context, finished=finished)
+        tested_positions=positions_tested(proposed, accepted), context_tokens=context, finished=finished)
 
 
 def workload() -> list[controller_pb2.StepReport]:
