@@ -33,7 +33,6 @@ import functools
 import importlib.util
 import os
 import platform
-import queue
 import random
 import sys
 import tempfile
@@ -47,11 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 # pyproject.toml [tool.setuptools] package-dir, used if the file cannot be read.
 DEFAULT_PACKAGE_DIRS = {
-    "smartspec": "clients",
+    "smartspec": ".",
     "smartspec.v1": "proto/smartspec/v1",
-    "smartspec.controller": "controller",
-    "smartspec.worker": "worker",
-    "smartspec.bench": "bench",
 }
 
 
@@ -124,8 +120,8 @@ from smartspec.worker.local_policy import LocalPolicyPlanner, PolicyChoice  # no
 from smartspec.worker.model import build_draft, load_model  # noqa: E402
 from smartspec.worker.proposers import Proposal, SamplingParams, make_proposer, probs_from_logits  # noqa: E402
 from smartspec.worker.proposers.sampling import sample  # noqa: E402
-from smartspec.worker.proposers.verify import verify_batch  # noqa: E402
-from smartspec.worker.proposers.verify_reference import rejection_verify  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # the reference verifiers
+from verify_reference import rejection_verify, verify_batch  # noqa: E402
 from smartspec.worker.sequence import FinishReason, GenerationRequest, TokenDelta  # noqa: E402
 from smartspec.worker.steps import StaticPlanner  # noqa: E402
 
@@ -757,7 +753,7 @@ def main() -> int:
             pass
     results = Results()
     mapped = all(str(getattr(sys.modules[name], "__file__", "")).startswith(str(REPO))
-                 for name in ("smartspec", "smartspec.worker", "smartspec.worker.engine", "smartspec.controller"))
+                 for name in ("smartspec", "smartspec.worker", "smartspec.worker.engine", "smartspec.core"))
     results.record("smartspec imported from this checkout", mapped, str(REPO))
     if PB2_WARNING:
         results.warn("protobuf", PB2_WARNING)

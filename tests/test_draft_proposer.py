@@ -14,11 +14,11 @@ from smartspec.worker.model import LlamaForCausal, LoadedModel, ModelConfig
 from smartspec.worker.proposers import (
     ProposalRequest,
     SamplingParams,
-    greedy_verify,
     make_proposer,
     probs_from_logits,
 )
 from smartspec.worker.proposers.draft import DraftModelProposer
+from verify_reference import greedy_verify
 
 VOCAB = 48
 GREEDY = SamplingParams()

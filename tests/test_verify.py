@@ -12,10 +12,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from smartspec.worker.proposers import Proposal, SamplingParams, probs_from_logits
 from smartspec.worker.proposers.sampling import sample
-from smartspec.worker.proposers.verify import RowVerification, verify_batch, verify_packed
+from smartspec.worker.proposers.verify import RowVerification, verify_packed
 from smartspec.worker.proposers.verify_device import packed_verdicts
 from smartspec.worker.proposers.verify_plan import draw_uniforms, plan_verification
-from smartspec.worker.proposers.verify_reference import greedy_verify, rejection_verify
+from verify_reference import greedy_verify, rejection_verify, verify_batch
 
 V = 8
 

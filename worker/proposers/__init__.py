@@ -12,8 +12,7 @@ from typing import Any, Callable
 
 from .base import Proposal, ProposalRequest, Proposer
 from .sampling import GREEDY, SamplingParams, probs_from_logits, sample
-from .verify import RowVerification, verify_batch
-from .verify_reference import greedy_verify, rejection_verify
+from .verify import RowVerification, verify_packed
 
 __all__ = [
     "GREEDY",
@@ -22,14 +21,12 @@ __all__ = [
     "Proposer",
     "RowVerification",
     "SamplingParams",
-    "greedy_verify",
     "make_proposer",
     "probs_from_logits",
     "proposer_names",
     "register_proposer",
-    "rejection_verify",
     "sample",
-    "verify_batch",
+    "verify_packed",
 ]
 
 _FACTORIES: dict[str, Callable[..., Proposer]] = {}

@@ -28,7 +28,6 @@ import torch
 from smartspec.core.acceptance import positions_tested
 
 from .base import Proposal
-from .device_copy import to_device_without_sync
 from .sampling import SamplingParams
 from .verify_device import packed_verdicts
 from .verify_plan import draw_uniforms, plan_verification
@@ -41,37 +40,6 @@ class RowVerification:
     tokens: list[int]  # accepted proposals followed by the target's own token (1..n+1 tokens)
     num_accepted: int  # proposals kept
     tested_positions: int  # num_accepted + 1 if a rejection ended the run (what acceptance counts)
-
-
-def verify_batch(
-    target_logits: torch.Tensor,
-    proposals: Sequence[Proposal],
-    sampling: Sequence[SamplingParams],
-    generators: Sequence[torch.Generator | None],
-    first_logit_index: Sequence[int] | None = None,
-) -> list[RowVerification]:
-    """Verify every row of one padded target forward: `verify_packed` after packing the rows.
-
-    target_logits: [B, S, V]; row i predicts its proposals from target_logits[i, s : s + n_i + 1]
-    with s = first_logit_index[i] (default 0: the forward fed [last committed token, proposals...]
-    right-padded). Kept for callers holding padded logits; the engine passes packed ones directly.
-    """
-    batch, width, vocab_size = target_logits.shape
-    if not (len(proposals) == len(sampling) == len(generators) == batch):
-        raise ValueError(
-            f"need one proposal, SamplingParams and generator per row: batch {batch}, got "
-            f"{len(proposals)}, {len(sampling)}, {len(generators)}"
-        )
-    starts = [0] * batch if first_logit_index is None else list(first_logit_index)
-    flat_rows: list[int] = []  # row i's slots in the flattened [B * S, V] logits, row after row
-    for row, (proposal, start) in enumerate(zip(proposals, starts)):
-        n = len(proposal.tokens)
-        if start < 0 or start + n + 1 > width:
-            raise ValueError(f"row {row}: logits [{start}, {start + n + 1}) fall outside S = {width}")
-        flat_rows.extend(range(row * width + start, row * width + start + n + 1))
-    index = to_device_without_sync(torch.tensor(flat_rows, dtype=torch.long), target_logits.device)  # [N]
-    packed = target_logits.reshape(batch * width, vocab_size).index_select(0, index)  # [N, V]
-    return verify_packed(packed, proposals, sampling, generators)
 
 
 def verify_packed(

@@ -1,7 +1,8 @@
-"""The one-row reference rules of verification (verify.py's docstring states them).
+"""Reference verification for the tests (and scripts/gpu_check.py), not used by the product.
 
-`greedy_verify` / `rejection_verify` verify one request's proposals on their own; `verify_packed`
-does the same for a whole step at once, and the tests hold it to these row by row.
+`greedy_verify` / `rejection_verify` are the one-row rules stated in worker/proposers/verify.py's
+docstring, written plainly; `verify_packed` does the same for a whole step at once, and the tests
+hold it to these row by row. `verify_batch` feeds `verify_packed` from padded [B, S, V] logits.
 """
 
 from __future__ import annotations
@@ -10,7 +11,10 @@ from typing import Sequence
 
 import torch
 
-from .sampling import sample
+from smartspec.worker.proposers.base import Proposal
+from smartspec.worker.proposers.device_copy import to_device_without_sync
+from smartspec.worker.proposers.sampling import SamplingParams, sample
+from smartspec.worker.proposers.verify import RowVerification, verify_packed
 
 
 def _as_token_tensor(proposed: Sequence[int] | torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -87,3 +91,34 @@ def rejection_verify(
         # only reachable through rounding (a rejection needs p_j(x_j) < q_j(x_j), hence mass elsewhere)
         residual, total = p_j, p_j.sum()
     return j, int(sample(residual / total, generator))
+
+
+def verify_batch(
+    target_logits: torch.Tensor,
+    proposals: Sequence[Proposal],
+    sampling: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+    first_logit_index: Sequence[int] | None = None,
+) -> list[RowVerification]:
+    """Verify every row of one padded target forward: `verify_packed` after packing the rows.
+
+    target_logits: [B, S, V]; row i predicts its proposals from target_logits[i, s : s + n_i + 1]
+    with s = first_logit_index[i] (default 0: the forward fed [last committed token, proposals...]
+    right-padded). Kept for callers holding padded logits; the engine passes packed ones directly.
+    """
+    batch, width, vocab_size = target_logits.shape
+    if not (len(proposals) == len(sampling) == len(generators) == batch):
+        raise ValueError(
+            f"need one proposal, SamplingParams and generator per row: batch {batch}, got "
+            f"{len(proposals)}, {len(sampling)}, {len(generators)}"
+        )
+    starts = [0] * batch if first_logit_index is None else list(first_logit_index)
+    flat_rows: list[int] = []  # row i's slots in the flattened [B * S, V] logits, row after row
+    for row, (proposal, start) in enumerate(zip(proposals, starts)):
+        n = len(proposal.tokens)
+        if start < 0 or start + n + 1 > width:
+            raise ValueError(f"row {row}: logits [{start}, {start + n + 1}) fall outside S = {width}")
+        flat_rows.extend(range(row * width + start, row * width + start + n + 1))
+    index = to_device_without_sync(torch.tensor(flat_rows, dtype=torch.long), target_logits.device)  # [N]
+    packed = target_logits.reshape(batch * width, vocab_size).index_select(0, index)  # [N, V]
+    return verify_packed(packed, proposals, sampling, generators)
