@@ -29,6 +29,23 @@ def test_bad_local_policy_exits_2_before_loading_the_model():
     assert "k:" in done.stderr and "fixed:many" not in done.stdout
 
 
+def test_controller_none_is_no_controller_from_the_command_line_on(monkeypatch):
+    from smartspec.cli import build_parser
+    from smartspec.worker.server import WorkerOptions
+
+    def controller(*argv: str):
+        return build_parser(only="worker").parse_args(["worker", *argv]).controller
+
+    assert controller() is None                                  # the default: plan with --local-policy
+    assert controller("--controller", "none") is None and controller("--controller", "None") is None
+    assert controller("--controller", "127.0.0.1:50051") == "127.0.0.1:50051"
+    monkeypatch.setenv("SMARTSPEC_CONTROLLER", "none")
+    assert controller() is None
+    monkeypatch.setenv("SMARTSPEC_CONTROLLER", "dns:///controller:50051")
+    assert controller() == "dns:///controller:50051" and controller("--controller", "none") is None
+    assert WorkerOptions().controller is None
+
+
 def test_bad_engine_limits_exit_2():
     done = subprocess.run(worker_command("--token-budget", "4"), capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "token_budget" in done.stderr
