@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from smartspec.worker.goodput_guard import GoodputGuard, GuardSettings, batch_class
-from smartspec.worker.local_policy import LocalPolicyPlanner, parse_policy_spec
+from smartspec.worker.local_policy import LocalPolicyPlanner, local_policy_choice
 from smartspec.worker.steps import PlanQuery, RequestFacts, StepFacts
 
 
@@ -69,7 +69,7 @@ def test_steps_with_prefill_do_not_count():
 
 
 def test_local_goodput_planner_backs_off_where_measured_speculation_lost():
-    planner = LocalPolicyPlanner(parse_policy_spec("goodput"), max_k=4)
+    planner = LocalPolicyPlanner(local_policy_choice("goodput"), max_k=4)
     for index in range(5):
         planner.observe(decode_step(index, 2, 0, 0, 100.0))
     for index in range(5, 12):
@@ -78,7 +78,7 @@ def test_local_goodput_planner_backs_off_where_measured_speculation_lost():
     plans = [planner.plan(12 + i, [PlanQuery("r0", 320), PlanQuery("r1", 320)], 0) for i in range(15)]
     assert sum(1 for p in plans if any(p.values())) <= 1            # held off but for a probe
     # A fixed policy is the user's explicit choice: never overridden.
-    fixed = LocalPolicyPlanner(parse_policy_spec("fixed:3"), max_k=4)
+    fixed = LocalPolicyPlanner(local_policy_choice("fixed:3"), max_k=4)
     for index in range(12):
         fixed.observe(decode_step(index, 2, 0 if index < 5 else 4, 4 if index >= 5 else 0,
                                   100.0 if index < 5 else 1000.0))

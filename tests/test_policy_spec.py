@@ -20,7 +20,7 @@ from smartspec.core.policy_spec import (
     read_policy_spec,
     split_policy_list,
 )
-from smartspec.worker.server import local_policy_choice
+from smartspec.worker.local_policy import local_policy_choice
 
 # spec -> the parameters it names (before defaults are filled in)
 SPECS = {

@@ -7,7 +7,7 @@ import pytest
 from smartspec.core.acceptance import DEFAULT_PRIOR_DECAY, OutcomeError, PooledPrior, positions_tested
 from smartspec.core.decision import AcceptanceBook
 from smartspec.core.policies.base import PolicyError
-from smartspec.worker.local_policy import LocalPolicyPlanner, parse_policy_spec
+from smartspec.worker.local_policy import LocalPolicyPlanner, local_policy_choice
 from smartspec.worker.steps import PlanQuery, RequestFacts, StepFacts
 
 
@@ -24,12 +24,12 @@ def decode(request_id: str, proposed: int, accepted: int, finished: bool = False
 
 
 def test_shorthand_sets_the_first_parameter():
-    choice = parse_policy_spec("fixed:3")
+    choice = local_policy_choice("fixed:3")
     assert choice.name == "fixed" and choice.params["k"] == 3
 
 
 def test_key_value_parameters_are_typed_by_the_schema():
-    choice = parse_policy_spec("fixed", ["k=5"])
+    choice = local_policy_choice("fixed", ["k=5"])
     assert choice.params["k"] == 5
 
 
@@ -37,20 +37,20 @@ def test_key_value_parameters_are_typed_by_the_schema():
     "spec, extra, field",
     [
         ("no-such-policy", [], "local_policy"),
-        ("fixed:lots", [], "k"),
-        ("fixed", ["nope=1"], "nope"),
-        ("fixed", ["k"], "local_policy_param"),
-        ("fixed:999", [], "k"),                 # out of the parameter's bounds
+        ("fixed:lots", [], "local_policy.k"),
+        ("fixed", ["nope=1"], "local_policy.nope"),
+        ("fixed", ["k"], "local_policy"),
+        ("fixed:999", [], "local_policy.k"),     # out of the parameter's bounds
     ],
 )
 def test_bad_specs_name_the_culprit(spec, extra, field):
     with pytest.raises(PolicyError) as caught:
-        parse_policy_spec(spec, extra)
+        local_policy_choice(spec, extra)
     assert caught.value.field == field
 
 
 def test_fixed_policy_plans_every_request_and_clamps_to_max_k():
-    planner = LocalPolicyPlanner(parse_policy_spec("fixed:6"), max_k=4)
+    planner = LocalPolicyPlanner(local_policy_choice("fixed:6"), max_k=4)
     plan = planner.plan(0, [PlanQuery("a", 10), PlanQuery("b", 20)], queued_requests=0)
     assert plan == {"a": 4, "b": 4}
 
@@ -103,7 +103,7 @@ def test_an_impossible_outcome_records_nothing_of_its_step():
 
 
 def test_goodput_policy_speculates_less_for_a_request_that_is_always_rejected():
-    planner = LocalPolicyPlanner(parse_policy_spec("goodput"), max_k=8)
+    planner = LocalPolicyPlanner(local_policy_choice("goodput"), max_k=8)
     for index in range(3):   # plain steps first, so the goodput guard has measured both kinds
         planner.observe(step(index, decode("good", 0, 0), decode("bad", 0, 0)))
     for index in range(3, 30):
@@ -115,7 +115,7 @@ def test_goodput_policy_speculates_less_for_a_request_that_is_always_rejected():
 def test_local_policy_asks_only_for_what_the_proposer_can_offer():
     """Facts carry proposable_tokens (prompt lookup looked ahead): fixed k=3 asks 0 where there is no
     match and 2 where only 2 can be offered; a request without the figure (draft model) gets 3."""
-    planner = LocalPolicyPlanner(parse_policy_spec("fixed:3"), max_k=8)
+    planner = LocalPolicyPlanner(local_policy_choice("fixed:3"), max_k=8)
     planner.observe(step(0, RequestFacts("dry", 3, 0, 0, 100, requested_tokens=3, proposable_tokens=0),
                          RequestFacts("short", 3, 3, 3, 100, requested_tokens=3, proposable_tokens=2),
                          RequestFacts("draft", 3, 3, 3, 100, requested_tokens=3)))

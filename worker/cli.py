@@ -85,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
 
     from smartspec.worker.engine import EngineConfig
     from smartspec.worker.model import load_model
-    from smartspec.worker.server import WorkerOptions, WorkerServer, local_policy_choice
+    from smartspec.worker.local_policy import local_policy_choice
+    from smartspec.worker.server import WorkerOptions, WorkerServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -12,8 +12,8 @@ from typing import Any, Mapping, Sequence
 
 from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
 from smartspec.core.decision import AcceptanceBook
-from smartspec.core.policies import registry
-from smartspec.core.policies.base import ParameterType, Policy, PolicyError
+from smartspec.core.policies.base import Policy
+from smartspec.core.policy_spec import parse_policy_spec
 
 from .goodput_guard import GoodputGuard
 from .steps import PlanQuery, StepFacts
@@ -31,47 +31,12 @@ class PolicyChoice:
         return self.policy.name
 
 
-def parse_value(raw: str, kind: ParameterType) -> Any:
-    """A command-line string as a typed policy parameter ("3", "0.5", "true", "1,2,4")."""
-    parsers = {
-        ParameterType.INT: int,
-        ParameterType.FLOAT: float,
-        ParameterType.BOOL: lambda s: {"true": True, "1": True, "yes": True, "false": False, "0": False,
-                                       "no": False}[s.strip().lower()],
-        ParameterType.STRING: str,
-        ParameterType.INT_LIST: lambda s: [int(part) for part in s.split(",") if part.strip()],
-    }
-    return parsers[kind](raw)
-
-
-def parse_policy_spec(spec: str, extra: Sequence[str] = ()) -> PolicyChoice:
-    """`name`, `name:value` (value of the policy's first parameter, e.g. `fixed:3`) plus
-    `key=value` strings; raises PolicyError naming the bad part."""
-    name, _, shorthand = spec.partition(":")
-    try:
-        policy = registry.get(name.strip())
-    except KeyError as exc:
-        raise PolicyError("local_policy", f"unknown policy {name!r} (known: {', '.join(registry.names())})") from exc
-    specs = {p.name: p for p in policy.parameters}
-    pairs: list[tuple[str, str]] = []
-    if shorthand:
-        if not policy.parameters:
-            raise PolicyError("local_policy", f"policy {name!r} takes no parameters")
-        pairs.append((policy.parameters[0].name, shorthand))
-    for item in extra:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise PolicyError("local_policy_param", f"expected key=value, got {item!r}")
-        pairs.append((key.strip(), value))
-    raw: dict[str, Any] = {}
-    for key, value in pairs:
-        if key not in specs:
-            raise PolicyError(key, f"unknown parameter of {name!r} (allowed: {', '.join(specs) or 'none'})")
-        try:
-            raw[key] = parse_value(value, specs[key].type)
-        except (ValueError, KeyError) as exc:
-            raise PolicyError(key, f"cannot read {value!r} as {specs[key].type.name.lower()}") from exc
-    return PolicyChoice(policy, policy.validate(raw))
+def local_policy_choice(spec: str, extra: Sequence[str] = ()) -> PolicyChoice:
+    """`--local-policy SPEC --local-policy-param KEY=VALUE...` (the grammar of core/policy_spec.py) as
+    the validated policy the local planner runs; PolicyError (a FieldError) naming `local_policy` or
+    `local_policy.KEY`."""
+    parsed = parse_policy_spec(spec, extra, field="local_policy")
+    return PolicyChoice(parsed.policy, parsed.params)
 
 
 class LocalPolicyPlanner:

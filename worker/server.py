@@ -8,7 +8,7 @@ import logging
 import threading
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,13 +16,12 @@ from grpc_reflection.v1alpha import reflection
 
 from smartspec.core.codec import policy_spec_proto
 from smartspec.core.errors import abort
-from smartspec.core.policy_spec import parse_policy_spec
 from smartspec.core.security import ServerSecurity
 from smartspec.v1 import common_pb2, controller_pb2, generation_pb2, generation_pb2_grpc
 
 from .controller_link import ControllerLink, LinkConfig
 from .engine import DuplicateRequestError, Engine, EngineConfig, EngineStoppedError, QueueFullError, RequestHandle
-from .local_policy import LocalPolicyPlanner, PolicyChoice
+from .local_policy import LocalPolicyPlanner, PolicyChoice, local_policy_choice
 from .metrics import WorkerMetrics
 from .profile import measure_profile
 from .requests import InvalidRequest, RequestLimits, to_domain
@@ -81,13 +80,6 @@ def result_to_proto(outcome: GenerationOutcome) -> generation_pb2.GenerationResu
         total_ms=outcome.total_ms,
         queue_ms=outcome.queue_ms,
     )
-
-
-def local_policy_choice(spec: str, extra: Sequence[str] = ()) -> PolicyChoice:
-    """`--local-policy SPEC --local-policy-param KEY=VALUE...` as the validated policy the local
-    planner runs; PolicyError (a FieldError) naming `local_policy` or `local_policy.KEY`."""
-    parsed = parse_policy_spec(spec, extra, field="local_policy")
-    return PolicyChoice(parsed.policy, parsed.params)
 
 
 def policy_to_proto(choice: PolicyChoice | None) -> common_pb2.PolicySpec:
