@@ -4,7 +4,7 @@ decision they make from it, through the one pipeline of core/decision.py.
 Evidence is kept in arrays over the workload's requests (request i is row i), by the pipeline's
 rules: every row a step ran is one step of its request's history (a prefill chunk a step at k = 0),
 and the pooled prior decays once per step and takes that step's evidence (`pool_step`), as the
-controller's store does. Plans are `plan_batch` on the decoding rows, so a simulated step is planned
+controller's store does. Plans are `decide_batch` on the decoding rows, so a simulated step is planned
 exactly as the controller (and the worker's re-plan) would plan it from the same facts.
 """
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from smartspec.core.acceptance import PooledPrior
 from smartspec.core.cost_model import CostModel
-from smartspec.core.decision import UNKNOWN_PROPOSABLE, Estimator, Evidence, plan_batch, pool_step
+from smartspec.core.decision import UNKNOWN_PROPOSABLE, Estimator, Evidence, decide_batch, pool_step
 from smartspec.core.policies import Policy
 
 
@@ -43,7 +43,7 @@ class SimPlanner:
         `prior`, planned on the look-ahead `offer` [D] where the proposer has one (None: a draft
         model) and never above it. The engine's clamps come after."""
         proposable = np.full(dec.size, UNKNOWN_PROPOSABLE, dtype=np.int64) if offer is None else offer
-        plan = plan_batch(
+        plan = decide_batch(
             self.policy, self.params, self.cost, request_ids=[str(r) for r in dec.tolist()],
             evidence=self.evidence.take(dec), context=context, proposable=proposable, prior=prior,
             estimator=self.estimator, max_k=self.max_k, queued_requests=queued, step_index=step_index,

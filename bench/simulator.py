@@ -38,7 +38,7 @@ from smartspec.core.acceptance import PooledPrior, positions_tested
 from smartspec.core.cost_model import CostModel
 from smartspec.core.decision import Estimator
 from smartspec.core.policies import Policy
-from smartspec.worker.scheduler import plan_prefill
+from smartspec.worker.scheduler import chunk_prefill
 
 __all__ = ["ControllerLinkSpec", "SimResult", "Simulation", "StepModel", "WorkerSpec", "predict_step_ms", "simulate"]
 
@@ -253,7 +253,7 @@ class Simulation:
             return no_rows, no_rows
         free = self.worker.max_batch_size - self.dec.size - len(self.prefilling)
         heads = [self.waiting[i] for i in range(min(max(free, 0), len(self.waiting)))]
-        plan = plan_prefill(
+        plan = chunk_prefill(
             token_budget=self.worker.token_budget,
             decode_tokens=int(ks.sum()) + int(ks.size),
             remaining_prompts=[int(self.prompt[r] - self.cached[r]) for r in self.prefilling],

@@ -15,7 +15,7 @@ from typing import Iterator
 import grpc
 
 from smartspec.core.cost_model import CostModel
-from smartspec.controller.decider import Decider, PlannedStep
+from smartspec.controller.decider import Decider, DecidedStep
 from smartspec.controller.plans import error_plan
 from smartspec.controller.stream_memory import StreamMemory
 from smartspec.core.errors import abort
@@ -67,17 +67,17 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
             abort(context, exc)
         return self._decider.connect(hello)
 
-    def _plan_or_error(self, session, report: controller_pb2.StepReport, memory: StreamMemory) -> PlannedStep:
+    def _plan_or_error(self, session, report: controller_pb2.StepReport, memory: StreamMemory) -> DecidedStep:
         try:
             return self._decider.plan(session, report, memory)
         except InvalidInput as exc:
             log.warning("rejected report worker_id=%s step=%d request_id=%s field=%s: %s",
                         session.worker_id, report.step_index, exc.request_id or "-", exc.field, exc.message)
             self._decider.metrics.rejected_reports.labels(exc.field.split("[")[0]).inc()
-            return PlannedStep(error_plan(report.step_index, exc), None)
+            return DecidedStep(error_plan(report.step_index, exc), None)
         except Exception:  # noqa: BLE001 - a controller bug costs this step's speculation, not the stream
             log.exception("planning failed worker_id=%s step=%d", session.worker_id, report.step_index)
-            return PlannedStep(error_plan(report.step_index, InvalidInput(
+            return DecidedStep(error_plan(report.step_index, InvalidInput(
                 "", "internal controller error; see controller logs", grpc.StatusCode.INTERNAL)), None)
 
     def Decide(self, request: controller_pb2.DecideRequest,

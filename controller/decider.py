@@ -118,7 +118,7 @@ class RedisHealth:
 
 
 @dataclass(frozen=True)
-class PlannedStep:
+class DecidedStep:
     """A plan and what `persist` must store for it (None: nothing, e.g. planned without Redis)."""
 
     plan: controller_pb2.StepPlan
@@ -218,7 +218,7 @@ class Decider:
         return planned.plan
 
     def plan(self, session: WorkerSession, report: controller_pb2.StepReport, memory: StreamMemory | None = None,
-             *, field_prefix: str = "", cost_override: CostModel | None = None) -> PlannedStep:
+             *, field_prefix: str = "", cost_override: CostModel | None = None) -> DecidedStep:
         """Validate, read Redis once, plan. `memory`: the stream's (updated in place), None for Decide.
         Raises InvalidInput for a malformed report (the caller maps it)."""
         started = time.perf_counter()
@@ -258,7 +258,7 @@ class Decider:
 
     def _decide(self, session: WorkerSession, report: controller_pb2.StepReport, memory: StreamMemory | None,
                 columns: ReportColumns, snapshot: StepSnapshot, policy_record: PolicyRecord | None, degraded: bool,
-                cost_override: CostModel | None, started: float) -> PlannedStep:
+                cost_override: CostModel | None, started: float) -> DecidedStep:
         """The plan, from what was read and what the caller holds (no I/O)."""
         histories, figures, cost_fit = self._state(session, snapshot, memory, degraded)
         snapshot = dataclasses.replace(snapshot, histories=histories, worker=figures)
@@ -284,9 +284,9 @@ class Decider:
             log.debug("planned worker_id=%s step=%d requests=%d ks=%s policy=%s v%d degraded=%s",
                       session.worker_id, report.step_index, len(decision.request_ids),
                       list(decision.speculation_lengths), record.name, record.version, degraded)
-        return PlannedStep(plan, None if degraded else decision.writes)
+        return DecidedStep(plan, None if degraded else decision.writes)
 
-    def persist(self, session: WorkerSession, planned: PlannedStep, memory: StreamMemory | None = None) -> None:
+    def persist(self, session: WorkerSession, planned: DecidedStep, memory: StreamMemory | None = None) -> None:
         """Store a planned step's writes (one atomic script); a failure marks Redis down and leaves
         `memory` holding the only copy until a later write succeeds. A stream's cost fit is stored
         at its own cadence (see StreamMemory)."""

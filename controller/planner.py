@@ -7,7 +7,7 @@ The report is read once into columns and every per-request quantity is a numpy a
 256 a step is a few dozen vector operations, not a few thousand Python objects. The history table
 and the cost fit are updated in place (a stream keeps both between its steps). The decision itself
 is the pipeline the worker and the simulator run too (`core/decision.py`): this module only records
-the step, gathers each pending request's evidence from the history table and calls `plan_batch`.
+the step, gathers each pending request's evidence from the history table and calls `decide_batch`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from smartspec.core import decision
 from smartspec.core.acceptance import PooledPrior
 from smartspec.core.cost_fit import OnlineCostFit
 from smartspec.core.cost_model import CostModel
-from smartspec.core.decision import BatchPlan, Estimator, Evidence
+from smartspec.core.decision import BatchDecision, Estimator, Evidence
 from smartspec.controller.history_table import (
     ACCEPTED, LAST_FULL, LAST_K, PROPOSED, REQUESTED, SINCE_SPEC, TESTED, HistoryTable,
 )
 from smartspec.core.policies.base import Policy
-from smartspec.core.policies.optimizer import predict_plan
+from smartspec.core.policies.optimizer import predict_step
 from smartspec.controller.report_columns import ReportColumns
 from smartspec.controller.store import StepSnapshot, StepWrites, WorkerFigures
 from smartspec.v1 import controller_pb2
@@ -127,7 +127,7 @@ def plan_step(
 
     pending = np.flatnonzero(~cols.finished)  # the next step: every unfinished request, in report order
     pending_ids = [cols.request_ids[i] for i in pending.tolist()]
-    plan = decision.plan_batch(
+    plan = decision.decide_batch(
         policy, params, cost, request_ids=pending_ids, evidence=history_evidence(histories, rows[pending]),
         context=cols.context[pending], proposable=cols.proposable[pending], prior=prior, estimator=settings,
         max_k=hello.max_speculation_length, queued_requests=report.queued_requests,
@@ -155,12 +155,12 @@ def plan_step(
     )
 
 
-def predicted(plan: BatchPlan, cost: CostModel) -> tuple[float, float]:
+def predicted(plan: BatchDecision, cost: CostModel) -> tuple[float, float]:
     """(tokens, ms): what the planned step should yield and take; nothing for an empty plan."""
     if not len(plan.ks):
         return 0.0, 0.0
     c = plan.columns
-    return predict_plan(c.acceptance, c.context_tokens, c.prefill_tokens, cost, plan.ks, fill=c.fill)
+    return predict_step(c.acceptance, c.context_tokens, c.prefill_tokens, cost, plan.ks, fill=c.fill)
 
 
 def history_evidence(histories: HistoryTable, rows: np.ndarray) -> Evidence:
@@ -202,7 +202,7 @@ def worker_figures(snapshot: StepSnapshot, generated: int, measured_ms: float, p
 
 
 def step_writes(hello: controller_pb2.WorkerHello, histories: HistoryTable, finished: tuple[str, ...],
-                step: StepEvidence, plan: BatchPlan, generated: int, figures: WorkerFigures, *,
+                step: StepEvidence, plan: BatchDecision, generated: int, figures: WorkerFigures, *,
                 cost_fit: OnlineCostFit, settings: PlannerSettings, proposer_kind: str,
                 cost_profile_id: str) -> StepWrites:
     """What the store records for this step: histories, cost fit, the prior's evidence, totals, figures."""

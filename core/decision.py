@@ -10,7 +10,7 @@ Three planners run it, on three stores of the same facts: the controller (`contr
 columns of its Redis history table, batch 256 in about a millisecond), the worker (its local policy,
 `--controller none`, and its re-plan of the controller's basis, `worker/replan.py`, both from an
 `AcceptanceBook`) and the simulator (`bench/sim_planner.py`, arrays over its requests). Each only
-gathers `Evidence` for the requests to plan and calls `plan_batch`, so the same facts give the same
+gathers `Evidence` for the requests to plan and calls `decide_batch`, so the same facts give the same
 plan in all three (tests/test_decision_pipeline.py).
 
 The rules, one of each:
@@ -172,26 +172,26 @@ def estimate_columns(request_ids: Sequence[str], evidence: Evidence, context: np
 # ---- the decision -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class BatchPlan:
+class BatchDecision:
     """k per request (int64 [B], batch order) and the columns the policy decided on."""
 
     columns: BatchColumns
     ks: np.ndarray
 
 
-def plan_batch(policy: Policy, params: Mapping[str, Any], cost: CostModel, *, request_ids: Sequence[str],
+def decide_batch(policy: Policy, params: Mapping[str, Any], cost: CostModel, *, request_ids: Sequence[str],
                evidence: Evidence, context: np.ndarray, proposable: np.ndarray, prior: PooledPrior,
-               estimator: Estimator, max_k: int, queued_requests: int, step_index: int) -> BatchPlan:
+               estimator: Estimator, max_k: int, queued_requests: int, step_index: int) -> BatchDecision:
     """The plan for the step `step_index` of these requests. `proposable` is UNKNOWN_PROPOSABLE where
     the proposer cannot look ahead. Never raises for a policy's fault (guarded_decide: k = 0); an
     empty batch asks no policy."""
     columns = estimate_columns(request_ids, evidence, context, proposable, prior, estimator)
     if not len(columns):
-        return BatchPlan(columns, np.zeros(0, dtype=_INT))
+        return BatchDecision(columns, np.zeros(0, dtype=_INT))
     batch = BatchState.from_columns(columns, max_k=max_k, queued_requests=queued_requests, step_index=step_index,
                                     pooled_evidence=prior.tested)
     ks = guarded_decide(policy, batch, cost, params, prior_acceptance=prior.rate(estimator.cold_rate))
-    return BatchPlan(columns, cap_columns(np.array(ks, dtype=_INT), proposable))
+    return BatchDecision(columns, cap_columns(np.array(ks, dtype=_INT), proposable))
 
 
 # ---- a worker's book: the same rules on per-request objects -----------------------------------
@@ -213,7 +213,7 @@ class Step(Protocol):
 
 
 class Query(Protocol):
-    """A request that decodes in the step to plan (the worker's PlanQuery)."""
+    """A request that decodes in the step to plan (the worker's SpeculationQuery)."""
 
     request_id: str
     context_tokens: int
@@ -263,9 +263,9 @@ class AcceptanceBook:
     def plan(self, policy: Policy, params: Mapping[str, Any], cost: CostModel, queries: Sequence[Query], *,
              max_k: int, queued_requests: int, step_index: int, prior: PooledPrior | None = None,
              estimator: Estimator | None = None) -> dict[str, int]:
-        """k per query by `plan_batch`, with `prior` and `estimator` defaulting to the book's own."""
+        """k per query by `decide_batch`, with `prior` and `estimator` defaulting to the book's own."""
         ids = [q.request_id for q in queries]
-        plan = plan_batch(
+        plan = decide_batch(
             policy, params, cost, request_ids=ids, evidence=self.evidence(queries),
             context=np.array([q.context_tokens for q in queries], dtype=_INT),
             proposable=self.proposable_column(queries), prior=self.prior if prior is None else prior,

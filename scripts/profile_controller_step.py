@@ -58,7 +58,7 @@ def instrument() -> None:
     timed(ControllerStore, "read_step", "Redis read (client side)")
     timed(decider_module, "plan_step", "plan_step")
     timed(planner_module.decision, "guarded_decide", "  policy (guarded_decide: optimiser, probes)")
-    timed(planner_module, "predict_plan", "  predict_plan")
+    timed(planner_module, "predict_step", "  predict_step")
     timed(OnlineCostFit, "observe", "  cost fit observe")
     timed(OnlineCostFit, "model", "  cost fit model() (NNLS)")
     timed(plans_module, "plan_basis_proto", "basis proto")

@@ -20,7 +20,7 @@ from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2
 from smartspec.v1 import generation_pb2 as pb
 from smartspec.v1 import generation_pb2_grpc
 from smartspec.worker.controller_link import ControllerLink, LinkConfig, backoff_delay
-from smartspec.worker.steps import PlanQuery, RequestFacts, StepFacts
+from smartspec.worker.steps import SpeculationQuery, RequestFacts, StepFacts
 
 
 def wait_until(condition, timeout: float = 15.0, what: str = "condition") -> None:
@@ -80,7 +80,7 @@ def test_without_a_controller_every_step_falls_back_and_nothing_blocks():
         started = time.monotonic()
         for step in range(3):
             link.observe(prefill_step(step, f"r{step}"))       # not connected: returns at once
-            assert link.plan(step + 1, [PlanQuery("r0", 41)], 0) == {"r0": 2}
+            assert link.plan(step + 1, [SpeculationQuery("r0", 41)], 0) == {"r0": 2}
         assert time.monotonic() - started < 2.0                 # far below one 5 s plan deadline
         assert link.fallback_steps == 3 and not link.connected
     finally:
@@ -94,12 +94,12 @@ def test_plan_from_the_controller_is_applied(controller):
     try:
         wait_until(lambda: link.connected, what="link connected")
         link.observe(prefill_step(0, "a"))
-        assert link.plan(1, [PlanQuery("a", 40)], 0) == {"a": 3}
+        assert link.plan(1, [SpeculationQuery("a", 40)], 0) == {"a": 3}
         assert link.fallback_steps == 0 and link.plans_applied == 1
         # A request the plan did not cover (admitted after the report) is planned here with the
         # plan's policy, not left at the fallback k.
         link.observe(prefill_step(1, "b"))
-        assert link.plan(2, [PlanQuery("b", 40), PlanQuery("c", 12)], 0) == {"b": 3, "c": 3}
+        assert link.plan(2, [SpeculationQuery("b", 40), SpeculationQuery("c", 12)], 0) == {"b": 3, "c": 3}
     finally:
         link.close()
 
@@ -117,7 +117,7 @@ def test_what_prompt_lookup_can_offer_reaches_the_controller_and_caps_the_plan(c
                  RequestFacts("unknown", 3, 3, 3, 44, requested_tokens=3)]
         link.observe(StepFacts(0, tuple(facts), draft_ms=1.0, verify_ms=50.0, total_ms=52.0, batched_tokens=10,
                                queued_requests=0))
-        queries = [PlanQuery("dry", 40), PlanQuery("short", 44), PlanQuery("unknown", 44)]
+        queries = [SpeculationQuery("dry", 40), SpeculationQuery("short", 44), SpeculationQuery("unknown", 44)]
         assert link.plan(1, queries, 0) == {"dry": 0, "short": 2, "unknown": 3}
     finally:
         link.close()
@@ -133,15 +133,15 @@ def test_a_late_plan_is_re_solved_until_its_basis_is_too_old(controller):
         link.observe(prefill_step(0, "a"))                      # no wait at all: the plan is late
         wait_until(lambda: link._latest is not None, what="the late plan")
         # The engine ran step 1 meanwhile: the answer to report 0 plans step 2, on time ...
-        assert link.plan(2, [PlanQuery("a", 41)], 0) == {"a": 3}
+        assert link.plan(2, [SpeculationQuery("a", 41)], 0) == {"a": 3}
         assert (link.plans_applied, link.late_steps, link.fallback_steps) == (1, 0, 0)
         # ... and, re-solved, step 3 too (late), new requests included ...
-        assert link.plan(3, [PlanQuery("a", 42), PlanQuery("new", 9)], 0) == {"a": 3, "new": 3}
+        assert link.plan(3, [SpeculationQuery("a", 42), SpeculationQuery("new", 9)], 0) == {"a": 3, "new": 3}
         assert (link.plans_applied, link.late_steps, link.fallback_steps) == (1, 1, 0)
         # ... until the basis is older than basis_max_age_s: then each request keeps the k it last
         # ran and a request never planned gets the fallback k.
         time.sleep(0.6)
-        assert link.plan(4, [PlanQuery("a", 43), PlanQuery("newer", 9)], 0) == {"a": 3, "newer": 1}
+        assert link.plan(4, [SpeculationQuery("a", 43), SpeculationQuery("newer", 9)], 0) == {"a": 3, "newer": 1}
         assert link.fallback_steps == 1
     finally:
         link.close()
@@ -172,7 +172,7 @@ def test_the_step_after_a_report_does_not_wait_for_its_plan(controller, monkeypa
         link.observe(decode)
         assert time.monotonic() - started < 10.0               # far below the 20 s deadline: no wait
         assert link._latest.step_index == 0                    # report 1 is still unanswered
-        assert link.plan(2, [PlanQuery("a", 42)], 0) == {"a": 2}
+        assert link.plan(2, [SpeculationQuery("a", 42)], 0) == {"a": 2}
         assert link.fallback_steps == 0 and link.plans_applied == 1
         # The local book already holds report 1's evidence (the controller has not seen it yet).
         assert link.book.requests["a"].tested == 2
@@ -188,7 +188,7 @@ def test_plan_with_an_error_falls_back(controller):
     try:
         wait_until(lambda: link.connected, what="link connected")
         link.observe(prefill_step(0, "a"))
-        assert link.plan(1, [PlanQuery("a", 40)], 0) == {"a": 3}
+        assert link.plan(1, [SpeculationQuery("a", 40)], 0) == {"a": 3}
         impossible = StepFacts(1, (RequestFacts("a", proposed_tokens=2, accepted_tokens=5, tested_positions=5,
                                                 context_tokens=46),),
                                draft_ms=1.0, verify_ms=90.0, total_ms=91.0, batched_tokens=3, queued_requests=0)
@@ -196,7 +196,7 @@ def test_plan_with_an_error_falls_back(controller):
         wait_until(lambda: link._latest.step_index == 1, what="the answer to the bad report")
         assert link._latest.HasField("error")
         # The error plan is not applied: the last good basis is re-solved; the stream stays up.
-        assert link.plan(2, [PlanQuery("a", 46)], 0) == {"a": 3}
+        assert link.plan(2, [SpeculationQuery("a", 46)], 0) == {"a": 3}
         assert link.late_steps == 1 and link.fallback_steps == 0 and link.connected
     finally:
         link.close()

@@ -43,7 +43,7 @@ from smartspec.v1 import common_pb2, controller_pb2
 from smartspec.worker.controller_link import report_to_proto
 from smartspec.worker.local_policy import LocalPolicyPlanner, PolicyChoice
 from smartspec.worker.replan import decode_basis, replan
-from smartspec.worker.steps import PlanQuery, RequestFacts, StepFacts
+from smartspec.worker.steps import SpeculationQuery, RequestFacts, StepFacts
 
 MAX_K = 6
 COST = CostModel(c_fixed_ms=6.94, c_spec_ms=1.5, c_tok_ms=0.0184, c_kv_ms=4.86e-5, c_spec_row_ms=0.4)
@@ -242,7 +242,7 @@ def run_scenario(policy_name: str, lookahead: bool, *, steps: int = 60, book_fac
                           verify_ms=0.0, total_ms=0.0, batched_tokens=0, queued_requests=queued)
         if not facts.requests:
             break
-        queries = [PlanQuery(o.request_id, o.context_tokens) for o in facts.requests if not o.finished]
+        queries = [SpeculationQuery(o.request_id, o.context_tokens) for o in facts.requests if not o.finished]
         plans = {"controller": controller.plan(facts, queries)}
         local.observe(facts)
         plans["local"] = local.plan(step + 1, queries, queued)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from smartspec.worker.goodput_guard import GoodputGuard, GuardSettings, batch_class
 from smartspec.worker.local_policy import LocalPolicyPlanner, local_policy_choice
-from smartspec.worker.steps import PlanQuery, RequestFacts, StepFacts
+from smartspec.worker.steps import SpeculationQuery, RequestFacts, StepFacts
 
 
 def decode_step(index: int, batch: int, k: int, accepted: int, total_ms: float) -> StepFacts:
@@ -75,14 +75,14 @@ def test_local_goodput_planner_backs_off_where_measured_speculation_lost():
     for index in range(5, 12):
         planner.observe(decode_step(index, 2, 4, 4, 1000.0))         # accepted all, yet 10x slower
     assert planner.guard.backed_off_classes() == [batch_class(2)]
-    plans = [planner.plan(12 + i, [PlanQuery("r0", 320), PlanQuery("r1", 320)], 0) for i in range(15)]
+    plans = [planner.plan(12 + i, [SpeculationQuery("r0", 320), SpeculationQuery("r1", 320)], 0) for i in range(15)]
     assert sum(1 for p in plans if any(p.values())) <= 1            # held off but for a probe
     # A fixed policy is the user's explicit choice: never overridden.
     fixed = LocalPolicyPlanner(local_policy_choice("fixed:3"), max_k=4)
     for index in range(12):
         fixed.observe(decode_step(index, 2, 0 if index < 5 else 4, 4 if index >= 5 else 0,
                                   100.0 if index < 5 else 1000.0))
-    assert fixed.plan(12, [PlanQuery("r0", 320)], 0) == {"r0": 3}
+    assert fixed.plan(12, [SpeculationQuery("r0", 320)], 0) == {"r0": 3}
 
 
 def test_near_a_tie_the_guard_does_not_flap():

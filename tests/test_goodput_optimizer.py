@@ -12,7 +12,7 @@ from smartspec.core.policies.optimizer import (
     expected_tokens,
     expected_tokens_table,
     optimize_goodput,
-    predict_plan,
+    predict_step,
 )
 
 
@@ -99,7 +99,7 @@ def test_matches_brute_force_on_random_small_batches(seed):
     best = brute_force(acceptance, contexts, prefills, cost, max_k, fill)
     assert plan.goodput == pytest.approx(best, rel=1e-6)
     # the plan's own bookkeeping agrees with an independent evaluation of its k vector
-    tokens, step_ms = predict_plan(acceptance, contexts, prefills, cost, plan.ks, fill=fill)
+    tokens, step_ms = predict_step(acceptance, contexts, prefills, cost, plan.ks, fill=fill)
     assert tokens == pytest.approx(plan.expected_tokens, rel=1e-12)
     assert step_ms == pytest.approx(plan.step_ms, rel=1e-12)
     assert plan.ks.min() >= 0 and plan.ks.max() <= max_k
@@ -153,7 +153,7 @@ def test_padded_width_shortens_the_widest_row():
     # the width is paid up to the widest row anyway, so the weak rows still fill it cheaply
     assert capped.ks[1:].min() > 0 and capped.ks[1:].max() <= capped.ks[0]
     assert capped.goodput == pytest.approx(brute_force(acceptance, contexts, prefills, wide, 8), rel=1e-9)
-    tokens, step_ms = predict_plan(acceptance, contexts, prefills, wide, capped.ks)
+    tokens, step_ms = predict_step(acceptance, contexts, prefills, wide, capped.ks)
     assert step_ms == pytest.approx(float(wide.predict_ms(capped.ks, contexts, prefills)), rel=1e-12)
 
 
@@ -220,7 +220,7 @@ def test_large_batch_plan_has_no_improving_single_change(seed):
     plan = optimize_goodput(acceptance, contexts, prefills, cost, max_k)
 
     def goodput(ks) -> float:
-        tokens, step_ms = predict_plan(acceptance, contexts, prefills, cost, ks)
+        tokens, step_ms = predict_step(acceptance, contexts, prefills, cost, ks)
         return tokens / step_ms
 
     assert goodput(plan.ks) == pytest.approx(plan.goodput, rel=1e-12)

@@ -14,7 +14,7 @@ from smartspec.worker.proposers import Proposal, SamplingParams, probs_from_logi
 from smartspec.worker.proposers.sampling import sample
 from smartspec.worker.proposers.verify import RowVerification, verify_packed
 from smartspec.worker.proposers.verify_device import packed_verdicts
-from smartspec.worker.proposers.verify_plan import draw_uniforms, plan_verification
+from smartspec.worker.proposers.verify_layout import draw_uniforms, lay_out_verification
 from verify_reference import greedy_verify, rejection_verify, verify_batch
 
 V = 8
@@ -527,7 +527,7 @@ def test_packed_verdicts_read_nothing_back_from_the_device():
     int(), bool() or data-dependent shape (nonzero, boolean masks) on them raises. So finishing there
     proves verify_packed's one read (of this result) is its only host synchronisation."""
     packed, proposals, params, generators = _mixed_step()
-    plan = plan_verification(packed.shape, proposals, params)
+    plan = lay_out_verification(packed.shape, proposals, params)
     uniforms = draw_uniforms(plan, generators)
     verdicts = packed_verdicts(packed.to("meta"), plan, uniforms, [p.probs for p in proposals])
     assert verdicts.device.type == "meta" and tuple(verdicts.shape) == (2, len(proposals))
@@ -553,7 +553,7 @@ def test_verify_packed_reads_the_device_once(monkeypatch):
 def test_verify_packed_device_half_does_not_synchronise_cuda():
     packed, proposals, params, generators = _mixed_step()
     packed = packed.cuda()
-    plan = plan_verification(packed.shape, proposals, params)
+    plan = lay_out_verification(packed.shape, proposals, params)
     uniforms = draw_uniforms(plan, generators)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

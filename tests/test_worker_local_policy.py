@@ -8,7 +8,7 @@ from smartspec.core.acceptance import DEFAULT_PRIOR_DECAY, OutcomeError, PooledP
 from smartspec.core.decision import AcceptanceBook
 from smartspec.core.policies.base import PolicyError
 from smartspec.worker.local_policy import LocalPolicyPlanner, local_policy_choice
-from smartspec.worker.steps import PlanQuery, RequestFacts, StepFacts
+from smartspec.worker.steps import SpeculationQuery, RequestFacts, StepFacts
 
 
 def step(index: int, *outcomes: RequestFacts) -> StepFacts:
@@ -51,7 +51,7 @@ def test_bad_specs_name_the_culprit(spec, extra, field):
 
 def test_fixed_policy_plans_every_request_and_clamps_to_max_k():
     planner = LocalPolicyPlanner(local_policy_choice("fixed:6"), max_k=4)
-    plan = planner.plan(0, [PlanQuery("a", 10), PlanQuery("b", 20)], queued_requests=0)
+    plan = planner.plan(0, [SpeculationQuery("a", 10), SpeculationQuery("b", 20)], queued_requests=0)
     assert plan == {"a": 4, "b": 4}
 
 
@@ -71,9 +71,9 @@ def test_acceptance_is_counted_over_tested_positions_and_pooled_every_step():
     state = book.requests["a"]
     assert (state.accepted, state.tested) == (5, 6)
     assert book.prior == PooledPrior(d * 1 + 4, d * 3 + 5, d * 8 + 8, d * 8 + 8)
-    high = book.request_state(PlanQuery("a", 110)).acceptance
-    low = book.request_state(PlanQuery("b", 110)).acceptance
-    fresh = book.request_state(PlanQuery("new", 10)).acceptance
+    high = book.request_state(SpeculationQuery("a", 110)).acceptance
+    low = book.request_state(SpeculationQuery("b", 110)).acceptance
+    fresh = book.request_state(SpeculationQuery("new", 10)).acceptance
     assert fresh == pytest.approx(book.prior.rate())            # no evidence of its own: the pooled rate
     assert high > fresh > low                                   # own history pulls each away from it
     before = book.prior
@@ -108,7 +108,7 @@ def test_goodput_policy_speculates_less_for_a_request_that_is_always_rejected():
         planner.observe(step(index, decode("good", 0, 0), decode("bad", 0, 0)))
     for index in range(3, 30):
         planner.observe(step(index, decode("good", 4, 4), decode("bad", 4, 0)))
-    plan = planner.plan(30, [PlanQuery("good", 200), PlanQuery("bad", 200)], queued_requests=0)
+    plan = planner.plan(30, [SpeculationQuery("good", 200), SpeculationQuery("bad", 200)], queued_requests=0)
     assert plan["good"] > plan["bad"]
 
 
@@ -119,6 +119,6 @@ def test_local_policy_asks_only_for_what_the_proposer_can_offer():
     planner.observe(step(0, RequestFacts("dry", 3, 0, 0, 100, requested_tokens=3, proposable_tokens=0),
                          RequestFacts("short", 3, 3, 3, 100, requested_tokens=3, proposable_tokens=2),
                          RequestFacts("draft", 3, 3, 3, 100, requested_tokens=3)))
-    ks = planner.plan(1, [PlanQuery("dry", 100), PlanQuery("short", 100), PlanQuery("draft", 100)], 0)
+    ks = planner.plan(1, [SpeculationQuery("dry", 100), SpeculationQuery("short", 100), SpeculationQuery("draft", 100)], 0)
     assert ks == {"dry": 0, "short": 2, "draft": 3}
-    assert planner.book.request_state(PlanQuery("dry", 100)).fill == 0.0
+    assert planner.book.request_state(SpeculationQuery("dry", 100)).fill == 0.0

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from smartspec.worker.scheduler import clamp_speculation, plan_prefill
+from smartspec.worker.scheduler import clamp_speculation, chunk_prefill
 
 
 def test_decode_tokens_come_first_and_prefill_gets_the_rest():
-    plan = plan_prefill(token_budget=100, decode_tokens=30, remaining_prompts=[], waiting_prompts=[50, 50],
+    plan = chunk_prefill(token_budget=100, decode_tokens=30, remaining_prompts=[], waiting_prompts=[50, 50],
                         free_slots=4)
     assert plan.admitted == 2
     assert plan.new_chunks == (50, 20)            # the second prompt is chunked
@@ -16,26 +16,26 @@ def test_decode_tokens_come_first_and_prefill_gets_the_rest():
 
 
 def test_long_prompt_is_chunked_and_continues_next_step():
-    first = plan_prefill(token_budget=64, decode_tokens=0, remaining_prompts=[], waiting_prompts=[150],
+    first = chunk_prefill(token_budget=64, decode_tokens=0, remaining_prompts=[], waiting_prompts=[150],
                          free_slots=1)
     assert (first.admitted, first.new_chunks) == (1, (64,))
-    second = plan_prefill(token_budget=64, decode_tokens=10, remaining_prompts=[150 - 64], waiting_prompts=[5],
+    second = chunk_prefill(token_budget=64, decode_tokens=10, remaining_prompts=[150 - 64], waiting_prompts=[5],
                           free_slots=0)
     assert second.continuing == (54,)
     assert second.admitted == 0                   # no slot free
 
 
 def test_admission_stops_without_free_slots_or_budget():
-    plan = plan_prefill(token_budget=100, decode_tokens=0, remaining_prompts=[], waiting_prompts=[10, 10, 10],
+    plan = chunk_prefill(token_budget=100, decode_tokens=0, remaining_prompts=[], waiting_prompts=[10, 10, 10],
                         free_slots=2)
     assert plan.admitted == 2
-    full = plan_prefill(token_budget=100, decode_tokens=100, remaining_prompts=[], waiting_prompts=[10],
+    full = chunk_prefill(token_budget=100, decode_tokens=100, remaining_prompts=[], waiting_prompts=[10],
                         free_slots=5)
     assert full.admitted == 0 and full.prefill_tokens == 0
 
 
 def test_older_prefills_are_served_before_new_admissions():
-    plan = plan_prefill(token_budget=100, decode_tokens=0, remaining_prompts=[80, 40], waiting_prompts=[10],
+    plan = chunk_prefill(token_budget=100, decode_tokens=0, remaining_prompts=[80, 40], waiting_prompts=[10],
                         free_slots=3)
     assert plan.continuing == (80, 20)
     assert plan.admitted == 0
@@ -43,7 +43,7 @@ def test_older_prefills_are_served_before_new_admissions():
 
 def test_budget_must_be_positive():
     with pytest.raises(ValueError):
-        plan_prefill(token_budget=0, decode_tokens=0, remaining_prompts=[], waiting_prompts=[], free_slots=1)
+        chunk_prefill(token_budget=0, decode_tokens=0, remaining_prompts=[], waiting_prompts=[], free_slots=1)
 
 
 @pytest.mark.parametrize(

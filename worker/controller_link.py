@@ -36,7 +36,7 @@ from smartspec.core.acceptance import OutcomeError
 from .goodput_guard import GoodputGuard
 from smartspec.core.decision import AcceptanceBook
 from .replan import PlanBasis, decode_basis, replan
-from .steps import PlanQuery, StepFacts
+from .steps import SpeculationQuery, StepFacts
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ class ControllerLink:
 
     # ---- Planner ----------------------------------------------------------------------------
 
-    def plan(self, step_index: int, queries: Sequence[PlanQuery], queued_requests: int) -> dict[str, int]:
+    def plan(self, step_index: int, queries: Sequence[SpeculationQuery], queued_requests: int) -> dict[str, int]:
         with self._cond:
             plan, basis = self._latest, self._usable_basis()
         # Step t+1 is meant to use the answer to report t-1 (one step stale) or newer.

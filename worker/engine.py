@@ -33,10 +33,10 @@ from smartspec.worker.proposers import Proposer
 
 from .lifecycle import RequestLifecycle
 from .running import RequestHandle, RunningRequest
-from .scheduler import clamp_speculation, group_by_length, plan_prefill
+from .scheduler import clamp_speculation, group_by_length, chunk_prefill
 from .sequence import GenerationRequest
 from .step_forwards import StepForwards
-from .steps import PlanQuery, Planner, RequestFacts, StepFacts
+from .steps import SpeculationQuery, Planner, RequestFacts, StepFacts
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ class Engine:
         """Every decoding request's k: the planner's (fallback_k where it gave none), clamped to
         what the request can still use."""
         cfg = self.config
-        queries = [PlanQuery(s.request_id, len(s.tokens)) for s in decoding]
+        queries = [SpeculationQuery(s.request_id, len(s.tokens)) for s in decoding]
         plan = self._ask_planner(queries) if queries else {}
         return {
             s.request_id: clamp_speculation(
@@ -306,7 +306,7 @@ class Engine:
         """Chunked prefill within what decoding leaves of the token budget: admit queued requests
         into free slots, and return (request, prompt tokens this step) for every prefill row."""
         prefilling = [s for s in self._running.values() if s.prefilling]
-        prefill = plan_prefill(
+        prefill = chunk_prefill(
             token_budget=self.config.token_budget,
             decode_tokens=sum(k + 1 for k in ks.values()),
             remaining_prompts=[len(s.request.prompt_ids) - s.cached for s in prefilling],
@@ -341,7 +341,7 @@ class Engine:
         except Exception:  # a planner bug costs its plans, never the requests
             log.exception("planner.observe failed at step %d", step.step_index)
 
-    def _ask_planner(self, queries: list[PlanQuery]) -> dict[str, int]:
+    def _ask_planner(self, queries: list[SpeculationQuery]) -> dict[str, int]:
         try:
             return self.planner.plan(self._step_index, queries, len(self._waiting))
         except Exception:  # fall back to the static k for this step

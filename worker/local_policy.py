@@ -16,7 +16,7 @@ from smartspec.core.policies.base import Policy
 from smartspec.core.policy_spec import parse_policy_spec
 
 from .goodput_guard import GoodputGuard
-from .steps import PlanQuery, StepFacts
+from .steps import SpeculationQuery, StepFacts
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ class LocalPolicyPlanner:
         self.guard = GoodputGuard(metrics=metrics)
         self.fallback_steps = 0
 
-    def plan(self, step_index: int, queries: Sequence[PlanQuery], queued_requests: int) -> dict[str, int]:
+    def plan(self, step_index: int, queries: Sequence[SpeculationQuery], queued_requests: int) -> dict[str, int]:
         max_k = self.guard.cap_for(self.choice.name, len(queries), self.max_k)
         return self.book.plan(self.choice.policy, self.choice.params, self.cost, queries, max_k=max_k,
                               queued_requests=queued_requests, step_index=step_index)

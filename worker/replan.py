@@ -29,7 +29,7 @@ from smartspec.core.errors import FieldError
 from smartspec.v1 import controller_pb2
 
 from .goodput_guard import GoodputGuard
-from .steps import PlanQuery
+from .steps import SpeculationQuery
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def decode_basis(message: controller_pb2.PlanBasis) -> PlanBasis | None:
     )
 
 
-def replan(basis: PlanBasis, book: AcceptanceBook, queries: Sequence[PlanQuery], *, step_index: int,
+def replan(basis: PlanBasis, book: AcceptanceBook, queries: Sequence[SpeculationQuery], *, step_index: int,
            queued_requests: int, max_k: int, guard: GoodputGuard | None = None) -> dict[str, int]:
     """k for every query: the basis's policy on the worker's own batch, capped by what each
     request's proposer can offer next step (and, for `goodput`, by the measured-goodput guard).

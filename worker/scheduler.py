@@ -12,7 +12,7 @@ from typing import Sequence
 
 
 @dataclass(frozen=True)
-class PrefillPlan:
+class PrefillChunks:
     """How many prompt tokens each prefilling request gets this step.
 
     `continuing[i]` is the chunk for the i-th request already admitted but not fully prefilled;
@@ -29,14 +29,14 @@ class PrefillPlan:
         return sum(self.continuing) + sum(self.new_chunks)
 
 
-def plan_prefill(
+def chunk_prefill(
     *,
     token_budget: int,
     decode_tokens: int,
     remaining_prompts: Sequence[int],
     waiting_prompts: Sequence[int],
     free_slots: int,
-) -> PrefillPlan:
+) -> PrefillChunks:
     """Split the budget left after decoding over prompts, oldest first.
 
     remaining_prompts: prompt tokens still to prefill for admitted requests (oldest first).
@@ -59,7 +59,7 @@ def plan_prefill(
         chunk = min(prompt_len, budget)
         new_chunks.append(chunk)
         budget -= chunk
-    return PrefillPlan(continuing=tuple(continuing), admitted=len(new_chunks), new_chunks=tuple(new_chunks))
+    return PrefillChunks(continuing=tuple(continuing), admitted=len(new_chunks), new_chunks=tuple(new_chunks))
 
 
 def clamp_speculation(k: int, *, max_k: int, context_tokens: int, capacity: int, tokens_left: int) -> int:

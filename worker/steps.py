@@ -62,7 +62,7 @@ class StepFacts:
 
 
 @dataclass(frozen=True)
-class PlanQuery:
+class SpeculationQuery:
     """A request that decodes in the coming step and needs a k."""
 
     request_id: str
@@ -70,7 +70,7 @@ class PlanQuery:
 
 
 class Planner(Protocol):
-    def plan(self, step_index: int, queries: Sequence[PlanQuery], queued_requests: int) -> dict[str, int]:
+    def plan(self, step_index: int, queries: Sequence[SpeculationQuery], queued_requests: int) -> dict[str, int]:
         """k for each query (missing ids get the engine's fallback k). Must not block long."""
 
     def observe(self, facts: StepFacts) -> None:
@@ -88,7 +88,7 @@ class StaticPlanner:
             raise ValueError("k must be >= 0")
         self.k = k
 
-    def plan(self, step_index: int, queries: Sequence[PlanQuery], queued_requests: int) -> dict[str, int]:
+    def plan(self, step_index: int, queries: Sequence[SpeculationQuery], queued_requests: int) -> dict[str, int]:
         return {q.request_id: self.k for q in queries}
 
     def observe(self, facts: StepFacts) -> None:

@@ -12,7 +12,7 @@ from smartspec.core.policies.base import (
     validate_parameters,
 )
 from smartspec.core.policies.guard import guarded_decide, sanitize_batch
-from smartspec.core.policies.optimizer import GoodputPlan, expected_tokens, optimize_goodput, predict_plan
+from smartspec.core.policies.optimizer import GoodputSolution, expected_tokens, optimize_goodput, predict_step
 from smartspec.core.policies.registry import (
     DEFAULT_POLICY,
     ENTRY_POINT_GROUP,
@@ -29,7 +29,7 @@ __all__ = [
     "BatchState",
     "DEFAULT_POLICY",
     "ENTRY_POINT_GROUP",
-    "GoodputPlan",
+    "GoodputSolution",
     "ParameterSpec",
     "ParameterType",
     "Policy",
@@ -44,7 +44,7 @@ __all__ = [
     "list_policies",
     "names",
     "optimize_goodput",
-    "predict_plan",
+    "predict_step",
     "register",
     "sanitize_batch",
     "validate_parameters",

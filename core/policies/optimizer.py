@@ -96,7 +96,7 @@ def cost_terms(cost: CostModel, contexts: np.ndarray, prefills: np.ndarray, max_
 
 
 @dataclass(frozen=True)
-class GoodputPlan:
+class GoodputSolution:
     ks: np.ndarray  # [B] int
     expected_tokens: float
     step_ms: float
@@ -109,7 +109,7 @@ class GoodputPlan:
 
 
 def optimize_goodput(acceptance, contexts, prefills, cost: CostModel, max_k: int,
-                     max_rounds: int = 64, fill=None) -> GoodputPlan:
+                     max_rounds: int = 64, fill=None) -> GoodputSolution:
     """The k vector maximising expected tokens per expected step time, exactly.
 
     fill: [B] expected share of asked-for positions the proposer fills (None: all of them).
@@ -126,7 +126,7 @@ def optimize_goodput(acceptance, contexts, prefills, cost: CostModel, max_k: int
     zeros = np.zeros(batch, dtype=np.int64)
     baseline = batch / terms.base_ms
     if batch == 0 or max_k == 0:
-        return GoodputPlan(zeros, float(batch), terms.base_ms, baseline)
+        return GoodputSolution(zeros, float(batch), terms.base_ms, baseline)
 
     gains = expected_tokens_table(a, max_k, f)  # E: [B, K+1]
     own_ms = terms.row_ms(max_k)  # f_i (w_i k + s_i [k > 0]): [B, K+1]
@@ -144,10 +144,10 @@ def optimize_goodput(acceptance, contexts, prefills, cost: CostModel, max_k: int
         if ratio <= lam * (1.0 + 1e-12):  # F(lam) == 0: lam is the optimum
             break
         best_ks, best_tokens, best_ms, lam = ks, tokens, step_ms, ratio
-    return GoodputPlan(best_ks.astype(np.int64), best_tokens, best_ms, baseline)
+    return GoodputSolution(best_ks.astype(np.int64), best_tokens, best_ms, baseline)
 
 
-def predict_plan(acceptance, contexts, prefills, cost: CostModel, ks, fill=None) -> tuple[float, float]:
+def predict_step(acceptance, contexts, prefills, cost: CostModel, ks, fill=None) -> tuple[float, float]:
     """(expected tokens, expected step ms) of a given plan, for StepPlan.predicted_* fields."""
     ks = np.asarray(ks, dtype=np.int64)  # [B]
     a = np.clip(np.asarray(acceptance, dtype=np.float64), 0.0, 1.0)  # [B]

@@ -78,7 +78,7 @@ class RMSNorm(nn.Module):
 
 
 @dataclass
-class StepPlan:
+class ForwardLayout:
     """Index tensors shared by every layer of one forward_step (computed once per step).
 
     Token-wise work (projections, MLP, norms, lm_head) runs on the N real tokens packed as
@@ -141,29 +141,29 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, sum(self.split), bias=config.attention_bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, plan: StepPlan) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, layout: ForwardLayout) -> torch.Tensor:
         tokens = x.shape[0]                                                              # x: [N, H]
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)                             # [N, (H|Hkv)*D]
-        q = apply_rope(q.view(tokens, self.heads, self.head_dim), plan.cos, plan.sin)    # [N, H, D]
-        k = apply_rope(k.view(tokens, self.kv_heads, self.head_dim), plan.cos, plan.sin)  # [N, Hkv, D]
+        q = apply_rope(q.view(tokens, self.heads, self.head_dim), layout.cos, layout.sin)    # [N, H, D]
+        k = apply_rope(k.view(tokens, self.kv_heads, self.head_dim), layout.cos, layout.sin)  # [N, Hkv, D]
         v = v.view(tokens, self.kv_heads, self.head_dim)                                 # [N, Hkv, D]
 
         # Only real tokens exist here, so padding never lands in a slot.
         layer_k, layer_v = cache.k[layer], cache.v[layer]                                # [slots, Hkv, T, D]
-        layer_k[plan.write_slots, :, plan.write_positions] = k
-        layer_v[plan.write_slots, :, plan.write_positions] = v
+        layer_k[layout.write_slots, :, layout.write_positions] = k
+        layer_v[layout.write_slots, :, layout.write_positions] = v
 
-        length = plan.context_length
-        if isinstance(plan.read_slots, slice):
-            keys = layer_k[plan.read_slots, :, :length]                                  # [B, Hkv, L, D] view
-            values = layer_v[plan.read_slots, :, :length]
+        length = layout.context_length
+        if isinstance(layout.read_slots, slice):
+            keys = layer_k[layout.read_slots, :, :length]                                  # [B, Hkv, L, D] view
+            values = layer_v[layout.read_slots, :, :length]
         else:
-            keys = layer_k[:, :, :length].index_select(0, plan.read_slots)               # [B, Hkv, L, D] copy
-            values = layer_v[:, :, :length].index_select(0, plan.read_slots)
-        queries = plan.pad(q).transpose(1, 2)                                            # [B, H, S, D]
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=plan.mask, is_causal=plan.is_causal,
+            keys = layer_k[:, :, :length].index_select(0, layout.read_slots)               # [B, Hkv, L, D] copy
+            values = layer_v[:, :, :length].index_select(0, layout.read_slots)
+        queries = layout.pad(q).transpose(1, 2)                                            # [B, H, S, D]
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=layout.mask, is_causal=layout.is_causal,
                                              enable_gqa=self.heads != self.kv_heads)     # [B, H, S, D]
-        out = plan.pack(out.transpose(1, 2))                                             # [N, H, D]
+        out = layout.pack(out.transpose(1, 2))                                             # [N, H, D]
         return self.o_proj(out.reshape(tokens, self.heads * self.head_dim))              # [N, H]
 
 
@@ -188,8 +188,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, plan: StepPlan) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), layer, cache, plan)
+    def forward(self, x: torch.Tensor, layer: int, cache: KVCache, layout: ForwardLayout) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), layer, cache, layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -253,12 +253,12 @@ class LlamaForCausal(nn.Module):
         offsets sum(query_lengths[:i]) ...), without materialising the padded [B, S, V].
         """
         rows = _logits_rows(logits_rows)
-        plan = self._plan(cache, input_ids, slots, start_positions, query_lengths)
-        ids = plan.pack(input_ids.to(self.device))                                        # [N]
+        layout = self._lay_out(cache, input_ids, slots, start_positions, query_lengths)
+        ids = layout.pack(input_ids.to(self.device))                                        # [N]
         hidden = self.model.embed_tokens(ids)                                             # [N, H]
         with sdpa_kernel(ATTENTION_BACKENDS):
             for index, layer in enumerate(self.model.layers):
-                hidden = layer(hidden, index, cache, plan)
+                hidden = layer(hidden, index, cache, layout)
         if rows is LogitsRows.LAST:
             last = query_lengths.to(device=hidden.device, dtype=torch.long).cumsum(0) - 1  # [B] packed index
             hidden = hidden.index_select(0, last)                                          # [B, H]
@@ -269,10 +269,10 @@ class LlamaForCausal(nn.Module):
             return logits.unsqueeze(1)                                                     # [B, 1, V]
         if rows is LogitsRows.PACKED:
             return logits                                                                  # [N, V]
-        return plan.pad(logits)                                                            # [B, S, V], zeros at padding
+        return layout.pad(logits)                                                            # [B, S, V], zeros at padding
 
-    def _plan(self, cache: KVCache, input_ids: torch.Tensor, slots: torch.Tensor, start_positions: torch.Tensor,
-              query_lengths: torch.Tensor) -> StepPlan:
+    def _lay_out(self, cache: KVCache, input_ids: torch.Tensor, slots: torch.Tensor, start_positions: torch.Tensor,
+              query_lengths: torch.Tensor) -> ForwardLayout:
         batch, seq = _check_shapes(input_ids, slots, start_positions, query_lengths)
         device = self.device
         slots = slots.to(device=device, dtype=torch.long)                                # [B]
@@ -307,7 +307,7 @@ class LlamaForCausal(nn.Module):
 
         first = slot_list[0]
         consecutive = slot_list == list(range(first, first + batch))
-        return StepPlan(
+        return ForwardLayout(
             cos=cos, sin=sin, batch=batch, seq=seq,
             packed_index=None if min_len == seq else write_rows * seq + write_cols,
             write_slots=slots[write_rows], write_positions=positions,

@@ -13,7 +13,7 @@ one-hot(x_j): accept with probability p_j(x_j), and the residual is p_j with x_j
 target's forward returns: one argmax for the greedy rows, vectorised rejection sampling for the
 sampled ones, and a single host synchronisation for the whole step (reading the verdicts back).
 `greedy_verify` / `rejection_verify` (verify_reference.py) are the one-row reference versions of the
-same rules; verify_plan.py lays out a step's rows on the host, verify_device.py computes the verdicts.
+same rules; verify_layout.py lays out a step's rows on the host, verify_device.py computes the verdicts.
 
 All functions here are pure (the only state is the caller's torch.Generator).
 """
@@ -30,7 +30,7 @@ from smartspec.core.acceptance import positions_tested
 from .base import Proposal
 from .sampling import SamplingParams
 from .verify_device import packed_verdicts
-from .verify_plan import draw_uniforms, plan_verification
+from .verify_layout import draw_uniforms, lay_out_verification
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def verify_packed(
         )
     if not proposals:
         return []
-    plan = plan_verification(packed_logits.shape, proposals, sampling)
+    plan = lay_out_verification(packed_logits.shape, proposals, sampling)
     uniforms = draw_uniforms(plan, generators)
     verdicts = packed_verdicts(packed_logits, plan, uniforms, [proposal.probs for proposal in proposals])  # [2, B]
     accepted_in_plan_order, tokens_in_plan_order = verdicts.cpu().tolist()  # the step's one host sync

@@ -1,6 +1,6 @@
 """The device half of verification: a whole step's verdicts from the packed logits, with no host sync.
 
-`packed_verdicts` reads a `VerificationPlan` (verify_plan.py) and returns, per row, how many
+`packed_verdicts` reads a `VerificationLayout` (verify_layout.py) and returns, per row, how many
 proposals were accepted and the final token; the helpers below are its vectorised pieces
 (greedy argmax equality, the rejection-sampling acceptance test and residual draw).
 """
@@ -13,12 +13,12 @@ import torch
 
 from .device_copy import cat_on, ship_together
 from .sampling import probs_from_logits
-from .verify_plan import RowBlock, VerificationPlan
+from .verify_layout import RowBlock, VerificationLayout
 
 
 def packed_verdicts(
     packed_logits: torch.Tensor,
-    plan: VerificationPlan,
+    plan: VerificationLayout,
     uniforms: Sequence[torch.Tensor],
     draft_probs: Sequence[torch.Tensor | None],
 ) -> torch.Tensor:

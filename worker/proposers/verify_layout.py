@@ -1,7 +1,7 @@
 """Host-side packing of one verification step: which rule verifies each row, and where its slots sit.
 
 A row's slots are its n + 1 logit rows in the packed [N, V] logits (one per proposal, then the
-bonus). `plan_verification` orders the rows greedy first, then the sampled rows grouped by
+bonus). `lay_out_verification` orders the rows greedy first, then the sampled rows grouped by
 SamplingParams, and lays out per-slot index tensors the device half (verify_device.py) ships in one
 copy; `draw_uniforms` draws each sampled row's uniforms from its own generator.
 """
@@ -30,7 +30,7 @@ class RowBlock:
 
 
 @dataclass(frozen=True)
-class VerificationPlan:
+class VerificationLayout:
     """Host-side bookkeeping for one step: which rule verifies each row and where its slots sit.
 
     A row's slots are its n + 1 logit rows (one per proposal, then the bonus). The plan orders the
@@ -63,9 +63,9 @@ class VerificationPlan:
         return self.blocks[1:] if self.greedy_rows else self.blocks
 
 
-def plan_verification(
+def lay_out_verification(
     logits_shape: Sequence[int], proposals: Sequence[Proposal], sampling: Sequence[SamplingParams]
-) -> VerificationPlan:
+) -> VerificationLayout:
     """Validate one step's rows and lay out their slots (host only, Python ints and CPU tensors)."""
     vocab_size = _check_rows(logits_shape, proposals, sampling)
     lengths_in_step = [len(proposal.tokens) for proposal in proposals]
@@ -78,7 +78,7 @@ def plan_verification(
     def longs(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long)
 
-    return VerificationPlan(
+    return VerificationLayout(
         vocab_size=vocab_size,
         order=tuple(order),
         lengths=tuple(lengths_in_step[row] for row in order),
@@ -119,7 +119,7 @@ def _rows_by_rule(sampling: Sequence[SamplingParams]) -> dict[SamplingParams, li
 
 
 class _Slots(NamedTuple):
-    """Per slot, in plan order (the fields of VerificationPlan of the same names, as lists)."""
+    """Per slot, in plan order (the fields of VerificationLayout of the same names, as lists)."""
 
     positions: list[int]
     proposed: list[int]
@@ -168,7 +168,7 @@ def _row_blocks(by_params: dict[SamplingParams, list[int]], lengths_in_step: Seq
     return tuple(blocks)
 
 
-def draw_uniforms(plan: VerificationPlan, generators: Sequence[torch.Generator | None]) -> list[torch.Tensor]:
+def draw_uniforms(plan: VerificationLayout, generators: Sequence[torch.Generator | None]) -> list[torch.Tensor]:
     """One U[0, 1) per slot of every sampled row, from that row's own generator: [n + 1] per row.
 
     Uniform j < n decides proposal j; uniform n draws the row's final token (at its first rejection
