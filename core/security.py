@@ -59,6 +59,17 @@ def _deny(details: str):
     return abort
 
 
+def _handler_like(handler, behaviour):
+    """A method handler of the same streaming kind as `handler` that runs `behaviour` instead."""
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(behaviour)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(behaviour)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(behaviour)
+    return grpc.unary_unary_rpc_method_handler(behaviour)
+
+
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     """Rejects calls without `authorization: Bearer <token>` (sync servers)."""
 
@@ -72,13 +83,7 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None
         deny = _deny("missing or wrong bearer token")
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+        return _handler_like(handler, deny)
 
 
 class AioBearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -97,13 +102,7 @@ class AioBearerTokenInterceptor(grpc.aio.ServerInterceptor):
         async def deny(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
-        if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+        return _handler_like(handler, deny)
 
 
 def add_security_options(parser) -> None:
