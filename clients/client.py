@@ -11,6 +11,13 @@ retried with backoff on UNAVAILABLE; errors arrive as typed `SmartspecError`s. T
             print(delta.text, end="", flush=True)
         print(stream.result.speculation.acceptance_rate)
         await client.set_policy("fixed", k=3)
+
+Several workers (or controller replicas): pass them all, and gRPC's own client-side load balancing
+spreads the calls, round robin over the servers whose grpc.health.v1 status is SERVING (see
+addresses.py for every accepted form):
+
+    AsyncClient(worker="10.0.0.5:50061,10.0.0.6:50061")         # or a list of "HOST:PORT"
+    AsyncClient(worker="dns:///smartspec-workers.default.svc:50061")   # every address of the name
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVa
 
 import grpc
 
+from smartspec.clients.addresses import AddressLike, Servers
 from smartspec.clients.errors import InvalidArgumentError, SmartspecError, error_from_rpc
 from smartspec.clients.retry import RetryPolicy, retry_unavailable
 from smartspec.clients.types import (
@@ -133,6 +141,10 @@ class AsyncClient:
     """Async SDK for smartspec workers (generation) and controllers (admin).
 
     worker / controller: "HOST:PORT" of the servers this client talks to (either may be omitted).
+        Several servers: "HOST:PORT,HOST:PORT" or a list of them, or "dns:///NAME:PORT" for every
+        address of a name; calls then go round robin to the servers whose gRPC health is SERVING
+        (a call already running on a server that dies fails with UnavailableError: idempotent calls
+        are retried, on the next server; a generation is not).
     token: bearer token sent as `authorization: Bearer TOKEN` metadata.
     tls: False (plaintext), True (system root certificates) or a root certificate (path or PEM bytes).
     timeout: deadline of each unary call in seconds; stream_timeout: of each whole generation.
@@ -145,8 +157,8 @@ class AsyncClient:
 
     def __init__(
         self,
-        worker: str | None = None,
-        controller: str | None = None,
+        worker: AddressLike | None = None,
+        controller: AddressLike | None = None,
         *,
         token: str | None = None,
         tls: bool | str | bytes | Path = False,
@@ -158,35 +170,44 @@ class AsyncClient:
     ) -> None:
         if timeout <= 0 or stream_timeout <= 0:
             raise ValueError("timeouts must be positive (every call has a deadline)")
-        self.worker = worker
-        self.controller = controller
+        self._servers = {"worker": Servers.parse(worker, "worker"),
+                         "controller": Servers.parse(controller, "controller")}
+        self.worker: str | None = self._servers["worker"] and self._servers["worker"].text
+        self.controller: str | None = self._servers["controller"] and self._servers["controller"].text
         self.timeout = timeout
         self.stream_timeout = stream_timeout
         self.retry_policy = RetryPolicy(retries=retries, initial_backoff_s=initial_backoff_s)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._credentials = channel_credentials(tls)
-        self._channel_options = [("grpc.ssl_target_name_override", tls_server_name)] if tls_server_name else []
-        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tls_server_name = tls_server_name
+        self._channels: dict[tuple[str, str], grpc.aio.Channel] = {}
 
     # --- plumbing ----------------------------------------------------------------------------
 
-    def _channel(self, target: str | None, role: str) -> grpc.aio.Channel:
-        if not target:
+    def _channel(self, role: str) -> grpc.aio.Channel:
+        servers = self._servers[role]
+        if servers is None:
             raise InvalidArgumentError(f"{role}: this client has no {role} address (pass {role}='HOST:PORT')")
-        channel = self._channels.get(target)
+        key = (servers.text, servers.health_service if servers.balanced else "")
+        channel = self._channels.get(key)
         if channel is None:
+            target, options = servers.target(), servers.options()
+            # TLS checks a list's certificates against its first host name (or tls_server_name).
+            server_name = self._tls_server_name or (servers.first_host if self._credentials else None)
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
             if self._credentials is None:
-                channel = grpc.aio.insecure_channel(target, options=self._channel_options)
+                channel = grpc.aio.insecure_channel(target, options=options)
             else:
-                channel = grpc.aio.secure_channel(target, self._credentials, options=self._channel_options)
-            self._channels[target] = channel
+                channel = grpc.aio.secure_channel(target, self._credentials, options=options)
+            self._channels[key] = channel
         return channel
 
     def _generation(self) -> generation_pb2_grpc.GenerationStub:
-        return generation_pb2_grpc.GenerationStub(self._channel(self.worker, "worker"))
+        return generation_pb2_grpc.GenerationStub(self._channel("worker"))
 
     def _admin(self) -> admin_pb2_grpc.AdminStub:
-        return admin_pb2_grpc.AdminStub(self._channel(self.controller, "controller"))
+        return admin_pb2_grpc.AdminStub(self._channel("controller"))
 
     async def _unary(self, method: Callable[..., Any], request: Any, timeout: float | None, *, idempotent: bool) -> Any:
         async def attempt() -> Any:

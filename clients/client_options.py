@@ -2,7 +2,9 @@
 
 Connection flags are the same everywhere (`--worker`, `--controller`, `--token`, `--tls-ca`,
 `--timeout`, each also a SMARTSPEC_* variable), and every SDK error becomes one line on stderr with
-the gRPC status name, exit code 2 when the request itself was wrong and 1 otherwise.
+the gRPC status name, exit code 2 when the request itself was wrong and 1 otherwise. `--worker` and
+`--controller` take what the SDK takes: one HOST:PORT, several comma-separated (round robin over
+those whose gRPC health is SERVING), or a gRPC target such as dns:///NAME:PORT (smartspec.clients.addresses).
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ EXIT_FAILURE = 1
 def add_connection_options(parser, *, worker: bool = False, controller: bool = False,
                            timeout_s: float = 10.0) -> None:
     if worker:
-        add_option(parser, "--worker", default=DEFAULT_WORKER, help="worker address HOST:PORT")
+        add_option(parser, "--worker", default=DEFAULT_WORKER, help="worker address HOST:PORT; several as "
+                   "HOST:PORT,HOST:PORT or dns:///NAME:PORT (round robin over the healthy ones)")
     if controller:
-        add_option(parser, "--controller", default=DEFAULT_CONTROLLER, help="controller address HOST:PORT")
+        add_option(parser, "--controller", default=DEFAULT_CONTROLLER, help="controller address HOST:PORT; "
+                   "several replicas as HOST:PORT,HOST:PORT or dns:///NAME:PORT (round robin)")
     add_option(parser, "--token", default="", help="bearer token sent as `authorization: Bearer TOKEN`")
     add_option(parser, "--tls-ca", default="", help="PEM root certificate: connect with TLS and trust it")
     add_option(parser, "--timeout", default=timeout_s, type=float, help="deadline of each call in seconds")

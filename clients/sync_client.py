@@ -108,6 +108,9 @@ class Client(_Blocking):
         print(client.complete("Hello", max_tokens=8).text)
         print(client.get_policy().name)
         client.close()
+
+    Several workers: `Client(worker="10.0.0.5:50061,10.0.0.6:50061")` (or a list, or
+    "dns:///NAME:PORT"); calls go round robin to those whose gRPC health is SERVING.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -122,10 +125,12 @@ class Client(_Blocking):
 
     @property
     def worker(self) -> str | None:
+        """The worker address(es) as given (a list joined by commas)."""
         return self._inner.worker
 
     @property
     def controller(self) -> str | None:
+        """The controller address(es) as given (a list joined by commas)."""
         return self._inner.controller
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
 """SDK against real grpc.aio servers on loopback: streaming, sync == async, typed errors, retries,
-deadlines, bearer tokens and TLS.
+deadlines, bearer tokens and TLS, several workers behind gRPC's round robin with health checks.
 
 The servicers here are small but real gRPC servers (the wire contract, real sockets); they let the
 tests control exactly which status code comes back and count how often a call arrived.
@@ -8,8 +8,11 @@ tests control exactly which status code comes back and count how often a call ar
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -27,6 +30,7 @@ from smartspec import (
     UnauthenticatedError,
     UnavailableError,
 )
+from smartspec.clients.addresses import GENERATION_SERVICE, Servers
 from smartspec.clients.retry import RetryPolicy, backoff_s
 from smartspec.core.security import ServerSecurity
 from smartspec.clients.types import to_policy_spec
@@ -44,6 +48,7 @@ class EchoGeneration(generation_pb2_grpc.GenerationServicer):
         self.running: set[str] = set()
         self.cancelled = threading.Event()
         self.received: list[generation_pb2.GenerateRequest] = []
+        self.info_calls = 0
 
     async def Generate(self, request, context):
         self.received.append(request)
@@ -85,6 +90,7 @@ class EchoGeneration(generation_pb2_grpc.GenerationServicer):
             self.running.discard(request.request_id)
 
     async def GetWorkerInfo(self, request, context):
+        self.info_calls += 1
         return generation_pb2.WorkerInfo(
             worker_id="echo-0", model="echo", proposer="ngram", proposer_kind=common_pb2.PROPOSER_KIND_NGRAM,
             max_speculation_length=5, local_policy=common_pb2.PolicySpec(name="fixed"), reports_proposable_tokens=True,
@@ -467,3 +473,155 @@ def test_blocking_client_mirrors_every_async_method_with_its_signature():
     for name in public(AsyncClient) - {"close"}:
         assert inspect.signature(getattr(Client, name)) == inspect.signature(getattr(AsyncClient, name))
         assert getattr(Client, name).__doc__ == getattr(AsyncClient, name).__doc__
+
+
+# --- several workers: gRPC round robin with client-side health checks -------------------------------
+
+
+class HealthyEcho:
+    """An echo worker with grpc.health.v1, whose Generation status the test flips."""
+
+    def __init__(self, serving: bool = True) -> None:
+        from grpc_health.v1 import health, health_pb2_grpc
+
+        self.servicer = EchoGeneration()
+        self.health = health.aio.HealthServicer()
+        self.server = AioServerThread([(generation_pb2_grpc.add_GenerationServicer_to_server, self.servicer),
+                                       (health_pb2_grpc.add_HealthServicer_to_server, self.health)])
+        self.address = self.server.address
+        self.set_serving(serving)
+
+    def set_serving(self, serving: bool) -> None:
+        from grpc_health.v1 import health_pb2
+
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        asyncio.run_coroutine_threadsafe(self.health.set(GENERATION_SERVICE, status), self.server.loop).result(5)
+
+    def stop(self) -> None:
+        if self.server.thread.is_alive():
+            self.server.stop()
+
+
+@pytest.fixture
+def fleet():
+    servers = [HealthyEcho(), HealthyEcho(), HealthyEcho(serving=False)]
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def spread(servers, client, calls: int) -> list[int]:
+    """How many of `calls` worker_info calls each server answered."""
+    before = [s.servicer.info_calls for s in servers]
+    for _ in range(calls):
+        client.worker_info()
+    return [s.servicer.info_calls - b for s, b in zip(servers, before)]
+
+
+def test_one_address_is_handed_to_grpc_unchanged_without_a_service_config():
+    one = Servers.parse(" 10.1.2.3:50061 ", "worker")
+    assert (one.text, one.target(), one.options(), one.balanced) == ("10.1.2.3:50061", "10.1.2.3:50061", [], False)
+    assert Servers.parse(["10.1.2.3:50061"], "worker") == one
+    assert Servers.parse("unix:/run/w.sock", "worker").options() == []      # other gRPC targets: as is
+    assert Servers.parse(None, "worker") is None and Servers.parse(" ", "worker") is None
+
+
+def test_several_addresses_become_one_round_robin_target_with_health_checks():
+    listed = Servers.parse("10.0.0.5:50061, 10.0.0.6:50062", "worker")
+    assert Servers.parse(["10.0.0.5:50061", "10.0.0.6:50062"], "worker") == listed
+    assert listed.target() == "ipv4:10.0.0.5:50061,10.0.0.6:50062"
+    options = dict(listed.options())
+    assert json.loads(options["grpc.service_config"]) == {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": "smartspec.v1.Generation"},   # what worker/server.py reports
+    }
+    assert options["grpc.default_authority"] == "10.0.0.5:50061"
+    assert Servers.parse("[::1]:1,[2001:db8::2]:2", "worker").target() == "ipv6:[::1]:1,[2001:db8::2]:2"
+    assert Servers.parse("localhost:7,127.0.0.2:8", "worker").target() == "ipv4:127.0.0.1:7,127.0.0.2:8"
+    controllers = Servers.parse("10.0.0.7:50051,10.0.0.8:50051", "controller")
+    assert json.loads(dict(controllers.options())["grpc.service_config"])["healthCheckConfig"] == {
+        "serviceName": "smartspec.v1.Admin"}
+    for target in ("dns:///workers.example:50061", "ipv4:10.0.0.5:1,10.0.0.6:2", "ipv6:[::1]:1"):
+        given = Servers.parse(target, "worker")
+        assert given.target() == target and given.balanced and "grpc.default_authority" not in dict(given.options())
+
+
+def test_malformed_lists_are_invalid_arguments_naming_the_entry():
+    for bad, entry in (("10.0.0.5:1,10.0.0.6", "10.0.0.6"), ("a:1,b:http", "b:http"), ("a:1,b:70000", "b:70000"),
+                       ("a:1,dns:///b:2", "dns:///b:2")):
+        with pytest.raises(InvalidArgumentError, match=re.escape(repr(entry))):
+            Servers.parse(bad, "worker")
+    with pytest.raises(InvalidArgumentError, match="mixes IPv4-only and IPv6-only"):
+        Servers.parse("10.0.0.5:1,[::1]:2", "worker").target()
+    with pytest.raises(UnavailableError, match="cannot resolve 'no-such-host.invalid'"):
+        Servers.parse("10.0.0.5:1,no-such-host.invalid:2", "worker").target()
+    with pytest.raises(InvalidArgumentError, match="worker"):
+        Client(worker="10.0.0.5:1,oops")   # at construction, before any call
+
+
+def test_calls_spread_over_the_serving_workers_and_follow_their_health(fleet):
+    a, b, c = fleet
+    with Client(worker=[s.address for s in fleet], initial_backoff_s=0.01) as client:
+        assert client.worker == ",".join(s.address for s in fleet)
+        counts = spread(fleet, client, 20)
+        assert counts[2] == 0 and counts[0] >= 5 and counts[1] >= 5, counts   # c is NOT_SERVING: skipped
+        results = [client.complete(f"w{i} x", max_tokens=2) for i in range(10)]
+        assert all(r.text == f"w{i} x " for i, r in enumerate(results))
+        assert len(a.servicer.received) >= 3 and len(b.servicer.received) >= 3 and not c.servicer.received
+
+        a.set_serving(False)   # draining: no new calls once the health watch tells the channel
+        c.set_serving(True)
+        deadline = time.monotonic() + 5
+        while spread(fleet, client, 4)[0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        counts = spread(fleet, client, 20)
+        assert counts[0] == 0 and counts[1] >= 5 and counts[2] >= 5, counts
+
+        b.stop()               # gone: every call lands on c, none fails
+        assert spread(fleet, client, 10) == [0, 0, 10]
+        assert client.complete("still served", max_tokens=2).text == "still served "
+
+
+def test_a_list_over_tls_checks_the_first_host_name(tmp_path):
+    key, cert = self_signed_certificate(tmp_path)
+    security = ServerSecurity(tls_cert_file=str(cert), tls_key_file=str(key))
+    servers = [AioServerThread([(generation_pb2_grpc.add_GenerationServicer_to_server, EchoGeneration())], security)
+               for _ in range(2)]
+    try:
+        with Client(worker=[f"localhost:{s.port}" for s in servers], tls=str(cert)) as client:
+            assert [client.complete(f"secure {i}").text for i in range(4)] == [f"secure {i} " for i in range(4)]
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_a_dns_target_is_balanced_over_what_the_name_resolves_to(fleet):
+    # localhost resolves to 127.0.0.1 and often ::1 too; nothing listens on ::1, so round robin skips it
+    with Client(worker=f"dns:///localhost:{fleet[0].server.port}", timeout=5) as client:
+        assert spread(fleet, client, 4) == [4, 0, 0]
+
+
+def test_cli_takes_several_workers_and_controllers(fleet, redis_url, redis_prefix, capsys):
+    from smartspec.cli import main
+    from smartspec.controller.server import ControllerServer
+
+    code = main(["generate", "--worker", f"{fleet[0].address},{fleet[1].address}", "--json", "a b c",
+                 "--max-tokens", "2"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["text"] == "a b "
+    assert main(["generate", "--worker", f"{fleet[0].address},nope", "x"]) == 2
+    assert "'nope' is not HOST:PORT" in capsys.readouterr().err
+
+    replicas = [ControllerServer(port=0, redis_url=redis_url, prefix=redis_prefix) for _ in range(2)]
+    for replica in replicas:
+        replica.start()
+    try:
+        seen = set()
+        with Client(controller=",".join(r.address for r in replicas)) as client:
+            for _ in range(6):
+                seen.add(client.status().controller_id)
+        assert seen == {r.controller_id for r in replicas}
+        code = main(["status", "--json", "--controller", ",".join(r.address for r in replicas)])
+        assert code == 0 and json.loads(capsys.readouterr().out)["controller_id"] in seen
+    finally:
+        for replica in replicas:
+            replica.stop(grace=0)
