@@ -7,6 +7,8 @@ fallbacks are counted) and restarted on the same port (the link reconnects).
 
 from __future__ import annotations
 
+import itertools
+import logging
 import random
 import socket
 import threading
@@ -200,6 +202,73 @@ def test_plan_with_an_error_falls_back(controller):
         assert link.late_steps == 1 and link.fallback_steps == 0 and link.connected
     finally:
         link.close()
+
+
+class RecordingLink(ControllerLink):
+    """A link that notes when each Connect attempt starts."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.attempts: list[float] = []
+
+    def _stream_once(self):
+        self.attempts.append(time.monotonic())
+        return super()._stream_once()
+
+
+@pytest.mark.parametrize("token", ["not-the-token", ""])
+def test_a_refused_token_backs_off_on_the_long_schedule_and_is_logged_rarely(redis_url, redis_prefix, caplog, token):
+    from smartspec.core.security import ServerSecurity
+
+    caplog.set_level(logging.INFO, logger="smartspec.worker.controller_link")
+    server = ControllerServer(0, redis_url, redis_prefix, security=ServerSecurity(auth_token="the-real-token"))
+    server.start()
+    ticks = itertools.count()          # a fake clock for the log's rate limit: one second per refusal
+    # Small schedules so the test is quick; the transient one is tiny, so a refusal treated as
+    # transient (or a backoff reset after every refused stream: the old bug) would show at once.
+    config = LinkConfig(server.address, plan_deadline_ms=5000, fallback_k=1, auth_token=token,
+                        backoff_initial_s=0.001, backoff_max_s=0.002,
+                        auth_backoff_initial_s=0.1, auth_backoff_max_s=0.8, auth_log_interval_s=3.0)
+    link = RecordingLink(config, hello("refused"), rng=random.Random(3), clock=lambda: float(next(ticks)))
+    link.start()
+    try:
+        wait_until(lambda: link.refusals >= 7, what="seven refused attempts")
+    finally:
+        link.close()
+        server.stop(0)
+    rng = random.Random(3)                   # the link's draws, in the same order
+    expected = [backoff_delay(i, 0.1, 0.8, rng) for i in range(link.refusals)]
+    gaps = [b - a for a, b in zip(link.attempts, link.attempts[1:])]
+    assert len(gaps) >= 6
+    for gap, delay in zip(gaps, expected):
+        assert gap >= delay - 0.002           # each wait at least its (growing) backoff
+    # 0.05-0.1 s, then doubling to the cap (0.4-0.8 s from the 4th wait on); an attempt itself costs
+    # well under 0.4 s here, so a schedule reset after each refusal (the old bug) would fail this
+    assert expected[0] <= 0.1 and all(0.4 <= d <= 0.8 for d in expected[3:len(gaps)])
+    assert min(gaps[3:]) >= 0.4
+    assert link.connections == 0 and not link.connected
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "smartspec.worker.controller_link"]
+    refusal_lines = [line for line in lines if "refused this worker" in line]
+    assert len(refusal_lines) == -(-link.refusals // 3)       # refusals at fake t = 0, 3, 6, ... are said
+    assert refusal_lines == [line for line in lines]          # nothing else: no per-attempt warnings
+    assert "UNAUTHENTICATED" in refusal_lines[0] and "1 attempt refused" in refusal_lines[0]
+    assert "Sent a bearer token" in refusal_lines[0] if token else "Sent no token" in refusal_lines[0]
+    assert "--controller-token" in refusal_lines[0]
+    if len(refusal_lines) > 1:
+        assert "3 attempts refused" in refusal_lines[1]
+    assert "the-real-token" not in caplog.text and (not token or token not in caplog.text)
+
+
+def test_a_transient_failure_keeps_the_short_schedule():
+    link = RecordingLink(LinkConfig(f"127.0.0.1:{closed_port()}", connect_timeout_s=0.05, backoff_initial_s=0.01,
+                                    backoff_max_s=0.02), hello("gone"))
+    link.start()
+    try:
+        wait_until(lambda: len(link.attempts) >= 4, timeout=10, what="four attempts")
+    finally:
+        link.close()
+    assert link.refusals == 0
 
 
 # ---- whole worker, real model -------------------------------------------------------------------

@@ -15,6 +15,12 @@ opened) does the engine wait, at most `plan_deadline_ms` (by default a quarter o
 time, at least 5 ms), and then fall back: each request keeps the k it last ran, and a request not
 yet planned runs `fallback_k`. A broken stream is reopened with capped, jittered exponential
 backoff while serving goes on.
+
+A controller that refuses the stream (UNAUTHENTICATED or PERMISSION_DENIED: the worker's token is
+missing or wrong) will not change its mind in a second: those refusals back off on their own, much
+longer schedule (`auth_backoff_initial_s` 30 s doubling to `auth_backoff_max_s` 5 min, jittered), and
+are logged at most once per `auth_log_interval_s` (one line saying so, with the attempts refused
+since the last line; never the token). Serving goes on with the local fallback meanwhile.
 """
 
 from __future__ import annotations
@@ -42,6 +48,18 @@ log = logging.getLogger(__name__)
 
 _CLOSE = object()   # sentinel that ends one stream's request iterator
 
+# The controller will not accept this worker until someone fixes its token: not a transient error.
+REFUSED_CODES = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+@dataclass(frozen=True)
+class StreamOutcome:
+    """How one Connect attempt ended."""
+
+    connected: bool                            # the stream was opened (and not refused)
+    refused: grpc.StatusCode | None = None     # UNAUTHENTICATED / PERMISSION_DENIED, else None
+    details: str = ""
+
 
 @dataclass(frozen=True)
 class LinkConfig:
@@ -53,6 +71,9 @@ class LinkConfig:
     basis_max_age_s: float = 5.0          # re-solve a late plan's basis up to this old; then fall back
     backoff_initial_s: float = 0.1
     backoff_max_s: float = 2.0
+    auth_backoff_initial_s: float = 30.0  # after the stream is refused (token missing or wrong) ...
+    auth_backoff_max_s: float = 300.0     # ... doubling to this cap, jittered like the above
+    auth_log_interval_s: float = 60.0     # at most one log line about refusals per this long
     connect_timeout_s: float = 2.0
     auth_token: str = ""                  # sent as `authorization: Bearer ...` when set
     tls_ca_file: str = ""                 # PEM roots: connect with TLS when set
@@ -94,11 +115,12 @@ class ControllerLink:
     """A Planner backed by a controller stream, with a local fallback."""
 
     def __init__(self, config: LinkConfig, hello: controller_pb2.WorkerHello, *, metrics: Any = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, clock=time.monotonic) -> None:
         self.config = config
         self.hello = hello
         self.metrics = metrics
         self._rng = rng or random.Random()
+        self._clock = clock                                    # for rate-limiting the refusal log line
         self._cond = threading.Condition()
         self._latest: controller_pb2.StepPlan | None = None   # newest plan received
         self._latest_basis: PlanBasis | None = None            # newest usable basis (None: apply plan ks)
@@ -117,6 +139,9 @@ class ControllerLink:
         self.plans_applied = 0                                 # planned from a plan at most one step old
         self.plan_wait_ms_total = 0.0                          # time steps spent waiting for plans
         self.connections = 0                                   # successful (re)connections
+        self.refusals = 0                                      # streams refused (token missing or wrong)
+        self._refusals_unlogged = 0                            # refused since the last line about it
+        self._refusal_logged_at = -float("inf")
         self._thread = threading.Thread(target=self._run, name="smartspec-controller-link", daemon=True)
 
     # ---- Planner ----------------------------------------------------------------------------
@@ -208,16 +233,42 @@ class ControllerLink:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        attempt = 0
+        attempt = 0          # transient failures since the last good stream (unreachable, broken)
+        refused = 0          # refusals since the last good stream: the long schedule
         while not self._closed:
-            if self._stream_once():
-                attempt = 0
+            outcome = self._stream_once()
             if self._closed:
                 break
-            delay = backoff_delay(attempt, self.config.backoff_initial_s, self.config.backoff_max_s, self._rng)
-            attempt += 1
-            log.info("controller %s unreachable; retrying in %.2fs", self.config.address, delay)
+            if outcome.refused is not None:
+                attempt = 0
+                delay = backoff_delay(refused, self.config.auth_backoff_initial_s, self.config.auth_backoff_max_s,
+                                      self._rng)
+                refused += 1
+                self._log_refusal(outcome, delay)
+            else:
+                if outcome.connected:
+                    attempt = refused = 0
+                delay = backoff_delay(attempt, self.config.backoff_initial_s, self.config.backoff_max_s, self._rng)
+                attempt += 1
+                log.info("controller %s unreachable; retrying in %.2fs", self.config.address, delay)
             self._closing.wait(delay)
+
+    def _log_refusal(self, outcome: StreamOutcome, delay: float) -> None:
+        """One line per `auth_log_interval_s` at most, counting the refusals in between."""
+        self.refusals += 1
+        self._refusals_unlogged += 1
+        now = self._clock()
+        if now - self._refusal_logged_at < self.config.auth_log_interval_s:
+            return
+        count, self._refusals_unlogged, self._refusal_logged_at = self._refusals_unlogged, 0, now
+        sent = "a bearer token" if self.config.auth_token else "no token"
+        log.warning(
+            "controller %s refused this worker (%s: %s): the token is missing or wrong. Sent %s "
+            "(worker flag --controller-token, env SMARTSPEC_CONTROLLER_TOKEN; it must equal the "
+            "controller's --auth-token). %d attempt%s refused since the last such line; serving "
+            "with the local fallback, next try in %.3g s (backoff up to %.3g s)",
+            self.config.address, outcome.refused.name, outcome.details or "no details", sent,
+            count, "" if count == 1 else "s", delay, self.config.auth_backoff_max_s)
 
     def _channel(self) -> grpc.Channel:
         if self.config.tls_ca_file:
@@ -225,10 +276,12 @@ class ControllerLink:
                 return grpc.secure_channel(self.config.address, grpc.ssl_channel_credentials(f.read()))
         return grpc.insecure_channel(self.config.address)
 
-    def _stream_once(self) -> bool:
-        """Open one Connect stream and read plans until it breaks; True if it got connected."""
+    def _stream_once(self) -> StreamOutcome:
+        """Open one Connect stream and read plans until it breaks; how it ended."""
         channel = self._channel()
         got_connected = False
+        refused: grpc.StatusCode | None = None
+        details = ""
         try:
             grpc.channel_ready_future(channel).result(timeout=self.config.connect_timeout_s)
             outbox: queue.Queue = queue.Queue()
@@ -258,13 +311,17 @@ class ControllerLink:
         except grpc.FutureTimeoutError:
             pass
         except grpc.RpcError as exc:
-            if not self._closed:
+            if exc.code() in REFUSED_CODES:    # logged by _run, rate-limited
+                refused, details = exc.code(), exc.details() or ""
+                if got_connected:
+                    self.connections -= 1      # a refused stream was no connection
+            elif not self._closed:
                 log.warning("controller stream ended: %s %s", exc.code(), exc.details())
         finally:
             self._set_connected(False)
             self._end_stream()
             channel.close()
-        return got_connected
+        return StreamOutcome(connected=got_connected and refused is None, refused=refused, details=details)
 
     def _requests(self, outbox: queue.Queue):
         yield controller_pb2.WorkerMessage(hello=self.hello)
