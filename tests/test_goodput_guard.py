@@ -120,3 +120,28 @@ def test_a_burst_where_speculation_stops_paying_is_held_off_within_a_few_of_its_
     # At batch 1, one step's row is a noisy sample: its speculative record keeps a long memory.
     assert guard.speculative_decay(1) == guard.settings.decay
     assert guard.speculative_decay(32) < 0.9
+
+
+def test_when_one_class_stops_paying_the_others_measure_again_before_trusting_old_records():
+    """A burst's tail: speculation won at batch 16-31 earlier (code edits); now it loses at 32 and
+    the guard holds 32 off. When the batch shrinks to 24, that class's old winning record is not
+    trusted: it is held off after the few steps it takes to measure again."""
+    guard = GoodputGuard()
+    index = 0
+    for batch in (24, 32):   # earlier work: 3 tokens per row for 1.3x the time of a plain step
+        for _ in range(60):
+            k = guard.allowed_k(batch, 4)
+            guard.observe(decode_step(index, batch, k, 2 if k else 0, 4.5 * batch * (1.3 if k else 1.0)))
+            index += 1
+    assert guard.backed_off_classes() == []
+    while batch_class(32) not in guard.backed_off_classes():   # now losing at 32
+        k = guard.allowed_k(32, 4)
+        guard.observe(decode_step(index, 32, k, 0, 200.0 if k else 140.0))
+        index += 1
+    losing_steps = 0
+    while batch_class(24) not in guard.backed_off_classes():   # the tail at 24: losing too
+        k = guard.allowed_k(24, 4)
+        guard.observe(decode_step(index, 24, k, 0, 160.0 if k else 110.0))
+        index += 1
+        losing_steps += k > 0
+        assert losing_steps <= 4

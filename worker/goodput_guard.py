@@ -154,6 +154,17 @@ class GoodputGuard:
                         "held off" if losing else "resumed", low, high, spec, plain)
             if self.metrics is not None:
                 self.metrics.set_backed_off(str(2**cls), losing)
+            if losing:
+                self._distrust_older_records(cls)
+
+    def _distrust_older_records(self, losing_cls: int) -> None:
+        """Speculation just stopped paying in one class: the workload has likely changed. Every
+        other class still speculating measured its record before now (a burst's tail, as its batch
+        shrinks into a class last measured on earlier work, would trust it until it decays): it
+        forgets that record and measures again, a few steps. Held-off classes keep theirs."""
+        for cls, record in self.classes.items():
+            if cls != losing_cls and not record.backed_off:
+                record.speculative = DecayedRate()
 
     def backed_off_classes(self) -> list[int]:
         return sorted(cls for cls, record in self.classes.items() if record.backed_off)
