@@ -18,6 +18,15 @@ if asked, the cost fit unless the caller holds the stored one, the prior, the po
 caller holds the stored version, the worker's last prediction if asked) and `write_step` (atomic).
 Redis failures surface as `StoreUnavailable`; after one, the store refuses calls for
 `retry_after_s` so a dead Redis costs a step one failed connect per window, not one per step.
+
+The active policy is an operator's choice, not something the next steps can rebuild: each store
+keeps the newest policy record it has read or written (`kept_policy`), and when a read finds the key
+gone (a Redis restarted without persistence, a flush, an eviction) or holding an older record (an
+old snapshot restored), it writes the kept record back (`RESTORE_POLICY`, atomic, a no-op when the
+stored record is current), version and all. A choice made after the loss on a replica that kept
+nothing (numbered from 1 again) stays, renumbered above the kept version: a version never goes
+backwards while one replica that saw it runs. This costs nothing per step: the step's read script
+sends the policy only when its stamp changed, and only then is it compared with the kept record.
 """
 
 from __future__ import annotations
@@ -156,6 +165,28 @@ def _float_or_none(value: bytes | str | None) -> float | None:
     return None if text is None or text == "" else float(text)
 
 
+# KEYS: policy; ARGV: name, parameters JSON, version, updated_unix_ms of the record a replica keeps.
+# Gone (or older and set earlier): write the kept record back. Older but set later (a choice made
+# after a loss, by a replica that kept nothing, numbered from 1 again): keep it, renumbered above.
+# Returns {0 nothing done | 1 restored | 2 renumbered, the policy hash as a flat list}.
+# (Here rather than in store_scripts.py: it runs only when a read found the policy missing or older.)
+RESTORE_POLICY = """
+local stored = redis.call('HMGET', KEYS[1], 'version', 'updated_unix_ms')
+local kept_version, kept_ms = tonumber(ARGV[3]), tonumber(ARGV[4])
+local action = 0
+local version = tonumber(stored[1] or '')
+if version == nil or (version < kept_version and tonumber(stored[2] or '0') <= kept_ms) then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 'name', ARGV[1], 'parameters', ARGV[2], 'version', ARGV[3], 'updated_unix_ms', ARGV[4])
+  action = 1
+elseif version < kept_version then
+  redis.call('HSET', KEYS[1], 'version', kept_version + 1)
+  action = 2
+end
+return {action, redis.call('HGETALL', KEYS[1])}
+"""
+
+
 class ControllerStore:
     """Typed access to the controller's Redis keys; one instance per server, thread-safe."""
 
@@ -173,7 +204,9 @@ class ControllerStore:
         self._set_policy = self._redis.register_script(store_scripts.SET_POLICY)
         self._read_step = self._redis.register_script(store_scripts.READ_STEP)
         self._record_step = self._redis.register_script(store_scripts.RECORD_STEP)
+        self._restore_policy = self._redis.register_script(RESTORE_POLICY)
         self._lock = threading.Lock()
+        self._kept_policy: PolicyRecord | None = None   # newest policy record read or written here
         self._down_until = 0.0
         self._closed = False
 
@@ -245,11 +278,12 @@ class ControllerStore:
             prior = PooledPrior(*(float(v) if v is not None else 0.0 for v in raw_prior))
         writer = _text(writer)
         unchanged = cost_fit_writer is not None and (writer or "") == cost_fit_writer
+        policy = self._checked_policy(_policy_from_pairs(raw_policy)) if raw_policy is not None else None
         return StepSnapshot(
             histories=self._decode_table(worker_id, raw_table) if histories else None,
             cost_fit=json.loads(raw_fit) if raw_fit is not None and not unchanged else None,
             prior=prior,
-            policy=_policy_from_pairs(raw_policy) if raw_policy is not None else None,
+            policy=policy,
             worker=WorkerFigures(*(_float_or_none(v) for v in raw_worker)) if raw_worker else WorkerFigures(),
             cost_fit_writer=writer,
             cost_fit_unchanged=unchanged,
@@ -365,11 +399,17 @@ class ControllerStore:
 
     # -- policy -------------------------------------------------------------------------------
     def get_policy(self) -> PolicyRecord | None:
-        return _policy_from_hash(self._call(lambda: self._redis.hgetall(self.policy_key())))
+        """The active policy (None: never set); a kept record the key lost is written back first."""
+        return self._checked_policy(_policy_from_hash(self._call(lambda: self._redis.hgetall(self.policy_key()))))
 
     def set_policy(self, name: str, parameters: Mapping[str, Any], expected_version: int = 0) -> PolicyRecord:
         """Activate a (validated) policy; version + 1 atomically. Raises VersionMismatch when
-        `expected_version` is non-zero and no longer current."""
+        `expected_version` is non-zero and no longer current. A kept record the key lost is
+        written back first, so the new version follows it (and `expected_version` is checked
+        against it) rather than starting again from 1."""
+        kept = self.kept_policy
+        if kept is not None:
+            self._restore(kept)
         now = _now_ms()
         encoded = json.dumps(dict(parameters), sort_keys=True)
         applied, version = self._call(
@@ -377,7 +417,44 @@ class ControllerStore:
         )
         if not applied:
             raise VersionMismatch(int(expected_version), int(version))
-        return PolicyRecord(name=name, parameters=dict(parameters), version=int(version), updated_unix_ms=now)
+        record = PolicyRecord(name=name, parameters=dict(parameters), version=int(version), updated_unix_ms=now)
+        self._keep(record)
+        return record
+
+    @property
+    def kept_policy(self) -> PolicyRecord | None:
+        """The newest policy record this store has read or written (None: none yet)."""
+        return self._kept_policy
+
+    def _keep(self, record: PolicyRecord | None) -> None:
+        if record is None or record.version <= 0:
+            return
+        with self._lock:
+            kept = self._kept_policy
+            if kept is None or (record.version, record.updated_unix_ms) > (kept.version, kept.updated_unix_ms):
+                self._kept_policy = record
+
+    def _checked_policy(self, stored: PolicyRecord | None) -> PolicyRecord | None:
+        """The policy Redis just gave, or the kept record written back when Redis lost it (or gave an
+        older one); the newer of the two is kept."""
+        kept = self.kept_policy
+        if kept is not None and (stored is None or stored.version < kept.version):
+            stored = self._restore(kept)
+        self._keep(stored)
+        return stored
+
+    def _restore(self, kept: PolicyRecord) -> PolicyRecord | None:
+        """RESTORE_POLICY with `kept`; the policy stored afterwards (logged when anything changed)."""
+        args = [kept.name, json.dumps(dict(kept.parameters), sort_keys=True), kept.version, kept.updated_unix_ms]
+        action, raw = self._call(lambda: self._restore_policy(keys=[self.policy_key()], args=args))
+        record = _policy_from_pairs(raw)
+        if action == 1:
+            log.warning("active policy %r v%d was missing from Redis (%s): restored it from this replica's memory",
+                        kept.name, kept.version, self.policy_key())
+        elif action == 2 and record is not None:
+            log.warning("active policy %r was set again after Redis lost policy v%d: renumbered it v%d so that "
+                        "versions never go backwards", record.name, kept.version, record.version)
+        return record
 
 
 def _policy_from_hash(raw: Mapping[bytes, bytes]) -> PolicyRecord | None:
