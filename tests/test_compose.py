@@ -75,6 +75,15 @@ def test_services_shape_two_controllers_share_one_redis():
     assert "profiles" not in services["worker"]
 
 
+def test_redis_persists_to_a_named_volume():
+    """The active policy is an operator's choice: compose's Redis keeps it (and the rest) across restarts."""
+    redis_service = COMPOSE["services"]["redis"]
+    command = redis_service["command"]
+    assert command[0] == "redis-server" and command[command.index("--appendonly") + 1] == "yes"
+    volume, target = redis_service["volumes"][0].split(":")
+    assert target == "/data" and volume in COMPOSE["volumes"]   # the redis image's working directory
+
+
 def test_gpu_worker_reserves_an_nvidia_gpu_under_the_gpu_profile():
     gpu = COMPOSE["services"]["worker-gpu"]
     assert gpu["profiles"] == ["gpu"]
