@@ -116,3 +116,15 @@ def test_cli_generate_json_against_the_real_worker(servers, capsys):
     assert 0 < result["usage"]["completion_tokens"] <= 8 and result["finish_reason"] in ("stop", "length")
     assert len(spec["speculation_lengths"]) == spec["steps"] > 0
     assert 0.0 <= spec["acceptance_rate"] <= 1.0 and result["total_ms"] >= result["time_to_first_token_ms"] > 0
+
+
+def test_a_worker_list_with_a_dead_entry_is_served_by_the_live_worker(servers):
+    # The real WorkerServer's grpc.health.v1 drives the SDK's client-side health checks; the listed
+    # address nobody listens on is never picked, so no call fails.
+    worker, _ = servers
+    dead = f"127.0.0.1:{free_port()}"
+    with Client(worker=[dead, worker], timeout=10) as client:
+        results = [client.complete(PROMPT, max_tokens=3, temperature=0) for _ in range(3)]
+        infos = {client.worker_info().worker_id for _ in range(4)}
+    assert [r.usage.completion_tokens for r in results] == [3, 3, 3] and len({r.text for r in results}) == 1
+    assert len(infos) == 1
