@@ -2,6 +2,7 @@
 
     smartspec generate --worker 127.0.0.1:50061 "def fibonacci(n):" --max-tokens 64
     smartspec generate --chat "Summarise the Zen of Python in one line" --json
+    smartspec generate --worker 10.0.0.5:50061,10.0.0.6:50061 "def add(a, b):"   # round robin
 
 Text is printed as it arrives; `--json` prints only the final result (text, finish reason, usage,
 speculation statistics, timings) as one JSON object.

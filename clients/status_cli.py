@@ -1,6 +1,7 @@
 """`smartspec status`: connected workers, the active policy and their figures, from one controller.
 
     smartspec status --controller 127.0.0.1:50051
+    smartspec status --controller 10.0.0.7:50051,10.0.0.8:50051   # any replica answers: all read one Redis
 """
 
 from __future__ import annotations
