@@ -8,7 +8,7 @@ import grpc
 
 from smartspec.controller import codec
 from smartspec.core.cost_fit import OnlineCostFit
-from smartspec.controller.decider import Decider
+from smartspec.controller.decider import DECIDE_NAMESPACE, Decider
 from smartspec.core.policies import PolicyError
 from smartspec.controller.store import PolicyRecord, StoreUnavailable, VersionMismatch, WorkerRecord
 from smartspec.controller.validation import InvalidInput
@@ -84,7 +84,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         store = self._decider.store
         try:
             stored = store.get_policy()
-            workers = store.list_workers(STATUS_WINDOW_S)
+            # Decide callers keep what-if state under DECIDE_NAMESPACE: they are not workers.
+            workers = [w for w in store.list_workers(STATUS_WINDOW_S) if not w.worker_id.startswith(DECIDE_NAMESPACE)]
             fits = {w.cost_profile_id: store.get_cost_fit(w.cost_profile_id) for w in workers}
             self._decider.redis.success()
             status.redis_ok = True
@@ -93,7 +94,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             stored, workers, fits = self._decider.last_policy(), [], {}
             status.redis_ok = False
         status.policy.CopyFrom(self._active_proto(stored))
-        status.workers.extend(self._worker_status(w, fits.get(w.cost_profile_id)) for w in workers)
+        for worker in workers:
+            try:
+                status.workers.append(self._worker_status(worker, fits.get(worker.cost_profile_id)))
+            except (TypeError, ValueError, OverflowError) as exc:  # an entry no controller wrote: skip it
+                log.warning("unreadable status entry for worker %r: %s", worker.worker_id, exc)
         return status
 
     def _active_proto(self, stored: PolicyRecord | None) -> admin_pb2.ActivePolicy:

@@ -4,7 +4,8 @@ Reply first, persist after: a stream yields each plan before storing its step, s
 trip covers one Redis read and the planning, not the write. The write still finishes before the
 stream reads the next report (it runs on the stream's thread, after the plan is handed to gRPC),
 and the stream plans from its own `StreamMemory`, so no step can see state older than the last
-one's. Unary Decide (a what-if path for callers without a stream) stores before it returns.
+one's. Unary Decide (a what-if path for callers without a stream) stores before it returns, and
+only under its own namespace: it never changes what a stream reads (see `Decider.session_for`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from smartspec.core.cost_model import CostModel
 from smartspec.controller.decider import Decider, DecidedStep
 from smartspec.controller.plans import error_plan
 from smartspec.controller.stream_memory import StreamMemory
-from smartspec.core.errors import abort
+from smartspec.core.errors import FieldError, abort
 from smartspec.controller.validation import InvalidInput, validate_cost_override, validate_hello
 from smartspec.v1 import controller_pb2, controller_pb2_grpc
 
@@ -43,11 +44,12 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         try:
             for message in request_iterator:
                 kind = message.WhichOneof("kind")
-                if kind == "hello":  # a worker may re-introduce itself (e.g. after re-profiling)
-                    self._decider.flush(session, memory)
-                    session = self._open(message.hello, context)
-                    memory = StreamMemory()
-                    continue
+                if kind == "hello":  # one hello per stream: a worker re-introduces itself by reconnecting
+                    self._decider.metrics.rejected_reports.labels("hello").inc()
+                    abort(context, InvalidInput(
+                        "hello", "a Connect stream carries exactly one hello, its first message; reconnect "
+                        f"to introduce the worker again (this stream is worker {session.worker_id!r})",
+                        code=grpc.StatusCode.FAILED_PRECONDITION))
                 if kind != "report":
                     self._decider.metrics.rejected_reports.labels("kind").inc()
                     yield error_plan(0, InvalidInput("kind", "WorkerMessage has neither hello nor report"))
@@ -82,7 +84,8 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
 
     def Decide(self, request: controller_pb2.DecideRequest,
                context: grpc.ServicerContext) -> controller_pb2.StepPlan:
-        """Unary: validate the carried hello and report, plan, and map bad input to INVALID_ARGUMENT."""
+        """Unary what-if: validate the carried hello and report, plan in Decide's own namespace
+        (see `Decider.session_for`), and map bad input to INVALID_ARGUMENT naming the field."""
         try:
             if not request.HasField("worker"):
                 raise InvalidInput("worker", "is required (the worker's hello)")
@@ -93,6 +96,9 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
                 override = CostModel.from_proto(request.cost_model_override)
             session = self._decider.session_for(request.worker)
             return self._decider.step(session, request.report, field_prefix="report.", cost_override=override)
-        except InvalidInput as exc:
+        except FieldError as exc:
             self._decider.metrics.rejected_reports.labels(exc.field.split("[")[0]).inc()
             abort(context, exc)
+        except Exception:  # noqa: BLE001 - a controller bug is INTERNAL, never UNKNOWN
+            log.exception("Decide failed worker_id=%s step=%d", request.worker.worker_id, request.report.step_index)
+            context.abort(grpc.StatusCode.INTERNAL, "internal controller error; see controller logs")

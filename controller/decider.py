@@ -88,9 +88,30 @@ def open_session(hello: controller_pb2.WorkerHello) -> WorkerSession:
     )
 
 
+# Decide keeps all its state under names no worker can use (ids never contain ':', see
+# core/ids.py): its histories under worker `decide:{worker_id}`, its cost fit under profile
+# `decide:{cost_profile_id}`, its pooled prior under proposer kind `decide:{kind}`.
+DECIDE_NAMESPACE = "decide:"
+
+
+def what_if_hello(hello: controller_pb2.WorkerHello) -> controller_pb2.WorkerHello:
+    """The hello a Decide call plans as: the same worker, its ids moved into Decide's namespace."""
+    own = controller_pb2.WorkerHello()
+    own.CopyFrom(hello)
+    own.worker_id = DECIDE_NAMESPACE + hello.worker_id
+    own.cost_profile_id = DECIDE_NAMESPACE + (hello.cost_profile_id or hello.worker_id)
+    return own
+
+
+def what_if_session(hello: controller_pb2.WorkerHello) -> WorkerSession:
+    """Decide's session: every key it reads or writes (but the active policy's) is its own."""
+    session = open_session(what_if_hello(hello))
+    return dataclasses.replace(session, proposer_kind=DECIDE_NAMESPACE + session.proposer_kind)
+
+
 @functools.lru_cache(maxsize=256)
 def _session_from_bytes(hello_bytes: bytes) -> WorkerSession:
-    return open_session(controller_pb2.WorkerHello.FromString(hello_bytes))
+    return what_if_session(controller_pb2.WorkerHello.FromString(hello_bytes))
 
 
 class RedisHealth:
@@ -204,15 +225,18 @@ class Decider:
         return session
 
     def session_for(self, hello: controller_pb2.WorkerHello) -> WorkerSession:
-        """Decide carries its hello on every call: derive the session once per distinct hello
-        (fitting the profile is the costly part). Totals are not reset."""
+        """Decide's session for a (validated) hello, derived once per distinct hello (fitting the
+        profile is the costly part). Its keys are in Decide's own namespace (`what_if_session`):
+        a Decide never reads or writes a streaming worker's histories, a cost profile's fit or
+        the pooled prior that streams plan with, whatever ids its hello names."""
         return _session_from_bytes(hello.SerializeToString(deterministic=True))
 
     # -- one step -----------------------------------------------------------------------------
     def step(self, session: WorkerSession, report: controller_pb2.StepReport, *,
              field_prefix: str = "", cost_override: CostModel | None = None) -> controller_pb2.StepPlan:
-        """Plan one report and store it before returning (Decide). Raises InvalidInput for a
-        malformed report (the caller maps it)."""
+        """Plan one report and store it before returning (Decide, with a `session_for` session,
+        so what it stores is Decide's own). Raises InvalidInput for a malformed report (the
+        caller maps it)."""
         planned = self.plan(session, report, field_prefix=field_prefix, cost_override=cost_override)
         self.persist(session, planned)
         return planned.plan
@@ -225,7 +249,7 @@ class Decider:
         with self._cpu:
             validation.validate_report_totals(report, session.hello, field_prefix)
             columns = ReportColumns.from_report(report)
-            validation.validate_outcomes(report, field_prefix, columns)
+            validation.validate_outcomes(report, field_prefix, columns, hello=session.hello)
         snapshot, policy_record, degraded = self._read(session, memory)
         with self._cpu:
             return self._decide(session, report, memory, columns, snapshot, policy_record, degraded,

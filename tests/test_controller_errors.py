@@ -82,6 +82,23 @@ BAD_REPORTS = [
     (lambda: report(5, [outcome("ok", 2, 2)] + [outcome(f"r{i}") for i in range(8)]), "requests"),
     (lambda: report(5, [outcome("ok", 2, 2)], verify_ms=float("nan")), "verify_ms"),
     (lambda: report(5, [outcome("ok", 2, 2)], draft_ms=-1.0), "draft_ms"),
+    # plausibility bounds (issue 13): nothing beyond what a real step produces enters shared state
+    (lambda: report(5, [outcome("ok", 2, 2)], total_ms=1e300), "total_ms"),
+    (lambda: report(5, [outcome("ok", 2, 2)], verify_ms=1.3e154), "verify_ms"),
+    (lambda: report(5, [outcome("ok", 2, 2)], draft_ms=60_001.0), "draft_ms"),
+    (lambda: report(5, [outcome("ok", 2, 2)], queued_requests=2**32 - 1), "queued_requests"),
+    (lambda: report(5, [outcome("ok", 2, 2)], batched_tokens=2**32 - 1), "batched_tokens"),
+    (lambda: report(5, [outcome("ok", 2, 2), outcome("x", context=2**32 - 1)]), "requests[1].context_tokens"),
+    (lambda: report(5, [outcome("ok", 2, 2), outcome("x", 5, 5)]), "requests[1].proposed_tokens"),
+    (lambda: report(5, [outcome("ok", 2, 2), outcome("x", 2**32 - 1, 2**32 - 1)]), "requests[1].proposed_tokens"),
+    (lambda: report(5, [outcome("ok", 2, 2), outcome("x", 2, 2, requested=5)]), "requests[1].requested_tokens"),
+    (lambda: report(5, [outcome("ok", 2, 2), outcome("x", proposable=5)]), "requests[1].proposable_tokens"),
+    (lambda: report(5, [outcome("ok", 2, 2), controller_pb2.RequestOutcome(
+        request_id="x", context_tokens=10, prefill_tokens=11)]), "requests[1].prefill_tokens"),
+    (lambda: report(5, [outcome("ok", 2, 2), outcome("a:b")]), "requests[1].request_id"),
+    (lambda: report(5, [outcome("ok", 2, 2), outcome("a\nb")]), "requests[1].request_id"),
+    (lambda: report(5, [outcome("ok", 2, 2), outcome("a\x00b")]), "requests[1].request_id"),
+    (lambda: report(5, [outcome("ok", 2, 2), outcome("x" * 257)]), "requests[1].request_id"),
 ]
 
 
@@ -112,7 +129,7 @@ def test_bad_report_gets_error_plan_and_stream_survives(channel, raw, redis_pref
 
 
 def test_batch_over_controller_cap_is_resource_exhausted(channel):
-    talk = Conversation(channel, controller_pb2.WorkerMessage(hello=hello(max_batch=0)))  # 0 = no own limit
+    talk = Conversation(channel, controller_pb2.WorkerMessage(hello=hello(max_batch=4096)))  # the cap itself
     plan = talk.send(report(1, [outcome(f"r{i}") for i in range(4097)]))
     assert plan.error.field == "requests"
     assert plan.error.grpc_status_code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
@@ -120,16 +137,26 @@ def test_batch_over_controller_cap_is_resource_exhausted(channel):
     talk.close()
 
 
-def test_empty_message_gets_an_error_plan_and_a_new_hello_applies(channel):
+def test_empty_message_gets_an_error_plan_and_a_second_hello_ends_the_stream(channel, raw, redis_prefix):
     talk = Conversation(channel, controller_pb2.WorkerMessage(hello=hello(max_k=4)))
     plan = talk.send_message(controller_pb2.WorkerMessage())
     assert plan.error.field == "kind" and plan.error.grpc_status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    # A second hello (say, after re-profiling) changes the limits the next reports are checked against.
-    talk.send_hello(hello(max_k=4, max_batch=1))
-    plan = talk.send(report(1, [outcome("a"), outcome("b")]))
-    assert plan.error.field == "requests"
-    assert not talk.send(report(2, [outcome("a")])).HasField("error")
-    talk.close()
+    assert not talk.send(report(1, [outcome("a", 2, 2)])).HasField("error")
+    # A second hello, even for another worker id, is refused: one stream, one worker; a worker
+    # re-introduces itself (after re-profiling, say) by reconnecting.
+    talk.send_hello(hello("someone-else", max_k=4, max_batch=1))
+    with pytest.raises(grpc.RpcError) as info:
+        talk.send(report(2, [outcome("a"), outcome("b")]))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert info.value.details().startswith("hello:"), info.value.details()
+    # Nothing was stored under the other id; the stream's own step 1 was.
+    assert raw.exists(f"{redis_prefix}hist:someone-else") == 0
+    assert set(HistoryTable.decode(raw.get(f"{redis_prefix}hist:w0"))) == {"a"}
+    # The controller serves the next stream as usual.
+    fresh = Conversation(channel, controller_pb2.WorkerMessage(hello=hello("someone-else", max_batch=1)))
+    assert fresh.send(report(0, [outcome("a"), outcome("b")])).error.field == "requests"
+    assert not fresh.send(report(1, [outcome("a")])).HasField("error")
+    fresh.close()
 
 
 def test_stream_must_start_with_a_valid_hello(channel):
@@ -140,8 +167,9 @@ def test_stream_must_start_with_a_valid_hello(channel):
 
     for bad_hello, field in [
         (controller_pb2.WorkerHello(), "hello.worker_id"),
-        (controller_pb2.WorkerHello(worker_id="a:b"), "hello.worker_id"),
+        (controller_pb2.WorkerHello(worker_id="a:b", max_batch_size=1), "hello.worker_id"),
         (controller_pb2.WorkerHello(worker_id="w", max_speculation_length=1000), "hello.max_speculation_length"),
+        (controller_pb2.WorkerHello(worker_id="w", max_batch_size=0), "hello.max_batch_size"),
     ]:
         with pytest.raises(grpc.RpcError) as info:
             list(stub.Connect(iter([controller_pb2.WorkerMessage(hello=bad_hello)]), timeout=10))
@@ -158,6 +186,18 @@ def test_decide_errors_are_status_codes_naming_the_field(channel):
         (controller_pb2.DecideRequest(worker=hello(), report=report(0, [outcome("a")]),
                                       cost_model_override=common_pb2.CostModel(c_tok_ms=-1.0)),
          "cost_model_override.c_tok_ms"),
+        (controller_pb2.DecideRequest(worker=hello(), report=report(0, [outcome("a")]),
+                                      cost_model_override=common_pb2.CostModel(c_fixed_ms=1e300)),
+         "cost_model_override.c_fixed_ms"),
+        (controller_pb2.DecideRequest(worker=hello(), report=report(0, [outcome("a")], total_ms=1e300)),
+         "report.total_ms"),
+        (controller_pb2.DecideRequest(worker=hello(), report=report(0, [outcome("a")], verify_ms=1.3e154)),
+         "report.verify_ms"),
+        (controller_pb2.DecideRequest(worker=hello(max_batch=0), report=report(0, [outcome("a")])),
+         "worker.max_batch_size"),
+        (controller_pb2.DecideRequest(worker=hello("w\n0"), report=report(0, [outcome("a")])), "worker.worker_id"),
+        (controller_pb2.DecideRequest(worker=hello(), report=report(0, [outcome("a\x00")])),
+         "report.requests[0].request_id"),
     ]
     for request, field in cases:
         with pytest.raises(grpc.RpcError) as info:

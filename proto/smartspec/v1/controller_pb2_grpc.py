@@ -56,8 +56,10 @@ class ControllerServicer:
         The worker sends a WorkerMessage with `hello` first, then one `report` per step.
         The controller answers every report with exactly one StepPlan, in order, carrying the
         report's `step_index`. A bad report is answered by a plan with `error` set (and no
-        speculation); the stream stays open. A stream whose first message is not a hello is
-        closed with INVALID_ARGUMENT.
+        speculation); the stream stays open. A stream whose first message is not a valid hello is
+        closed with INVALID_ARGUMENT naming the field; a second hello on an open stream (for any
+        worker id) closes it with FAILED_PRECONDITION naming `hello`: a worker re-introduces itself
+        (after re-profiling, say) by reconnecting.
         Plans are made one step ahead: a worker does not wait for the answer to report t before
         running step t+1. It plans step t+1 with the newest plan's `basis` (at most one step stale),
         re-solved for the batch it actually runs, and waits (bounded) only when no plan newer than
@@ -68,9 +70,16 @@ class ControllerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Decide(self, request, context):
-        """Unary: one decision for callers that hold no stream. Carries the hello with the report;
-        updates the same history a stream step would. Errors are returned as gRPC status codes
-        (INVALID_ARGUMENT naming the field).
+        """Unary: one decision for callers that hold no stream, a what-if. Carries the hello with the
+        report, checked as a stream's are. It reads the active policy and otherwise only state of
+        its own: Decide keeps its request histories, its cost fit and its pooled acceptance prior
+        under names no worker can use (`decide:{worker_id}`, `decide:{cost_profile_id}`,
+        `decide:{proposer_kind}`; ids never contain ':'), and updates them from each report. So
+        consecutive Decide calls for one worker id learn as a stream would, while a Decide never
+        changes what any Connect stream reads (histories, cost fits, the pooled prior), whatever
+        worker or cost profile its hello names. Bad input is INVALID_ARGUMENT naming the field
+        (`report.total_ms`, `worker.max_batch_size`), RESOURCE_EXHAUSTED for a batch over the
+        controller's cap; a controller fault is INTERNAL, never UNKNOWN.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -54,8 +54,9 @@ class GenerationServicer:
     def Generate(self, request, context):
         """Server streaming. Zero or more `delta` messages (text and token ids in order), then
         exactly one `result` as the last message. Validation errors: INVALID_ARGUMENT naming the
-        field, before any message. Queue full: RESOURCE_EXHAUSTED. A client that cancels frees its
-        slot at once.
+        field, before any message; that includes a string field that is not valid UTF-8
+        (`prompt`, `stop[1]`, `messages[0].content`). Queue full: RESOURCE_EXHAUSTED. A client that
+        cancels frees its slot at once.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
