@@ -7,13 +7,24 @@ Both parts of the step time are linear in their coefficients (`verify_features`:
 - `ForgettingLeastSquares`: recursive least squares with exponential forgetting, in information form;
 - `OnlineCostFit`: the controller's per-cost-profile fit (verify, draft and overhead), kept in Redis;
 - `fit_profile`: the one-shot fit of a worker's startup profile (its hello).
+
+Robustness: the online fit is shared by every worker of a cost profile, so one bad step (a GC pause,
+a stalled machine, a broken or hostile worker) must move it a bounded amount. Each step is read
+against the current model's prediction for that very batch: a measured part (draft, verify) more
+than `clip` predicted steps above its prediction counts as exactly that much (residual clipping, a
+Huber-like loss in relative units), a step is weighted by the larger of its predicted and its
+(clipped) measured time, never by a tiny measured one alone (a "0 ms" step cannot outweigh a
+hundred real ones), and the overhead sample is clipped on its own scale (`OVERHEAD_FLOOR`). A real change of hardware
+still comes through: every step may move the prediction up by up to `clip` steps, so a machine
+twice as slow is followed within a few steps. Arithmetic never raises: a step whose numbers
+overflow the sums is skipped, and a solution that is not finite falls back to the prior.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -127,13 +138,25 @@ class ForgettingLeastSquares:
         )
 
     def observe(self, features: np.ndarray, target: float, weight: float) -> None:
-        self.gram = self.forgetting * self.gram + weight * np.outer(features, features)
-        self.moment = self.forgetting * self.moment + weight * features * target
+        self.gram, self.moment = self.updated(features, target, weight)
+
+    def updated(self, features: np.ndarray, target: float, weight: float) -> tuple[np.ndarray, np.ndarray]:
+        """(gram, moment) after observing one sample, without storing them."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            gram = self.forgetting * self.gram + weight * np.outer(features, features)
+            moment = self.forgetting * self.moment + weight * features * target
+        return gram, moment
 
     def solution(self) -> np.ndarray:
-        gram = self.gram + self.prior_floor * self.prior_gram
-        moment = self.moment + self.prior_floor * (self.prior_gram @ self.prior_theta)
-        return nonnegative_least_squares(gram, moment)
+        """The non-negative coefficients; the prior's where the sums give nothing finite."""
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            gram = self.gram + self.prior_floor * self.prior_gram
+            moment = self.moment + self.prior_floor * (self.prior_gram @ self.prior_theta)
+            if np.isfinite(gram).all() and np.isfinite(moment).all():
+                theta = nonnegative_least_squares(gram, moment)
+                if np.isfinite(theta).all():
+                    return theta
+        return np.maximum(np.nan_to_num(self.prior_theta, nan=0.0, posinf=0.0, neginf=0.0), 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -147,24 +170,38 @@ class ForgettingLeastSquares:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ForgettingLeastSquares":
-        return cls(
-            gram=np.asarray(data["gram"], dtype=np.float64),
-            moment=np.asarray(data["moment"], dtype=np.float64),
-            prior_gram=np.asarray(data["prior_gram"], dtype=np.float64),
-            prior_theta=np.asarray(data["prior_theta"], dtype=np.float64),
-            forgetting=float(data["forgetting"]),
-            prior_floor=float(data["prior_floor"]),
-        )
+        """Raises ValueError for state no fit produces (wrong shapes, non-finite numbers)."""
+        try:
+            fit = cls(
+                gram=np.asarray(data["gram"], dtype=np.float64),
+                moment=np.asarray(data["moment"], dtype=np.float64),
+                prior_gram=np.asarray(data["prior_gram"], dtype=np.float64),
+                prior_theta=np.asarray(data["prior_theta"], dtype=np.float64),
+                forgetting=float(data["forgetting"]),
+                prior_floor=float(data["prior_floor"]),
+            )
+        except OverflowError as exc:
+            raise ValueError(f"stored least-squares state out of range: {exc}") from None
+        size = fit.moment.shape
+        if (len(size) != 1 or fit.gram.shape != size * 2 or fit.prior_gram.shape != size * 2
+                or fit.prior_theta.shape != size):
+            raise ValueError("stored least-squares state has inconsistent shapes")
+        arrays = (fit.gram, fit.moment, fit.prior_gram, fit.prior_theta)
+        if not all(np.isfinite(a).all() for a in arrays) or not math.isfinite(fit.forgetting + fit.prior_floor):
+            raise ValueError("stored least-squares state is not finite")
+        return fit
 
 
 def _relative_weight(step_ms: float) -> float:
     """Step-time noise is roughly multiplicative, and what the policy needs is the step time to a
     few percent, so both parts weight a step by 1/(its draft + verify time)^2: relative error of the
     step. (Weighting the draft part by its own time would let a near-zero n-gram draft dominate.)
-    The 1 ms floor keeps an empty step from getting infinite weight. (Weighting by the measured
-    rather than the predicted time biases the fit low by about noise^2, 0.25% at 5% noise.)
+    The 1 ms floor keeps an empty step from getting infinite weight. The online fit passes the
+    larger of the predicted and the (clipped) measured time, so a step claiming next to no time
+    gets no more weight than its prediction gives it. Never raises (1 / x^2 of a huge x is 0).
     """
-    return 1.0 / max(step_ms, 1.0) ** 2
+    inverse = 1.0 / max(step_ms, 1.0) if step_ms == step_ms else 0.0  # NaN: no weight
+    return inverse * inverse
 
 
 def _prior_gram(typical_features: np.ndarray, typical_ms: float, weight: float) -> np.ndarray:
@@ -172,6 +209,15 @@ def _prior_gram(typical_features: np.ndarray, typical_ms: float, weight: float) 
     relative units as `_relative_weight`, so "weight" really means steps)."""
     scale = np.maximum(np.abs(typical_features), 1e-9) / max(typical_ms, 1.0)
     return weight * np.diag(scale**2)
+
+
+# One predicted step: a part may measure up to its prediction plus one whole predicted step and count
+# in full; beyond that it counts as that much.
+DEFAULT_CLIP = 1.0
+# The overhead (total - draft - verify) is one number per step, usually well under a millisecond:
+# a sample counts as at most the current mean plus `clip` times the larger of that mean, this share
+# of the predicted step, and 1 ms.
+OVERHEAD_FLOOR = 0.05
 
 
 @dataclass
@@ -188,6 +234,12 @@ class OnlineCostFit:
     overhead_count: float
     forgetting: float
     steps: int = 0
+    # Residual clip, in predicted steps: a measured part counts as at most its prediction plus
+    # `clip` times the predicted step (None: no clipping, measured-time weights, the plain fit).
+    clip: float | None = DEFAULT_CLIP
+    # The model of the current sums (not stored: derived), so a step's clipping reuses the
+    # solution the previous step's model() already computed.
+    _model: CostModel | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def create(
@@ -199,6 +251,7 @@ class OnlineCostFit:
         typical_batch: int = 8,
         typical_k: int = 4,
         typical_context: int = 512,
+        clip: float | None = DEFAULT_CLIP,
     ) -> "OnlineCostFit":
         """Start from `prior`, which counts as `prior_weight` typical steps before it is forgotten.
 
@@ -209,6 +262,8 @@ class OnlineCostFit:
             raise ValueError(f"forgetting must be in (0, 1], got {forgetting}")
         if prior_weight <= 0:
             raise ValueError(f"prior_weight must be > 0, got {prior_weight}")
+        if clip is not None and not (math.isfinite(clip) and clip > 0):
+            raise ValueError(f"clip must be a positive number of predicted steps or None, got {clip}")
         ks = np.full(typical_batch, float(typical_k))
         contexts = np.full(typical_batch, float(typical_context))
         typical_ms = prior.draft_ms(ks, contexts) + prior.verify_ms(ks, contexts)
@@ -226,30 +281,67 @@ class OnlineCostFit:
             overhead_sum=prior_weight * prior.overhead_ms,
             overhead_count=prior_weight,
             forgetting=forgetting,
+            clip=clip,
         )
 
     def observe(self, ks, contexts, prefills, draft_ms: float, verify_ms: float,
                 total_ms: float | None = None) -> None:
-        """One measured step: per-request k_i, context_i, prefill_i, and its measured times."""
+        """One measured step: per-request k_i, context_i, prefill_i, and its measured times.
+
+        Raises ValueError only for times that are not measurements (NaN, infinite, negative);
+        huge ones are clipped (see the module docstring), and a step whose numbers the sums cannot
+        hold (features beyond float range) is skipped."""
         for name, value in (("draft_ms", draft_ms), ("verify_ms", verify_ms)):
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")
         if len(ks) == 0:
             return
-        weight = _relative_weight(draft_ms + verify_ms)
-        self.verify.observe(verify_features(ks, contexts, prefills), verify_ms, weight)
-        self.draft.observe(draft_features(ks, contexts), draft_ms, weight)
+        with np.errstate(over="ignore", invalid="ignore"):
+            verify_x = verify_features(ks, contexts, prefills)  # [7]
+            draft_x = draft_features(ks, contexts)  # [4]
+        if not (np.isfinite(verify_x).all() and np.isfinite(draft_x).all()):
+            return
+        draft_ms, verify_ms = float(draft_ms), float(verify_ms)
+        overhead = None
         if total_ms is not None and math.isfinite(total_ms):
-            self.overhead_sum = self.forgetting * self.overhead_sum + max(0.0, total_ms - draft_ms - verify_ms)
+            overhead = max(0.0, float(total_ms) - draft_ms - verify_ms)
+        if self.clip is None:
+            weight = _relative_weight(draft_ms + verify_ms)
+        else:
+            current = self.model()
+            with np.errstate(over="ignore", invalid="ignore"):
+                predicted_verify = float(verify_x @ current.verify_coefficients)
+                predicted_draft = float(draft_x @ current.draft_coefficients)
+            if not (math.isfinite(predicted_verify) and math.isfinite(predicted_draft)):
+                return
+            band = self.clip * max(predicted_verify + predicted_draft, 1.0)
+            verify_ms = min(verify_ms, predicted_verify + band)
+            draft_ms = min(draft_ms, predicted_draft + band)
+            weight = _relative_weight(max(predicted_verify + predicted_draft, draft_ms + verify_ms))
+            if overhead is not None:  # a constant per step: clipped on its own scale (5% of a step at least)
+                overhead = min(overhead, current.overhead_ms + self.clip * max(
+                    current.overhead_ms, OVERHEAD_FLOOR * (predicted_verify + predicted_draft), 1.0))
+        verify_sums = self.verify.updated(verify_x, verify_ms, weight)
+        draft_sums = self.draft.updated(draft_x, draft_ms, weight)
+        if not all(np.isfinite(a).all() for a in (*verify_sums, *draft_sums)):
+            return
+        (self.verify.gram, self.verify.moment), (self.draft.gram, self.draft.moment) = verify_sums, draft_sums
+        if overhead is not None:
+            self.overhead_sum = self.forgetting * self.overhead_sum + overhead
             self.overhead_count = self.forgetting * self.overhead_count + 1.0
         self.steps += 1
+        self._model = None
 
     def model(self) -> CostModel:
-        verify = self.verify.solution()
-        draft = self.draft.solution()
-        overhead = self.overhead_sum / self.overhead_count if self.overhead_count > 0 else 0.0
-        values = dict(zip(VERIFY_FIELDS, verify.tolist())) | dict(zip(DRAFT_FIELDS, draft.tolist()))
-        return CostModel(**values, overhead_ms=max(0.0, overhead))
+        if self._model is None:
+            verify = self.verify.solution()
+            draft = self.draft.solution()
+            overhead = self.overhead_sum / self.overhead_count if self.overhead_count > 0 else 0.0
+            if not math.isfinite(overhead):
+                overhead = 0.0
+            values = dict(zip(VERIFY_FIELDS, verify.tolist())) | dict(zip(DRAFT_FIELDS, draft.tolist()))
+            self._model = CostModel(**values, overhead_ms=max(0.0, overhead))
+        return self._model
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -260,6 +352,7 @@ class OnlineCostFit:
             "overhead_count": self.overhead_count,
             "forgetting": self.forgetting,
             "steps": self.steps,
+            "clip": self.clip,
         }
 
     @classmethod
@@ -270,14 +363,20 @@ class OnlineCostFit:
         expected = {"verify": list(VERIFY_FIELDS), "draft": list(DRAFT_FIELDS)}
         if terms != expected:
             raise ValueError(f"stored cost fit is over the terms {terms}, this model's are {expected}")
-        return cls(
+        clip = data.get("clip", DEFAULT_CLIP)  # a fit stored before clipping existed gets it now
+        fit = cls(
             verify=ForgettingLeastSquares.from_dict(data["verify"]),
             draft=ForgettingLeastSquares.from_dict(data["draft"]),
             overhead_sum=float(data["overhead_sum"]),
             overhead_count=float(data["overhead_count"]),
             forgetting=float(data["forgetting"]),
             steps=int(data["steps"]),
+            clip=None if clip is None else float(clip),
         )
+        if not (math.isfinite(fit.overhead_sum) and math.isfinite(fit.overhead_count)
+                and (fit.clip is None or (math.isfinite(fit.clip) and fit.clip > 0))):
+            raise ValueError("stored cost fit has non-finite overhead sums or a bad clip")
+        return fit
 
 
 def fit_profile(samples: Iterable[Any], prior: CostModel = DEFAULT_COST_MODEL,
@@ -286,6 +385,8 @@ def fit_profile(samples: Iterable[Any], prior: CostModel = DEFAULT_COST_MODEL,
     context_tokens, draft_ms, verify_ms). No forgetting: the samples are one measurement campaign.
 
     A profile at one context length cannot tell c_fixed from c_kv; the (weak) prior settles it.
+    The samples are fitted as measured (no residual clipping: they are one campaign, each timed as
+    the median of several repeats, and may rightly sit far from the prior, e.g. on a GPU).
     """
     samples = list(samples)
     if not samples:
@@ -298,6 +399,7 @@ def fit_profile(samples: Iterable[Any], prior: CostModel = DEFAULT_COST_MODEL,
         typical_batch=int(np.median(batches)),
         typical_k=max(1, int(np.median([s.speculation_length for s in samples]))),
         typical_context=max(1, int(np.median([s.context_tokens for s in samples]))),
+        clip=None,
     )
     for sample, batch in zip(samples, batches):
         ks = [int(sample.speculation_length)] * batch

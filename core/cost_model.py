@@ -44,49 +44,69 @@ class CostModelError(FieldError):
     """A coefficient is negative or not finite; `field` names it (maps to INVALID_ARGUMENT)."""
 
 
+def _float(value: Any) -> float:
+    """float(value), or +-inf for an int beyond float range (never OverflowError)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
+def _floats(values: Any) -> np.ndarray:
+    """`values` as a float64 array; Python ints beyond float range become +-inf instead of raising.
+    (Predictions of such batches are inf: the arithmetic here never raises, whatever it is given.)"""
+    try:
+        return np.asarray(values, dtype=np.float64)
+    except OverflowError:
+        return np.vectorize(_float, otypes=[np.float64])(np.asarray(values, dtype=object))
+
+
 def _as_batch(values: Sequence[float] | np.ndarray | None, like: np.ndarray) -> np.ndarray:
     if values is None:
         return np.zeros_like(like, dtype=np.float64)
-    return np.broadcast_to(np.asarray(values, dtype=np.float64), like.shape)
+    return np.broadcast_to(_floats(values), like.shape)
 
 
 def padded_attention_cells(ks, contexts) -> np.ndarray:
     """B * max_i (k_i + 1) * max_i context_i: the score cells attention computes, padding included.
     ks, contexts: [..., B] -> [...]. 0 for an empty batch."""
-    k = np.asarray(ks, dtype=np.float64)  # k: [..., B]
+    k = _floats(ks)  # k: [..., B]
     ctx = _as_batch(contexts, k)  # ctx: [..., B]
     rows = k.shape[-1]
     if rows == 0:
         return np.zeros(k.shape[:-1])
-    return rows * (k.max(axis=-1) + 1.0) * ctx.max(axis=-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return rows * (k.max(axis=-1) + 1.0) * ctx.max(axis=-1)
 
 
 def verify_features(ks, contexts, prefills=None) -> np.ndarray:
     """[1, any k>0, #k>0, sum(k+1+prefill), sum context, B, B*W*L] per batch (order of
     VERIFY_FIELDS). ks, contexts, prefills: [..., B] -> [..., 7]."""
-    k = np.asarray(ks, dtype=np.float64)  # k: [..., B]
+    k = _floats(ks)  # k: [..., B]
     ctx = _as_batch(contexts, k)  # ctx: [..., B]
     pre = _as_batch(prefills, k)  # pre: [..., B]
     ones = np.ones(k.shape[:-1])  # [...]
     speculating = k > 0  # [..., B]
-    return np.stack([
-        ones,
-        speculating.any(axis=-1).astype(np.float64),
-        speculating.sum(axis=-1).astype(np.float64),
-        (k + 1.0 + pre).sum(axis=-1),
-        ctx.sum(axis=-1),
-        ones * k.shape[-1],
-        padded_attention_cells(k, ctx),
-    ], axis=-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.stack([
+            ones,
+            speculating.any(axis=-1).astype(np.float64),
+            speculating.sum(axis=-1).astype(np.float64),
+            (k + 1.0 + pre).sum(axis=-1),
+            ctx.sum(axis=-1),
+            ones * k.shape[-1],
+            padded_attention_cells(k, ctx),
+        ], axis=-1)
 
 
 def draft_features(ks, contexts) -> np.ndarray:
     """[max k, #k>0, sum k, sum k*context] per batch (order of DRAFT_FIELDS): [..., B] -> [..., 4]."""
-    k = np.asarray(ks, dtype=np.float64)  # k: [..., B]
+    k = _floats(ks)  # k: [..., B]
     ctx = _as_batch(contexts, k)
-    depth = k.max(axis=-1, initial=0.0)
-    return np.stack([depth, (k > 0).sum(axis=-1).astype(np.float64), k.sum(axis=-1), (k * ctx).sum(axis=-1)],
-                    axis=-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        depth = k.max(axis=-1, initial=0.0)
+        return np.stack([depth, (k > 0).sum(axis=-1).astype(np.float64), k.sum(axis=-1), (k * ctx).sum(axis=-1)],
+                        axis=-1)
 
 
 def _scalar_or_array(values: np.ndarray) -> float | np.ndarray:
@@ -115,9 +135,10 @@ class CostModel:
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise CostModelError(f.name, f"must be a number, got {type(value).__name__}")
-            if not math.isfinite(value) or value < 0:
-                raise CostModelError(f.name, f"must be finite and >= 0, got {value}")
-            object.__setattr__(self, f.name, float(value))
+            number = _float(value)
+            if not math.isfinite(number) or number < 0:
+                raise CostModelError(f.name, f"must be finite and >= 0, got {number}")
+            object.__setattr__(self, f.name, number)
 
     # -- prediction (ks, contexts, prefills: sequences of length B, or arrays [..., B]) --
 
@@ -129,19 +150,23 @@ class CostModel:
     def draft_coefficients(self) -> np.ndarray:
         return np.array([getattr(self, name) for name in DRAFT_FIELDS])  # [4]
 
+    # Predictions never raise: a batch beyond float range predicts inf (numpy's overflow is silenced).
     def verify_ms(self, ks, contexts, prefills=None) -> float | np.ndarray:
-        return _scalar_or_array(verify_features(ks, contexts, prefills) @ self.verify_coefficients)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _scalar_or_array(verify_features(ks, contexts, prefills) @ self.verify_coefficients)
 
     def draft_ms(self, ks, contexts) -> float | np.ndarray:
-        return _scalar_or_array(draft_features(ks, contexts) @ self.draft_coefficients)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return _scalar_or_array(draft_features(ks, contexts) @ self.draft_coefficients)
 
     def predict_ms(self, ks, contexts, prefills=None) -> float | np.ndarray:
         """Whole step: draft + verify + overhead. A [N, B] input gives [N] predictions."""
-        total = (
-            verify_features(ks, contexts, prefills) @ self.verify_coefficients
-            + draft_features(ks, contexts) @ self.draft_coefficients
-            + self.overhead_ms
-        )
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = (
+                verify_features(ks, contexts, prefills) @ self.verify_coefficients
+                + draft_features(ks, contexts) @ self.draft_coefficients
+                + self.overhead_ms
+            )
         return _scalar_or_array(total)
 
     # -- (de)serialisation --

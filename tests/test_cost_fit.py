@@ -10,6 +10,7 @@ import pytest
 
 from cost_steps import TRUE_MODEL, noisy_times, random_step
 from smartspec.core.cost_fit import (
+    DEFAULT_CLIP,
     OnlineCostFit,
     _nonnegative_least_squares_by_supports,
     fit_profile,
@@ -112,18 +113,21 @@ def test_online_fit_follows_a_hardware_change():
 
 def test_early_fit_stays_near_the_prior_and_non_negative():
     """One wildly unrepresentative first step (a GC pause, say) must not wreck the model: the
-    prior counts as `prior_weight` steps. With a negligible prior the same step does."""
+    prior counts as `prior_weight` steps, and the step's residual is clipped against the model's
+    prediction. With a negligible prior and no clipping the same step does wreck it."""
     step = ([0] * 8, [200] * 8)
     predictions = {}
-    for prior_weight in (5.0, 1e-6):
-        fit = OnlineCostFit.create(DEFAULT_COST_MODEL, prior_weight=prior_weight)
+    for prior_weight, clip in ((5.0, DEFAULT_CLIP), (1e-6, DEFAULT_CLIP), (1e-6, None)):
+        fit = OnlineCostFit.create(DEFAULT_COST_MODEL, prior_weight=prior_weight, clip=clip)
         assert fit.model().predict_ms(*step) == pytest.approx(DEFAULT_COST_MODEL.predict_ms(*step))
         fit.observe([2, 2], [200, 200], [0, 0], draft_ms=0.0, verify_ms=900.0)
         model = fit.model()
         assert all(value >= 0 for value in model.to_dict().values())
-        predictions[prior_weight] = model.predict_ms(*step)
-    assert predictions[5.0] == pytest.approx(DEFAULT_COST_MODEL.predict_ms(*step), rel=0.25)
-    assert predictions[1e-6] > 2 * DEFAULT_COST_MODEL.predict_ms(*step)
+        predictions[prior_weight, clip] = model.predict_ms(*step)
+    default = DEFAULT_COST_MODEL.predict_ms(*step)
+    assert predictions[5.0, DEFAULT_CLIP] == pytest.approx(default, rel=0.25)
+    assert predictions[1e-6, DEFAULT_CLIP] < (1 + DEFAULT_CLIP) * default   # at most one step more
+    assert predictions[1e-6, None] > 2 * default
 
 
 def test_fit_state_survives_json_and_continues_identically():
@@ -204,3 +208,108 @@ def test_unexcited_coefficients_stay_at_the_prior_after_it_is_forgotten():
     # what it did see, it learned: at k = 0 every row verifies one token, so a row's cost
     # (c_tok + c_row) is what the steps tell, not how it splits
     assert model.c_tok_ms + model.c_row_ms == pytest.approx(TRUE_MODEL.c_tok_ms + TRUE_MODEL.c_row_ms, rel=0.2)
+
+
+# ---------------------------------------------------------------- robustness (issue 13)
+
+
+def _trained_fit(rng, steps=300, **kw) -> OnlineCostFit:
+    fit = OnlineCostFit.create(DEFAULT_COST_MODEL, forgetting=0.99, **kw)
+    for _ in range(steps):
+        ks, contexts, prefills = random_step(rng)
+        draft, verify = noisy_times(rng, TRUE_MODEL, ks, contexts, prefills)
+        fit.observe(ks, contexts, prefills, draft, verify, total_ms=draft + verify + 1.0)
+    return fit
+
+
+def _worst_ratio(model: CostModel, reference: CostModel, steps) -> float:
+    """The largest factor by which `model` predicts above or below `reference` over `steps`."""
+    ratios = [model.predict_ms(*s) / reference.predict_ms(*s) for s in steps]
+    return max(max(ratios), 1 / min(ratios))
+
+
+@pytest.mark.parametrize("attack", ["slow", "instant"])
+def test_twenty_absurd_steps_move_the_fit_a_bounded_amount_and_it_heals(attack):
+    """20 in-bounds but absurd steps (each part and the total at the 60 s cap, or 0 ms with a
+    60 s total) on the batches a worker really runs: with clipping the fitted model moves by a
+    bounded factor, without it the same steps wreck it; then 300 honest steps heal it."""
+    sampler = np.random.default_rng(99)
+    held_out = [random_step(sampler) for _ in range(100)]
+    typical_ms = float(np.median([TRUE_MODEL.predict_ms(*s) for s in held_out]))
+    fits = {clip: _trained_fit(np.random.default_rng(7), clip=clip) for clip in (DEFAULT_CLIP, None)}
+    before = {clip: fit.model() for clip, fit in fits.items()}
+    assert _worst_ratio(before[DEFAULT_CLIP], TRUE_MODEL, held_out) < 1.12
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        ks, contexts, prefills = random_step(rng)
+        part = 60_000.0 if attack == "slow" else 0.0
+        for fit in fits.values():
+            fit.observe(ks, contexts, prefills, draft_ms=part, verify_ms=part, total_ms=60_000.0)
+    robust, plain = fits[DEFAULT_CLIP].model(), fits[None].model()
+    moved = _worst_ratio(robust, before[DEFAULT_CLIP], held_out)
+    assert moved < 2.0, moved
+    # the overhead (total - draft - verify: ~60 s in the instant attack) moved by a fraction of a step
+    assert robust.overhead_ms < 0.5 * typical_ms
+    if attack == "instant":  # the plain fit believes them: overhead alone becomes seconds
+        assert plain.overhead_ms > 1000.0 and _worst_ratio(plain, before[None], held_out) > 3.0
+    # (60 s steps barely move even the plain fit: it weighs a step by 1 / its measured time^2)
+    # every coefficient stays within a bounded distance of where it was
+    for name, value in robust.to_dict().items():
+        if name != "overhead_ms":
+            assert value <= 4 * getattr(before[DEFAULT_CLIP], name) + 1.0, name
+
+    healing = np.random.default_rng(9)
+    fit = fits[DEFAULT_CLIP]
+    for _ in range(300):
+        ks, contexts, prefills = random_step(healing)
+        draft, verify = noisy_times(healing, TRUE_MODEL, ks, contexts, prefills)
+        fit.observe(ks, contexts, prefills, draft, verify, total_ms=draft + verify + 1.0)
+    assert _worst_ratio(fit.model(), TRUE_MODEL, held_out) < 1.12
+    assert fit.model().overhead_ms == pytest.approx(1.0, abs=0.5)
+
+
+@pytest.mark.parametrize("clip", [DEFAULT_CLIP, None])
+def test_no_arithmetic_path_raises_on_extreme_values(clip):
+    """Huge times (the finding: verify_ms ~1.3e154 raised OverflowError), huge batches and Python
+    ints beyond float range: observe skips or clips, model() stays a valid CostModel, predictions
+    are numbers (inf at worst), never an exception."""
+    fit = OnlineCostFit.create(DEFAULT_COST_MODEL, clip=clip)
+    extreme_steps = [
+        ([1], [10], [0], 1.3e154, 1.3e154, 1.3e154),
+        ([1], [10], [0], 1e308, 1e308, 1e308),
+        ([1], [10], [0], 0.0, 0.0, 1e308),
+        ([2**32 - 1] * 4, [2**32 - 1] * 4, [2**32 - 1] * 4, 60_000.0, 60_000.0, 60_000.0),
+        ([10**400], [10**400], [0], 5.0, 5.0, 10.0),
+        ([1e300, 1e300], [1e300, 1e300], None, 1e300, 1e300, 1e300),
+        ([0] * 4096, [1 << 24] * 4096, [1 << 24] * 4096, 60_000.0, 0.0, 60_000.0),
+    ]
+    for ks, contexts, prefills, draft, verify, total in extreme_steps:
+        fit.observe(ks, contexts, prefills, draft, verify, total_ms=total)
+        model = fit.model()
+        assert all(math.isfinite(v) and v >= 0 for v in model.to_dict().values())
+        for batch in ((ks, contexts, prefills), ([4] * 8, [512] * 8, None)):
+            value = model.predict_ms(*batch)
+            assert isinstance(value, float)
+            model.draft_ms(*batch[:2]), model.verify_ms(*batch)
+    restored = OnlineCostFit.from_dict(json.loads(json.dumps(fit.to_dict())))
+    assert restored.model() == fit.model() and restored.clip == clip
+    assert math.isinf(DEFAULT_COST_MODEL.predict_ms([10**400], [1])) or \
+        math.isnan(DEFAULT_COST_MODEL.predict_ms([10**400], [1]))
+
+
+def test_a_stored_fit_that_no_fit_produces_is_refused_with_value_error():
+    """A corrupted or hand-edited fit in Redis (NaN, inf, wrong shapes, numbers beyond float range)
+    is a ValueError, which the decider turns into a fresh fit; one stored before clipping existed
+    reads with the default clip."""
+    good = OnlineCostFit.create().to_dict()
+    old = {key: value for key, value in good.items() if key != "clip"}
+    assert OnlineCostFit.from_dict(old).clip == DEFAULT_CLIP
+    for broken in (
+        {**good, "overhead_sum": math.inf},
+        {**good, "clip": -1.0},
+        {**good, "verify": {**good["verify"], "gram": [[math.nan] * 7] * 7}},
+        {**good, "verify": {**good["verify"], "moment": [10**400] * 7}},
+        {**good, "draft": {**good["draft"], "gram": [[1.0]]}},
+    ):
+        with pytest.raises(ValueError):
+            OnlineCostFit.from_dict(broken)
