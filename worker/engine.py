@@ -147,12 +147,13 @@ class Engine:
                 raise EngineStoppedError("the worker is shutting down")
             if request.request_id in self._known_ids:
                 raise DuplicateRequestError(f"request_id {request.request_id!r} is already running")
-            queued = len(self._inbox) + len(self._waiting)
-            busy = len(self._running) + queued
+            busy = len(self._running) + len(self._inbox) + len(self._waiting)
             if busy >= self.config.max_batch_size + self.config.max_queue:
+                # Requests still in the inbox may be about to take free slots: what waits for a slot
+                # is whatever the slots cannot hold, never more than max_queue at this check.
                 raise QueueFullError(
-                    f"{queued} requests are queued (max_queue {self.config.max_queue}) and all "
-                    f"{self.config.max_batch_size} slots are busy"
+                    f"the queue is full: all {self.config.max_batch_size} slots are taken and "
+                    f"{busy - self.config.max_batch_size} requests wait for one (max_queue {self.config.max_queue})"
                 )
             self._known_ids[request.request_id] = handle
             self._inbox.append(handle)

@@ -24,7 +24,7 @@ from .engine import DuplicateRequestError, Engine, EngineConfig, EngineStoppedEr
 from .local_policy import LocalPolicyPlanner, PolicyChoice, local_policy_choice
 from .metrics import WorkerMetrics
 from .profile import measure_profile
-from .requests import InvalidRequest, RequestLimits, to_domain
+from .requests import InvalidRequest, RequestLimits, decode_generate_request, to_domain
 from .sequence import FinishReason, GenerationFailed, GenerationOutcome, TokenDelta
 from .steps import Planner
 
@@ -88,12 +88,36 @@ def policy_to_proto(choice: PolicyChoice | None) -> common_pb2.PolicySpec:
     return policy_spec_proto(choice.name, choice.params, choice.policy)
 
 
+def add_generation_service(servicer: "GenerationServicer", server: grpc.Server) -> None:
+    """`generation_pb2_grpc.add_GenerationServicer_to_server`, except that Generate's request
+    deserializer is `decode_generate_request`: bytes that are no GenerateRequest (invalid UTF-8 in
+    a string field) reach the servicer as the InvalidRequest naming the field, answered with
+    INVALID_ARGUMENT, instead of failing in gRPC's deserialisation with INTERNAL."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=decode_generate_request,
+            response_serializer=generation_pb2.GenerateResponse.SerializeToString,
+        ),
+        "GetWorkerInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetWorkerInfo,
+            request_deserializer=generation_pb2.GetWorkerInfoRequest.FromString,
+            response_serializer=generation_pb2.WorkerInfo.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GENERATION_SERVICE, handlers),))
+    server.add_registered_method_handlers(GENERATION_SERVICE, handlers)
+
+
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
     def __init__(self, worker: "WorkerServer") -> None:
         self._worker = worker
 
-    def Generate(self, request: generation_pb2.GenerateRequest, context: grpc.ServicerContext) -> Iterator:
+    def Generate(self, request: generation_pb2.GenerateRequest | InvalidRequest,
+                 context: grpc.ServicerContext) -> Iterator:
         engine = self._worker.engine
+        if isinstance(request, InvalidRequest):  # bytes the deserializer could not decode (invalid UTF-8)
+            abort(context, request)
         try:
             with engine.tokenizer_lock:
                 domain = to_domain(request, self._worker.model.tokenizer, self._worker.limits)
@@ -159,7 +183,7 @@ class WorkerServer:
                                        thread_name_prefix="smartspec-worker-rpc"),
             interceptors=self.security.interceptors(),
         )
-        generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self), self._server)
+        add_generation_service(GenerationServicer(self), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection((GENERATION_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
                                             self._server)
