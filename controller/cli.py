@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 
+from smartspec.controller.redis_connect import URL_HELP
 from smartspec.core.config import add_option
 from smartspec.core.security import add_security_options, security_from_args
 
@@ -13,8 +14,10 @@ from smartspec.core.security import add_security_options, security_from_args
 def configure(parser) -> None:
     add_option(parser, "--host", default="0.0.0.0", help="address to bind the gRPC server to")
     add_option(parser, "--port", default=50051, type=int, help="gRPC port (0 picks a free one)")
-    add_option(parser, "--redis", default="redis://127.0.0.1:6379/0", help="Redis URL holding all state")
-    add_option(parser, "--redis-prefix", default="smartspec:", help="prefix of every Redis key")
+    add_option(parser, "--redis", default="redis://127.0.0.1:6379/0",
+               help="Redis holding all state: " + URL_HELP)
+    add_option(parser, "--redis-prefix", default="smartspec:",
+               help="prefix of every Redis key (on a cluster it gets a hash tag: smartspec: -> {smartspec}:)")
     add_option(parser, "--redis-timeout-s", default=0.5, type=float,
                help="Redis socket timeout; past it a step is planned from priors (degraded)")
     add_option(parser, "--metrics-port", default=0, type=int, help="Prometheus /metrics port (0 = off)")

@@ -100,9 +100,10 @@ class ControllerServer:
         for name in ("", *SERVICE_NAMES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if not self.store.ping():
-            log.warning("redis not reachable at start; planning from priors until it is")
-        log.info("controller %s serving on %s (metrics port %s)", self.controller_id, self.address,
-                 self.bound_metrics_port or "off")
+            log.warning("redis not reachable at start (%s); planning from priors until it is",
+                        self.store.target.describe())
+        log.info("controller %s serving on %s (metrics port %s), state in %s under %r", self.controller_id,
+                 self.address, self.bound_metrics_port or "off", self.store.target.describe(), self.store.prefix)
         return self.port
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:

@@ -1,6 +1,7 @@
 """Everything the controller must remember, kept in Redis so that replicas stay stateless.
 
-Keys (all under a configurable prefix, default ``smartspec:``):
+Keys (all under a configurable prefix, default ``smartspec:``; against a Redis Cluster the prefix
+carries a hash tag, ``{smartspec}:``, so that every key hashes to one slot: see `redis_connect`):
 
     {p}hist:{worker_id}               the worker's request histories, one binary table
                                       (`HistoryTable.encode`), TTL refreshed every step; rows of
@@ -18,6 +19,9 @@ if asked, the cost fit unless the caller holds the stored one, the prior, the po
 caller holds the stored version, the worker's last prediction if asked) and `write_step` (atomic).
 Redis failures surface as `StoreUnavailable`; after one, the store refuses calls for
 `retry_after_s` so a dead Redis costs a step one failed connect per window, not one per step.
+The other writes (a hello, a fit stored alone, a policy) are one script each too; `list_workers`
+reads the hashes with a plain (non-transactional) pipeline. So the store runs unchanged on one
+server, a Sentinel-named master, or a Redis Cluster (`redis_connect` builds the client from the URL).
 
 The active policy is an operator's choice, not something the next steps can rebuild: each store
 keeps the newest policy record it has read or written (`kept_policy`), and when a read finds the key
@@ -41,10 +45,10 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.commands.core import Script
+from redis.exceptions import RedisClusterException
 
-from smartspec.controller import store_scripts
+from smartspec.controller import redis_connect, store_scripts
 from smartspec.core.acceptance import AcceptanceState, PooledPrior
 from smartspec.controller.history_table import HistoryError, HistoryTable
 
@@ -187,28 +191,61 @@ return {action, redis.call('HGETALL', KEYS[1])}
 """
 
 
+class _Connection:
+    """A redis-py client with the store's scripts registered on it."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.set_policy: Script = client.register_script(store_scripts.SET_POLICY)
+        self.read_step: Script = client.register_script(store_scripts.READ_STEP)
+        self.record_step: Script = client.register_script(store_scripts.RECORD_STEP)
+        self.restore_policy: Script = client.register_script(RESTORE_POLICY)
+        self.write_cost_fit: Script = client.register_script(store_scripts.WRITE_COST_FIT)
+        self.register_worker: Script = client.register_script(store_scripts.REGISTER_WORKER)
+
+
 class ControllerStore:
-    """Typed access to the controller's Redis keys; one instance per server, thread-safe."""
+    """Typed access to the controller's Redis keys; one instance per server, thread-safe.
+
+    `redis_url` is any form `redis_connect` reads: one server (`redis://`), a Redis Cluster
+    (`redis+cluster://`: the prefix gets a hash tag, `prefix` then reads back the tagged one) or a
+    Sentinel-named master (`redis+sentinel://`)."""
 
     def __init__(self, redis_url: str, prefix: str = DEFAULT_PREFIX, *, timeout_s: float = 0.5,
                  retry_after_s: float = 1.0, request_ttl_s: int = REQUEST_TTL_S,
                  worker_ttl_s: int = WORKER_TTL_S) -> None:
-        self.prefix = prefix
+        self.target = redis_connect.parse_redis_url(redis_url)
+        self.prefix = redis_connect.tagged_prefix(prefix) if self.target.kind == redis_connect.CLUSTER else prefix
         self.request_ttl_s = request_ttl_s
         self.worker_ttl_s = worker_ttl_s
         self.retry_after_s = retry_after_s
-        self._redis = redis.Redis.from_url(
-            redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._set_policy = self._redis.register_script(store_scripts.SET_POLICY)
-        self._read_step = self._redis.register_script(store_scripts.READ_STEP)
-        self._record_step = self._redis.register_script(store_scripts.RECORD_STEP)
-        self._restore_policy = self._redis.register_script(RESTORE_POLICY)
+        self._timeout_s = timeout_s
         self._lock = threading.Lock()
         self._kept_policy: PolicyRecord | None = None   # newest policy record read or written here
         self._down_until = 0.0
         self._closed = False
+        # A cluster client discovers the cluster when built: that waits for the first call (a
+        # cluster down at start is then a degraded step, as a down server is). The others connect
+        # lazily anyway, and building them now reports a malformed URL at start.
+        self._connection: _Connection | None = None
+        self._connect_lock = threading.Lock()
+        if self.target.kind != redis_connect.CLUSTER:
+            self._connection = _Connection(redis_connect.connect(self.target, timeout_s=timeout_s))
+
+    def _conn(self) -> _Connection:
+        connection = self._connection
+        if connection is None:
+            with self._connect_lock:
+                if self._closed:
+                    raise StoreUnavailable("store closed (server stopping)")
+                if self._connection is None:
+                    self._connection = _Connection(redis_connect.connect(self.target, timeout_s=self._timeout_s))
+                connection = self._connection
+        return connection
+
+    @property
+    def _redis(self) -> Any:
+        return self._conn().client
 
     # -- keys ---------------------------------------------------------------------------------
     def history_key(self, worker_id: str) -> str:
@@ -238,7 +275,7 @@ class ControllerStore:
             raise StoreUnavailable("redis marked down after a recent failure; retrying shortly")
         try:
             return fn()
-        except (redis.RedisError, OSError) as exc:
+        except (redis.RedisError, RedisClusterException, OSError) as exc:
             with self._lock:
                 self._down_until = time.monotonic() + self.retry_after_s
             raise StoreUnavailable(f"redis: {exc}") from exc
@@ -251,13 +288,16 @@ class ControllerStore:
 
     def ping(self) -> bool:
         try:
-            return bool(self._call(self._redis.ping))
+            return bool(self._call(lambda: self._redis.ping()))
         except StoreUnavailable:
             return False
 
     def close(self) -> None:
-        self._closed = True
-        self._redis.close()
+        with self._connect_lock:
+            self._closed = True
+            connection = self._connection
+        if connection is not None:
+            redis_connect.close(connection.client)
 
     # -- per step -----------------------------------------------------------------------------
     def read_step(self, worker_id: str, cost_profile_id: str, proposer_kind: str, *, histories: bool = True,
@@ -272,7 +312,7 @@ class ControllerStore:
         args = ["1" if histories else "0", "-" if cost_fit_writer is None else cost_fit_writer, policy_stamp,
                 "1" if worker else "0"]
         raw_table, writer, raw_fit, raw_prior, raw_policy, raw_worker = self._call(
-            lambda: self._read_step(keys=keys, args=args))
+            lambda: self._conn().read_step(keys=keys, args=args))
         prior = None
         if raw_prior[0] is not None and raw_prior[1] is not None:
             prior = PooledPrior(*(float(v) if v is not None else 0.0 for v in raw_prior))
@@ -326,20 +366,13 @@ class ControllerStore:
         ]
         keys = [self.history_key(writes.worker_id), self.cost_key(writes.cost_profile_id),
                 self.prior_key(writes.proposer_kind), self.worker_key(writes.worker_id), self.workers_key()]
-        self._call(lambda: self._record_step(keys=keys, args=args))
+        self._call(lambda: self._conn().record_step(keys=keys, args=args))
         return writer
 
     def write_cost_fit(self, cost_profile_id: str, fit: Mapping[str, Any], writer: str) -> str:
         """Store a cost fit alone (a stream ending with unsaved steps); returns `writer`."""
-
-        def run():
-            pipe = self._redis.pipeline(transaction=True)
-            key = self.cost_key(cost_profile_id)
-            pipe.hset(key, mapping={"fit": json.dumps(dict(fit)), "writer": writer})
-            pipe.expire(key, COST_FIT_TTL_S)
-            pipe.execute()
-
-        self._call(run)
+        args = [json.dumps(dict(fit)), writer, COST_FIT_TTL_S]
+        self._call(lambda: self._conn().write_cost_fit(keys=[self.cost_key(cost_profile_id)], args=args))
         return writer
 
     def get_histories(self, worker_id: str) -> HistoryTable:
@@ -349,20 +382,9 @@ class ControllerStore:
     # -- workers ------------------------------------------------------------------------------
     def register_worker(self, worker_id: str, info: Mapping[str, str], *, reset_totals: bool) -> None:
         """Record a worker's hello; a new connection (reset_totals) starts its totals from zero."""
-
-        def run():
-            key = self.worker_key(worker_id)
-            pipe = self._redis.pipeline(transaction=True)
-            if reset_totals:
-                pipe.delete(key)
-            now = _now_ms()
-            pipe.hset(key, mapping={**info, "last_seen_unix_ms": now})
-            pipe.expire(key, self.worker_ttl_s)
-            pipe.zadd(self.workers_key(), {worker_id: now})
-            pipe.expire(self.workers_key(), self.worker_ttl_s)
-            pipe.execute()
-
-        self._call(run)
+        keys = [self.worker_key(worker_id), self.workers_key()]
+        args = ["1" if reset_totals else "0", _now_ms(), self.worker_ttl_s, worker_id, info_json(info)]
+        self._call(lambda: self._conn().register_worker(keys=keys, args=args))
 
     def list_workers(self, seen_within_s: float) -> list[WorkerRecord]:
         """Workers seen in the last `seen_within_s` seconds; older entries are pruned."""
@@ -413,7 +435,7 @@ class ControllerStore:
         now = _now_ms()
         encoded = json.dumps(dict(parameters), sort_keys=True)
         applied, version = self._call(
-            lambda: self._set_policy(keys=[self.policy_key()], args=[name, encoded, int(expected_version), now])
+            lambda: self._conn().set_policy(keys=[self.policy_key()], args=[name, encoded, int(expected_version), now])
         )
         if not applied:
             raise VersionMismatch(int(expected_version), int(version))
@@ -446,7 +468,7 @@ class ControllerStore:
     def _restore(self, kept: PolicyRecord) -> PolicyRecord | None:
         """RESTORE_POLICY with `kept`; the policy stored afterwards (logged when anything changed)."""
         args = [kept.name, json.dumps(dict(kept.parameters), sort_keys=True), kept.version, kept.updated_unix_ms]
-        action, raw = self._call(lambda: self._restore_policy(keys=[self.policy_key()], args=args))
+        action, raw = self._call(lambda: self._conn().restore_policy(keys=[self.policy_key()], args=args))
         record = _policy_from_pairs(raw)
         if action == 1:
             log.warning("active policy %r v%d was missing from Redis (%s): restored it from this replica's memory",

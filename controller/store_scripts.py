@@ -4,6 +4,11 @@ Why scripts rather than pipelines: a step touches about a dozen keys; redis-py p
 every pipelined command in Python (~15 us each), while a script is one command each way. Scripts
 can also decide on the server: the cost fit and the policy are sent back only when they changed
 since the caller last read them, and the write is atomic (the pooled prior's decay-and-add must be).
+
+Every script names each key it touches in KEYS and touches no other, and a Redis Cluster runs it
+only when all of them hash to one slot: the store's key prefix carries a hash tag in cluster mode
+(`redis_connect.tagged_prefix`), so they do. The store's other writes are scripts too (no MULTI
+pipelines), which run the same on one server, a Sentinel-named master and a cluster.
 """
 
 # KEYS: history table, cost fit, pooled prior, policy, worker
@@ -86,4 +91,30 @@ end
 version = version + 1
 redis.call('HSET', KEYS[1], 'name', ARGV[1], 'parameters', ARGV[2], 'version', version, 'updated_unix_ms', ARGV[4])
 return {1, version}
+"""
+
+# KEYS: cost fit; ARGV: fit JSON, its writer token, TTL. A fit stored alone (a stream ending with
+# unsaved steps).
+WRITE_COST_FIT = """
+redis.call('HSET', KEYS[1], 'fit', ARGV[1], 'writer', ARGV[2])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS: worker, workers; ARGV: 1 start the totals from zero ('1'/'0'), 2 now (ms), 3 TTL, 4 worker id,
+# 5 the hello's fields as a JSON object. A worker's hello.
+REGISTER_WORKER = """
+if ARGV[1] == '1' then redis.call('DEL', KEYS[1]) end
+local fields = {}
+for name, value in pairs(cjson.decode(ARGV[5])) do
+  fields[#fields + 1] = name
+  fields[#fields + 1] = value
+end
+fields[#fields + 1] = 'last_seen_unix_ms'
+fields[#fields + 1] = ARGV[2]
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
+redis.call('EXPIRE', KEYS[2], tonumber(ARGV[3]))
+return 1
 """
