@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 import threading
 
 from smartspec.controller.redis_connect import URL_HELP
 from smartspec.core.config import add_option
 from smartspec.core.security import add_security_options, security_from_args
+from smartspec.core.tracing import TracingUnavailable, add_tracing_options, configure_from_args, shutdown as stop_tracing
 
 
 def configure(parser) -> None:
@@ -26,6 +28,7 @@ def configure(parser) -> None:
     add_option(parser, "--grace-s", default=5.0, type=float, help="seconds in-flight calls get on shutdown")
     add_option(parser, "--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     add_security_options(parser)
+    add_tracing_options(parser)
 
 
 def run(args) -> int:
@@ -33,6 +36,11 @@ def run(args) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    try:
+        configure_from_args(args, "smartspec-controller")
+    except TracingUnavailable as exc:
+        print(f"smartspec controller: {exc}", file=sys.stderr)
+        return 2
     from smartspec.controller.server import ControllerServer  # heavy imports only when running
 
     server = ControllerServer(
@@ -62,4 +70,5 @@ def run(args) -> int:
     while not stop_requested.wait(0.5):
         pass
     server.stop(args.grace_s)
+    stop_tracing()   # flush the spans still batched
     return 0

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smartspec.controller import validation
+from smartspec.core import tracing
 from smartspec.core.codec import policy_spec_proto
 from smartspec.core.acceptance import PooledPrior
 from smartspec.core.cost_fit import OnlineCostFit, fit_profile
@@ -245,6 +246,36 @@ class Decider:
              *, field_prefix: str = "", cost_override: CostModel | None = None) -> DecidedStep:
         """Validate, read Redis once, plan. `memory`: the stream's (updated in place), None for Decide.
         Raises InvalidInput for a malformed report (the caller maps it)."""
+        if tracing.ENABLED:
+            return self._traced_plan(session, report, memory, field_prefix=field_prefix, cost_override=cost_override)
+        return self._plan(session, report, memory, field_prefix=field_prefix, cost_override=cost_override)
+
+    def _traced_plan(self, session: WorkerSession, report: controller_pb2.StepReport, memory: StreamMemory | None,
+                     **kwargs: Any) -> DecidedStep:
+        """`_plan` inside a `smartspec.controller.plan` span, a child of the worker's step span when
+        the report carries its trace context (core/tracing.py)."""
+        span = tracing.start_span("smartspec.controller.plan", parent_context=tracing.extract(report.trace_context),
+                                  attributes={"smartspec.worker_id": session.worker_id,
+                                              "smartspec.step_index": report.step_index,
+                                              "smartspec.batch_size": len(report.requests)})
+        try:
+            planned = self._plan(session, report, memory, **kwargs)
+            plan = planned.plan
+            span.set_attributes({"smartspec.policy": plan.policy_name,
+                                 "smartspec.policy_version": plan.policy_version,
+                                 "smartspec.predicted_step_ms": plan.predicted_step_ms,
+                                 "smartspec.predicted_tokens": plan.predicted_tokens,
+                                 "smartspec.degraded": plan.degraded,
+                                 "smartspec.speculating_rows": sum(1 for r in plan.requests if r.speculation_length)})
+            return planned
+        except Exception as exc:
+            tracing.record_error(span, exc)
+            raise
+        finally:
+            span.end()
+
+    def _plan(self, session: WorkerSession, report: controller_pb2.StepReport, memory: StreamMemory | None = None,
+              *, field_prefix: str = "", cost_override: CostModel | None = None) -> DecidedStep:
         started = time.perf_counter()
         with self._cpu:
             validation.validate_report_totals(report, session.hello, field_prefix)

@@ -14,6 +14,7 @@ from typing import Any
 
 from smartspec.core.config import add_option
 from smartspec.core.security import add_security_options, security_from_args
+from smartspec.core.tracing import TracingUnavailable, add_tracing_options, configure_from_args, shutdown as stop_tracing
 
 DTYPES = ("float32", "bfloat16", "float16")
 NO_CONTROLLER = "none"   # what `--controller` takes to plan in-process with --local-policy
@@ -63,6 +64,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--metrics-port", default=0, type=int, help="Prometheus /metrics port (0 = off)")
     add_option(parser, "--grace-s", default=10.0, type=float, help="on SIGTERM, let running requests finish this long")
     add_security_options(parser)
+    add_tracing_options(parser)
 
 
 def build_proposer(name: str, target: Any, *, draft: str, max_slots: int, max_tokens: int) -> Any:
@@ -100,7 +102,8 @@ def run(args: argparse.Namespace) -> int:
         )
         if args.controller is None:   # check the policy before spending seconds on the model
             local_policy_choice(args.local_policy, args.local_policy_param or ())
-    except ValueError as exc:
+        configure_from_args(args, "smartspec-worker")
+    except (ValueError, TracingUnavailable) as exc:
         print(f"smartspec worker: {exc}", file=sys.stderr)
         return 2
     model = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
@@ -135,4 +138,5 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     server.wait_for_termination()
+    stop_tracing()   # flush the spans still batched
     return 0

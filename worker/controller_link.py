@@ -37,6 +37,7 @@ import grpc
 
 from smartspec.v1 import controller_pb2, controller_pb2_grpc
 
+from smartspec.core import tracing
 from smartspec.core.acceptance import OutcomeError
 
 from .goodput_guard import GoodputGuard
@@ -147,6 +148,27 @@ class ControllerLink:
     # ---- Planner ----------------------------------------------------------------------------
 
     def plan(self, step_index: int, queries: Sequence[SpeculationQuery], queued_requests: int) -> dict[str, int]:
+        if tracing.ENABLED:
+            return self._traced_plan(step_index, queries, queued_requests)
+        return self._plan(step_index, queries, queued_requests)
+
+    def _traced_plan(self, step_index: int, queries: Sequence[SpeculationQuery], queued_requests: int) -> dict[str, int]:
+        """`_plan` inside a span, a child of the engine's step span (the current one)."""
+        counts = (self.plans_applied, self.late_steps, self.fallback_steps)
+        span = tracing.start_span("smartspec.worker.plan", attributes={
+            "smartspec.step_index": step_index, "smartspec.batch_size": len(queries)})
+        try:
+            ks = self._plan(step_index, queries, queued_requests)
+            now = (self.plans_applied, self.late_steps, self.fallback_steps)
+            source = next((name for name, a, b in zip(("applied", "late", "fallback"), now, counts) if a != b), "")
+            span.set_attributes({"smartspec.plan_source": source,
+                                 "smartspec.speculating_rows": sum(1 for k in ks.values() if k),
+                                 "smartspec.proposals_planned": sum(ks.values())})
+            return ks
+        finally:
+            span.end()
+
+    def _plan(self, step_index: int, queries: Sequence[SpeculationQuery], queued_requests: int) -> dict[str, int]:
         with self._cond:
             plan, basis = self._latest, self._usable_basis()
         # Step t+1 is meant to use the answer to report t-1 (one step stale) or newer.
@@ -199,7 +221,10 @@ class ControllerLink:
                 self._first_report = facts.step_index
             needed = max(facts.step_index - 1, self._first_report)
             must_wait = self._usable_basis() is None
-        outbox.put(controller_pb2.WorkerMessage(report=report_to_proto(facts)))
+        report = report_to_proto(facts)
+        if tracing.ENABLED:   # the step span (current here) becomes the controller plan span's parent
+            tracing.inject(tracing.current_span(), report.trace_context)
+        outbox.put(controller_pb2.WorkerMessage(report=report))
         if not must_wait:
             if self.metrics is not None:
                 self.metrics.observe_plan_wait(0.0)

@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from smartspec.core import tracing
 from smartspec.worker.proposers import Proposer
 
 from .lifecycle import RequestLifecycle
@@ -39,6 +40,8 @@ from .step_forwards import StepForwards
 from .steps import SpeculationQuery, Planner, RequestFacts, StepFacts
 
 log = logging.getLogger(__name__)
+
+MAX_STEP_LINKS = 128   # a traced step links at most this many requests besides its parent's
 
 
 class EngineError(Exception):
@@ -140,8 +143,11 @@ class Engine:
 
     # ---- called from any thread -------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> RequestHandle:
+    def submit(self, request: GenerationRequest, trace: Any = None) -> RequestHandle:
+        """`trace`: the request's Generate span when tracing (its steps' parent or link)."""
         handle = RequestHandle(request, self._clock())
+        if trace is not None:
+            handle.trace = trace
         with self._lock:
             if not self._accepting:
                 raise EngineStoppedError("the worker is shutting down")
@@ -227,7 +233,10 @@ class Engine:
                 self._flush_idle_report()
                 continue
             try:
-                self._step()
+                if tracing.ENABLED:
+                    self._traced_step()
+                else:
+                    self._step()
             except Exception as exc:  # a bug or device error: fail the batch, keep the worker alive
                 log.exception("engine step failed")
                 self._lifecycle.fail_all(f"engine step failed: {exc}")
@@ -258,7 +267,24 @@ class Engine:
         if self._lifecycle.pending_finished:
             self._report([], draft_ms=0.0, verify_ms=0.0, total_ms=0.0, batched_tokens=0)
 
-    def _step(self) -> None:
+    def _traced_step(self) -> None:
+        """`_step` inside its span: the parent is the oldest traced request's Generate span, the
+        other requests in the batch are links (core/tracing.py says why)."""
+        traces = [seq.handle.trace for seq in self._running.values() if hasattr(seq.handle, "trace")]
+        traces += [handle.trace for handle, _ in self._waiting if hasattr(handle, "trace")]
+        span = tracing.start_span("smartspec.engine.step", parent=traces[0] if traces else None,
+                                  links=traces[1:MAX_STEP_LINKS + 1],
+                                  attributes={"smartspec.step_index": self._step_index})
+        try:
+            with tracing.use_span(span):
+                self._step(span)
+        except Exception as exc:
+            tracing.record_error(span, exc)
+            raise
+        finally:
+            span.end()
+
+    def _step(self, span: Any = None) -> None:
         step_start = self._clock()
         iteration_start = step_start if self._previous_step_end is None else self._previous_step_end
         decoding = [seq for seq in self._running.values() if not seq.prefilling]
@@ -283,6 +309,12 @@ class Engine:
         # total_ms: the whole loop iteration since the previous step's report (the planner's
         # observe/plan wait, admission, text streaming included), not only this method's body.
         self._previous_step_end = self._clock()
+        if span is not None:   # before the report, so the controller's plan span follows the step's
+            span.set_attributes({
+                "smartspec.batch_size": len(facts), "smartspec.speculating_rows": sum(1 for k in ks.values() if k),
+                "smartspec.batched_tokens": batched_tokens, "smartspec.prefill_rows": len(prefill_work),
+                "smartspec.draft_ms": draft_ms, "smartspec.verify_ms": verify_ms,
+                "smartspec.step_ms": (self._previous_step_end - step_start) * 1000.0})
         self._report(facts, draft_ms=draft_ms, verify_ms=verify_ms,
                      total_ms=(self._previous_step_end - iteration_start) * 1000.0, batched_tokens=batched_tokens)
 

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from smartspec.core import tracing
 from smartspec.core.codec import policy_spec_proto
 from smartspec.core.errors import abort
 from smartspec.core.security import ServerSecurity
@@ -115,6 +116,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     def Generate(self, request: generation_pb2.GenerateRequest | InvalidRequest,
                  context: grpc.ServicerContext) -> Iterator:
+        if tracing.ENABLED:
+            return traced_generate(self._generate, request, context)
+        return self._generate(request, context)
+
+    def _generate(self, request: generation_pb2.GenerateRequest | InvalidRequest,
+                  context: grpc.ServicerContext, span=None) -> Iterator:
         engine = self._worker.engine
         if isinstance(request, InvalidRequest):  # bytes the deserializer could not decode (invalid UTF-8)
             abort(context, request)
@@ -124,7 +131,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         except InvalidRequest as exc:
             abort(context, exc)
         try:
-            handle: RequestHandle = engine.submit(domain)
+            handle: RequestHandle = engine.submit(domain, trace=span)
         except QueueFullError as exc:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except DuplicateRequestError as exc:
@@ -144,6 +151,32 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
 
     def GetWorkerInfo(self, request, context) -> generation_pb2.WorkerInfo:
         return self._worker.info()
+
+
+def traced_generate(generate, request, context: grpc.ServicerContext) -> Iterator:
+    """`generate` (the servicer's body) inside one `smartspec.generate` span, whose parent is the
+    caller's `traceparent` metadata if it sent one; the result's figures become its attributes."""
+    span = tracing.start_span("smartspec.generate", parent_context=tracing.extract(context.invocation_metadata()))
+    if not isinstance(request, InvalidRequest):
+        span.set_attributes({"smartspec.max_tokens": request.max_tokens,
+                             "smartspec.request_id": request.request_id})
+    try:
+        for response in generate(request, context, span):
+            if response.HasField("result"):
+                result = response.result
+                span.set_attributes({
+                    "smartspec.request_id": result.request_id,
+                    "smartspec.prompt_tokens": result.usage.prompt_tokens,
+                    "smartspec.completion_tokens": result.usage.completion_tokens,
+                    "smartspec.proposed_tokens": result.speculation.proposed_tokens,
+                    "smartspec.accepted_tokens": result.speculation.accepted_tokens,
+                    "smartspec.finish_reason": generation_pb2.FinishReason.Name(result.finish_reason)})
+            yield response
+    except BaseException as exc:   # an abort (grpc raises to end the RPC), a cancelled stream
+        tracing.record_error(span, exc)
+        raise
+    finally:
+        span.end()
 
 
 class WorkerServer:

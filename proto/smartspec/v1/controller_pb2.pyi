@@ -52,7 +52,14 @@ class RequestOutcome(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., tested_positions: _Optional[int] = ..., context_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., finished: _Optional[bool] = ..., requested_tokens: _Optional[int] = ..., proposable_tokens: _Optional[int] = ...) -> None: ...
 
 class StepReport(_message.Message):
-    __slots__ = ("step_index", "requests", "draft_ms", "verify_ms", "total_ms", "batched_tokens", "queued_requests")
+    __slots__ = ("step_index", "requests", "draft_ms", "verify_ms", "total_ms", "batched_tokens", "queued_requests", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_MS_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +67,7 @@ class StepReport(_message.Message):
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     step_index: int
     requests: _containers.RepeatedCompositeFieldContainer[RequestOutcome]
     draft_ms: float
@@ -67,7 +75,8 @@ class StepReport(_message.Message):
     total_ms: float
     batched_tokens: int
     queued_requests: int
-    def __init__(self, step_index: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestOutcome, _Mapping]]] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batched_tokens: _Optional[int] = ..., queued_requests: _Optional[int] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, step_index: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestOutcome, _Mapping]]] = ..., draft_ms: _Optional[float] = ..., verify_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batched_tokens: _Optional[int] = ..., queued_requests: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
     __slots__ = ("hello", "report")
