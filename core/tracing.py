@@ -48,6 +48,9 @@ def add_tracing_options(parser) -> None:
     add_option(parser, "--otel-exporter", default="", choices=EXPORTERS,
                help="OpenTelemetry exporter: otlp (to --otel-endpoint), console (print each span "
                     "as JSON on stdout), none; empty = otlp when --otel-endpoint is set, else off")
+    add_option(parser, "--otel-sample-ratio", default=1.0, type=float,
+               help="fraction of requests traced (their steps and plans follow the request's "
+                    "decision, a caller's sampled traceparent always wins)")
 
 
 def configure_from_args(args, service_name: str) -> bool:
@@ -57,7 +60,8 @@ def configure_from_args(args, service_name: str) -> bool:
     if exporter == "none" or (not exporter and not endpoint):
         return False
     try:
-        return configure(service_name=service_name, exporter=exporter or "otlp", endpoint=endpoint)
+        return configure(service_name=service_name, exporter=exporter or "otlp", endpoint=endpoint,
+                         sample_ratio=getattr(args, "otel_sample_ratio", 1.0))
     except ImportError as exc:
         raise TracingUnavailable(
             f"--otel-exporter/--otel-endpoint need OpenTelemetry: pip install 'smartspec[tracing]' ({exc})") from exc
@@ -68,13 +72,19 @@ class TracingUnavailable(RuntimeError):
 
 
 def configure(*, service_name: str = "smartspec", exporter: Any = "otlp", endpoint: str = "",
-              simple: bool | None = None) -> bool:
+              simple: bool | None = None, sample_ratio: float = 1.0) -> bool:
     """Turn tracing on in this process. `exporter`: "otlp", "console" or a SpanExporter object
     (tests pass an InMemorySpanExporter); `simple`: export each span as it ends (default for
-    console and objects) instead of in batches. Raises ImportError without the tracing extra."""
+    console and objects) instead of in batches. `sample_ratio`: the share of root traces (new
+    requests) recorded; a child follows its parent (a step its oldest request, a controller plan
+    its step), so a busy server can trace a few requests in full. An unsampled span is a
+    non-recording one: no attributes, links or export. Raises ImportError without the tracing extra."""
+    if not 0.0 <= sample_ratio <= 1.0:
+        raise ValueError(f"otel_sample_ratio: must be in [0, 1], got {sample_ratio}")
     global ENABLED, _tracer, _provider, _propagator
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -90,7 +100,8 @@ def configure(*, service_name: str = "smartspec", exporter: Any = "otlp", endpoi
         span_exporter = exporter
         simple = True if simple is None else simple
     shutdown()
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}),
+                              sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
     provider.add_span_processor(SimpleSpanProcessor(span_exporter) if simple else BatchSpanProcessor(span_exporter))
     _provider, _tracer = provider, provider.get_tracer("smartspec")
     _propagator = TraceContextTextMapPropagator()

@@ -183,6 +183,33 @@ def test_flags_and_environment_turn_it_on(monkeypatch):
     assert not tracing.ENABLED
 
 
+def test_unsampled_requests_record_nothing_downstream(tiny, controller):
+    """ratio 0: a request is not traced, nor are its steps and the controller's plans for them."""
+    pytest.importorskip("opentelemetry.sdk", reason="the tracing extra: pip install 'smartspec[tracing]'")
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    spans = InMemorySpanExporter()
+    tracing.configure(exporter=spans, sample_ratio=0.0)
+    try:
+        worker, port = start_worker(tiny, controller.address)
+        try:
+            generate(port)
+        finally:
+            worker.stop(0)
+        time.sleep(0.2)
+        assert spans.get_finished_spans() == ()
+        # ... while a caller's sampled traceparent is always honoured
+        worker, port = start_worker(tiny, None)
+        try:
+            generate(port, metadata=[("traceparent", f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01")])
+        finally:
+            worker.stop(0)
+        names = {s.name for s in spans.get_finished_spans()}
+        assert {"smartspec.generate", "smartspec.engine.step"} <= names
+    finally:
+        tracing.shutdown()
+
+
 # opentelemetry is made unimportable, as on an install without the tracing extra (only checking
 # sys.modules would not do: redis-py imports it by itself when it is installed).
 OFF_SCRIPT = textwrap.dedent("""
