@@ -346,3 +346,38 @@ def test_queue_full_message_never_counts_more_waiting_than_max_queue(tiny):
     waiting = int(re.search(r"(\d+) requests wait", message).group(1))
     assert waiting == 2 and "max_queue 2" in message and "all 2 slots" in message, message
     engine.stop(0)
+
+
+def test_a_real_workers_reports_all_pass_the_new_bounds(tiny, server):
+    """The bounds must not refuse what a real worker sends: a tiny-model worker with a startup
+    profile, chunked prefill (a prompt longer than the token budget), prompt lookup's look-ahead and
+    concurrent requests, planned by the controller; not one report is rejected."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from smartspec.v1 import generation_pb2_grpc
+    from smartspec.worker.engine import EngineConfig
+    from smartspec.worker.proposers import make_proposer
+    from smartspec.worker.server import WorkerOptions, WorkerServer
+
+    options = WorkerOptions(engine=EngineConfig(max_batch_size=3, max_context_tokens=128, max_queue=4,
+                                                token_budget=24, max_k=4),
+                            controller=server.address, profile_steps=1, default_max_tokens=12,
+                            worker_id="real-worker", proposer_name="ngram")
+    worker = WorkerServer(tiny, make_proposer("ngram"), options)
+    port = worker.start()
+    registry = server.metrics.registry
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = generation_pb2_grpc.GenerationStub(channel)
+            prompts = ["t7 t19 t33 t41 " * 10, "t5 t6 t7 t5 t6 t7", "t90 t91", "t12 t13 t14 t15 " * 3]
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                done = list(pool.map(lambda p: list(stub.Generate(gen.GenerateRequest(
+                    prompt=p, max_tokens=12, ignore_eos=True, request_id=f"id-{len(p)}"), timeout=120)), prompts))
+            assert all(responses[-1].result.usage.completion_tokens == 12 for responses in done)
+    finally:
+        worker.stop(0)
+    steps = sum(s.value for m in registry.collect() if m.name == "smartspec_controller_steps" for s in m.samples
+                if s.name.endswith("_total"))
+    rejected = {s.labels["field"]: s.value for m in registry.collect()
+                if m.name == "smartspec_controller_rejected_reports" for s in m.samples if s.name.endswith("_total")}
+    assert steps > 10 and not any(rejected.values()), (steps, rejected)
