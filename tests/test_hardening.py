@@ -381,3 +381,21 @@ def test_a_real_workers_reports_all_pass_the_new_bounds(tiny, server):
     rejected = {s.labels["field"]: s.value for m in registry.collect()
                 if m.name == "smartspec_controller_rejected_reports" for s in m.samples if s.name.endswith("_total")}
     assert steps > 10 and not any(rejected.values()), (steps, rejected)
+
+
+def test_the_batch_id_check_agrees_with_the_one_by_one_check():
+    """core/ids.py's fast path (all ids at once) and its walk (one id, naming the problem) agree."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from smartspec.core.ids import all_valid, id_problem
+
+    alphabet = st.sampled_from(list("abzAZ09._/@+=~-") + [",", ":", " ", "\n", "\x00", "é", "*", "{"])
+    one_id = st.one_of(st.text(alphabet, max_size=6), st.text(st.sampled_from("xy"), min_size=250, max_size=260))
+
+    @settings(max_examples=300, deadline=None, database=None, derandomize=True)
+    @given(st.lists(one_id, max_size=6))
+    def agree(ids):
+        assert all_valid(ids) == all(id_problem(i) is None for i in ids), ids
+
+    agree()
