@@ -36,6 +36,9 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         first = next(request_iterator, None)
         if first is None:
             return
+        if isinstance(first, InvalidInput):  # bytes the deserializer could not decode (invalid UTF-8)
+            self._decider.metrics.rejected_reports.labels("hello").inc()
+            abort(context, first)
         if first.WhichOneof("kind") != "hello":
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "hello: the first WorkerMessage of a Connect stream must be a hello")
@@ -43,6 +46,9 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
         memory = StreamMemory()
         try:
             for message in request_iterator:
+                if isinstance(message, InvalidInput):   # undecodable bytes: refused like a bad report
+                    yield self._undecodable(session, message)
+                    continue
                 kind = message.WhichOneof("kind")
                 if kind == "hello":  # one hello per stream: a worker re-introduces itself by reconnecting
                     self._decider.metrics.rejected_reports.labels("hello").inc()
@@ -61,6 +67,15 @@ class ControllerServicer(controller_pb2_grpc.ControllerServicer):
                     self._decider.persist(session, planned, memory)
         finally:
             self._decider.flush(session, memory)
+
+    def _undecodable(self, session, error: InvalidInput) -> controller_pb2.StepPlan:
+        """The error plan for a message that did not decode: a report's fields are named as in any
+        refused report (`requests[0].request_id`), at the step index read from the raw bytes."""
+        field = error.field.removeprefix("report.")
+        log.warning("rejected undecodable message worker_id=%s step=%d field=%s: %s",
+                    session.worker_id, getattr(error, "step_index", 0), field, error.message)
+        self._decider.metrics.rejected_reports.labels(field.split("[")[0].split(".")[0]).inc()
+        return error_plan(getattr(error, "step_index", 0), InvalidInput(field, error.message))
 
     def _open(self, hello: controller_pb2.WorkerHello, context: grpc.ServicerContext):
         try:

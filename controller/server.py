@@ -14,10 +14,13 @@ import os
 import socket
 import uuid
 from concurrent import futures
+from typing import Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message_factory import GetMessageClass
 
 from smartspec.controller.admin_servicer import AdminServicer
 from smartspec.controller.controller_servicer import ControllerServicer
@@ -26,15 +29,69 @@ from smartspec.controller.metrics import ControllerMetrics
 from smartspec.controller.planner import PlannerSettings
 from smartspec.core.policies import Registry, default_registry
 from smartspec.controller.store import DEFAULT_PREFIX, ControllerStore
+from smartspec.controller.validation import InvalidInput
+from smartspec.core.errors import FieldError, abort
 from smartspec.core.security import ServerSecurity
-from smartspec.v1 import admin_pb2, admin_pb2_grpc, controller_pb2, controller_pb2_grpc
+from smartspec.core.wire_check import deserializer, varint_at
+from smartspec.v1 import admin_pb2, controller_pb2
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAMES = (
-    controller_pb2.DESCRIPTOR.services_by_name["Controller"].full_name,
-    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
-)
+CONTROLLER_SERVICE = controller_pb2.DESCRIPTOR.services_by_name["Controller"]
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
+SERVICE_NAMES = (CONTROLLER_SERVICE.full_name, ADMIN_SERVICE.full_name)
+
+
+_decode_worker_message = deserializer(controller_pb2.WorkerMessage, InvalidInput)
+_REPORT_STEP_INDEX = (controller_pb2.WorkerMessage.DESCRIPTOR.fields_by_name["report"].number,
+                      controller_pb2.StepReport.DESCRIPTOR.fields_by_name["step_index"].number)
+
+
+def decode_worker_message(data: bytes) -> controller_pb2.WorkerMessage | InvalidInput:
+    """Connect's deserializer: the message, or the InvalidInput naming the field with invalid
+    UTF-8 (`hello.worker_id`, `report.requests[0].request_id`) and, as `step_index`, the report's
+    step index read from the raw bytes (0 if none), so its error plan answers the right step."""
+    message = _decode_worker_message(data)
+    if isinstance(message, InvalidInput):
+        message.step_index = varint_at(data, _REPORT_STEP_INDEX) or 0
+    return message
+
+
+def _refusing_undecodable(method: Callable) -> Callable:
+    """A unary method whose request may be the InvalidInput of an undecodable message: answered
+    INVALID_ARGUMENT naming the field, before the servicer sees it."""
+    def handler(request, context):
+        if isinstance(request, FieldError):
+            abort(context, request)
+        return method(request, context)
+    return handler
+
+
+def add_service(servicer: object, service: ServiceDescriptor, server: grpc.Server) -> None:
+    """What the generated `add_*Servicer_to_server` does, except that every request deserializer
+    never raises (`smartspec.core.wire_check.deserializer`): bytes that are no message (invalid
+    UTF-8 in a string field) become the InvalidInput naming the field, answered INVALID_ARGUMENT
+    (unary) or handled by the stream's servicer (Connect: see ControllerServicer), instead of
+    failing in gRPC's deserialisation with INTERNAL "Exception deserializing request!"."""
+    handlers = {}
+    for method in service.methods:
+        request_class = GetMessageClass(method.input_type)
+        response_class = GetMessageClass(method.output_type)
+        behaviour = getattr(servicer, method.name)
+        kinds = {(False, False): grpc.unary_unary_rpc_method_handler,
+                 (False, True): grpc.unary_stream_rpc_method_handler,
+                 (True, False): grpc.stream_unary_rpc_method_handler,
+                 (True, True): grpc.stream_stream_rpc_method_handler}
+        if not method.client_streaming:   # a stream's servicer reads (and answers) each message itself
+            behaviour = _refusing_undecodable(behaviour)
+        handlers[method.name] = kinds[(method.client_streaming, method.server_streaming)](
+            behaviour,
+            request_deserializer=(decode_worker_message if request_class is controller_pb2.WorkerMessage
+                                  else deserializer(request_class, InvalidInput)),
+            response_serializer=response_class.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 class ControllerServer:
@@ -75,8 +132,8 @@ class ControllerServer:
             interceptors=security.interceptors(),
             maximum_concurrent_rpcs=max_workers,
         )
-        controller_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(self.decider), self._server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.decider, self.controller_id), self._server)
+        add_service(ControllerServicer(self.decider), CONTROLLER_SERVICE, self._server)
+        add_service(AdminServicer(self.decider, self.controller_id), ADMIN_SERVICE, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),

@@ -36,6 +36,11 @@ MAX_QUEUED_REQUESTS = 1 << 24
 MAX_PROFILE_SAMPLES = 1024
 # The hello's free-form strings (model, proposer, device), shown on status pages.
 MAX_INFO_LENGTH = 256
+# StepReport.trace_context (W3C `traceparent` / `tracestate`, see core/tracing.py): a few short
+# headers, bounded so a report cannot carry an arbitrary map into the controller's tracer.
+MAX_TRACE_ENTRIES = 8
+MAX_TRACE_KEY_LENGTH = 64
+MAX_TRACE_VALUE_LENGTH = 512   # W3C caps tracestate at 512 characters
 # A cost coefficient (ms per unit) above a whole step's maximum cannot describe a real machine.
 MAX_COEFFICIENT_MS = MAX_STEP_MS
 
@@ -115,6 +120,20 @@ def validate_report_totals(report: controller_pb2.StepReport, hello: controller_
     _check_ms(report.total_ms, f"{prefix}total_ms")
     _check_count(report.batched_tokens, f"{prefix}batched_tokens", MAX_CONTEXT_TOKENS)
     _check_count(report.queued_requests, f"{prefix}queued_requests", MAX_QUEUED_REQUESTS)
+    if report.trace_context:
+        validate_trace_context(report.trace_context, f"{prefix}trace_context")
+
+
+def validate_trace_context(carrier, field: str = "trace_context") -> None:
+    """At most MAX_TRACE_ENTRIES headers, keys and values within their lengths."""
+    if len(carrier) > MAX_TRACE_ENTRIES:
+        raise InvalidInput(field, f"at most {MAX_TRACE_ENTRIES} entries, got {len(carrier)}")
+    for key, value in carrier.items():
+        if len(key) > MAX_TRACE_KEY_LENGTH:
+            raise InvalidInput(field, f"keys of at most {MAX_TRACE_KEY_LENGTH} characters, got one of {len(key)}")
+        if len(value) > MAX_TRACE_VALUE_LENGTH:
+            raise InvalidInput(field, f"values of at most {MAX_TRACE_VALUE_LENGTH} characters, "
+                                      f"got {len(value)} for {key[:MAX_TRACE_KEY_LENGTH]!r}")
 
 
 def validate_outcomes(report: controller_pb2.StepReport, prefix: str = "",
@@ -189,6 +208,11 @@ def _check_outcome(outcome: controller_pb2.RequestOutcome, where: str, seen: dic
         _check_count(outcome.proposable_tokens, f"{where}.proposable_tokens", max_k, limit)
 
 
+# The coefficients that cost every step something, speculating or not (each step verifies at least
+# one token per row over a non-empty context): one of them must be positive.
+STEP_COST_FIELDS = ("c_fixed_ms", "c_tok_ms", "c_kv_ms", "overhead_ms", "c_row_ms", "c_width_ms")
+
+
 def validate_cost_override(model: common_pb2.CostModel, field: str = "cost_model_override") -> None:
     for descriptor, value in model.ListFields():
         if not math.isfinite(value) or value < 0:
@@ -196,3 +220,6 @@ def validate_cost_override(model: common_pb2.CostModel, field: str = "cost_model
         if value > MAX_COEFFICIENT_MS:
             raise InvalidInput(f"{field}.{descriptor.name}",
                                f"must be at most {MAX_COEFFICIENT_MS:.0f} ms per unit, got {value:g}")
+    if not any(getattr(model, name) > 0 for name in STEP_COST_FIELDS):
+        raise InvalidInput(field, "a step cannot take 0 ms: at least one of "
+                                  f"{', '.join(STEP_COST_FIELDS)} must be positive")

@@ -399,3 +399,162 @@ def test_the_batch_id_check_agrees_with_the_one_by_one_check():
         assert all_valid(ids) == all(id_problem(i) is None for i in ids), ids
 
     agree()
+
+
+# ------------------------------------- issue 13, second pass: the controller's RPCs and invalid UTF-8
+
+def _spoiled(message, marker: bytes, bad: bytes) -> bytes:
+    """`message`'s bytes with the string `marker` replaced by `bad` (same length: every length
+    prefix stays right), e.g. invalid UTF-8 in one string field."""
+    assert len(marker) == len(bad)
+    data = message.SerializeToString()
+    assert data.count(marker) == 1
+    return data.replace(marker, bad)
+
+
+def _raw_unary(channel, path: str, response_class):
+    return channel.unary_unary(path, request_serializer=None, response_deserializer=response_class.FromString)
+
+
+def _raw_connect(channel, messages):
+    call = channel.stream_stream("/smartspec.v1.Controller/Connect", request_serializer=None,
+                                 response_deserializer=controller_pb2.StepPlan.FromString)
+    return call(iter(messages), timeout=30)
+
+
+def test_invalid_utf8_in_a_report_gets_an_error_plan_naming_the_field_and_the_stream_goes_on(channel):
+    good_hello = controller_pb2.WorkerMessage(hello=hello("w0")).SerializeToString()
+    good = controller_pb2.WorkerMessage(report=timed_report(0, [1], [10], [0], 1.0, 2.0, 4.0))
+    bad = _spoiled(controller_pb2.WorkerMessage(report=timed_report(1, [1], [10], [0], 1.0, 2.0, 4.0)),
+                   b"r0", b"\xffr")
+    bad_trace = controller_pb2.WorkerMessage(report=timed_report(2, [1], [10], [0], 1.0, 2.0, 4.0))
+    bad_trace.report.trace_context["traceparent"] = "XY"
+    then = controller_pb2.WorkerMessage(report=timed_report(3, [1], [10], [0], 1.0, 2.0, 4.0))
+    plans = list(_raw_connect(channel, [good_hello, good.SerializeToString(), bad,
+                                        _spoiled(bad_trace, b"XY", b"\xc3\x28"), then.SerializeToString()]))
+    assert [p.step_index for p in plans] == [0, 1, 2, 3]
+    assert not plans[0].HasField("error") and not plans[3].HasField("error")
+    for plan, field in [(plans[1], "requests[0].request_id"), (plans[2], "trace_context.value")]:
+        assert plan.error.field == field, plan.error
+        assert plan.error.grpc_status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert "UTF-8" in plan.error.message
+
+
+def test_invalid_utf8_in_the_hello_ends_the_stream_with_invalid_argument_and_a_later_stream_is_fine(channel):
+    bad = _spoiled(controller_pb2.WorkerMessage(hello=hello("w-XY")), b"XY", b"\xed\xa0")
+    with pytest.raises(grpc.RpcError) as info:
+        list(_raw_connect(channel, [bad]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("hello.worker_id:"), info.value.details()
+    with pytest.raises(grpc.RpcError) as info:   # not a message at all
+        list(_raw_connect(channel, [b"\x0a\x7f"]))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("request:"), info.value.details()
+    stream = Stream(channel, hello("w-ok"))
+    assert not stream.send(timed_report(0, [1], [10], [0], 1.0, 2.0, 4.0)).HasField("error")
+    stream.close()
+
+
+@pytest.mark.parametrize("path, payload, field, response", [
+    ("/smartspec.v1.Controller/Decide",
+     _spoiled(controller_pb2.DecideRequest(worker=hello("w-XY"), report=timed_report(0, [1], [10], [0], 1, 2, 4)),
+              b"XY", b"\xff\xff"), "worker.worker_id", controller_pb2.StepPlan),
+    ("/smartspec.v1.Controller/Decide",
+     _spoiled(controller_pb2.DecideRequest(worker=hello("w0"), report=timed_report(0, [1], [10], [0], 1, 2, 4)),
+              b"r0", b"r\x80"), "report.requests[0].request_id", controller_pb2.StepPlan),
+    ("/smartspec.v1.Admin/SetPolicy",
+     _spoiled(admin_pb2.SetPolicyRequest(policy=common_pb2.PolicySpec(name="fiXYd")), b"XY", b"\xc3\x28"),
+     "policy.name", admin_pb2.ActivePolicy),
+    ("/smartspec.v1.Admin/SetPolicy",
+     _spoiled(admin_pb2.SetPolicyRequest(policy=common_pb2.PolicySpec(
+         name="fixed", parameters={"kXY": common_pb2.ParameterValue(int_value=2)})), b"kXY", b"k\xc3\x28"),
+     "policy.parameters.key", admin_pb2.ActivePolicy),
+    ("/smartspec.v1.Admin/GetPolicy", b"\x0a\x7f", "request", admin_pb2.ActivePolicy),
+    ("/smartspec.v1.Admin/ListPolicies", b"\x0a\x7f", "request", admin_pb2.ListPoliciesResponse),
+    ("/smartspec.v1.Admin/GetStatus", b"\x0a\x02\xff\xfe\x12", "request", admin_pb2.ControllerStatus),
+])
+def test_undecodable_unary_requests_are_invalid_argument_naming_the_field(channel, path, payload, field, response):
+    call = _raw_unary(channel, path, response)
+    with pytest.raises(grpc.RpcError) as info:
+        call(payload, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details().startswith(field + ":"), info.value.details()
+    # the same route still decodes valid bytes
+    admin = admin_pb2_grpc.AdminStub(channel)
+    assert "fixed" in [p.name for p in admin.ListPolicies(admin_pb2.ListPoliciesRequest(), timeout=30).policies]
+    assert _raw_unary(channel, "/smartspec.v1.Admin/GetPolicy", admin_pb2.ActivePolicy)(b"", timeout=30).version >= 0
+
+
+def test_the_wire_walk_lives_in_the_core_and_the_worker_uses_it():
+    from smartspec.core import wire_check
+    from smartspec.worker import requests
+
+    assert not hasattr(requests, "_invalid_utf8_field")
+    data = _spoiled(gen.GenerateRequest(prompt="t5", stop=["a", "XY"]), b"XY", b"\xff\xff")
+    assert wire_check.invalid_utf8_field(data, gen.GenerateRequest.DESCRIPTOR) == "stop[1]"
+    error = requests.decode_generate_request(data)
+    assert isinstance(error, requests.InvalidRequest) and error.field == "stop[1]"
+    assert wire_check.varint_at(controller_pb2.WorkerMessage(report=controller_pb2.StepReport(
+        step_index=300)).SerializeToString(), (2, 1)) == 300
+
+
+# ------------------------------------------------------------- trace_context and cost override bounds
+
+@pytest.mark.parametrize("trace, what", [
+    ({f"k{i}": "v" for i in range(9)}, "entries"),
+    ({"k" * 65: "v"}, "keys"),
+    ({"traceparent": "v" * 513}, "values"),
+])
+def test_an_oversized_trace_context_is_refused(channel, trace, what):
+    report = timed_report(0, [1], [10], [0], 1.0, 2.0, 4.0)
+    report.trace_context.update(trace)
+    with pytest.raises(grpc.RpcError) as info:
+        controller_pb2_grpc.ControllerStub(channel).Decide(
+            controller_pb2.DecideRequest(worker=hello(), report=report), timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("report.trace_context:") and what in info.value.details()
+    stream = Stream(channel, hello("w-trace"))
+    plan = stream.send(report)
+    assert plan.error.field == "trace_context"
+    ok = timed_report(1, [1], [10], [0], 1.0, 2.0, 4.0)
+    ok.trace_context.update({f"k{i}": "v" * 512 for i in range(8)})
+    assert not stream.send(ok).HasField("error")
+    stream.close()
+
+
+def test_the_workers_own_trace_context_is_within_the_bound():
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from smartspec.controller.validation import validate_trace_context
+    from smartspec.core import tracing
+
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    span = TracerProvider().get_tracer("t").start_span("step")
+    carrier = controller_pb2.StepReport().trace_context
+    saved, tracing._propagator = tracing._propagator, TraceContextTextMapPropagator()  # what enabling sets
+    try:
+        tracing.inject(span, carrier)   # the worker's one write into a report (controller_link.py)
+    finally:
+        tracing._propagator = saved
+    span.end()
+    assert "traceparent" in carrier and len(carrier) <= 2   # traceparent (+ tracestate: W3C caps it at 512)
+    validate_trace_context(carrier)
+
+
+@pytest.mark.parametrize("override", [
+    common_pb2.CostModel(),
+    common_pb2.CostModel(c_fixed_ms=0.0, c_tok_ms=0.0),
+    common_pb2.CostModel(d_tok_ms=1.0, c_spec_ms=2.0),    # only speculation costs: a k = 0 step is free
+])
+def test_a_cost_override_where_a_step_takes_0_ms_is_refused(channel, override):
+    request = controller_pb2.DecideRequest(worker=hello(), report=timed_report(0, [1], [10], [0], 1, 2, 4),
+                                           cost_model_override=override)
+    with pytest.raises(grpc.RpcError) as info:
+        controller_pb2_grpc.ControllerStub(channel).Decide(request, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("cost_model_override:"), info.value.details()
+    assert "0 ms" in info.value.details()
+    request.cost_model_override.c_fixed_ms = 1.0
+    assert not controller_pb2_grpc.ControllerStub(channel).Decide(request, timeout=30).HasField("error")

@@ -6,7 +6,8 @@ GenerateRequest at all: proto3 `string` fields must be UTF-8, and the generated 
 for invalid UTF-8 before any servicer code runs (gRPC then answers INTERNAL "Exception
 deserializing request!"). `decode_generate_request` is the server's deserializer instead: it never
 raises, and for undecodable bytes it returns the InvalidRequest naming the string field at fault
-(`prompt`, `stop[1]`, `messages[0].content`), found by walking the wire format.
+(`prompt`, `stop[1]`, `messages[0].content`), found by walking the wire format
+(`smartspec.core.wire_check`, shared with the controller's services).
 """
 
 from __future__ import annotations
@@ -16,11 +17,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.protobuf.message import DecodeError
-
 from smartspec.core.errors import FieldError
 from smartspec.core.ids import id_problem
+from smartspec.core.wire_check import deserializer
 from smartspec.v1 import generation_pb2
 
 from .sequence import GenerationRequest
@@ -42,73 +41,9 @@ class InvalidRequest(FieldError):
     """A Generate request's field is wrong (maps to INVALID_ARGUMENT)."""
 
 
-def decode_generate_request(data: bytes) -> generation_pb2.GenerateRequest | InvalidRequest:
-    """The Generate method's request deserializer: the message, or (never raising) the
-    InvalidRequest that says which field made the bytes undecodable."""
-    try:
-        return generation_pb2.GenerateRequest.FromString(data)
-    except DecodeError as exc:
-        try:
-            field = _invalid_utf8_field(data, generation_pb2.GenerateRequest.DESCRIPTOR)
-        except (IndexError, ValueError):
-            field = None
-        if field is not None:
-            return InvalidRequest(field, "is not valid UTF-8 (proto3 strings must be)")
-        return InvalidRequest("request", f"is not a valid GenerateRequest message ({exc})")
-
-
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        byte = data[pos]  # IndexError when truncated
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
-
-
-def _invalid_utf8_field(data: bytes, descriptor: Descriptor, prefix: str = "") -> str | None:
-    """The first string field (as a caller writes it: `messages[0].content`) whose bytes are not
-    UTF-8, walking the protobuf wire format with the message's descriptor; None if none is."""
-    seen: dict[str, int] = {}
-    pos = 0
-    while pos < len(data):
-        key, pos = _varint(data, pos)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            _, pos = _varint(data, pos)
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
-        elif wire_type == 2:
-            length, pos = _varint(data, pos)
-            payload, pos = data[pos:pos + length], pos + length
-            if pos > len(data):
-                raise ValueError("truncated field")
-            field = descriptor.fields_by_number.get(number)
-            if field is None or field.type not in (FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_MESSAGE):
-                continue
-            name = prefix + field.name
-            if field.is_repeated:
-                index = seen.get(name, 0)
-                seen[name] = index + 1
-                name = f"{name}[{index}]"
-            if field.type == FieldDescriptor.TYPE_STRING:
-                try:
-                    payload.decode("utf-8")
-                except UnicodeDecodeError:
-                    return name
-            else:
-                inner = _invalid_utf8_field(payload, field.message_type, name + ".")
-                if inner is not None:
-                    return inner
-        else:  # groups (3, 4) or no wire type at all: not a message this walk can read
-            raise ValueError(f"wire type {wire_type}")
-    return None
+decode_generate_request = deserializer(generation_pb2.GenerateRequest, InvalidRequest)
+"""The Generate method's request deserializer: the message, or (never raising) the InvalidRequest
+that says which field made the bytes undecodable (see `smartspec.core.wire_check`)."""
 
 
 def prompt_token_ids(request: generation_pb2.GenerateRequest, tokenizer: Any) -> tuple[str, list[int]]:
