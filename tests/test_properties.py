@@ -467,6 +467,8 @@ def decide_cases(draw):
     if draw(st.booleans()):
         override = common_pb2.CostModel(**{name: draw(st.floats(0, 100)) for name in
                                            draw(st.sets(st.sampled_from(COST_FIELDS), max_size=4))})
+        # A valid override costs every step something (a step cannot take 0 ms): one per-step term > 0.
+        setattr(override, draw(st.sampled_from(STEP_COST_FIELDS)), draw(st.floats(0.01, 100)))
     bad_hello, hello_field = draw(hostile_hello(hello, "worker"))
     bad_report, report_field = draw(hostile_report(report, hello, "report."))
     bad_override = common_pb2.CostModel()
@@ -494,6 +496,7 @@ def decide_cases(draw):
     return request, field
 
 
+STEP_COST_FIELDS = ("c_fixed_ms", "c_tok_ms", "c_kv_ms", "overhead_ms", "c_row_ms", "c_width_ms")
 COST_FIELDS = [f.name for f in common_pb2.CostModel.DESCRIPTOR.fields]
 
 
