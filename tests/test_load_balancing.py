@@ -31,12 +31,13 @@ import pytest
 from smartspec import AsyncClient, Client, UnavailableError
 from smartspec.core.launch import wait_serving
 from smartspec.core.processes import free_port, start_child, stop_child
-from test_model_tiny import write_tiny_model
+from tiny_model import write_tiny_model
 
 pytestmark = pytest.mark.slow
 
 PROMPT = "t5 t6 t7 t8 t5 t6 t7"
-LONG_TOKENS = 200        # streams that are still running when a worker is killed
+LONG_TOKENS = 1500       # streams that are still running when a worker is killed (long enough that none
+                         # can finish between starting and the kill, even on a loaded machine)
 SHORT_TOKENS = 4
 
 
@@ -45,14 +46,14 @@ def workers(tmp_path_factory):
     """Two workers on free ports: [(address, metrics port, Child)]."""
     folder = tmp_path_factory.mktemp("tiny-model")
     logs = tmp_path_factory.mktemp("worker-logs")
-    write_tiny_model(folder)
+    write_tiny_model(folder, max_positions=2048)
     started = []
     for index in range(2):
         port, metrics = free_port(), free_port()
         argv = [sys.executable, "-m", "smartspec.cli", "worker", "--host", "127.0.0.1", "--port", str(port),
                 "--metrics-port", str(metrics), "--worker-id", f"lb-{index}", "--controller", "none",
                 "--model", str(folder), "--local-policy", "fixed:2", "--profile-steps", "0",
-                "--max-batch-size", "8", "--max-queue", "16", "--context-window", "256",
+                "--max-batch-size", "8", "--max-queue", "16", "--context-window", "2048",
                 "--token-budget", "256", "--grace-s", "1"]
         started.append((f"127.0.0.1:{port}", metrics, start_child(f"worker-{index}", argv, logs)))
     try:

@@ -12,7 +12,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}t2 {{ m['content'] }} t3 {% endfor %}"
                  "{% if add_generation_prompt %}t4{% endif %}")
 
 
-def write_tiny_model(folder, seed: int = 1):
+def write_tiny_model(folder, seed: int = 1, max_positions: int = 256):
     """Save the checkpoint into `folder` and return it loaded (`smartspec.worker.model.load_model`)."""
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -21,7 +21,7 @@ def write_tiny_model(folder, seed: int = 1):
     from smartspec.worker.model import load_model
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=max_positions,
                          rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.1)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).eval().save_pretrained(folder)
