@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from smartspec.core.codec import policy_spec_proto, value_to_proto
 from smartspec.core.policies.base import ParameterSpec, ParameterType, Policy
-from smartspec.controller.store import PolicyRecord
+from smartspec.controller.store_policy import PolicyRecord
 from smartspec.v1 import admin_pb2, common_pb2, controller_pb2
 
 if TYPE_CHECKING:  # annotations only: the planner imports nothing from here

@@ -40,13 +40,12 @@ from smartspec.core.policies.base import Policy
 from smartspec.controller.report_columns import ReportColumns
 from smartspec.controller.store import (
     ControllerStore,
-    PolicyRecord,
     StepSnapshot,
     StepWrites,
     StoreUnavailable,
     WorkerFigures,
-    policy_stamp,
 )
+from smartspec.controller.store_policy import PolicyRecord, policy_stamp
 from smartspec.controller.stream_memory import StreamMemory
 from smartspec.v1 import common_pb2, controller_pb2
 

@@ -9,7 +9,7 @@ from smartspec.v1 import common_pb2, controller_pb2
 
 if TYPE_CHECKING:  # annotations only
     from smartspec.controller.planner import PlannerSettings, StepDecision
-    from smartspec.controller.store import PolicyRecord
+    from smartspec.controller.store_policy import PolicyRecord
     from smartspec.controller.validation import InvalidInput
 
 

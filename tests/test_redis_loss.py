@@ -15,7 +15,8 @@ import grpc
 import pytest
 
 from smartspec.controller.server import ControllerServer
-from smartspec.controller.store import ControllerStore, PolicyRecord
+from smartspec.controller.store import ControllerStore
+from smartspec.controller.store_policy import PolicyRecord
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
 from wire import outcome
 

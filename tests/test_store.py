@@ -15,10 +15,9 @@ from smartspec.controller.store import (
     ControllerStore,
     StepWrites,
     StoreUnavailable,
-    VersionMismatch,
     WorkerFigures,
-    policy_stamp,
 )
+from smartspec.controller.store_policy import VersionMismatch, policy_stamp
 
 
 @pytest.fixture
