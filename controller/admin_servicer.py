@@ -8,10 +8,11 @@ import grpc
 
 from smartspec.controller import codec
 from smartspec.core.cost_fit import OnlineCostFit
-from smartspec.controller.decider import DECIDE_NAMESPACE, Decider
+from smartspec.controller.decider import Decider
 from smartspec.core.policies import PolicyError
 from smartspec.controller.store import StoreUnavailable, WorkerRecord
 from smartspec.controller.store_policy import PolicyRecord, VersionMismatch
+from smartspec.controller.worker_session import DECIDE_NAMESPACE
 from smartspec.controller.validation import InvalidInput
 from smartspec.core.codec import parameters_from_proto
 from smartspec.core.errors import FieldError, abort

@@ -17,20 +17,19 @@ seen by this process), and the plan says `degraded=true`; a warning is logged on
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from smartspec.controller import validation
 from smartspec.core import tracing
 from smartspec.core.codec import policy_spec_proto
 from smartspec.core.acceptance import PooledPrior
-from smartspec.core.cost_fit import OnlineCostFit, fit_profile
-from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
+from smartspec.core.cost_fit import OnlineCostFit
+from smartspec.core.cost_model import CostModel
 from smartspec.controller.metrics import ControllerMetrics
 from smartspec.controller.history_table import HistoryTable
 from smartspec.controller.plans import step_plan
@@ -47,71 +46,10 @@ from smartspec.controller.store import (
 )
 from smartspec.controller.store_policy import PolicyRecord, policy_stamp
 from smartspec.controller.stream_memory import StreamMemory
+from smartspec.controller.worker_session import WorkerSession, open_session, what_if_session_from_bytes
 from smartspec.v1 import common_pb2, controller_pb2
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerSession:
-    """A validated hello and what follows from it, computed once per connection."""
-
-    hello: controller_pb2.WorkerHello
-    seed_cost: CostModel                          # hello profile fitted over the default model
-    proposer_kind: str                            # e.g. "PROPOSER_KIND_NGRAM"
-    info: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def worker_id(self) -> str:
-        return self.hello.worker_id
-
-    @property
-    def cost_profile_id(self) -> str:
-        return self.hello.cost_profile_id or self.hello.worker_id
-
-
-def open_session(hello: controller_pb2.WorkerHello) -> WorkerSession:
-    """Derive the per-connection facts of a (validated) hello."""
-    return WorkerSession(
-        hello=hello,
-        seed_cost=fit_profile(hello.profile, DEFAULT_COST_MODEL) if len(hello.profile) else DEFAULT_COST_MODEL,
-        proposer_kind=common_pb2.ProposerKind.Name(hello.proposer_kind),
-        info={
-            "model": hello.model,
-            "proposer": hello.proposer,
-            "device": hello.device,
-            "max_speculation_length": str(hello.max_speculation_length),
-            "max_batch_size": str(hello.max_batch_size),
-            "cost_profile_id": hello.cost_profile_id or hello.worker_id,
-            "proposer_kind": common_pb2.ProposerKind.Name(hello.proposer_kind),
-        },
-    )
-
-
-# Decide keeps all its state under names no worker can use (ids never contain ':', see
-# core/ids.py): its histories under worker `decide:{worker_id}`, its cost fit under profile
-# `decide:{cost_profile_id}`, its pooled prior under proposer kind `decide:{kind}`.
-DECIDE_NAMESPACE = "decide:"
-
-
-def what_if_hello(hello: controller_pb2.WorkerHello) -> controller_pb2.WorkerHello:
-    """The hello a Decide call plans as: the same worker, its ids moved into Decide's namespace."""
-    own = controller_pb2.WorkerHello()
-    own.CopyFrom(hello)
-    own.worker_id = DECIDE_NAMESPACE + hello.worker_id
-    own.cost_profile_id = DECIDE_NAMESPACE + (hello.cost_profile_id or hello.worker_id)
-    return own
-
-
-def what_if_session(hello: controller_pb2.WorkerHello) -> WorkerSession:
-    """Decide's session: every key it reads or writes (but the active policy's) is its own."""
-    session = open_session(what_if_hello(hello))
-    return dataclasses.replace(session, proposer_kind=DECIDE_NAMESPACE + session.proposer_kind)
-
-
-@functools.lru_cache(maxsize=256)
-def _session_from_bytes(hello_bytes: bytes) -> WorkerSession:
-    return what_if_session(controller_pb2.WorkerHello.FromString(hello_bytes))
 
 
 class RedisHealth:
@@ -229,7 +167,7 @@ class Decider:
         profile is the costly part). Its keys are in Decide's own namespace (`what_if_session`):
         a Decide never reads or writes a streaming worker's histories, a cost profile's fit or
         the pooled prior that streams plan with, whatever ids its hello names."""
-        return _session_from_bytes(hello.SerializeToString(deterministic=True))
+        return what_if_session_from_bytes(hello.SerializeToString(deterministic=True))
 
     # -- one step -----------------------------------------------------------------------------
     def step(self, session: WorkerSession, report: controller_pb2.StepReport, *,
