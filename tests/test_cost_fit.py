@@ -12,10 +12,9 @@ from cost_steps import TRUE_MODEL, noisy_times, random_step
 from smartspec.core.cost_fit import (
     DEFAULT_CLIP,
     OnlineCostFit,
-    _nonnegative_least_squares_by_supports,
     fit_profile,
-    nonnegative_least_squares,
 )
+from smartspec.core.nnls import _nonnegative_least_squares_by_supports, nonnegative_least_squares
 from smartspec.core.cost_model import DEFAULT_COST_MODEL, DRAFT_FIELDS, VERIFY_FIELDS, CostModel
 from smartspec.v1 import common_pb2
 
