@@ -166,7 +166,7 @@ def dataset_requests(dataset: Any, tokenizer: Any, context_window: int) -> list[
 def record_dataset(model: Any, dataset: Any, *, max_k: int = 8, max_batch_size: int = 8,
                    max_context_tokens: int = 2048) -> dict:
     """The whole positions file for a bench dataset (`bench.datasets.load_dataset(...)`)."""
-    from smartspec.worker.engine import context_window
+    from smartspec.worker.model_facts import context_window
 
     requests = dataset_requests(dataset, model.tokenizer, context_window(model, max_context_tokens))
     return {

@@ -17,7 +17,8 @@ One step:
 This module is the loop and its bookkeeping; the rest lives next to it: running.py (a request's
 handle and its state in a slot), lifecycle.py (admission into slots, appending tokens, finishing,
 cancelling, failing), step_forwards.py (steps 4-6: the draft and target forwards), scheduler.py
-(the token budget and k clamping) and steps.py (what a step reports to its planner).
+(the token budget and k clamping), steps.py (what a step reports to its planner) and model_facts.py
+(a slot's context window and the end-of-sequence ids, read from the model).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from smartspec.core import tracing
 from smartspec.worker.proposers import Proposer
 
 from .lifecycle import RequestLifecycle
+from .model_facts import context_window, eos_token_ids
 from .running import RequestHandle, RunningRequest
 from .scheduler import clamp_speculation, group_by_length, chunk_prefill
 from .sequence import GenerationRequest
@@ -380,23 +382,3 @@ class Engine:
         except Exception:  # fall back to the static k for this step
             log.exception("planner.plan failed at step %d; using fallback_k", self._step_index)
             return {}
-
-
-def context_window(model: Any, limit: int) -> int:
-    """Tokens per slot: the configured limit, capped by the model's position embeddings."""
-    model_max = getattr(model.module.config, "max_position_embeddings", None) or limit
-    return min(limit, int(model_max))
-
-
-def eos_token_ids(model: Any) -> frozenset[int]:
-    """End-of-sequence ids from the model config and the tokenizer (chat models often have two)."""
-    ids: set[int] = set()
-    configured = getattr(model.module.config, "eos_token_id", None)
-    if isinstance(configured, int):
-        ids.add(configured)
-    elif configured:
-        ids.update(int(i) for i in configured)
-    tokenizer_eos = getattr(model.tokenizer, "eos_token_id", None)
-    if tokenizer_eos is not None:
-        ids.add(int(tokenizer_eos))
-    return frozenset(ids)
