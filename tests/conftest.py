@@ -92,6 +92,26 @@ def controller(redis_url: str, redis_prefix: str):
 
 
 @pytest.fixture
+def server(redis_url: str, redis_prefix: str):
+    """A controller replica that retries Redis at once after a failure (tests that break Redis)."""
+    from smartspec.controller.server import ControllerServer
+
+    srv = ControllerServer(0, redis_url, redis_prefix, redis_retry_after_s=0.0)
+    srv.start()
+    yield srv
+    srv.stop(0)
+
+
+@pytest.fixture
+def channel(server):
+    """An insecure channel to `server`."""
+    import grpc
+
+    with grpc.insecure_channel(server.address) as ch:
+        yield ch
+
+
+@pytest.fixture
 def replicas(redis_url: str, redis_prefix: str):
     """Two controller replicas on one Redis prefix: a channel to each."""
     import grpc

@@ -56,20 +56,6 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def server(redis_url, redis_prefix):
-    srv = ControllerServer(0, redis_url, redis_prefix, redis_retry_after_s=0.0)
-    srv.start()
-    yield srv
-    srv.stop(0)
-
-
-@pytest.fixture
-def channel(server):
-    with grpc.insecure_channel(server.address) as ch:
-        yield ch
-
-
 BAD_REPORTS = [
     # (report builder, field the error must name)
     (lambda: report(5, [outcome("ok", 2, 2), outcome("x", 2, 3, tested=2)]), "requests[1].accepted_tokens"),

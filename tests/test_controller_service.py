@@ -53,12 +53,6 @@ def server(redis_url, redis_prefix):
     srv.stop(0)
 
 
-@pytest.fixture
-def channel(server):
-    with grpc.insecure_channel(server.address) as ch:
-        yield ch
-
-
 def test_stream_answers_each_report_in_order(channel, raw, redis_prefix):
     reports = [
         report(10, [outcome("a", context=50), outcome("b", context=60)]),

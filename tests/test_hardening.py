@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 from cost_steps import TRUE_MODEL, random_step
-from smartspec.controller.server import ControllerServer
 from smartspec.core.cost_fit import OnlineCostFit
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
 from smartspec.v1 import generation_pb2 as gen
@@ -72,20 +71,6 @@ class Stream:
     def close(self) -> None:
         self._outbox.put(None)
         assert list(self._plans) == []
-
-
-@pytest.fixture
-def server(redis_url, redis_prefix):
-    srv = ControllerServer(0, redis_url, redis_prefix, redis_retry_after_s=0.0)
-    srv.start()
-    yield srv
-    srv.stop(0)
-
-
-@pytest.fixture
-def channel(server):
-    with grpc.insecure_channel(server.address) as ch:
-        yield ch
 
 
 def state_of(raw, prefix: str) -> dict[bytes, object]:

@@ -12,7 +12,6 @@ import logging
 import queue
 
 import grpc
-import pytest
 
 from smartspec.controller.server import ControllerServer
 from smartspec.controller.store import ControllerStore
@@ -47,14 +46,6 @@ def lose_everything(raw, prefix: str) -> int:
 def decide(channel, step: int) -> controller_pb2.StepPlan:
     return controller_pb2_grpc.ControllerStub(channel).Decide(
         controller_pb2.DecideRequest(worker=hello(), report=report(step)), timeout=10)
-
-
-@pytest.fixture
-def server(redis_url, redis_prefix):
-    srv = ControllerServer(0, redis_url, redis_prefix, redis_retry_after_s=0.0)
-    srv.start()
-    yield srv
-    srv.stop(0)
 
 
 def test_policy_comes_back_after_the_keys_are_lost_next_step_and_get_policy(server, raw, redis_prefix, caplog):
