@@ -16,6 +16,7 @@ from smartspec.bench.simulator import StepModel, WorkerSpec, simulate
 from smartspec.bench.step_models import PRESETS
 from smartspec.bench.workload import Workload
 from smartspec.core.policies import get
+from tiny_model import write_tiny_model
 
 CPU = PRESETS["cpu-smollm2"]
 
@@ -213,34 +214,11 @@ def test_calibration_with_positions_replays_the_measured_run_exactly(tmp_path, c
 
 # --- recording on a real (tiny, random) model ------------------------------------------------
 
-VOCAB = 128
-CHAT_TEMPLATE = ("{% for m in messages %}t2 {{ m['content'] }} t3 {% endfor %}"
-                 "{% if add_generation_prompt %}t4{% endif %}")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random 2-layer Llama whose greedy text falls into repeats that prompt lookup finds (init 0.1),
-    with a word-level tokenizer ("t5" -> 5) and a toy chat template."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from smartspec.worker.model import load_model
-
-    folder = tmp_path_factory.mktemp("tiny-positions")
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                         rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.1)
-    torch.manual_seed(1)
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"<unk>": VOCAB - 1}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="t1")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    return load_model(folder)
+    with a word-level tokenizer ("t5" -> 5) and a toy chat template (tests/tiny_model.py)."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-positions"))
 
 
 PROMPTS = [

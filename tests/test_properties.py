@@ -57,6 +57,7 @@ from smartspec.core.policies.base import ParameterType
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
 from smartspec.v1 import generation_pb2 as gen
 from smartspec.v1 import generation_pb2_grpc
+from test_worker_server import run_generate as read_generate_stream
 from wire import outcome
 
 MIN_VALID_SHARE = 0.7
@@ -720,16 +721,7 @@ def workers(tmp_path_factory):
 
 
 def run_generate(stub, request: gen.GenerateRequest) -> tuple[str, list[int], gen.GenerationResult]:
-    text, token_ids, results = "", [], []
-    for message in stub.Generate(request, timeout=60):
-        if message.HasField("delta"):
-            assert not results, "a delta after the result"
-            text += message.delta.text
-            token_ids += list(message.delta.token_ids)
-        else:
-            results.append(message.result)
-    assert len(results) == 1
-    return text, token_ids, results[0]
+    return read_generate_stream(stub, request, timeout=60)
 
 
 def _field_bytes(number: int, payload: bytes) -> bytes:

@@ -59,8 +59,13 @@ def worker(model):
 
 def generate(stub, **fields) -> tuple[str, list[int], pb.GenerationResult]:
     """Run one Generate; returns (concatenated delta text, delta token ids, result)."""
+    return run_generate(stub, pb.GenerateRequest(**fields))
+
+
+def run_generate(stub, request: pb.GenerateRequest, timeout: float = 120) -> tuple[str, list[int], pb.GenerationResult]:
+    """Read one Generate stream: every delta before exactly one result."""
     text, ids, results = "", [], []
-    for message in stub.Generate(pb.GenerateRequest(**fields), timeout=120):
+    for message in stub.Generate(request, timeout=timeout):
         if message.HasField("delta"):
             assert not results, "a delta after the result"
             text += message.delta.text
