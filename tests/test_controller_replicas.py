@@ -7,12 +7,12 @@ import uuid
 import grpc
 import redis
 
-from smartspec.core.acceptance import positions_tested
 from smartspec.controller.history_table import HistoryTable
 from smartspec.core.policies import BasePolicy, Registry
 from smartspec.core.policies.registry import BUILTIN_POLICIES
 from smartspec.controller.server import ControllerServer
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
+from wire import comparable, outcome, workload
 
 
 def hello(worker_id="w0") -> controller_pb2.WorkerHello:
@@ -25,39 +25,11 @@ def hello(worker_id="w0") -> controller_pb2.WorkerHello:
     )
 
 
-def outcome(request_id, proposed, accepted, context, finished=False):
-    return controller_pb2.RequestOutcome(
-        request_id=request_id, proposed_tokens=proposed, accepted_tokens=accepted,
-        tested_positions=positions_tested(proposed, accepted), context_tokens=context, finished=finished)
-
-
-def workload() -> list[controller_pb2.StepReport]:
-    """A few steps of three requests with different acceptance, one finishing, one joining."""
-    steps = []
-    for step in range(8):
-        outcomes = [outcome("good", 4 if step else 0, 4 if step else 0, 50 + 5 * step),
-                    outcome("poor", 2 if step else 0, 0, 80 + step)]
-        if step >= 3:
-            outcomes.append(outcome("late", 1 if step > 3 else 0, 1 if step > 3 else 0, 30 + 2 * step,
-                                    finished=step == 7))
-        steps.append(controller_pb2.StepReport(step_index=step, requests=outcomes, draft_ms=1.0,
-                                               verify_ms=90.0 + 10.0 * step, total_ms=95.0 + 10.0 * step))
-    return steps
-
-
-def comparable(plan: controller_pb2.StepPlan) -> controller_pb2.StepPlan:
-    """Everything but the time the replica spent deciding."""
-    copy = controller_pb2.StepPlan()
-    copy.CopyFrom(plan)
-    copy.ClearField("decision_ms")
-    return copy
-
-
 def test_policy_set_on_one_replica_is_used_by_the_other_next_step(replicas):
     a, b = replicas
     decide_b = controller_pb2_grpc.ControllerStub(b).Decide
     request = controller_pb2.DecideRequest(worker=hello(), report=controller_pb2.StepReport(
-        step_index=0, requests=[outcome("x", 0, 0, 10)]))
+        step_index=0, requests=[outcome("x", context=10)]))
     assert decide_b(request).policy_name == "goodput"
 
     admin_pb2_grpc.AdminStub(a).SetPolicy(admin_pb2.SetPolicyRequest(policy=common_pb2.PolicySpec(
@@ -141,7 +113,7 @@ def test_replica_without_a_plugin_falls_back_to_the_default_policy(redis_url, re
         admin_pb2_grpc.AdminStub(a).SetPolicy(admin_pb2.SetPolicyRequest(
             policy=common_pb2.PolicySpec(name="always-one")))
         request = controller_pb2.DecideRequest(worker=hello(), report=controller_pb2.StepReport(
-            step_index=0, requests=[outcome("x", 0, 0, 10), outcome("y", 0, 0, 10)]))
+            step_index=0, requests=[outcome("x", context=10), outcome("y", context=10)]))
         plan_a = controller_pb2_grpc.ControllerStub(a).Decide(request)
         assert (plan_a.policy_name, plan_a.policy_version) == ("always-one", 1)
         assert [r.speculation_length for r in plan_a.requests] == [1, 1]

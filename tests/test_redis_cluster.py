@@ -30,7 +30,7 @@ from smartspec.controller.store import ControllerStore
 from smartspec.core.processes import Child, free_port, start_child, stop_all, wait_port_open
 from smartspec.core.redis_launcher import find_redis_server
 from smartspec.v1 import admin_pb2, admin_pb2_grpc, common_pb2, controller_pb2, controller_pb2_grpc
-from wire import outcome
+from wire import comparable, workload
 
 # -- wire messages --------------------------------------------------------------------------------
 
@@ -43,28 +43,6 @@ def hello(worker_id: str = "w0", kind=common_pb2.PROPOSER_KIND_NGRAM, profile_id
                                           verify_ms=80.0 + 3.0 * b * (k + 1) + (30.0 if k else 0))
                  for b in (1, 8) for k in (0, 4)],
     )
-
-
-def workload(steps: int = 8) -> list[controller_pb2.StepReport]:
-    """Three requests with different acceptance, one joining late and finishing."""
-    reports = []
-    for step in range(steps):
-        outcomes = [outcome("good", 4 if step else 0, 4 if step else 0, context=50 + 5 * step),
-                    outcome("poor", 2 if step else 0, 0, context=80 + step)]
-        if step >= 3:
-            outcomes.append(outcome("late", 1 if step > 3 else 0, 1 if step > 3 else 0, context=30 + 2 * step,
-                                    finished=step == steps - 1))
-        reports.append(controller_pb2.StepReport(step_index=step, requests=outcomes, draft_ms=1.0,
-                                                 verify_ms=90.0 + 10.0 * step, total_ms=95.0 + 10.0 * step))
-    return reports
-
-
-def comparable(plan: controller_pb2.StepPlan) -> controller_pb2.StepPlan:
-    """Everything but the time the replica spent deciding."""
-    copy = controller_pb2.StepPlan()
-    copy.CopyFrom(plan)
-    copy.ClearField("decision_ms")
-    return copy
 
 
 def stream(channel, worker: controller_pb2.WorkerHello, reports) -> list[controller_pb2.StepPlan]:

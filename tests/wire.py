@@ -13,3 +13,26 @@ def outcome(request_id, proposed=0, accepted=0, tested=None, context=100, finish
     return controller_pb2.RequestOutcome(request_id=request_id, proposed_tokens=proposed, accepted_tokens=accepted,
                                          tested_positions=tested, context_tokens=context, finished=finished,
                                          requested_tokens=requested, proposable_tokens=proposable)
+
+
+def workload(steps: int = 8) -> list[controller_pb2.StepReport]:
+    """Three requests with different acceptance ("good" accepts all, "poor" none), a third joining at
+    step 3 and finishing at the last step."""
+    reports = []
+    for step in range(steps):
+        outcomes = [outcome("good", 4 if step else 0, 4 if step else 0, context=50 + 5 * step),
+                    outcome("poor", 2 if step else 0, 0, context=80 + step)]
+        if step >= 3:
+            outcomes.append(outcome("late", 1 if step > 3 else 0, 1 if step > 3 else 0, context=30 + 2 * step,
+                                    finished=step == steps - 1))
+        reports.append(controller_pb2.StepReport(step_index=step, requests=outcomes, draft_ms=1.0,
+                                                 verify_ms=90.0 + 10.0 * step, total_ms=95.0 + 10.0 * step))
+    return reports
+
+
+def comparable(plan: controller_pb2.StepPlan) -> controller_pb2.StepPlan:
+    """Everything but the time the replica spent deciding."""
+    copy = controller_pb2.StepPlan()
+    copy.CopyFrom(plan)
+    copy.ClearField("decision_ms")
+    return copy
