@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
 
 from smartspec.worker.model import load_model
 from smartspec.worker.model.llama import LogitsRows
+from tiny_model import save_word_level_tokenizer
 
 VOCAB = 97
 ATOL = 1e-4
@@ -45,10 +45,7 @@ def write_tiny_model(folder, model_type="llama", tie=False, rope_scaling=None, s
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
     hf_model.save_pretrained(folder)
-    vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"<unk>": VOCAB - 1}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="t1").save_pretrained(folder)
+    save_word_level_tokenizer(folder, VOCAB)
     return hf_model
 
 

@@ -15,8 +15,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}t2 {{ m['content'] }} t3 {% endfor %}"
 def write_tiny_model(folder, seed: int = 1, max_positions: int = 256):
     """Save the checkpoint into `folder` and return it loaded (`smartspec.worker.model.load_model`)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from smartspec.worker.model import load_model
 
@@ -25,10 +24,19 @@ def write_tiny_model(folder, seed: int = 1, max_positions: int = 256):
                          rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, initializer_range=0.1)
     torch.manual_seed(seed)
     LlamaForCausalLM(config).eval().save_pretrained(folder)
-    vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"<unk>": VOCAB - 1}
+    save_word_level_tokenizer(folder, VOCAB, CHAT_TEMPLATE)
+    return load_model(folder)
+
+
+def save_word_level_tokenizer(folder, vocab_size: int, chat_template: str | None = None) -> None:
+    """"t5" -> token 5 for t0 .. t{vocab_size - 2}, "<unk>" last, eos "t1"; saved as a HF tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size - 1)} | {"<unk>": vocab_size - 1}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="t1")
-    tokenizer.chat_template = CHAT_TEMPLATE
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
-    return load_model(folder)
