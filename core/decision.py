@@ -59,6 +59,9 @@ from smartspec.core.policies.base import BatchColumns, BatchState, Policy, Reque
 from smartspec.core.policies.guard import guarded_decide
 
 UNKNOWN_PROPOSABLE = -1  # in a `proposable` column: the proposer cannot look ahead for this request
+# Tested positions a proposal class's pool needs before its rate stands in for the proposer kind's
+# prior (two full steps at the largest k): fewer would swap one guess for a noisier one.
+MIN_CLASS_EVIDENCE = 16.0
 
 
 @dataclass(frozen=True)
@@ -152,13 +155,17 @@ def cap_columns(ks: np.ndarray, proposable: np.ndarray) -> np.ndarray:
 
 
 def estimate_columns(request_ids: Sequence[str], evidence: Evidence, context: np.ndarray, proposable: np.ndarray,
-                     prior: PooledPrior, estimator: Estimator) -> BatchColumns:
-    """The batch as a policy sees it: own evidence shrunk toward `prior`, fill from the look-ahead."""
+                     prior: PooledPrior, estimator: Estimator,
+                     prior_rates: np.ndarray | None = None) -> BatchColumns:
+    """The batch as a policy sees it: own evidence shrunk toward `prior`, fill from the look-ahead.
+    `prior_rates` ([N] float64), where given, replaces the pooled acceptance rate row by row (the
+    rate of each row's next proposal class, `AcceptanceBook.prior_rates`)."""
     strength = estimator.prior_strength
     fill = blend(evidence.proposed, evidence.requested, prior.fill(estimator.cold_fill), strength)
+    pooled = prior.rate(estimator.cold_rate) if prior_rates is None else prior_rates
     return BatchColumns(
         request_ids=request_ids,
-        acceptance=blend(evidence.accepted, evidence.tested, prior.rate(estimator.cold_rate), strength),
+        acceptance=blend(evidence.accepted, evidence.tested, pooled, strength),
         context_tokens=context,
         prefill_tokens=np.zeros(len(request_ids), dtype=_INT),
         last_k=evidence.last_k,
@@ -181,11 +188,12 @@ class BatchDecision:
 
 def decide_batch(policy: Policy, params: Mapping[str, Any], cost: CostModel, *, request_ids: Sequence[str],
                evidence: Evidence, context: np.ndarray, proposable: np.ndarray, prior: PooledPrior,
-               estimator: Estimator, max_k: int, queued_requests: int, step_index: int) -> BatchDecision:
+               estimator: Estimator, max_k: int, queued_requests: int, step_index: int,
+               prior_rates: np.ndarray | None = None) -> BatchDecision:
     """The plan for the step `step_index` of these requests. `proposable` is UNKNOWN_PROPOSABLE where
-    the proposer cannot look ahead. Never raises for a policy's fault (guarded_decide: k = 0); an
-    empty batch asks no policy."""
-    columns = estimate_columns(request_ids, evidence, context, proposable, prior, estimator)
+    the proposer cannot look ahead; `prior_rates` as in `estimate_columns`. Never raises for a
+    policy's fault (guarded_decide: k = 0); an empty batch asks no policy."""
+    columns = estimate_columns(request_ids, evidence, context, proposable, prior, estimator, prior_rates)
     if not len(columns):
         return BatchDecision(columns, np.zeros(0, dtype=_INT))
     batch = BatchState.from_columns(columns, max_k=max_k, queued_requests=queued_requests, step_index=step_index,
@@ -206,6 +214,7 @@ class Outcome(Protocol):
     requested_tokens: int          # 0 alongside proposals: not reported (requested_or_proposed)
     finished: bool
     proposable_tokens: int | None  # None: the proposer cannot look ahead
+    proposal_class: int | None     # class of that next proposal (Proposer.proposal_class); None: unclassified
 
 
 class Step(Protocol):
@@ -225,12 +234,25 @@ _NO_HISTORY = AcceptanceState()
 @dataclass
 class AcceptanceBook:
     """Per-request evidence of the unfinished requests and the pooled prior, kept by the module's rules
-    from each reported step (what the controller keeps in Redis, held by a worker for itself)."""
+    from each reported step (what the controller keeps in Redis, held by a worker for itself).
+
+    Proposal classes (a worker's own refinement of the prior; the controller does not see them): a
+    proposer that can tell how good its next proposal looks (prompt lookup: how long the match it
+    copies from is) reports a class with the look-ahead. The book pools acceptance per class by the
+    same rule as the prior and, once a class has MIN_CLASS_EVIDENCE tested positions, starts a row
+    whose next proposal is in that class from the class's rate instead of the kind's. Why: the kind's
+    pool is the average of whatever ran lately; after a burst of code edits copying 16-token spans
+    (~0.98 first-token acceptance) it says 0.85+, and a chat request whose 2-token match is right
+    about half the time would be planned as if it were a code edit until its own failures outweigh
+    the prior (tests/test_decision_pipeline.py; BENCHMARKS.md section 7).
+    """
 
     estimator: Estimator = field(default_factory=Estimator)
     prior: PooledPrior = field(default_factory=PooledPrior)
     requests: dict[str, AcceptanceState] = field(default_factory=dict)
     proposable: dict[str, int | None] = field(default_factory=dict)  # what each can be offered next step
+    proposal_class: dict[str, int] = field(default_factory=dict)  # class of each one's next proposal
+    class_priors: dict[int, PooledPrior] = field(default_factory=dict)  # pooled evidence per proposal class
 
     def observe(self, step: Step) -> None:
         """Record one step's outcomes. Raises OutcomeError (recording nothing) if one is impossible."""
@@ -238,20 +260,40 @@ class AcceptanceBook:
         for o, requested in outcomes:
             check_outcome(o.proposed_tokens, o.accepted_tokens, o.tested_positions, requested)
         sums = [0, 0, 0, 0]
+        class_sums: dict[int, list[int]] = {}
         for o, requested in outcomes:
             state = self.requests.get(o.request_id, _NO_HISTORY)
             state = state.update(o.proposed_tokens, o.accepted_tokens, o.tested_positions, requested)
-            sums[0] += o.accepted_tokens
-            sums[1] += o.tested_positions
-            sums[2] += o.proposed_tokens
-            sums[3] += requested
+            counts = (o.accepted_tokens, o.tested_positions, o.proposed_tokens, requested)
+            sums = [total + count for total, count in zip(sums, counts)]
+            verified_class = self.proposal_class.pop(o.request_id, None)  # reported with the last look-ahead
+            if verified_class is not None and o.proposed_tokens > 0:
+                class_sums[verified_class] = [total + count for total, count in
+                                              zip(class_sums.get(verified_class, [0, 0, 0, 0]), counts)]
             if o.finished:
                 self.requests.pop(o.request_id, None)
                 self.proposable.pop(o.request_id, None)
             else:
                 self.requests[o.request_id] = state
                 self.proposable[o.request_id] = o.proposable_tokens
-        self.prior = pool_step(self.prior, *sums, decay=self.estimator.prior_decay)
+                if o.proposal_class is not None:
+                    self.proposal_class[o.request_id] = o.proposal_class
+        decay = self.estimator.prior_decay
+        self.prior = pool_step(self.prior, *sums, decay=decay)
+        for cls in set(self.class_priors) | set(class_sums):
+            self.class_priors[cls] = pool_step(self.class_priors.get(cls, PooledPrior()),
+                                               *class_sums.get(cls, (0, 0, 0, 0)), decay=decay)
+
+    def prior_rates(self, queries: Sequence[Query], prior: PooledPrior, estimator: Estimator) -> np.ndarray:
+        """[N] float64: the acceptance rate each query's estimate starts from, its next proposal's
+        class rate where that class has MIN_CLASS_EVIDENCE, else the proposer kind's pooled rate."""
+        kind_rate = prior.rate(estimator.cold_rate)
+        rates = np.full(len(queries), kind_rate, dtype=np.float64)
+        for row, query in enumerate(queries):
+            pool = self.class_priors.get(self.proposal_class.get(query.request_id, -1))
+            if pool is not None and pool.tested >= MIN_CLASS_EVIDENCE:
+                rates[row] = pool.rate(kind_rate)
+        return rates
 
     def evidence(self, queries: Sequence[Query]) -> Evidence:
         return Evidence.from_states([self.requests.get(q.request_id, _NO_HISTORY) for q in queries])
@@ -265,12 +307,14 @@ class AcceptanceBook:
              estimator: Estimator | None = None) -> dict[str, int]:
         """k per query by `decide_batch`, with `prior` and `estimator` defaulting to the book's own."""
         ids = [q.request_id for q in queries]
+        prior = self.prior if prior is None else prior
+        estimator = estimator or self.estimator
         plan = decide_batch(
             policy, params, cost, request_ids=ids, evidence=self.evidence(queries),
             context=np.array([q.context_tokens for q in queries], dtype=_INT),
-            proposable=self.proposable_column(queries), prior=self.prior if prior is None else prior,
-            estimator=estimator or self.estimator, max_k=max_k, queued_requests=queued_requests,
-            step_index=step_index,
+            proposable=self.proposable_column(queries), prior=prior, estimator=estimator, max_k=max_k,
+            queued_requests=queued_requests, step_index=step_index,
+            prior_rates=self.prior_rates(queries, prior, estimator),
         )
         return dict(zip(ids, plan.ks.tolist()))
 
@@ -278,9 +322,11 @@ class AcceptanceBook:
                     prior: PooledPrior | None = None, estimator: Estimator | None = None) -> BatchState:
         """The batch a policy would be shown for these queries (for inspection; `plan` decides)."""
         prior = self.prior if prior is None else prior
+        estimator = estimator or self.estimator
         columns = estimate_columns([q.request_id for q in queries], self.evidence(queries),
                                    np.array([q.context_tokens for q in queries], dtype=_INT),
-                                   self.proposable_column(queries), prior, estimator or self.estimator)
+                                   self.proposable_column(queries), prior, estimator,
+                                   self.prior_rates(queries, prior, estimator))
         return BatchState.from_columns(columns, max_k=max_k, queued_requests=queued_requests,
                                        step_index=step_index, pooled_evidence=prior.tested)
 

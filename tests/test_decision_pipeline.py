@@ -321,3 +321,74 @@ def test_the_plan_is_for_the_step_that_runs_it():
     """RequestState/BatchState describe the NEXT step: the controller plans report r's successor."""
     trace = run_scenario("goodput", lookahead=True, steps=4)
     assert [e["batches"]["controller"].step_index for e in trace] == [e["step"] + 1 for e in trace]
+
+
+# --- proposal classes: the worker's per-class prior -------------------------------------------------
+
+def _decoded(rid: str, *, requested: int, proposed: int, accepted: int, proposal_class: int | None,
+             finished: bool = False) -> RequestFacts:
+    return RequestFacts.decoded(rid, requested=requested, proposed=proposed, accepted=accepted,
+                                tested=positions_tested(proposed, accepted), context_tokens=100,
+                                finished=finished, proposable=MAX_K, proposal_class=proposal_class)
+
+
+def _step(index: int, *facts: RequestFacts) -> StepFacts:
+    return StepFacts(step_index=index, requests=tuple(facts), draft_ms=0.0, verify_ms=10.0, total_ms=10.0,
+                     batched_tokens=len(facts), queued_requests=0)
+
+
+def test_a_verified_proposal_counts_for_the_class_reported_with_the_look_ahead_before_it():
+    book = AcceptanceBook()
+    book.observe(_step(0, _decoded("a", requested=0, proposed=0, accepted=0, proposal_class=4)))
+    # This step verifies the class-4 proposal; its own look-ahead reports class 0 for the next one.
+    book.observe(_step(1, _decoded("a", requested=6, proposed=6, accepted=6, proposal_class=0)))
+    book.observe(_step(2, _decoded("a", requested=6, proposed=6, accepted=0, proposal_class=0)))
+    assert (book.class_priors[4].accepted, book.class_priors[4].tested) == pytest.approx((6 * 0.995, 6 * 0.995))
+    assert (book.class_priors[0].accepted, book.class_priors[0].tested) == pytest.approx((0.0, 1.0))
+    assert book.proposal_class == {"a": 0}
+    book.observe(_step(3, _decoded("a", requested=6, proposed=6, accepted=1, proposal_class=3, finished=True)))
+    assert book.proposal_class == {} and book.class_priors[0].accepted == pytest.approx(1.0)
+
+
+def test_a_new_request_starts_from_its_next_proposals_class_once_the_class_has_evidence():
+    book = AcceptanceBook()
+    # Long matches (class 5) are right every time, short ones (class 0) fail at once: 3 steps each
+    # of two earlier requests, 18 tested positions for class 5 and 3 for class 0.
+    for index in range(4):
+        book.observe(_step(index,
+                           _decoded("long", requested=6 * (index > 0), proposed=6 * (index > 0),
+                                    accepted=6 * (index > 0), proposal_class=5),
+                           _decoded("short", requested=6 * (index > 0), proposed=6 * (index > 0), accepted=0,
+                                    proposal_class=0)))
+    book.observe(_step(4, _decoded("new-long", requested=0, proposed=0, accepted=0, proposal_class=5),
+                       _decoded("new-short", requested=0, proposed=0, accepted=0, proposal_class=0)))
+    queries = [SpeculationQuery("new-long", 100), SpeculationQuery("new-short", 100)]
+    rates = book.prior_rates(queries, book.prior, book.estimator)
+    assert rates[0] == pytest.approx(book.class_priors[5].rate()) == pytest.approx(1.0)
+    # Class 0 has fewer tested positions than MIN_CLASS_EVIDENCE: the kind's pooled rate stands.
+    assert book.class_priors[0].tested < 16 and rates[1] == pytest.approx(book.prior.rate())
+    batch = book.batch_state(queries, max_k=MAX_K)
+    assert batch.requests[0].acceptance == pytest.approx(1.0)
+    assert batch.requests[1].acceptance == pytest.approx(book.prior.rate())
+
+
+def test_a_short_match_after_a_burst_of_long_ones_is_planned_from_its_own_class():
+    """The chat-after-code-edit case: the kind's pool says ~0.9, the short-match class says ~0.1;
+    goodput must not speculate for the new short-match request, and does for a long-match one."""
+    book = AcceptanceBook()
+    for index in range(20):
+        facts = [_decoded(f"long{i}", requested=6, proposed=6, accepted=6, proposal_class=5) for i in range(6)]
+        facts.append(_decoded("short", requested=6, proposed=6, accepted=int(index % 9 == 8), proposal_class=0))
+        book.observe(_step(index, *facts))
+    assert book.prior.rate() > 0.8 and book.class_priors[0].rate() < 0.2
+    book.observe(_step(20, _decoded("chat", requested=0, proposed=0, accepted=0, proposal_class=0),
+                       _decoded("edit", requested=0, proposed=0, accepted=0, proposal_class=5)))
+    goodput = get("goodput")
+    params = goodput.validate({})
+    ks = book.plan(goodput, params, COST, [SpeculationQuery("chat", 100), SpeculationQuery("edit", 100)],
+                   max_k=MAX_K, queued_requests=0, step_index=21)
+    assert ks["chat"] == 0 and ks["edit"] > 0
+    # Without classes the same evidence plans the chat request like the code edits.
+    unclassed = AcceptanceBook(prior=book.prior)
+    assert unclassed.plan(goodput, params, COST, [SpeculationQuery("chat", 100)], max_k=MAX_K,
+                          queued_requests=0, step_index=21)["chat"] > 0

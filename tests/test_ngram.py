@@ -146,3 +146,18 @@ def test_lookahead_is_exactly_what_the_next_proposal_offers():
         assert _ask(fresh, context, 3) == want[:3]
         seen.add(offered)
     assert seen == {0, 8}  # both cases happened: no match, and a match (copies always fill k)
+
+
+def test_proposal_class_grades_the_match_by_how_far_back_it_agrees():
+    from smartspec.worker.proposers.ngram import MATCH_CLASS_BOUNDS
+
+    proposer = NgramProposer()
+    span = list(range(1, 21))
+    context = span + [99] + span[:19]
+    for tail, expected_length in ((2, 2), (3, 3), (5, 5), (8, 8), (14, 14), (19, 16)):
+        assert proposer.lookahead("r", context[:21 + tail], 8) == 8
+        assert proposer.proposal_class("r") == sum(expected_length >= b for b in MATCH_CLASS_BOUNDS)
+    assert proposer.lookahead("r", [5, 6, 7, 8], 8) == 0 and proposer.proposal_class("r") is None
+    proposer.lookahead("r", context, 8)
+    proposer.release("r")
+    assert proposer.proposal_class("r") is None

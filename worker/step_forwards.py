@@ -85,7 +85,7 @@ class StepForwards:
             facts.append(RequestFacts.decoded(
                 seq.request_id, requested=k, proposed=proposed, accepted=verdict.num_accepted,
                 tested=verdict.tested_positions, context_tokens=seq.context_tokens, finished=finished,
-                proposable=self._proposable(seq, finished),
+                **self._lookahead(seq, finished),
             ))
         return facts
 
@@ -112,7 +112,7 @@ class StepForwards:
             finished = self._lifecycle.append(seq, verdicts[row].tokens) if row in verdicts else False
             facts.append(RequestFacts.prefilled(
                 seq.request_id, chunk=chunk, context_tokens=seq.context_tokens, finished=finished,
-                proposable=self._proposable(seq, finished),
+                **self._lookahead(seq, finished),
             ))
         return facts
 
@@ -135,8 +135,10 @@ class StepForwards:
         )
         return dict(zip(done, verdicts))
 
-    def _proposable(self, seq: RunningRequest, finished: bool) -> int | None:
-        """When it decodes next step: what the proposer says it can offer it (None: cannot tell)."""
+    def _lookahead(self, seq: RunningRequest, finished: bool) -> dict[str, int | None]:
+        """When it decodes next step: what the proposer says it can offer it and the class of that
+        offer (None: cannot tell), as RequestFacts keywords."""
         if finished or seq.prefilling:
-            return None
-        return self._proposer.lookahead(seq.request_id, seq.tokens, self._max_k)
+            return {"proposable": None, "proposal_class": None}
+        proposable = self._proposer.lookahead(seq.request_id, seq.tokens, self._max_k)
+        return {"proposable": proposable, "proposal_class": self._proposer.proposal_class(seq.request_id)}

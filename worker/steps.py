@@ -24,22 +24,24 @@ class RequestFacts:
     finished: bool = False
     requested_tokens: int = 0   # k asked of the proposer after clamping (proposed may be fewer)
     proposable_tokens: int | None = None  # what the proposer can offer next step; None = not known
+    proposal_class: int | None = None  # how that offer looks (Proposer.proposal_class); worker-local
 
     @classmethod
     def decoded(cls, request_id: str, *, requested: int, proposed: int, accepted: int, tested: int,
-                context_tokens: int, finished: bool, proposable: int | None) -> "RequestFacts":
+                context_tokens: int, finished: bool, proposable: int | None,
+                proposal_class: int | None = None) -> "RequestFacts":
         """A decode step: k asked, proposals made, accepted and tested by verification."""
         return cls(request_id=request_id, proposed_tokens=proposed, accepted_tokens=accepted,
                    tested_positions=tested, context_tokens=context_tokens, finished=finished,
-                   requested_tokens=requested, proposable_tokens=proposable)
+                   requested_tokens=requested, proposable_tokens=proposable, proposal_class=proposal_class)
 
     @classmethod
     def prefilled(cls, request_id: str, *, chunk: int, context_tokens: int, finished: bool,
-                  proposable: int | None) -> "RequestFacts":
+                  proposable: int | None, proposal_class: int | None = None) -> "RequestFacts":
         """A prefill step: `chunk` prompt tokens went in (and the first token, when it was the last chunk)."""
         return cls(request_id=request_id, proposed_tokens=0, accepted_tokens=0, tested_positions=0,
                    context_tokens=context_tokens, prefill_tokens=chunk, finished=finished,
-                   proposable_tokens=proposable)
+                   proposable_tokens=proposable, proposal_class=proposal_class)
 
     @classmethod
     def ended(cls, request_id: str, *, context_tokens: int) -> "RequestFacts":

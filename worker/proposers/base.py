@@ -59,3 +59,11 @@ class Proposer(ABC):
         model offers whatever it is asked). The engine reports it so the planner knows which
         requests would run dry next step instead of guessing from their average fill rate."""
         return None
+
+    def proposal_class(self, seq_id: str) -> int | None:
+        """A small integer grading the proposal the last `lookahead` for this request found (for
+        prompt lookup: how long a match it copies from), or None (the default: ungraded). The
+        worker pools acceptance per class and starts each request's estimate from its next
+        proposal's class (core/decision.py, AcceptanceBook), so a short, shaky match is not planned
+        with the confidence that long copied spans earned."""
+        return None

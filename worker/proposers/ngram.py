@@ -11,12 +11,20 @@ estimate, which then makes the controller speculate less even on good matches.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from smartspec.v1 import common_pb2
 
 from .base import Proposal, ProposalRequest, Proposer
+
+# Match lengths (tokens the copied span's context agrees with the request's tail, counted back up
+# to MATCH_LENGTH_CAP) that start a new proposal class: [2], [3], [4], [5-7], [8-15], [16+]. With
+# SmolLM2-135M greedy on unseen summaries, code edits and chat, the first copied token was right
+# ~45% of the time after a 2-token match, ~60% after 3, ~70-80% after 4-7 and ~95-98% after 8+.
+MATCH_CLASS_BOUNDS = (3, 4, 5, 8, 16)
+MATCH_LENGTH_CAP = 16
 
 
 @dataclass
@@ -50,12 +58,19 @@ class NgramProposer(Proposer):
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self._indexes: dict[str, _ContextIndex] = {}
+        self._match_classes: dict[str, int | None] = {}  # class of each request's last lookup
 
     def propose(self, requests: Sequence[ProposalRequest]) -> list[Proposal]:
         return [Proposal(self._propose_one(request)) for request in requests]
 
     def release(self, seq_id: str) -> None:
         self._indexes.pop(seq_id, None)
+        self._match_classes.pop(seq_id, None)
+
+    def proposal_class(self, seq_id: str) -> int | None:
+        """The match-length class (MATCH_CLASS_BOUNDS) of the last lookup for this request; None
+        when it found no match."""
+        return self._match_classes.get(seq_id)
 
     def lookahead(self, seq_id: str, token_ids: list[int], max_k: int) -> int | None:
         """Exact: the same lookup `propose` will make for this context (and it keeps the index
@@ -73,7 +88,9 @@ class NgramProposer(Proposer):
         for n in range(min(self.max_ngram, length - 1), self.min_ngram - 1, -1):
             match_end = index.latest_end[n].get(tuple(context[length - n :]))
             if match_end is not None:
+                self._match_classes[seq_id] = bisect_right(MATCH_CLASS_BOUNDS, _match_length(context, match_end, n))
                 return _copy_after(context, match_end, k)
+        self._match_classes[seq_id] = None
         return []
 
     def _updated_index(self, seq_id: str, context: list[int]) -> _ContextIndex:
@@ -93,6 +110,17 @@ class NgramProposer(Proposer):
                     table[tuple(context[end - n : end])] = end
         index.tokens.extend(context[known:])
         return index
+
+
+def _match_length(context: list[int], match_end: int, n: int) -> int:
+    """How many tokens before match_end agree with the context's own tail (at least the n looked
+    up, at most MATCH_LENGTH_CAP): longer agreement means the span being copied is the same text."""
+    length = len(context)
+    matched = n
+    while (matched < MATCH_LENGTH_CAP and match_end - matched - 1 >= 0
+           and context[match_end - matched - 1] == context[length - matched - 1]):
+        matched += 1
+    return matched
 
 
 def _copy_after(context: list[int], match_end: int, k: int) -> list[int]:
