@@ -36,7 +36,8 @@ def configure(parser) -> None:
     add_option(parser, "--model", default="", help="with --start: worker model (default: the worker's default)")
     add_option(parser, "--proposer", default="ngram", help="with --start: worker proposer")
     add_option(parser, "--startup-timeout", default=900.0, type=float, help="with --start: seconds to wait for health")
-    add_option(parser, "--dataset", default="summarise", help="summarise, code-edit, chat or mixed")
+    add_option(parser, "--dataset", default="summarise",
+               help="summarise, code-edit, chat, mixed, multi-turn-edit, templated or no-repeat (bench/datasets.py)")
     add_option(parser, "--max-tokens", default=0, type=int, help="completion tokens per request (0: dataset default)")
     add_option(parser, "--rates", default="0.1,0.2,0.4,0.8", help="request rates (req/s), comma-separated")
     add_option(parser, "--policies", default=DEFAULT_POLICIES,

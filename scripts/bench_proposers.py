@@ -1,12 +1,13 @@
 """Proposers side by side on the real default model: none (k = 0) vs ngram vs draft at a fixed k.
 
-    python scripts/bench_proposers.py [--new-tokens 48] [--k 4] [--concurrency 16]
+    python scripts/bench_proposers.py [--new-tokens 48] [--k 4] [--concurrency 16] [--datasets summarise,chat]
 
 One run, one process: the default target (SmolLM2-135M-Instruct, fp32, CPU) is loaded once and
 served by an in-process worker (real gRPC on a free loopback port, local `fixed` policy, no
-controller) per proposer, in turn. For one summarise prompt and one chat prompt (from
-`smartspec.bench.datasets`), greedy, `ignore_eos` so every request makes exactly --new-tokens:
-batch 1 (one request) and --concurrency identical requests sent at once through the SDK.
+controller) per proposer, in turn. For the first prompt of each of --datasets (default: one
+summarise and one chat prompt, from `smartspec.bench.datasets`), greedy, `ignore_eos` so every
+request makes exactly --new-tokens: batch 1 (one request) and --concurrency identical requests sent
+at once through the SDK.
 Reported per row: tokens per decode step (mean accepted length + 1 from the target), acceptance
 rate (accepted / tested positions), wall time of the whole batch and the speedup vs `none` in
 the same row group; and whether every output equals the k = 0 batch-1 output (lossless).
@@ -22,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from smartspec import AsyncClient
-from smartspec.bench.datasets import load_dataset
+from smartspec.bench.datasets import load_dataset, names
 from smartspec.worker.cli import build_proposer
 from smartspec.worker.engine import EngineConfig
 from smartspec.worker.model import load_model
@@ -42,9 +43,9 @@ class Row:
     outputs: tuple[str, ...]
 
 
-def pick_prompts(new_tokens: int) -> list[tuple[str, list[dict[str, str]]]]:
+def pick_prompts(new_tokens: int, datasets: list[str]) -> list[tuple[str, list[dict[str, str]]]]:
     picked = []
-    for dataset in ("summarise", "chat"):
+    for dataset in datasets:
         prompt = load_dataset(dataset, 1, seed=0, max_tokens=new_tokens, max_prompt_tokens=300).prompts[0]
         source = prompt.source.split(" (")[0]   # drop the file path
         picked.append((f"{dataset}: {source}", prompt.as_message_dicts()))
@@ -115,12 +116,16 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--datasets", default="summarise,chat", help=f"comma-separated, of: {', '.join(names())}")
     args = parser.parse_args()
+    datasets = [name for name in args.datasets.split(",") if name]
+    if unknown := sorted(set(datasets) - set(names())):
+        parser.error(f"unknown dataset(s): {', '.join(unknown)}")
 
     began = time.perf_counter()
     model = load_model("SmolLM2-135M-Instruct")
     print(f"loaded {model.name} in {time.perf_counter() - began:.1f} s", file=sys.stderr)
-    prompts = pick_prompts(args.new_tokens)
+    prompts = pick_prompts(args.new_tokens, datasets)
     rows = measure(model, prompts, args.k, args.concurrency, args.new_tokens)
     text, all_equal = table(rows)
     print(f"\n{model.name}, fp32 CPU, greedy, {args.new_tokens} new tokens per request, fixed k = {args.k}, "
