@@ -75,23 +75,50 @@ class CostTerms:
         return float(self.base_ms + self.per_token_ms @ ks + self.per_request_ms @ (ks > 0) + self.depth_ms[top])
 
 
+def padded_keys(contexts: np.ndarray) -> float:
+    """B * L: the attention cells one column of padded query width costs (every row's keys up to
+    the longest row). contexts: [B]."""
+    contexts = np.asarray(contexts, dtype=np.float64)  # [B]
+    return contexts.size * float(contexts.max(initial=0.0))
+
+
+def base_step_ms(cost: CostModel, contexts: np.ndarray, prefills: np.ndarray) -> float:
+    """T with every k = 0: what the batch costs before anyone speculates (no draft term in it)."""
+    contexts = np.asarray(contexts, dtype=np.float64)  # [B]
+    prefills = np.asarray(prefills, dtype=np.float64)  # [B]
+    return (cost.c_fixed_ms + cost.overhead_ms
+            + cost.c_tok_ms * float((1.0 + prefills).sum()) + cost.c_kv_ms * float(contexts.sum())
+            + cost.c_row_ms * contexts.size + cost.c_width_ms * padded_keys(contexts))
+
+
+def row_cost_terms(token_ms, token_context_ms, speculate_ms, contexts: np.ndarray,
+                   fill: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A row's own terms, (w_i, s_i) scaled by f_i: w_i = token_ms + token_context_ms * context_i
+    per proposal, s_i = speculate_ms for speculating at all. Scalars or arrays that broadcast
+    against contexts [B] (e.g. one coefficient per proposer, [P, 1]); fill has the result's shape."""
+    per_token = (token_ms + token_context_ms * contexts) * fill  # [..., B]
+    return per_token, speculate_ms * fill  # [..., B], [..., B]
+
+
+def batch_depth_ms(spec_ms: float, per_depth_ms: float, max_k: int) -> np.ndarray:
+    """The terms paid once for the batch at depth m = max k: [K+1], 0 at m = 0."""
+    depth = np.arange(max_k + 1, dtype=np.float64)  # m: [K+1]
+    return spec_ms * (depth > 0) + per_depth_ms * depth
+
+
 def cost_terms(cost: CostModel, contexts: np.ndarray, prefills: np.ndarray, max_k: int,
                fill: np.ndarray | None = None) -> CostTerms:
     """The expected step time's terms; a row's own terms are scaled by f_i (only filled positions
     are verified, only a filled row is verified at all)."""
     contexts = np.asarray(contexts, dtype=np.float64)  # [B]
-    prefills = np.asarray(prefills, dtype=np.float64)  # [B]
     fill = np.ones_like(contexts) if fill is None else np.asarray(fill, dtype=np.float64)  # [B]
-    depth = np.arange(max_k + 1, dtype=np.float64)  # m: [K+1]
-    rows = contexts.size
-    padded_keys = rows * float(contexts.max(initial=0.0))  # B * L: attention cells per query column
+    per_token_ms, per_request_ms = row_cost_terms(cost.c_tok_ms + cost.d_tok_ms, cost.d_kv_ms,
+                                                  cost.c_spec_row_ms + cost.d_row_ms, contexts, fill)
     return CostTerms(
-        base_ms=cost.c_fixed_ms + cost.overhead_ms
-        + cost.c_tok_ms * float((1.0 + prefills).sum()) + cost.c_kv_ms * float(contexts.sum())
-        + cost.c_row_ms * rows + cost.c_width_ms * padded_keys,
-        per_token_ms=(cost.c_tok_ms + cost.d_tok_ms + cost.d_kv_ms * contexts) * fill,
-        per_request_ms=np.full(rows, cost.c_spec_row_ms + cost.d_row_ms) * fill,
-        depth_ms=cost.c_spec_ms * (depth > 0) + (cost.d_fixed_ms + cost.c_width_ms * padded_keys) * depth,
+        base_ms=base_step_ms(cost, contexts, prefills),
+        per_token_ms=per_token_ms,  # [B]
+        per_request_ms=per_request_ms,  # [B]
+        depth_ms=batch_depth_ms(cost.c_spec_ms, cost.d_fixed_ms + cost.c_width_ms * padded_keys(contexts), max_k),
     )
 
 

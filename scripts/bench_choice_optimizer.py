@@ -1,0 +1,81 @@
+"""Time one (proposer, k) decision for a large batch with three proposers: ngram, suffix, draft.
+
+    python scripts/bench_choice_optimizer.py [--batch 256] [--max-k 8] [--batches 200]
+
+Prints the median and 99th-percentile wall time of `optimize_choices` over random batches (each
+timed once after a warm-up pass), next to `optimize_goodput` on the same rows with one proposer,
+as the floor the single-proposer policy pays today.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
+from smartspec.core.policies.choice_optimizer import optimize_choices
+from smartspec.core.policies.optimizer import optimize_goodput
+
+# ngram and suffix look-ups are host work per asked row; the draft model runs once per depth.
+PROPOSER_COSTS = (
+    CostModel(d_row_ms=0.0106),  # ngram (prompt lookup)
+    CostModel(d_row_ms=0.02),  # suffix tree
+    CostModel(d_fixed_ms=3.0, d_row_ms=0.01, d_tok_ms=0.02, d_kv_ms=1e-6),  # small draft model
+)
+
+
+def random_batch(rng: np.random.Generator, batch: int, max_k: int) -> dict:
+    lookups = 2
+    acceptance = np.column_stack([rng.beta(2, 2, size=(batch, lookups)), rng.beta(5, 3, size=batch)])  # [B, 3]
+    fill = np.column_stack([rng.uniform(size=(batch, lookups)), np.ones(batch)])  # a draft model always fills
+    available = np.column_stack([rng.random((batch, lookups)) < 0.7, np.ones(batch, dtype=bool)])  # [B, 3]
+    k_cap = np.column_stack([rng.integers(0, max_k + 1, size=(batch, lookups)), np.full(batch, max_k)])  # look-ahead
+    return dict(acceptance=acceptance, fill=fill, k_cap=k_cap, available=available,
+                contexts=rng.integers(16, 4096, size=batch), prefills=np.zeros(batch, dtype=np.int64))
+
+
+def time_choices(batches: list[dict], max_k: int) -> list[float]:
+    samples = []
+    for b in batches:
+        start = time.perf_counter()
+        optimize_choices(b["acceptance"], b["fill"], b["k_cap"], b["contexts"], b["prefills"], DEFAULT_COST_MODEL,
+                         PROPOSER_COSTS, max_k, available=b["available"])
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def time_single(batches: list[dict], max_k: int) -> list[float]:
+    samples = []
+    for b in batches:
+        start = time.perf_counter()
+        optimize_goodput(b["acceptance"][:, 0], b["contexts"], b["prefills"], DEFAULT_COST_MODEL, max_k,
+                         fill=b["fill"][:, 0])
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def report(name: str, samples: list[float]) -> None:
+    print(f"{name:18s} median {statistics.median(samples):.3f} ms, p99 {float(np.percentile(samples, 99)):.3f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--max-k", type=int, default=8)
+    parser.add_argument("--batches", type=int, default=200)
+    args = parser.parse_args()
+
+    rng = np.random.default_rng(0)
+    batches = [random_batch(rng, args.batch, args.max_k) for _ in range(args.batches)]
+    time_choices(batches[:20], args.max_k)  # warm-up
+    time_single(batches[:20], args.max_k)
+    print(f"B={args.batch} P={len(PROPOSER_COSTS)} K={args.max_k}, {args.batches} random batches")
+    report("optimize_choices", time_choices(batches, args.max_k))
+    report("optimize_goodput", time_single(batches, args.max_k))
+
+
+if __name__ == "__main__":
+    main()
