@@ -1,6 +1,6 @@
 """Greedy speculative output equals plain greedy decoding, token for token (real SmolLM2 model).
 
-Every proposer (prompt lookup, draft model) under every kind of plan (fixed k = 1, 3, 8 and a
+Every proposer (prompt lookup, suffix decoding, draft model) under every kind of plan (fixed k = 1, 3, 8 and a
 seeded random k per request per step, run through the local-policy path and `guarded_decide`),
 with requests of different lengths joining a batch that is already decoding.
 """
@@ -139,10 +139,10 @@ PLANS = {
 
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
-@pytest.mark.parametrize("proposer_name", ["ngram", "draft"])
+@pytest.mark.parametrize("proposer_name", ["ngram", "suffix", "draft"])
 def test_greedy_speculation_equals_plain_decoding(model, draft, prompts, reference, proposer_name, plan):
-    if proposer_name == "ngram":
-        proposer = make_proposer("ngram")
+    if proposer_name in ("ngram", "suffix"):
+        proposer = make_proposer(proposer_name)
     else:
         proposer = make_proposer("draft", loaded_model=draft, max_slots=4, max_tokens=512)
     engine = make_engine(model, proposer, PLANS[plan]())
@@ -297,6 +297,8 @@ def test_cli_builds_the_draft_proposer_from_the_target(model):
     assert proposer.kind == common_pb2.PROPOSER_KIND_DRAFT
     assert build_proposer("ngram", model, draft="auto", max_slots=2, max_tokens=128).kind == \
         common_pb2.PROPOSER_KIND_NGRAM
+    assert build_proposer("suffix", model, draft="auto", max_slots=2, max_tokens=128).kind == \
+        common_pb2.PROPOSER_KIND_SUFFIX
 
 
 class SlowObservePlanner(StaticPlanner):

@@ -36,7 +36,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--controller-tls-ca", default="", help="PEM roots: reach the controller over TLS")
     add_option(parser, "--model", default="SmolLM2-135M-Instruct",
                help="target model: a packaged name, a .gguf file or a Hugging Face folder")
-    add_option(parser, "--proposer", default="ngram", choices=("ngram", "draft"), help="how proposals are made")
+    add_option(parser, "--proposer", default="ngram", choices=("ngram", "suffix", "draft"),
+               help="how proposals are made: ngram (prompt lookup), suffix (suffix decoding: this and "
+                    "recent requests' text), draft (a draft model)")
     add_option(parser, "--draft", default="auto",
                help="draft model for --proposer draft: 'auto', a kind built from the target "
                     "(bf16, int8, layers:N) or a model path with the target's tokenizer")
@@ -72,8 +74,8 @@ def build_proposer(name: str, target: Any, *, draft: str, max_slots: int, max_to
     from smartspec.worker.model import build_draft, draft_kinds, load_model
     from smartspec.worker.proposers import make_proposer
 
-    if name == "ngram":
-        return make_proposer("ngram")
+    if name in ("ngram", "suffix"):
+        return make_proposer(name)
     kind = draft.split(":")[0]
     if draft == "auto" or kind in draft_kinds():
         draft_model = build_draft(target, draft)
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         profile_steps=args.profile_steps,
         metrics_port=args.metrics_port,
         dtype=args.dtype,
-        proposer_name=args.proposer if args.proposer == "ngram" else f"draft:{args.draft}",
+        proposer_name=f"draft:{args.draft}" if args.proposer == "draft" else args.proposer,
     )
     server = WorkerServer(model, proposer, options, security=security_from_args(args))
     port = server.start()

@@ -1,8 +1,9 @@
-"""Proposers (prompt lookup, draft model) and lossless verification.
+"""Proposers (prompt lookup, suffix decoding, draft model) and lossless verification.
 
-`make_proposer("ngram", max_ngram=4)` or `make_proposer("draft", loaded_model=..., max_slots=...,
-max_tokens=...)` builds a proposer by registered name; unknown names and options are ValueErrors that
-name what was wrong, so a CLI flag typo reads as a clear message.
+`make_proposer("ngram", max_ngram=4)`, `make_proposer("suffix", global_tokens=100_000)` or
+`make_proposer("draft", loaded_model=..., max_slots=..., max_tokens=...)` builds a proposer by
+registered name; unknown names and options are ValueErrors that name what was wrong, so a CLI flag
+typo reads as a clear message.
 """
 
 from __future__ import annotations
@@ -60,8 +61,10 @@ def make_proposer(kind_name: str, **options: Any) -> Proposer:
 def _register_builtins() -> None:
     from .draft import DraftModelProposer
     from .ngram import NgramProposer
+    from .suffix import SuffixProposer
 
     register_proposer("ngram", NgramProposer)
+    register_proposer("suffix", SuffixProposer)
     register_proposer("draft", DraftModelProposer)
 
 

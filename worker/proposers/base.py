@@ -32,6 +32,7 @@ class Proposal:
 
     tokens: list[int]  # 0..k proposed tokens
     probs: torch.Tensor | None = None  # [len(tokens), V] draft distribution; None = deterministic
+    confidence: float | None = None  # estimated P(first token accepted); None = unknown
 
     def __post_init__(self) -> None:
         if self.probs is not None and self.probs.shape[0] != len(self.tokens):
