@@ -101,7 +101,8 @@ def ensure_common_pb2() -> str | None:
 
         stub = types.ModuleType("smartspec.v1.common_pb2")
         for value, name in enumerate(("PROPOSER_KIND_UNSPECIFIED", "PROPOSER_KIND_NGRAM", "PROPOSER_KIND_DRAFT",
-                                      "PROPOSER_KIND_EARLY_EXIT", "PROPOSER_KIND_TREE", "PROPOSER_KIND_SUFFIX")):
+                                      "PROPOSER_KIND_EARLY_EXIT", "PROPOSER_KIND_TREE", "PROPOSER_KIND_SUFFIX",
+                                      "PROPOSER_KIND_CHOICE")):
             setattr(stub, name, value)
         stub.CostModel = dict   # only used by CostModel.to_proto, never on this path
         sys.modules["smartspec.v1.common_pb2"] = stub

@@ -18,6 +18,7 @@ from smartspec.worker.engine import Engine, EngineConfig
 from smartspec.worker.local_policy import LocalPolicyPlanner, PolicyChoice
 from smartspec.worker.model import build_draft, load_model
 from smartspec.worker.proposers import make_proposer
+from smartspec.worker.proposers.choice import ProposerChoice
 from smartspec.worker.sequence import FinishReason, GenerationRequest, TokenDelta
 from smartspec.worker.steps import StaticPlanner
 
@@ -139,10 +140,12 @@ PLANS = {
 
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
-@pytest.mark.parametrize("proposer_name", ["ngram", "suffix", "draft"])
+@pytest.mark.parametrize("proposer_name", ["ngram", "suffix", "ngram,suffix", "draft"])
 def test_greedy_speculation_equals_plain_decoding(model, draft, prompts, reference, proposer_name, plan):
     if proposer_name in ("ngram", "suffix"):
         proposer = make_proposer(proposer_name)
+    elif proposer_name == "ngram,suffix":
+        proposer = ProposerChoice([make_proposer("ngram"), make_proposer("suffix")], ["ngram", "suffix"])
     else:
         proposer = make_proposer("draft", loaded_model=draft, max_slots=4, max_tokens=512)
     engine = make_engine(model, proposer, PLANS[plan]())
@@ -299,6 +302,8 @@ def test_cli_builds_the_draft_proposer_from_the_target(model):
         common_pb2.PROPOSER_KIND_NGRAM
     assert build_proposer("suffix", model, draft="auto", max_slots=2, max_tokens=128).kind == \
         common_pb2.PROPOSER_KIND_SUFFIX
+    choice = build_proposer("ngram,suffix", model, draft="auto", max_slots=2, max_tokens=128)
+    assert choice.kind == common_pb2.PROPOSER_KIND_CHOICE and choice.names == ["ngram", "suffix"]
 
 
 class SlowObservePlanner(StaticPlanner):

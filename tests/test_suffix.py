@@ -271,3 +271,21 @@ def test_registry_kind_and_options():
     off = SuffixProposer(global_tokens=0)
     _serve(off, "a", [1], [2, 3, 4, 5])
     assert off.memory_tokens() == 0 and off.stats()["global_contexts"] == 0
+
+
+def test_proposal_class_grades_the_chosen_chains_match_and_its_source():
+    from smartspec.worker.proposers.suffix import MATCH_CLASS_BOUNDS, SHARED_CLASS_OFFSET
+
+    proposer = SuffixProposer()
+    own = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3, 4, 5]  # the tail "1 2 3 4 5" occurred before: 5 tokens
+    assert proposer.lookahead("own", own, 4) > 0
+    assert proposer.proposal_class("own") == sum(5 >= b for b in MATCH_CLASS_BOUNDS)
+    # A request released earlier supplies the chain: graded as shared memory.
+    proposer.lookahead("done", [50, 51], 4)
+    proposer.propose([ProposalRequest("done", [50, 51, 60, 61, 62, 63, 64, 65], 4, SamplingParams())])
+    proposer.release("done")
+    assert proposer.lookahead("next", [70, 60, 61, 62], 4) > 0
+    assert proposer.proposal_class("next") == sum(3 >= b for b in MATCH_CLASS_BOUNDS) + SHARED_CLASS_OFFSET
+    assert proposer.lookahead("none", [99, 98], 4) == 0 and proposer.proposal_class("none") is None
+    proposer.release("own")
+    assert proposer.proposal_class("own") is None

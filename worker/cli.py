@@ -36,9 +36,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--controller-tls-ca", default="", help="PEM roots: reach the controller over TLS")
     add_option(parser, "--model", default="SmolLM2-135M-Instruct",
                help="target model: a packaged name, a .gguf file or a Hugging Face folder")
-    add_option(parser, "--proposer", default="ngram", choices=("ngram", "suffix", "draft"),
+    add_option(parser, "--proposer", default="ngram", type=proposer_spec,
                help="how proposals are made: ngram (prompt lookup), suffix (suffix decoding: this and "
-                    "recent requests' text), draft (a draft model)")
+                    "recent requests' text), draft (a draft model), or a comma list of the model-free "
+                    "ones (ngram,suffix): each request and step uses the one expected to pay most")
     add_option(parser, "--draft", default="auto",
                help="draft model for --proposer draft: 'auto', a kind built from the target "
                     "(bf16, int8, layers:N) or a model path with the target's tokenizer")
@@ -69,12 +70,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_tracing_options(parser)
 
 
+MODEL_FREE_PROPOSERS = ("ngram", "suffix")
+
+
+def proposer_spec(text: str) -> str:
+    """`--proposer`: one of ngram, suffix, draft, or a comma list of distinct model-free proposers."""
+    names = [name.strip() for name in text.split(",")]
+    if len(names) == 1 and names[0] in MODEL_FREE_PROPOSERS + ("draft",):
+        return names[0]
+    unknown = [name for name in names if name not in MODEL_FREE_PROPOSERS]
+    if len(names) < 2 or unknown or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected ngram, suffix, draft or a list of distinct model-free proposers "
+            f"({','.join(MODEL_FREE_PROPOSERS)}); a draft model cannot be chosen per request yet")
+    return ",".join(names)
+
+
 def build_proposer(name: str, target: Any, *, draft: str, max_slots: int, max_tokens: int) -> Any:
     """The proposer for `name`; a draft is built from the target or loaded from a path."""
     from smartspec.worker.model import build_draft, draft_kinds, load_model
     from smartspec.worker.proposers import make_proposer
+    from smartspec.worker.proposers.choice import ProposerChoice
 
-    if name in ("ngram", "suffix"):
+    if "," in name:
+        names = name.split(",")
+        return ProposerChoice([make_proposer(member) for member in names], names)
+    if name in MODEL_FREE_PROPOSERS:
         return make_proposer(name)
     kind = draft.split(":")[0]
     if draft == "auto" or kind in draft_kinds():

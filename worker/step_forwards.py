@@ -81,6 +81,9 @@ class StepForwards:
             # K/V now valid for the last token and the accepted proposals; the rest is rolled back.
             seq.cached += 1 + verdict.num_accepted
             seq.stats.observe(k=k, proposed=proposed, accepted=verdict.num_accepted)
+            if k > 0:
+                self._proposer.observe_verification(seq.request_id, proposed, verdict.num_accepted,
+                                                    verdict.tested_positions)
             finished = self._lifecycle.append(seq, verdict.tokens)
             facts.append(RequestFacts.decoded(
                 seq.request_id, requested=k, proposed=proposed, accepted=verdict.num_accepted,

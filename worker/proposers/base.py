@@ -61,6 +61,10 @@ class Proposer(ABC):
         requests would run dry next step instead of guessing from their average fill rate."""
         return None
 
+    def observe_verification(self, seq_id: str, proposed: int, accepted: int, tested: int) -> None:
+        """The target verified this request's last proposal: `accepted` of `proposed` kept over
+        `tested` judged positions (default: ignored). Called for every row that asked for k > 0."""
+
     def proposal_class(self, seq_id: str) -> int | None:
         """A small integer grading the proposal the last `lookahead` for this request found (for
         prompt lookup: how long a match it copies from), or None (the default: ungraded). The

@@ -15,12 +15,19 @@ needs cmake, nanobind, a torch of its own and the Python headers, and fails to b
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from smartspec.v1 import common_pb2
 
 from .base import Proposal, ProposalRequest, Proposer
+
+# Match lengths that start a new proposal class ([1], [2], [3], [4], [5-7], [8-15], [16+]); a chain
+# from the worker-wide index is graded apart (class + SHARED_CLASS_OFFSET): text remembered from
+# other requests is right at other rates than the request's own.
+MATCH_CLASS_BOUNDS = (2, 3, 4, 5, 8, 16)
+SHARED_CLASS_OFFSET = len(MATCH_CLASS_BOUNDS) + 1
 
 # An occurrence is one int, (sequence number << 32) | position: leaves are most of an index's entries.
 _POSITION_BITS = 32
@@ -187,6 +194,7 @@ class _Chain:
     tokens: list[int] = field(default_factory=list)
     expected_accepted: float = 0.0  # sum of the running share products: SuffixDecoding's draft score
     confidence: float | None = None  # the first token's share
+    match_length: int = 0  # tokens of the context's tail the index matched
 
 
 @dataclass
@@ -237,6 +245,7 @@ class SuffixProposer(Proposer):
         self._requests: dict[str, _RequestState] = {}
         self._global = _SuffixIndex(max_depth)
         self._released = 0  # numbers the global index's sequences
+        self._classes: dict[str, int | None] = {}  # class of each request's last lookup
 
     def propose(self, requests: Sequence[ProposalRequest]) -> list[Proposal]:
         chains = [self._lookup(request.seq_id, request.token_ids, request.k) for request in requests]
@@ -247,9 +256,15 @@ class SuffixProposer(Proposer):
         released in between (its output joins the worker-wide index at once) can change it."""
         return len(self._lookup(seq_id, token_ids, max_k).tokens)
 
+    def proposal_class(self, seq_id: str) -> int | None:
+        """The last lookup's match-length class (MATCH_CLASS_BOUNDS), offset by SHARED_CLASS_OFFSET
+        when the chain came from the worker-wide index; None when nothing matched."""
+        return self._classes.get(seq_id)
+
     def release(self, seq_id: str) -> None:
         """The request's output (its text after the prompt, as of the last call) joins the worker-wide
         index, oldest requests making room; the request's own index is freed."""
+        self._classes.pop(seq_id, None)
         state = self._requests.pop(seq_id, None)
         if state is None or self.global_tokens < 2:
             return
@@ -283,7 +298,10 @@ class SuffixProposer(Proposer):
             raise ValueError(f"k must be >= 0, got {k}")
         own = self._chain(self._updated_state(seq_id, context).index, context, k)
         shared = self._chain(self._global, context, k)
-        return own if own.expected_accepted >= shared.expected_accepted else shared
+        chain, offset = (own, 0) if own.expected_accepted >= shared.expected_accepted else (shared, SHARED_CLASS_OFFSET)
+        self._classes[seq_id] = (bisect_right(MATCH_CLASS_BOUNDS, chain.match_length) + offset
+                                 if chain.tokens else None)
+        return chain
 
     def _updated_state(self, seq_id: str, context: list[int]) -> _RequestState:
         """The request's index of `context`, extending the stored one when `context` only appended
@@ -302,8 +320,9 @@ class SuffixProposer(Proposer):
         length, entry = index.longest_match(context)
         if entry is None:
             return _Chain()
-        cap = min(k, max(1, math.ceil(self.alpha * index.match_length(context, length, entry))))
-        chain, walk, product = _Chain(), context[-self.max_depth :], 1.0
+        matched = index.match_length(context, length, entry)
+        cap = min(k, max(1, math.ceil(self.alpha * matched)))
+        chain, walk, product = _Chain(match_length=matched), context[-self.max_depth :], 1.0
         while len(chain.tokens) < cap and entry is not None:
             token, share = index.most_frequent_next(entry)
             product *= share

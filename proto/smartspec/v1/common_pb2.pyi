@@ -15,12 +15,14 @@ class ProposerKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROPOSER_KIND_EARLY_EXIT: _ClassVar[ProposerKind]
     PROPOSER_KIND_TREE: _ClassVar[ProposerKind]
     PROPOSER_KIND_SUFFIX: _ClassVar[ProposerKind]
+    PROPOSER_KIND_CHOICE: _ClassVar[ProposerKind]
 PROPOSER_KIND_UNSPECIFIED: ProposerKind
 PROPOSER_KIND_NGRAM: ProposerKind
 PROPOSER_KIND_DRAFT: ProposerKind
 PROPOSER_KIND_EARLY_EXIT: ProposerKind
 PROPOSER_KIND_TREE: ProposerKind
 PROPOSER_KIND_SUFFIX: ProposerKind
+PROPOSER_KIND_CHOICE: ProposerKind
 
 class CostModel(_message.Message):
     __slots__ = ("c_fixed_ms", "c_spec_ms", "c_tok_ms", "c_kv_ms", "d_fixed_ms", "d_tok_ms", "d_kv_ms", "overhead_ms", "c_spec_row_ms", "c_row_ms", "c_width_ms", "d_row_ms")

@@ -1,0 +1,132 @@
+"""The per-request proposer choice (worker/proposers/choice.py): which member proposes, and why.
+
+Members here are real prompt lookup and suffix decoding where the point is how they combine, and a
+scripted member where a test needs to set exactly what a member offers and how it grades it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Sequence
+
+import pytest
+
+from smartspec.worker.cli import proposer_spec
+from smartspec.worker.proposers import Proposal, ProposalRequest, Proposer, SamplingParams, make_proposer
+from smartspec.worker.proposers.choice import CLASS_STRIDE, ProposerChoice, expected_accepted
+
+
+class Scripted(Proposer):
+    """Offers `offer` copies of `token` for every request, graded `grade`; records what it is told."""
+
+    kind = 0
+    reports_lookahead = True
+
+    def __init__(self, token: int, offer: int, grade: int | None) -> None:
+        self.token, self.offer, self.grade = token, offer, grade
+        self.released: list[str] = []
+        self.verified: list[tuple[str, int, int, int]] = []
+
+    def propose(self, requests: Sequence[ProposalRequest]) -> list[Proposal]:
+        return [Proposal([self.token] * min(self.offer, r.k)) for r in requests]
+
+    def lookahead(self, seq_id: str, token_ids: list[int], max_k: int) -> int | None:
+        return min(self.offer, max_k)
+
+    def proposal_class(self, seq_id: str) -> int | None:
+        return self.grade
+
+    def observe_verification(self, seq_id: str, proposed: int, accepted: int, tested: int) -> None:
+        self.verified.append((seq_id, proposed, accepted, tested))
+
+    def release(self, seq_id: str) -> None:
+        self.released.append(seq_id)
+
+
+def ask(seq_id: str, context: list[int], k: int = 8) -> ProposalRequest:
+    return ProposalRequest(seq_id, context, k, SamplingParams())
+
+
+def run_verified(choice: ProposerChoice, seq_id: str, steps: int, accepted_of: dict[int, int]) -> None:
+    """`steps` rounds of look-ahead, propose and verification; the member proposing token t keeps
+    accepted_of[t] of its tokens (then a rejection)."""
+    context = [1, 2, 3]
+    for _ in range(steps):
+        choice.lookahead(seq_id, context, 8)
+        (proposal,) = choice.propose([ask(seq_id, context)])
+        kept = min(accepted_of[proposal.tokens[0]], len(proposal.tokens))
+        choice.observe_verification(seq_id, len(proposal.tokens), kept, kept + (kept < len(proposal.tokens)))
+        context = context + [9]
+
+
+def test_expected_accepted_is_the_geometric_sum():
+    assert expected_accepted(0.5, 3) == pytest.approx(0.5 + 0.25 + 0.125)
+    assert expected_accepted(1.0, 4) == 4.0 and expected_accepted(0.9, 0) == 0.0
+
+
+def test_before_any_evidence_the_member_offering_more_proposes():
+    short, long = Scripted(token=7, offer=2, grade=0), Scripted(token=8, offer=6, grade=0)
+    choice = ProposerChoice([short, long])
+    assert choice.lookahead("r", [1, 2, 3], 8) == 6
+    assert choice.propose([ask("r", [1, 2, 3])])[0].tokens == [8] * 6
+    assert choice.proposal_class("r") == 1 * CLASS_STRIDE + 0
+
+
+def test_a_member_whose_offers_fail_loses_the_request_to_one_whose_offers_hold():
+    failing, holding = Scripted(token=7, offer=6, grade=2), Scripted(token=8, offer=3, grade=1)
+    choice = ProposerChoice([failing, holding], ["failing", "holding"])
+    run_verified(choice, "r", steps=12, accepted_of={7: 0, 8: 3})
+    rates = choice.rates()
+    # One failure (a first-token rejection: 1 tested position) is enough for the other member's
+    # untried offer to look better; from then on the holding member proposes and its rate climbs.
+    assert rates[("failing", 2)] == pytest.approx(2.0 / 5.0) and rates[("holding", 1)] > 0.8
+    assert len(failing.verified) == 1 and len(holding.verified) == 11
+    assert choice.lookahead("new", [4, 5], 8) == 3 and choice.proposal_class("new") == CLASS_STRIDE + 1
+    # Verifications reach the member that proposed, with the outcome's own numbers.
+    assert failing.verified and all(v[2] == 0 for v in failing.verified)
+    assert all(v[2] == 3 for v in holding.verified)
+
+
+def test_rates_are_kept_per_member_class():
+    graded_low, graded_high = Scripted(token=7, offer=4, grade=0), Scripted(token=8, offer=4, grade=5)
+    choice = ProposerChoice([graded_low, graded_high], ["low", "high"])
+    run_verified(choice, "a", steps=3, accepted_of={7: 4, 8: 0})
+    assert set(choice.rates()) <= {("low", 0), ("high", 5)}
+
+
+def test_each_request_gets_its_own_members_proposal_in_order():
+    ngram, suffix = make_proposer("ngram"), make_proposer("suffix")
+    choice = ProposerChoice([ngram, suffix], ["ngram", "suffix"])
+    repeated = [5, 6, 7, 8, 9, 5, 6, 7]  # prompt lookup and suffix decoding both copy "8 9 5 ..."
+    other = [1, 2, 3, 4]  # nothing to copy
+    for seq_id, context in (("a", repeated), ("b", other)):
+        choice.lookahead(seq_id, context, 4)
+    got = choice.propose([ask("a", repeated, 4), ask("b", other, 4)])
+    assert got[0].tokens[:2] == [8, 9] and got[1].tokens == []
+    choice.release("a")
+    assert ngram.proposal_class("a") is None and "a" not in choice._picks
+
+
+def test_release_reaches_every_member():
+    members = [Scripted(7, 2, 0), Scripted(8, 2, 0)]
+    choice = ProposerChoice(members)
+    choice.lookahead("r", [1], 8)
+    choice.release("r")
+    assert all(m.released == ["r"] for m in members)
+
+
+def test_only_model_free_members_can_be_combined():
+    class Blind(Scripted):
+        reports_lookahead = False
+
+    with pytest.raises(ValueError, match="cannot look ahead"):
+        ProposerChoice([Scripted(7, 1, 0), Blind(8, 1, 0)])
+    with pytest.raises(ValueError, match="at least two"):
+        ProposerChoice([Scripted(7, 1, 0)])
+
+
+def test_the_cli_accepts_lists_of_distinct_model_free_proposers_only():
+    assert proposer_spec("ngram, suffix") == "ngram,suffix" and proposer_spec("draft") == "draft"
+    for bad in ("ngram,draft", "ngram,ngram", "bogus", "ngram,"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            proposer_spec(bad)
