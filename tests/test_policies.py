@@ -7,6 +7,7 @@ import math
 import textwrap
 import uuid
 
+import numpy as np
 import pytest
 
 from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
@@ -138,8 +139,8 @@ def test_goodput_low_load_high_acceptance_speculates_to_the_limit():
 
 def test_goodput_same_requests_at_batch_128_with_costly_verify_do_not_speculate():
     costly = DEFAULT_COST_MODEL.replace(c_tok_ms=20.0, c_spec_ms=50.0)
-    assert decide("goodput", batch_of([0.9] * 4), costly)[0] > 0
-    assert decide("goodput", batch_of([0.9] * 128), costly) == [0] * 128
+    assert decide("goodput", batch_of([0.9] * 4), costly, min_gain=0.0)[0] > 0
+    assert decide("goodput", batch_of([0.9] * 128), costly, min_gain=0.0) == [0] * 128
 
 
 def test_goodput_low_acceptance_does_not_speculate():
@@ -153,12 +154,43 @@ def test_goodput_min_gain_requires_a_margin():
     assert decide("goodput", batch, min_gain=0.5) == [0]
 
 
+def test_probe_interval_stretches_so_probes_cost_at_most_the_budget():
+    from smartspec.core.policies.goodput import PROBE_BUDGET, probe_interval_for
+
+    assert probe_interval_for(0.0, 8) == 8 and probe_interval_for(0.1, 8) == 8  # 0.1 / 8 < 2%
+    assert probe_interval_for(0.6, 8) == 30 and probe_interval_for(0.6, 8, budget=0.06) == 10
+    for share in (0.05, 0.3, 0.59, 1.7):
+        interval = probe_interval_for(share, 8)
+        assert share / interval <= PROBE_BUDGET + 1e-12 and (interval == 8 or share / (interval - 1) > PROBE_BUDGET)
+
+
+def test_goodput_probes_a_full_batch_less_often_than_a_single_request():
+    """At batch 32 a probe step costs ~60% more than a plain one under the default model: due
+    probes wait for a step aligned to the stretched interval, not to probe_interval."""
+    from smartspec.core.cost_model import DEFAULT_COST_MODEL as model
+    from smartspec.core.policies.goodput import probe_interval_for
+
+    held = {"steps_since_speculation": 200}
+    contexts = np.full(32, 200.0)
+    share = float(model.predict_ms(np.ones(32), contexts) / model.predict_ms(np.zeros(32), contexts) - 1.0)
+    stretched = probe_interval_for(share, 8)
+    assert stretched > 16
+    off_grid = 8 * stretched + 8  # a multiple of 8, not of the stretched interval
+    assert off_grid % stretched != 0
+    assert decide("goodput", batch_of([0.0] * 32, step_index=off_grid, context=200, **held),
+                  probe_interval=8) == [0] * 32
+    assert decide("goodput", batch_of([0.0] * 32, step_index=8 * stretched, context=200, **held),
+                  probe_interval=8) == [1] * 32
+    assert decide("goodput", batch_of([0.0], step_index=8, context=200, **held), probe_interval=8) == [1]
+
+
 def test_goodput_probes_requests_held_at_zero():
-    held = {"steps_since_speculation": 8}
+    held = {"steps_since_speculation": 64}  # due at any interval the probes' cost stretches 8 to
     # nobody speculates: probes wait for an aligned step so the batch pays c_spec once per interval
-    assert decide("goodput", batch_of([0.0, 0.0], step_index=16, **held), probe_interval=8) == [1, 1]
+    # (step 0 is aligned to any interval the cost of the probes stretches it to)
+    assert decide("goodput", batch_of([0.0, 0.0], step_index=0, **held), probe_interval=8) == [1, 1]
     assert decide("goodput", batch_of([0.0, 0.0], step_index=17, **held), probe_interval=8) == [0, 0]
-    assert decide("goodput", batch_of([0.0], step_index=16, **held), probe_interval=0) == [0]
+    assert decide("goodput", batch_of([0.0], step_index=0, **held), probe_interval=0) == [0]
     not_yet = batch_of([0.0], step_index=16, steps_since_speculation=7)
     assert decide("goodput", not_yet, probe_interval=8) == [0]
     # someone already speculates: a due probe rides along at once

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -9,10 +10,22 @@ import numpy as np
 from smartspec.core.acceptance import DEFAULT_PRIOR_STRENGTH
 from smartspec.core.cost_model import CostModel
 from smartspec.core.policies.base import BasePolicy, BatchState, ParameterSpec, ParameterType
-from smartspec.core.policies.optimizer import optimize_goodput
+from smartspec.core.policies.optimizer import optimize_goodput, predict_step
 
 # Below this many verified positions pooled over the proposer kind, estimates are still the cold guess.
 COLD_EVIDENCE = DEFAULT_PRIOR_STRENGTH
+# Probes may cost at most this share of step time on average. A probe step at batch 32 on the
+# reference machine costs up to ~60% more than a plain one (every row's query widens): at the
+# default interval of 8 that alone was a 4-7% loss on work where speculation does not pay.
+PROBE_BUDGET = 0.02
+
+
+def probe_interval_for(extra_share: float, probe_interval: int, budget: float = PROBE_BUDGET) -> int:
+    """Steps between probes so that probe steps costing `extra_share` more than the plan without
+    them spend at most `budget` of step time on average (never more often than probe_interval)."""
+    if not extra_share > 0:
+        return probe_interval
+    return max(probe_interval, math.ceil(extra_share / budget))
 
 
 def apply_probes(ks: np.ndarray, steps_since_speculation: np.ndarray, step_index: int,
@@ -51,7 +64,9 @@ class GoodputPolicy(BasePolicy):
         ParameterSpec("probe_interval", ParameterType.INT, 8,
                       "A request held at k=0 for this many steps is given k=1 once; 0 disables probing.",
                       minimum=0, maximum=100_000),
-        ParameterSpec("min_gain", ParameterType.FLOAT, 0.01,
+        # 5%: the cost model's validated error (BENCHMARKS.md section 6: median within 5%); a
+        # predicted gain smaller than that is as likely a loss, and chat in bursts measured one.
+        ParameterSpec("min_gain", ParameterType.FLOAT, 0.05,
                       "Speculate only if predicted goodput beats k=0 for all by this relative margin "
                       "(hedges against cost-model error).",
                       minimum=0.0, maximum=10.0),
@@ -74,7 +89,15 @@ class GoodputPolicy(BasePolicy):
         if max_k > 0:
             held = columns.steps_since_speculation  # [B]
             cold = batch.pooled_evidence < COLD_EVIDENCE
-            ks = apply_probes(ks, held, batch.step_index, params["probe_interval"], cold)
+            interval = params["probe_interval"]
+            probed = apply_probes(ks, held, batch.step_index, interval, cold)
+            if not cold and (probed != ks).any():
+                # What these probes would add to the step, as a share of the step without them.
+                predicted = [predict_step(columns.acceptance, columns.context_tokens, columns.prefill_tokens, cost,
+                                          plan_ks, fill=columns.fill)[1] for plan_ks in (ks, probed)]
+                interval = probe_interval_for(predicted[1] / predicted[0] - 1.0, interval)
+                probed = apply_probes(ks, held, batch.step_index, interval, cold)
+            ks = probed
         return ks.tolist()
 
 
