@@ -285,14 +285,25 @@ class AcceptanceBook:
                                                *class_sums.get(cls, (0, 0, 0, 0)), decay=decay)
 
     def prior_rates(self, queries: Sequence[Query], prior: PooledPrior, estimator: Estimator) -> np.ndarray:
-        """[N] float64: the acceptance rate each query's estimate starts from, its next proposal's
-        class rate where that class has MIN_CLASS_EVIDENCE, else the proposer kind's pooled rate."""
+        """[N] float64: the acceptance rate each query's estimate starts from: its next proposal's
+        class rate where that class has MIN_CLASS_EVIDENCE; for a graded proposal whose class has
+        less, the kind's pooled rate but no lower than the cold guess; ungraded, the kind's rate.
+
+        Why the floor: the first tokens of an answer rarely copy anything, so a fresh worker's
+        first probes fail in the short-match classes and pull the kind's rate down (0.33 in a
+        burst of summaries); planned from that, a 16-token match would not be tried until its
+        class had evidence, which only speculating on it can give."""
         kind_rate = prior.rate(estimator.cold_rate)
         rates = np.full(len(queries), kind_rate, dtype=np.float64)
         for row, query in enumerate(queries):
-            pool = self.class_priors.get(self.proposal_class.get(query.request_id, -1))
+            cls = self.proposal_class.get(query.request_id)
+            if cls is None:
+                continue
+            pool = self.class_priors.get(cls)
             if pool is not None and pool.tested >= MIN_CLASS_EVIDENCE:
                 rates[row] = pool.rate(kind_rate)
+            else:
+                rates[row] = max(kind_rate, estimator.cold_rate)
         return rates
 
     def evidence(self, queries: Sequence[Query]) -> Evidence:

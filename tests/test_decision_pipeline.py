@@ -392,3 +392,21 @@ def test_a_short_match_after_a_burst_of_long_ones_is_planned_from_its_own_class(
     unclassed = AcceptanceBook(prior=book.prior)
     assert unclassed.plan(goodput, params, COST, [SpeculationQuery("chat", 100)], max_k=MAX_K,
                           queued_requests=0, step_index=21)["chat"] > 0
+
+
+def test_an_unmeasured_class_starts_no_lower_than_the_cold_guess():
+    """A fresh worker's first probes (first tokens of answers, short matches) fail: the kind's rate
+    drops to ~0.3, but a graded proposal in a class with no evidence yet is planned at >= 0.5."""
+    book = AcceptanceBook()
+    for index in range(12):
+        book.observe(_step(index, _decoded("probe", requested=1, proposed=1, accepted=int(index % 3 == 0),
+                                           proposal_class=0)))
+    book.observe(_step(12, _decoded("long", requested=0, proposed=0, accepted=0, proposal_class=5),
+                       _decoded("ungraded", requested=0, proposed=0, accepted=0, proposal_class=None)))
+    kind_rate = book.prior.rate()
+    assert kind_rate < 0.4 and book.class_priors[0].tested < 16
+    rates = book.prior_rates([SpeculationQuery("long", 100), SpeculationQuery("ungraded", 100),
+                              SpeculationQuery("probe", 100)], book.prior, book.estimator)
+    assert rates[0] == pytest.approx(book.estimator.cold_rate)
+    assert rates[1] == pytest.approx(kind_rate)
+    assert rates[2] == pytest.approx(book.estimator.cold_rate)  # class 0 is graded but under-measured too

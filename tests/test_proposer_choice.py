@@ -130,3 +130,23 @@ def test_the_cli_accepts_lists_of_distinct_model_free_proposers_only():
     for bad in ("ngram,draft", "ngram,ngram", "bogus", "ngram,"):
         with pytest.raises(argparse.ArgumentTypeError):
             proposer_spec(bad)
+
+
+def test_a_members_record_with_one_request_overrides_its_class_rate_for_that_request():
+    first, second = Scripted(token=7, offer=4, grade=0), Scripted(token=8, offer=3, grade=0)
+    choice = ProposerChoice([first, second], ["first", "second"])
+    contexts = {"good": [1, 2], "bad": [3, 4]}
+    for _ in range(30):
+        for seq_id, context in contexts.items():
+            choice.lookahead(seq_id, context, 8)
+            (proposal,) = choice.propose([ask(seq_id, context)])
+            member_first = proposal.tokens[0] == 7
+            # "first" is always right for "good" and always wrong for "bad"; "second" is right on 2 of 3.
+            kept = (4 if seq_id == "good" else 0) if member_first else 2
+            choice.observe_verification(seq_id, len(proposal.tokens), kept, kept + (kept < len(proposal.tokens)))
+    # Pooled over both requests, "first" at class 0 looks good (mostly "good"'s full accepts) ...
+    assert choice.rates()[("first", 0)] > 0.6
+    # ... yet "bad" has moved to "second", while "good" stays with "first".
+    choice.lookahead("good", contexts["good"], 8)
+    choice.lookahead("bad", contexts["bad"], 8)
+    assert choice.proposal_class("good") == 0 and choice.proposal_class("bad") == CLASS_STRIDE

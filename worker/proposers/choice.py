@@ -5,10 +5,12 @@ tokens it would offer, and the class of that offer: prompt lookup's match length
 frequency share) and the request is given the member whose offer is expected to yield the most
 accepted tokens,
 
-    E_p = r + r^2 + ... + r^n      (n offered by member p, r its acceptance rate at that class)
+    E_p = r + r^2 + ... + r^n      (n offered by member p, r its acceptance rate for this request)
 
-with r learned online per (member, class) from verified outcomes (decayed pooled counts, started at
-COLD_RATE). Why this choice is the goodput-optimal one for model-free members: their proposals cost
+where r is the request's own record with member p (accepted / tested positions, as every
+acceptance estimate here counts them) shrunk toward the rate member p has shown at that class over
+all requests (decayed pooled counts, started at COLD_RATE), with OWN_STRENGTH pseudo-trials: a
+member that keeps failing one request loses it even if its class does well elsewhere. Why this choice is the goodput-optimal one for model-free members: their proposals cost
 nothing to make and the same to verify per token, so for any k the planner picks, the step's cost
 does not depend on which member filled the row; only the expected accepted tokens do, and those
 grow with r and with n. (Members with a cost of their own, a draft model, need the (proposer, k)
@@ -29,6 +31,7 @@ from .base import Proposal, ProposalRequest, Proposer
 
 COLD_RATE = 0.5  # a (member, class) never verified yet
 PRIOR_TRIALS = 4.0  # pseudo-trials of COLD_RATE behind every learned rate
+OWN_STRENGTH = 8.0  # pseudo-trials of the class rate behind a request's own record with a member
 RATE_DECAY = 0.999  # per verified outcome: the rates follow the last ~1,000 verifications
 CLASS_STRIDE = 16  # reported class = member index * CLASS_STRIDE + the member's own class
 UNGRADED = CLASS_STRIDE - 1  # the member's own class when it grades nothing
@@ -42,7 +45,11 @@ class _Rate:
     tested: float = 0.0
 
     def value(self) -> float:
-        return (self.accepted + COLD_RATE * PRIOR_TRIALS) / (self.tested + PRIOR_TRIALS)
+        return self.shrunk_toward(COLD_RATE, PRIOR_TRIALS)
+
+    def shrunk_toward(self, prior_rate: float, strength: float) -> float:
+        """Beta-posterior mean: these counts with `strength` pseudo-trials at `prior_rate`."""
+        return (self.accepted + prior_rate * strength) / (self.tested + strength)
 
     def add(self, accepted: int, tested: int) -> None:
         self.accepted = self.accepted * RATE_DECAY + accepted
@@ -88,6 +95,7 @@ class ProposerChoice(Proposer):
         self._rates: dict[tuple[int, int], _Rate] = {}
         self._picks: dict[str, _Pick] = {}  # by request: the member its next proposal comes from
         self._proposed_by: dict[str, tuple[int, int]] = {}  # by request: (member, class) of its last proposal
+        self._own: dict[tuple[str, int], _Rate] = {}  # by (request, member): that request's own record
 
     # ---- the Proposer contract ----
 
@@ -117,6 +125,9 @@ class ProposerChoice(Proposer):
         where = self._proposed_by.pop(seq_id, None)
         if where is not None and proposed > 0:
             self._rates.setdefault(where, _Rate()).add(accepted, tested)
+            own = self._own.setdefault((seq_id, where[0]), _Rate())
+            own.accepted += accepted
+            own.tested += tested
         member = None if where is None else self.members[where[0]]
         if member is not None:
             member.observe_verification(seq_id, proposed, accepted, tested)
@@ -124,7 +135,8 @@ class ProposerChoice(Proposer):
     def release(self, seq_id: str) -> None:
         self._picks.pop(seq_id, None)
         self._proposed_by.pop(seq_id, None)
-        for member in self.members:
+        for index, member in enumerate(self.members):
+            self._own.pop((seq_id, index), None)
             member.release(seq_id)
 
     # ---- inspection ----
@@ -142,7 +154,8 @@ class ProposerChoice(Proposer):
             offered = member.lookahead(seq_id, token_ids, max_k) or 0
             member_class = member.proposal_class(seq_id)
             member_class = UNGRADED if member_class is None else min(int(member_class), UNGRADED - 1)
-            rate = self._rates.get((member_index, member_class), _COLD).value()
+            class_rate = self._rates.get((member_index, member_class), _COLD).value()
+            rate = self._own.get((seq_id, member_index), _COLD).shrunk_toward(class_rate, OWN_STRENGTH)
             value = expected_accepted(rate, offered)
             if value > best_value:  # ties: the earlier member
                 best, best_value = _Pick(member_index, member_class, len(token_ids), offered), value
