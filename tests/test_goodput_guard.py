@@ -23,7 +23,7 @@ def test_batch_classes_group_similar_sizes():
 
 
 def test_speculation_that_measured_slower_than_plain_steps_is_held_off_then_probed():
-    guard = GoodputGuard(GuardSettings(probe_every=4))
+    guard = GoodputGuard(GuardSettings(probe_every=4, probe_budget=1.0))  # budget: no stretching here
     for index in range(5):   # plain steps at batch 8: 8 tokens / 150 ms
         guard.observe(decode_step(index, 8, 0, 0, 150.0))
     for index in range(5, 10):   # speculative: 8 rows x (1 accepted + 1) = 16 tokens / 320 ms: slower
@@ -33,6 +33,29 @@ def test_speculation_that_measured_slower_than_plain_steps_is_held_off_then_prob
     assert allowed.count(6) == 2 and allowed.count(0) == 6      # one step in four still probes
     # Other batch sizes are judged on their own.
     assert guard.allowed_k(1, 6) == 6
+
+
+def test_probes_of_a_costly_speculative_step_come_rarely_enough_to_stay_within_budget():
+    """A draft model at batch 12 on the reference CPU: a speculative step took ~9x a plain one. A
+    probe every 16 steps would add ~50% to the run; the guard stretches it to keep probes <= 2%."""
+    guard = GoodputGuard(GuardSettings(probe_every=16, probe_budget=0.02))
+    for index in range(5):
+        guard.observe(decode_step(index, 12, 0, 0, 120.0))
+    for index in range(5, 10):
+        guard.observe(decode_step(index, 12, 8, 7, 1080.0))   # 12 x 8 tokens / 1080 ms < 12 / 120
+    assert guard.backed_off_classes() == [batch_class(12)]
+    record = guard.classes[batch_class(12)]
+    assert guard.probe_interval(record) == 400            # (1080 / 120 - 1) / 0.02
+    allowed = [guard.allowed_k(12, 8) for _ in range(399)]
+    assert allowed.count(8) <= 1
+    # A cheap speculative step keeps the plain interval.
+    cheap = GoodputGuard(GuardSettings(probe_every=16, probe_budget=0.02))
+    for index in range(5):
+        cheap.observe(decode_step(index, 12, 0, 0, 120.0))
+    for index in range(5, 10):
+        cheap.observe(decode_step(index, 12, 1, 0, 121.0))
+    assert cheap.backed_off_classes() == [batch_class(12)]
+    assert cheap.probe_interval(cheap.classes[batch_class(12)]) == 16
 
 
 def test_speculation_that_pays_is_never_held_off_and_recovers_after_a_bad_stretch():

@@ -7,8 +7,9 @@ faster. The worker measures every step, so it can check: per batch-size class (1
 decode steps (k = 0 for every row). When speculative steps delivered less than plain ones by more
 than `margin` (0: at all), speculation is held off in that class until they measure
 `resume_margin` above plain ones (hysteresis: near a tie, noise must not flip it every few
-steps). Held off, the plan's k is capped at 0, except one step in `probe_every`, which keeps
-measuring whether speculation has become worth it again.
+steps). Held off, the plan's k is capped at 0, except one step in `probe_every` (stretched so that
+probes cost at most `probe_budget` of step time, by the measured cost of a speculative step over a
+plain one), which keeps measuring whether speculation has become worth it again.
 When a class has speculated for so long that its plain measurement has decayed away, one plain
 step is run to refresh it, so the comparison never rests on numbers from another phase of the run.
 
@@ -83,7 +84,8 @@ class GuardSettings:
     decay: float = 0.99            # plain record, per step of the class: ~100 steps of memory
     speculative_memory_rows: float = 256.0   # speculative record: ~this many row-steps of memory
     min_steps: float = 2.0         # decayed steps of each kind needed before judging
-    probe_every: int = 16          # while held off, one step in this many may speculate
+    probe_every: int = 16          # while held off, one step in this many may speculate ...
+    probe_budget: float = 0.02     # ... or fewer, so that probes cost at most this share of step time
     refresh_below: float = 2.0     # a plain record decayed below this many steps gets a plain step
                                    # (~1 step in 40 where every step would speculate)
 
@@ -106,7 +108,7 @@ class GoodputGuard:
         record = self.classes.setdefault(batch_class(batch_size), ClassRecord())
         record.steps += 1
         s = self.settings
-        if record.backed_off and record.steps % s.probe_every != 0:
+        if record.backed_off and record.steps % self.probe_interval(record) != 0:
             self.held_steps += 1
             return 0
         if record.speculative.steps >= s.min_steps and record.plain.steps < s.refresh_below:
@@ -132,6 +134,18 @@ class GoodputGuard:
         else:
             record.plain.add(tokens, facts.total_ms)
         self._judge(cls, record)
+
+    def probe_interval(self, record: ClassRecord) -> int:
+        """Steps between probes while held off: probe_every, stretched so that probes cost at most
+        `probe_budget` of step time on average, by the measured cost of a speculative step over a
+        plain one (a draft model at batch 12 on the reference CPU: ~9x, so a probe every 16 steps
+        would have cost +50%)."""
+        s = self.settings
+        spec, plain = record.speculative, record.plain
+        if spec.steps <= 0 or plain.steps <= 0 or plain.ms <= 0:
+            return s.probe_every
+        extra = (spec.ms / spec.steps) / (plain.ms / plain.steps) - 1.0
+        return max(s.probe_every, math.ceil(extra / s.probe_budget)) if extra > 0 else s.probe_every
 
     def speculative_decay(self, rows: int) -> float:
         """Per speculative step: forget faster the more rows one step measured."""
