@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from smartspec.core.cost_fit import attended_context
 from smartspec.v1 import controller_pb2
 
 _OUTCOME = operator.attrgetter(
@@ -63,4 +64,4 @@ class ReportColumns:
     @property
     def attended_context(self) -> np.ndarray:
         """Context each row's step attended over: the context after it, less what the step added."""
-        return np.maximum(0, self.context - self.accepted - 1 - self.prefill)
+        return attended_context(self.context, self.accepted, self.prefill)

@@ -316,6 +316,13 @@ class OnlineCostFit:
         return fit
 
 
+def attended_context(context_after, accepted, prefill) -> np.ndarray:
+    """[B] context each row's step attended over: the context after the step, less what it added
+    (its accepted proposals, its own token, its prefill chunk); the cost model's context_i."""
+    added = np.asarray(accepted) + 1 + np.asarray(prefill)
+    return np.maximum(0, np.asarray(context_after) - added)
+
+
 def fit_profile(samples: Iterable[Any], prior: CostModel = DEFAULT_COST_MODEL,
                 prior_weight: float = 1.0) -> CostModel:
     """Fit the hello's startup profile (ProfileSample-like objects: batch_size, speculation_length,
