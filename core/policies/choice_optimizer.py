@@ -43,6 +43,7 @@ import numpy as np
 
 from smartspec.core.cost_model import CostModel
 from smartspec.core.policies.optimizer import (
+    GoodputSolution,
     base_step_ms,
     batch_depth_ms,
     expected_tokens_table,
@@ -54,17 +55,10 @@ MAX_DEPTH_PROPOSERS = 3  # (K+1)^(1 + n) cap tuples: 6,561 per row at n = 3, K =
 
 
 @dataclass(frozen=True)
-class ChoiceSolution:
-    proposers: np.ndarray  # [B] int: the proposer each row asks, -1 where k = 0
-    ks: np.ndarray  # [B] int: how many tokens it asks for
-    expected_tokens: float
-    step_ms: float
-    baseline_goodput: float  # tokens per ms with every k = 0
+class ChoiceSolution(GoodputSolution):
+    """A GoodputSolution that also names each row's proposer."""
 
-    @property
-    def goodput(self) -> float:
-        """Expected tokens per millisecond of step time."""
-        return self.expected_tokens / self.step_ms
+    proposers: np.ndarray  # [B] int: the proposer each row asks, -1 where k = 0
 
 
 @dataclass(frozen=True)
@@ -166,7 +160,7 @@ def optimize_choices(acceptance, fill, k_cap, contexts, prefills, verify_cost: C
     top = int(caps.max(initial=0))  # no row can ask for more: the caps beyond it change nothing
     idle = np.zeros(batch, dtype=np.int64)
     if batch == 0 or top == 0:
-        return ChoiceSolution(idle - 1, idle, float(batch), base_ms, baseline)
+        return ChoiceSolution(idle, float(batch), base_ms, baseline, proposers=idle - 1)
 
     tables = _tables(a, f, contexts, prefills, verify_cost, proposer_costs, top)
     k = np.arange(top + 1)  # [K+1]
@@ -223,7 +217,7 @@ def optimize_choices(acceptance, fill, k_cap, contexts, prefills, verify_cost: C
             break
         best, lam = (np.where(ks > 0, proposers, -1), ks, tokens, step_ms), ratio
     proposers, ks, tokens, step_ms = best
-    return ChoiceSolution(proposers.astype(np.int64), ks.astype(np.int64), tokens, step_ms, baseline)
+    return ChoiceSolution(ks.astype(np.int64), tokens, step_ms, baseline, proposers=proposers.astype(np.int64))
 
 
 def predict_choices(acceptance, fill, contexts, prefills, verify_cost: CostModel,
