@@ -34,6 +34,8 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+from smartspec.core.policies.goodput import PROBE_BUDGET, probe_interval_for
+
 from .steps import StepFacts
 
 log = logging.getLogger(__name__)
@@ -85,7 +87,8 @@ class GuardSettings:
     speculative_memory_rows: float = 256.0   # speculative record: ~this many row-steps of memory
     min_steps: float = 2.0         # decayed steps of each kind needed before judging
     probe_every: int = 16          # while held off, one step in this many may speculate ...
-    probe_budget: float = 0.02     # ... or fewer, so that probes cost at most this share of step time
+    probe_budget: float = PROBE_BUDGET   # ... or fewer, so that probes cost at most this share of step
+                                         # time (the goodput policy's own probes keep the same budget)
     refresh_below: float = 2.0     # a plain record decayed below this many steps gets a plain step
                                    # (~1 step in 40 where every step would speculate)
 
@@ -145,7 +148,7 @@ class GoodputGuard:
         if spec.steps <= 0 or plain.steps <= 0 or plain.ms <= 0:
             return s.probe_every
         extra = (spec.ms / spec.steps) / (plain.ms / plain.steps) - 1.0
-        return max(s.probe_every, math.ceil(extra / s.probe_budget)) if extra > 0 else s.probe_every
+        return probe_interval_for(extra, s.probe_every, s.probe_budget)
 
     def speculative_decay(self, rows: int) -> float:
         """Per speculative step: forget faster the more rows one step measured."""
