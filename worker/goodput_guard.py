@@ -20,7 +20,11 @@ proposer guesses right), which can change from one burst to the next: after a bu
 where speculation won, a burst of chat must not ride on that record for a hundred steps. So the
 speculative record decays per speculative step, by how many rows it measured: a window of about
 `speculative_memory_rows` row-steps (~8 steps at batch 32, never more than `decay` allows at
-batch 1, where one step's row is a noisy sample).
+batch 1, where one step's row is a noisy sample). While a class is held off, that record keeps
+forgetting at the same pace on its plain steps too, so the losing stretch that held it off fades
+and the probes since decide: summaries and code edits open with new text (speculation loses) and
+turn to copying within a few dozen steps; a record that only forgot per probe kept speculation off
+for ~30 steps of a batch-12 burst after prompt lookup had started to pay.
 
 Only steps that are all decode count (a prefill chunk makes a step slow for reasons k does not
 change); a step asked for proposals that the proposer could not fill is neither kind. A row
@@ -130,9 +134,10 @@ class GoodputGuard:
         cls = batch_class(len(rows))
         record = self.classes.setdefault(cls, ClassRecord())
         record.plain.decay(self.settings.decay)
+        if speculative or record.backed_off:
+            record.speculative.decay(self.speculative_decay(len(rows)))
         tokens = float(sum(r.accepted_tokens + 1 for r in rows))   # each row's accepted + its own token
         if speculative:
-            record.speculative.decay(self.speculative_decay(len(rows)))
             record.speculative.add(tokens, facts.total_ms)
         else:
             record.plain.add(tokens, facts.total_ms)
@@ -157,7 +162,10 @@ class GoodputGuard:
 
     def _judge(self, cls: int, record: ClassRecord) -> None:
         s = self.settings
-        if record.speculative.steps < s.min_steps or record.plain.steps < s.min_steps:
+        # Held off, the speculative record is the last few probes (it forgets while plain steps
+        # run): one fresh probe is enough to judge on, or a decayed record could never resume.
+        needed = 1.0 if record.backed_off else s.min_steps
+        if record.speculative.steps < needed or record.plain.steps < s.min_steps:
             return
         spec, plain = record.speculative.rate(), record.plain.rate()
         if record.backed_off:
