@@ -168,3 +168,26 @@ def test_when_one_class_stops_paying_the_others_measure_again_before_trusting_ol
         index += 1
         losing_steps += k > 0
         assert losing_steps <= 4
+
+
+def test_a_losing_opening_does_not_keep_speculation_off_once_probes_win():
+    """Summaries and code edits open with new text (speculation loses), then copy the prompt (it
+    wins by far). Held off after the opening, the class resumes at the first probe that wins
+    clearly: the losing record faded over the plain steps in between, it is not outvoted probe by
+    probe (which took ~3 probes, ~75 steps at batch 12)."""
+    guard = GoodputGuard()
+    index = 0
+    for _ in range(5):
+        guard.observe(decode_step(index, 12, 0, 0, 100.0))           # 12 / 100 ms
+        index += 1
+    for _ in range(5):
+        guard.observe(decode_step(index, 12, 3, 0, 150.0))           # 12 / 150 ms: losing
+        index += 1
+    assert guard.backed_off_classes() == [batch_class(12)]
+    held_steps = 0
+    while guard.backed_off_classes():
+        k = guard.allowed_k(12, 3)
+        guard.observe(decode_step(index, 12, k, k, 160.0 if k else 100.0))   # copying: 48 / 160 ms
+        index += 1
+        held_steps += 1
+        assert held_steps <= 30, "one probe interval (stretched to ~25 steps by the probe budget)"
