@@ -6,6 +6,7 @@ Both parts of the step time are linear in their coefficients (`verify_features`:
 - `nonnegative_least_squares` (core/nnls.py): the exact solver (Lawson-Hanson on the normal equations);
 - `ForgettingLeastSquares`: recursive least squares with exponential forgetting, in information form;
 - `OnlineCostFit`: the controller's per-cost-profile fit (verify, draft and overhead), kept in Redis;
+- `DraftCostFit`: one costly proposer's own terms, when a worker chooses proposers per request;
 - `fit_profile`: the one-shot fit of a worker's startup profile (its hello).
 
 Robustness: the online fit is shared by every worker of a cost profile, so one bad step (a GC pause,
@@ -314,6 +315,44 @@ class OnlineCostFit:
                 and (fit.clip is None or (math.isfinite(fit.clip) and fit.clip > 0))):
             raise ValueError("stored cost fit has non-finite overhead sums or a bad clip")
         return fit
+
+
+@dataclass
+class DraftCostFit:
+    """One costly proposer's own time (its `draft_features` terms only), learned from its own calls.
+
+    A worker choosing between proposers per request (worker/proposers/choice.py) times each member's
+    `propose` separately, so a draft model's per-depth and per-token cost is fitted on the rows it
+    drafted, not blended with rows prompt lookup filled for free; the step's verify part stays with
+    the planner's cost model. Unlike the shared OnlineCostFit, every sample is this worker's own
+    measurement of one proposer at one scale, so samples weigh the same (no relative weights, no
+    clipping) and the prior counts as `prior_weight` calls in each coefficient's direction (one:
+    the profile is a guess at the real calls' shapes): a draft model seeded with a cost near zero
+    (no startup profile) is priced within ~10% after a dozen of its calls, not hundreds."""
+
+    draft: ForgettingLeastSquares
+    steps: int = 0
+
+    @classmethod
+    def create(cls, prior: CostModel, *, prior_weight: float = 1.0, forgetting: float = 0.99,
+               typical_batch: int = 8, typical_k: int = 4, typical_context: int = 512) -> "DraftCostFit":
+        x = draft_features(np.full(typical_batch, float(typical_k)), np.full(typical_batch, float(typical_context)))
+        prior_gram = prior_weight * np.diag(np.maximum(np.abs(x), 1e-9) ** 2)  # [4, 4]: prior_weight calls
+        return cls(ForgettingLeastSquares.seeded(prior.draft_coefficients, prior_gram, forgetting))
+
+    def observe(self, ks, contexts, draft_ms: float) -> None:
+        """One call of the proposer: k_i and context_i of the rows it drafted, and its measured ms."""
+        if len(ks) == 0 or not math.isfinite(draft_ms) or draft_ms < 0:
+            return
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = draft_features(ks, contexts)  # [4]
+        if np.isfinite(x).all():
+            self.draft.observe(x, float(draft_ms), 1.0)
+            self.steps += 1
+
+    def model(self) -> CostModel:
+        """The fitted d_* terms (every c_* term 0: this is the proposer's time alone)."""
+        return CostModel(**dict(zip(DRAFT_FIELDS, self.draft.solution().tolist())))
 
 
 def attended_context(context_after, accepted, prefill) -> np.ndarray:

@@ -1,13 +1,14 @@
 """Proposers side by side under the goodput policy, against no speculation, on work that repeats itself and work that does not.
 
-    python scripts/bench_proposer_choice.py [--proposers none,ngram,suffix,ngram+suffix,draft]
+    python scripts/bench_proposer_choice.py [--proposers none,ngram,suffix,ngram+suffix,draft,ngram+suffix+draft]
         [--workloads summaries,code-edits,chat,multi-turn-edit,templated,no-repeat]
         [--prompts 6] [--burst 12] [--max-tokens 128] [--json out.json]
 
 One process, the default target (SmolLM2-135M-Instruct, fp32, CPU) loaded once. Each cell (a
 workload, one at a time or a burst) gets a fresh in-process worker per proposer (real gRPC on a
-loopback port, `--controller none` with the local goodput policy; `none` runs policy `off`; the
-draft worker runs its startup profile, so its plan knows what drafting costs), so
+loopback port, `--controller none` with the local goodput policy; `none` runs policy `off`; a
+worker with a draft model runs its startup profile, so its plan knows what drafting costs; with
+the draft among several proposers, goodput plans (proposer, k) per row: worker/choice_plan.py), so
 cross-request memory (suffix) starts empty in every cell and only learns from the cell's own
 earlier requests. One at a time: --prompts requests in dataset order (a multi-turn conversation's
 turns in turn order). Burst: --burst different prompts sent at once. Who goes first rotates per cell.
@@ -16,7 +17,8 @@ Workloads: summaries, code edits and chat are bench_unseen.py's (npm's docs and 
 questions: text unlike the project's datasets); multi-turn-edit, templated and no-repeat are the
 repeating workloads and their control from smartspec.bench.datasets. Reported per cell and proposer:
 tokens per step (mean accepted length + 1), wall time, speedup vs `none` in the same cell, and
-whether every output equals `none`'s token for token (greedy).
+whether every output equals `none`'s token for token (greedy); for a list of proposers, the share
+of proposing rows each member filled.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from smartspec.worker.engine import EngineConfig  # noqa: E402
 from smartspec.worker.model import load_model  # noqa: E402
 from smartspec.worker.server import WorkerOptions, WorkerServer  # noqa: E402
 
-DEFAULT_PROPOSERS = "none,ngram,suffix,ngram+suffix,draft"
+DEFAULT_PROPOSERS = "none,ngram,suffix,ngram+suffix,draft,ngram+suffix+draft"
 DEFAULT_WORKLOADS = "summaries,code-edits,chat,multi-turn-edit,templated,no-repeat"
 REPEATING = ("multi-turn-edit", "templated", "no-repeat")
 
@@ -55,6 +57,7 @@ class Cell:
     tokens_per_step: float
     acceptance: float
     outputs: list[str]
+    member_shares: dict[str, float]  # a proposer list: share of proposing rows each member filled
 
 
 def prompts_for(workload: str, count: int, max_tokens: int) -> list[list[dict[str, str]]]:
@@ -73,7 +76,7 @@ def serve(model, proposer: str, batch: int, max_k: int) -> WorkerServer:
     # the default model's (fitted on this machine), so they skip the profile's ~half a minute.
     options = WorkerOptions(worker_id=f"bench-{proposer}", engine=config,
                             local_policy="off" if proposer == "none" else "goodput",
-                            profile_steps=3 if proposer == "draft" else 0, proposer_name=name)
+                            profile_steps=3 if "draft" in proposer else 0, proposer_name=name)
     server = WorkerServer(model, built, options)
     server.start()
     return server
@@ -102,10 +105,13 @@ def measure(model, proposers, workload: str, prompts, at_once: int, max_tokens: 
         finally:
             server.stop(1.0)
         stats = [r.speculation for r in results]
+        counts = getattr(server.proposer, "proposals_by_member", [])
+        shares = {name: count / max(1, sum(counts)) for name, count in zip(getattr(server.proposer, "names", []), counts)}
         cells.append(Cell(workload, at_once, proposer, wall, statistics.mean(s.mean_accepted_length for s in stats),
-                          statistics.mean(s.acceptance_rate for s in stats), [r.text for r in results]))
+                          statistics.mean(s.acceptance_rate for s in stats), [r.text for r in results], shares))
         print(f"  {workload:16s} x{at_once:<3d} {proposer:13s} {wall:7.2f} s  tokens/step "
-              f"{cells[-1].tokens_per_step:.2f}", file=sys.stderr, flush=True)
+              f"{cells[-1].tokens_per_step:.2f}  " + " ".join(f"{n} {v:.0%}" for n, v in shares.items()),
+              file=sys.stderr, flush=True)
     return cells
 
 
@@ -151,6 +157,13 @@ def main() -> int:
     print(f"\n{model.name}, fp32 CPU, greedy, {args.max_tokens} tokens per request (ignore_eos), local goodput "
           f"policy per proposer (`none`: off), a fresh worker per cell; speedup = none's wall / proposer's wall\n")
     print(text)
+    listed = [c for c in cells if c.member_shares]
+    if listed:
+        print("\nShare of proposing rows each member filled:\n")
+        print("| workload | at once | proposers | shares |\n|---|---:|---|---|")
+        for c in listed:
+            print(f"| {c.workload} | {c.at_once} | {c.proposer} | "
+                  + ", ".join(f"{name} {share:.0%}" for name, share in c.member_shares.items()) + " |")
     print(f"\noutputs vs none: {'all equal' if all_equal else 'MISMATCH'}  (total {time.perf_counter() - began:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(c) for c in cells]))

@@ -312,3 +312,20 @@ def test_a_stored_fit_that_no_fit_produces_is_refused_with_value_error():
     ):
         with pytest.raises(ValueError):
             OnlineCostFit.from_dict(broken)
+
+
+def test_a_draft_models_own_fit_prices_it_after_a_few_calls_from_a_near_zero_prior():
+    """worker/proposers/choice.py times a draft model's calls: seeded with the default model (no
+    startup profile, a near-free draft), a few calls of a 10 ms/depth + 1 ms/token model price it."""
+    from smartspec.core.cost_fit import DraftCostFit
+
+    truth = CostModel(d_fixed_ms=10.0, d_tok_ms=1.0)
+    fit = DraftCostFit.create(DEFAULT_COST_MODEL)
+    shapes = [([4, 4, 2], [300, 200, 100]), ([8], [50]), ([2, 2, 2, 2], [400] * 4), ([6, 1], [90, 700])]
+    for ks, contexts in shapes * 3:
+        fit.observe(ks, contexts, truth.draft_ms(ks, contexts))
+    for ks, contexts in shapes:
+        assert abs(fit.model().draft_ms(ks, contexts) - truth.draft_ms(ks, contexts)) <= 0.1 * truth.draft_ms(ks, contexts)
+    assert fit.model().verify_ms([4], [100]) == 0.0            # its own time only
+    fit.observe([4], [100], float("nan"))                       # not a measurement: ignored
+    assert fit.steps == 12

@@ -13,9 +13,10 @@ from typing import Any, Mapping
 
 import pytest
 
+from smartspec.core.cost_model import CostModel
 from smartspec.core.policies.base import BasePolicy, BatchState, ParameterSpec, ParameterType
 from smartspec.worker.engine import Engine, EngineConfig
-from smartspec.worker.local_policy import LocalPolicyPlanner, PolicyChoice
+from smartspec.worker.local_policy import LocalPolicyPlanner, PolicyChoice, local_policy_choice
 from smartspec.worker.model import build_draft, load_model
 from smartspec.worker.proposers import make_proposer
 from smartspec.worker.proposers.choice import ProposerChoice
@@ -140,12 +141,15 @@ PLANS = {
 
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
-@pytest.mark.parametrize("proposer_name", ["ngram", "suffix", "ngram,suffix", "draft"])
+@pytest.mark.parametrize("proposer_name", ["ngram", "suffix", "ngram,suffix", "ngram,draft", "draft"])
 def test_greedy_speculation_equals_plain_decoding(model, draft, prompts, reference, proposer_name, plan):
     if proposer_name in ("ngram", "suffix"):
         proposer = make_proposer(proposer_name)
     elif proposer_name == "ngram,suffix":
         proposer = ProposerChoice([make_proposer("ngram"), make_proposer("suffix")], ["ngram", "suffix"])
+    elif proposer_name == "ngram,draft":   # a k-only plan: prompt lookup where it offers, else the draft
+        proposer = ProposerChoice([make_proposer("ngram"), make_proposer("draft", loaded_model=draft, max_slots=4,
+                                                                         max_tokens=512)], ["ngram", "draft"])
     else:
         proposer = make_proposer("draft", loaded_model=draft, max_slots=4, max_tokens=512)
     engine = make_engine(model, proposer, PLANS[plan]())
@@ -155,6 +159,23 @@ def test_greedy_speculation_equals_plain_decoding(model, draft, prompts, referen
         engine.stop(0)
     for index, (got, want) in enumerate(zip(outputs, reference)):
         assert got == want, f"prompt {index}: {model.tokenizer.decode(got)!r} != {model.tokenizer.decode(want)!r}"
+
+
+def test_greedy_output_is_unchanged_when_the_planner_chooses_proposer_and_k(model, draft, prompts, reference):
+    """Under goodput, a worker with prompt lookup and a draft model plans (member, k) per row
+    (worker/choice_plan.py); whichever member fills a row, the output is plain decoding's."""
+    proposer = ProposerChoice([make_proposer("ngram"), make_proposer("draft", loaded_model=draft, max_slots=4,
+                                                                     max_tokens=512)], ["ngram", "draft"])
+    proposer.seed_costs(CostModel())   # the draft priced free until its own calls are timed: it gets rows at once
+    planner = LocalPolicyPlanner(local_policy_choice("goodput:min_gain=0"), max_k=8, proposer=proposer)
+    engine = make_engine(model, proposer, planner)
+    try:
+        outputs = run_staggered(engine, prompts)
+    finally:
+        engine.stop(0)
+    assert outputs == reference
+    assert min(proposer.proposals_by_member) > 0, proposer.proposals_by_member   # both members proposed
+    assert proposer.cost_fits[1].steps > 0
 
 
 def test_references_are_non_trivial(reference, model):
@@ -304,6 +325,8 @@ def test_cli_builds_the_draft_proposer_from_the_target(model):
         common_pb2.PROPOSER_KIND_SUFFIX
     choice = build_proposer("ngram,suffix", model, draft="auto", max_slots=2, max_tokens=128)
     assert choice.kind == common_pb2.PROPOSER_KIND_CHOICE and choice.names == ["ngram", "suffix"]
+    choice = build_proposer("ngram,suffix,draft", model, draft="auto", max_slots=2, max_tokens=128)
+    assert choice.costly == [False, False, True] and choice.members[2].kind == common_pb2.PROPOSER_KIND_DRAFT
 
 
 class SlowObservePlanner(StaticPlanner):

@@ -115,21 +115,71 @@ def test_release_reaches_every_member():
     assert all(m.released == ["r"] for m in members)
 
 
-def test_only_model_free_members_can_be_combined():
-    class Blind(Scripted):
-        reports_lookahead = False
+class Costly(Scripted):
+    """A member with a cost of its own (like a draft model): offers whatever it is asked, no look-ahead."""
 
-    with pytest.raises(ValueError, match="cannot look ahead"):
-        ProposerChoice([Scripted(7, 1, 0), Blind(8, 1, 0)])
+    reports_lookahead = False
+
+    def __init__(self, token: int, ms_per_depth: float = 0.0) -> None:
+        super().__init__(token, 99, None)
+        self.ms_per_depth = ms_per_depth
+
+    def propose(self, requests: Sequence[ProposalRequest]) -> list[Proposal]:
+        import time
+        time.sleep(self.ms_per_depth * max((r.k for r in requests), default=0) / 1000.0)
+        return [Proposal([self.token] * r.k) for r in requests]
+
+    def lookahead(self, seq_id: str, token_ids: list[int], max_k: int) -> int | None:
+        raise AssertionError("a member without look-ahead is never asked to look ahead")
+
+
+def test_members_with_a_cost_of_their_own_are_limited_and_a_choice_needs_two():
+    with pytest.raises(ValueError, match="at most 3 members with a cost"):
+        ProposerChoice([Scripted(7, 1, 0)] + [Costly(8 + i) for i in range(4)])
     with pytest.raises(ValueError, match="at least two"):
         ProposerChoice([Scripted(7, 1, 0)])
+    choice = ProposerChoice([Scripted(7, 1, 0), Costly(8)])
+    assert choice.costly == [False, True] and choice.has_costly_member
 
 
-def test_the_cli_accepts_lists_of_distinct_model_free_proposers_only():
+def test_the_cli_accepts_lists_of_distinct_proposers_with_a_model_free_one():
     assert proposer_spec("ngram, suffix") == "ngram,suffix" and proposer_spec("draft") == "draft"
-    for bad in ("ngram,draft", "ngram,ngram", "bogus", "ngram,"):
+    assert proposer_spec("ngram,suffix,draft") == "ngram,suffix,draft"
+    for bad in ("ngram,ngram", "bogus", "ngram,", "draft,draft", "ngram,bogus"):
         with pytest.raises(argparse.ArgumentTypeError):
             proposer_spec(bad)
+
+
+def test_with_a_costly_member_a_k_only_plan_uses_it_only_where_no_free_member_offers():
+    """Under a planner that gives k alone (fixed:k, a controller plan as sent), a row goes to the
+    free member when it offers anything, else to the draft model, which can always offer."""
+    dry, costly = Scripted(7, 0, 0), Costly(9)
+    choice = ProposerChoice([Scripted(8, 3, 1), costly], ["lookup", "draft"])
+    assert choice.lookahead("r", [1, 2], 6) == 3            # the free member's offer ...
+    assert choice.propose([ask("r", [1, 2], 4)])[0].tokens == [8] * 3
+    dry_choice = ProposerChoice([dry, Costly(9)])
+    assert dry_choice.lookahead("r", [1, 2], 6) == 6        # ... else the draft model's: anything asked
+    assert dry_choice.propose([ask("r", [1, 2], 4)])[0].tokens == [9] * 4
+    assert dry_choice.proposals_by_member == [0, 1]
+
+
+def test_an_assignment_overrides_the_k_only_pick_for_one_step_and_the_costly_member_is_timed():
+    choice = ProposerChoice([Scripted(8, 3, 1), Costly(9, ms_per_depth=2.0)], ["lookup", "draft"])
+    for step in range(6):
+        context = [1, 2] + [3] * step
+        choice.lookahead("r", context, 4)
+        choice.assign({"r": 1})
+        assert choice.propose([ask("r", context, 4)])[0].tokens == [9] * 4
+        choice.observe_verification("r", 4, 0, 1)
+    choice.lookahead("r", [1, 2, 9], 4)
+    assert choice.propose([ask("r", [1, 2, 9], 4)])[0].tokens == [8] * 3   # the assignment was for one step
+    # Six timed calls at ~8 ms (4 depths x 2 ms): the fitted cost of a k = 4 row is in that range.
+    cost = choice.member_costs()[1]
+    assert 4.0 < cost.draft_ms([4], [3]) < 40.0
+    assert choice.member_costs()[0].draft_ms([4], [3]) == 0.0       # model-free: no cost of its own
+    options = choice.options(["r", "unseen"], 5)
+    assert options.caps.tolist() == [[3, 5], [0, 5]]
+    assert options.acceptance[0, 1] < options.acceptance[1, 1]      # r's own draft record: all rejected
 
 
 def test_a_members_record_with_one_request_overrides_its_class_rate_for_that_request():

@@ -38,10 +38,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                help="target model: a packaged name, a .gguf file or a Hugging Face folder")
     add_option(parser, "--proposer", default="ngram", type=proposer_spec,
                help="how proposals are made: ngram (prompt lookup), suffix (suffix decoding: this and "
-                    "recent requests' text), draft (a draft model), or a comma list of the model-free "
-                    "ones (ngram,suffix): each request and step uses the one expected to pay most")
+                    "recent requests' text), draft (a draft model), or a comma list of them with at least "
+                    "one model-free (ngram,suffix,draft): each request and step uses the one expected to "
+                    "pay most (with a draft model in the list, goodput plans (proposer, k) per request)")
     add_option(parser, "--draft", default="auto",
-               help="draft model for --proposer draft: 'auto', a kind built from the target "
+               help="draft model for --proposer draft (alone or in a list): 'auto', a kind built from the target "
                     "(bf16, int8, layers:N) or a model path with the target's tokenizer")
     add_option(parser, "--max-k", default=8, type=int, help="largest speculation length")
     add_option(parser, "--max-batch-size", default=32, type=int, help="requests decoding at once (KV slots)")
@@ -71,18 +72,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 MODEL_FREE_PROPOSERS = ("ngram", "suffix")
+PROPOSERS = MODEL_FREE_PROPOSERS + ("draft",)
 
 
 def proposer_spec(text: str) -> str:
-    """`--proposer`: one of ngram, suffix, draft, or a comma list of distinct model-free proposers."""
+    """`--proposer`: one of ngram, suffix, draft, or a comma list of distinct ones chosen per request
+    (at least one model-free: prompt lookup or suffix decoding)."""
     names = [name.strip() for name in text.split(",")]
-    if len(names) == 1 and names[0] in MODEL_FREE_PROPOSERS + ("draft",):
+    if len(names) == 1 and names[0] in PROPOSERS:
         return names[0]
-    unknown = [name for name in names if name not in MODEL_FREE_PROPOSERS]
-    if len(names) < 2 or unknown or len(set(names)) != len(names):
+    unknown = [name for name in names if name not in PROPOSERS]
+    if len(names) < 2 or unknown or len(set(names)) != len(names) or not set(names) & set(MODEL_FREE_PROPOSERS):
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected ngram, suffix, draft or a list of distinct model-free proposers "
-            f"({','.join(MODEL_FREE_PROPOSERS)}); a draft model cannot be chosen per request yet")
+            f"{text!r}: expected one of {', '.join(PROPOSERS)} or a list of distinct ones with at least one "
+            f"model-free proposer ({', '.join(MODEL_FREE_PROPOSERS)}), e.g. ngram,suffix,draft")
     return ",".join(names)
 
 
@@ -94,7 +97,8 @@ def build_proposer(name: str, target: Any, *, draft: str, max_slots: int, max_to
 
     if "," in name:
         names = name.split(",")
-        return ProposerChoice([make_proposer(member) for member in names], names)
+        return ProposerChoice([build_proposer(member, target, draft=draft, max_slots=max_slots, max_tokens=max_tokens)
+                               for member in names], names)
     if name in MODEL_FREE_PROPOSERS:
         return make_proposer(name)
     kind = draft.split(":")[0]

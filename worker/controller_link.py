@@ -116,10 +116,11 @@ class ControllerLink:
     """A Planner backed by a controller stream, with a local fallback."""
 
     def __init__(self, config: LinkConfig, hello: controller_pb2.WorkerHello, *, metrics: Any = None,
-                 rng: random.Random | None = None, clock=time.monotonic) -> None:
+                 rng: random.Random | None = None, clock=time.monotonic, proposer: Any = None) -> None:
         self.config = config
         self.hello = hello
         self.metrics = metrics
+        self.proposer = proposer  # the worker's: a ProposerChoice with a draft model gets (member, k) plans
         self._rng = rng or random.Random()
         self._clock = clock                                    # for rate-limiting the refusal log line
         self._cond = threading.Condition()
@@ -181,7 +182,7 @@ class ControllerLink:
             if self.metrics is not None:
                 self.metrics.observe_plan_age(step_index - 1 - plan.step_index if plan is not None else 0)
             ks = replan(basis, self.book, queries, step_index=step_index, queued_requests=queued_requests,
-                        max_k=self.hello.max_speculation_length, guard=self.guard)
+                        max_k=self.hello.max_speculation_length, guard=self.guard, proposer=self.proposer)
         elif on_time:   # a plan whose basis this worker cannot run: its ks as sent, capped to look-ahead
             self.plans_applied += 1
             sent = {entry.request_id: entry.speculation_length for entry in plan.requests}

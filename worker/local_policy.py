@@ -19,6 +19,7 @@ from smartspec.core.decision import AcceptanceBook
 from smartspec.core.policies.base import Policy
 from smartspec.core.policy_spec import parse_policy_spec
 
+from .choice_plan import choosing_proposers, plan_choices
 from .goodput_guard import GoodputGuard
 from .steps import SpeculationQuery, StepFacts
 
@@ -47,8 +48,9 @@ class LocalPolicyPlanner:
     """A Planner that decides in-process with a registered policy."""
 
     def __init__(self, choice: PolicyChoice, *, max_k: int, cost: CostModel = DEFAULT_COST_MODEL,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, proposer: Any = None) -> None:
         self.choice = choice
+        self.proposer = proposer  # the worker's: a ProposerChoice with a draft model gets (member, k) plans
         self.max_k = max_k
         self.cost = cost
         self.cost_fit = OnlineCostFit.create(prior=cost)
@@ -58,6 +60,8 @@ class LocalPolicyPlanner:
 
     def plan(self, step_index: int, queries: Sequence[SpeculationQuery], queued_requests: int) -> dict[str, int]:
         max_k = self.guard.cap_for(self.choice.name, len(queries), self.max_k)
+        if choosing_proposers(self.proposer, self.choice.name):
+            return plan_choices(self.proposer, self.cost, queries, max_k=max_k, min_gain=self.choice.params["min_gain"])
         return self.book.plan(self.choice.policy, self.choice.params, self.cost, queries, max_k=max_k,
                               queued_requests=queued_requests, step_index=step_index)
 

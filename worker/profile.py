@@ -36,6 +36,15 @@ def synthetic_context(length: int, vocab_size: int, seed: int) -> list[int]:
     return (phrase * (length // 16 + 1))[:length]
 
 
+def profiled_proposer(proposer: Proposer) -> Proposer:
+    """The proposer whose cost the profile times: for a per-request choice with a draft model among
+    its members, that draft model (prompt lookup's cost is a row's bookkeeping, already in the
+    verify terms; the draft's per-depth cost is what the planner must know before it first runs),
+    else the proposer itself."""
+    costly = getattr(proposer, "costly_members", None)
+    return proposer.members[costly[0]] if costly else proposer
+
+
 def measure_profile(
     model: Any,
     proposer: Proposer,

@@ -28,6 +28,7 @@ from smartspec.core.policies.base import Policy
 from smartspec.core.errors import FieldError
 from smartspec.v1 import controller_pb2
 
+from .choice_plan import choosing_proposers, plan_choices
 from .goodput_guard import GoodputGuard
 from .steps import SpeculationQuery
 
@@ -75,12 +76,16 @@ def decode_basis(message: controller_pb2.PlanBasis) -> PlanBasis | None:
 
 
 def replan(basis: PlanBasis, book: AcceptanceBook, queries: Sequence[SpeculationQuery], *, step_index: int,
-           queued_requests: int, max_k: int, guard: GoodputGuard | None = None) -> dict[str, int]:
+           queued_requests: int, max_k: int, guard: GoodputGuard | None = None,
+           proposer: Any = None) -> dict[str, int]:
     """k for every query: the basis's policy on the worker's own batch, capped by what each
-    request's proposer can offer next step (and, for `goodput`, by the measured-goodput guard).
+    request's proposer can offer next step (and, for `goodput`, by the measured-goodput guard);
+    (member, k) under `goodput` where `proposer` is a choice with a draft model (choice_plan.py).
     Never raises (guarded_decide falls back to k = 0)."""
     max_k = min(max_k, basis.max_k)
     if guard is not None:
         max_k = guard.cap_for(basis.policy.name, len(queries), max_k)
+    if choosing_proposers(proposer, basis.policy.name):
+        return plan_choices(proposer, basis.cost, queries, max_k=max_k, min_gain=basis.params["min_gain"])
     return book.plan(basis.policy, basis.params, basis.cost, queries, max_k=max_k, queued_requests=queued_requests,
                      step_index=step_index, prior=basis.prior, estimator=basis.estimator)

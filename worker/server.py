@@ -16,6 +16,8 @@ from grpc_reflection.v1alpha import reflection
 
 from smartspec.core import tracing
 from smartspec.core.codec import policy_spec_proto
+from smartspec.core.cost_fit import fit_profile
+from smartspec.core.cost_model import DEFAULT_COST_MODEL
 from smartspec.core.errors import abort
 from smartspec.core.security import ServerSecurity
 from smartspec.v1 import common_pb2, controller_pb2, generation_pb2, generation_pb2_grpc
@@ -24,7 +26,8 @@ from .controller_link import ControllerLink, LinkConfig
 from .engine import DuplicateRequestError, Engine, EngineConfig, EngineStoppedError, QueueFullError, RequestHandle
 from .local_policy import LocalPolicyPlanner, PolicyChoice, local_policy_choice
 from .metrics import WorkerMetrics
-from .profile import measure_profile
+from .profile import measure_profile, profiled_proposer
+from .proposers.choice import ProposerChoice
 from .requests import InvalidRequest, RequestLimits, decode_generate_request, to_domain
 from .sequence import FinishReason, GenerationFailed, GenerationOutcome, TokenDelta
 from .steps import Planner
@@ -228,7 +231,10 @@ class WorkerServer:
             self.metrics.serve(opts.metrics_port)
 
         if opts.profile_steps > 0:
-            self.profile = measure_profile(self.model, self.proposer, self.engine.cache, repeats=opts.profile_steps)
+            self.profile = measure_profile(self.model, profiled_proposer(self.proposer), self.engine.cache,
+                                           repeats=opts.profile_steps)
+            if isinstance(self.proposer, ProposerChoice) and self.proposer.has_costly_member:
+                self.proposer.seed_costs(fit_profile(self.profile))
         self.engine.planner = self._make_planner()
         self.engine.start()
         for service in ("", GENERATION_SERVICE):
@@ -240,11 +246,9 @@ class WorkerServer:
         if self._planner_override is not None:
             return self._planner_override
         if opts.controller is None:
-            from smartspec.core.cost_fit import fit_profile
-            from smartspec.core.cost_model import DEFAULT_COST_MODEL
-
             cost = fit_profile(self.profile) if self.profile else DEFAULT_COST_MODEL
-            return LocalPolicyPlanner(self.local_policy, max_k=opts.engine.max_k, cost=cost, metrics=self.metrics)
+            return LocalPolicyPlanner(self.local_policy, max_k=opts.engine.max_k, cost=cost, metrics=self.metrics,
+                                      proposer=self.proposer)
         self.link = ControllerLink(
             LinkConfig(
                 address=opts.controller,
@@ -255,6 +259,7 @@ class WorkerServer:
             ),
             self.hello(),
             metrics=self.metrics,
+            proposer=self.proposer,
         )
         self.link.start()
         return self.link

@@ -1,30 +1,45 @@
-"""Several model-free proposers in one worker; per request and step, the one expected to pay most.
+"""Several proposers in one worker; per request and step, the one expected to pay most.
 
-`--proposer ngram,suffix`: each step every member looks ahead for every decoding request (how many
-tokens it would offer, and the class of that offer: prompt lookup's match length, suffix decoding's
-frequency share) and the request is given the member whose offer is expected to yield the most
-accepted tokens,
+`--proposer ngram,suffix[,draft]`: each step every model-free member looks ahead for every decoding
+request (how many tokens it would offer, and the class of that offer: prompt lookup's match length,
+suffix decoding's match length) and a request's next proposal comes from one member. Acceptance is
+kept per (request, member): a request's own record with member p (accepted / tested positions, as
+every acceptance estimate here counts them) shrunk toward the rate member p has shown at that class
+over all requests (decayed pooled counts, started at COLD_RATE), with OWN_STRENGTH pseudo-trials: a
+member that keeps failing one request loses it even if its class does well elsewhere.
+
+Who decides. Model-free members cost nothing to ask and the same to verify per token, so among them
+the best is the one whose offer is expected to yield the most accepted tokens,
 
     E_p = r + r^2 + ... + r^n      (n offered by member p, r its acceptance rate for this request)
 
-where r is the request's own record with member p (accepted / tested positions, as every
-acceptance estimate here counts them) shrunk toward the rate member p has shown at that class over
-all requests (decayed pooled counts, started at COLD_RATE), with OWN_STRENGTH pseudo-trials: a
-member that keeps failing one request loses it even if its class does well elsewhere. Why this choice is the goodput-optimal one for model-free members: their proposals cost
-nothing to make and the same to verify per token, so for any k the planner picks, the step's cost
-does not depend on which member filled the row; only the expected accepted tokens do, and those
-grow with r and with n. (Members with a cost of their own, a draft model, need the (proposer, k)
-optimiser of core/policies/choice_optimizer.py in the planner instead; they are refused here.)
+and that is what `lookahead` picks for any planner that only gives a k (a fixed k, a controller
+plan applied as sent). A costly member (a draft model: it offers whatever it is asked, at a price
+per depth and per token) changes the step's cost with every row it takes, so with one in the list
+the goodput planner decides (member, k) per row with the exact optimiser of
+core/policies/choice_optimizer.py (worker/choice_plan.py) from `options` and `member_costs`, and
+hands the members to `assign` before the step. Each costly member's cost terms are fitted from its
+own timed `propose` calls (core/cost_fit.py DraftCostFit), seeded from the startup profile, so its
+price is what it measured here, not a blend with rows prompt lookup filled for free. Under a k-only
+plan a row goes to its best model-free member when that offers anything, else to the first costly
+member.
 
-Every member sees every request's context each step (look-ahead on all), so a member's per-request
-index stays current whichever member proposes; release() reaches all of them.
+Every model-free member looks ahead on every request each step, so a member's per-request index
+stays current whichever member proposes; a draft model catches up on the tokens it has not seen
+when it is next asked (worker/proposers/draft.py). release() reaches all of them.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
+import numpy as np
+
+from smartspec.core.cost_fit import DraftCostFit
+from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
+from smartspec.core.policies.choice_optimizer import MAX_DEPTH_PROPOSERS
 from smartspec.v1 import common_pb2
 
 from .base import Proposal, ProposalRequest, Proposer
@@ -34,7 +49,7 @@ PRIOR_TRIALS = 4.0  # pseudo-trials of COLD_RATE behind every learned rate
 OWN_STRENGTH = 8.0  # pseudo-trials of the class rate behind a request's own record with a member
 RATE_DECAY = 0.999  # per verified outcome: the rates follow the last ~1,000 verifications
 CLASS_STRIDE = 16  # reported class = member index * CLASS_STRIDE + the member's own class
-UNGRADED = CLASS_STRIDE - 1  # the member's own class when it grades nothing
+UNGRADED = CLASS_STRIDE - 1  # the member's own class when it grades nothing (every costly member)
 
 
 @dataclass
@@ -57,13 +72,29 @@ class _Rate:
 
 
 @dataclass(frozen=True)
+class _Offer:
+    """What one member can give a request next step: tokens (max_k for a costly member) and class."""
+
+    offered: int
+    member_class: int
+
+
+@dataclass(frozen=True)
 class _Pick:
-    """The member chosen for a request's next proposal, for the context it was chosen on."""
+    """The member chosen for a request's next proposal under a k-only plan, for the context it was
+    chosen on."""
 
     member: int
-    member_class: int
     context_length: int
     offered: int
+
+
+@dataclass(frozen=True)
+class ChoiceOptions:
+    """Each row's options for the coming step, as core/policies/choice_optimizer.py takes them."""
+
+    acceptance: np.ndarray  # [B, P] float64: the row's acceptance rate with each member
+    caps: np.ndarray  # [B, P] int64: the most tokens each member can offer the row
 
 
 def expected_accepted(rate: float, offered: int) -> float:
@@ -76,47 +107,76 @@ def expected_accepted(rate: float, offered: int) -> float:
 
 
 class ProposerChoice(Proposer):
-    """Proposes for each request with the member whose next offer is worth most (module docstring)."""
+    """Proposes for each request with the member chosen for it (module docstring)."""
 
     kind = common_pb2.PROPOSER_KIND_CHOICE
-    reports_lookahead = True
+    reports_lookahead = True  # the k-only pick's offer: max_k where it is a costly member
 
-    def __init__(self, members: Sequence[Proposer], names: Sequence[str] | None = None) -> None:
+    def __init__(self, members: Sequence[Proposer], names: Sequence[str] | None = None,
+                 cost_prior: CostModel = DEFAULT_COST_MODEL) -> None:
         if len(members) < 2:
             raise ValueError(f"a proposer choice needs at least two members, got {len(members)}")
         if len(members) > CLASS_STRIDE:
             raise ValueError(f"at most {CLASS_STRIDE} members, got {len(members)}")
-        for member in members:
-            if not member.reports_lookahead:
-                raise ValueError(f"{type(member).__name__} cannot look ahead (a draft model has a cost of "
-                                 "its own): only model-free proposers can be chosen per request here")
         self.members = list(members)
         self.names = list(names) if names is not None else [type(m).__name__ for m in members]
+        # A member that cannot look ahead offers whatever it is asked and has a cost of its own.
+        self.costly = [not member.reports_lookahead for member in self.members]
+        if sum(self.costly) > MAX_DEPTH_PROPOSERS:
+            raise ValueError(f"at most {MAX_DEPTH_PROPOSERS} members with a cost of their own (draft models), "
+                             f"got {sum(self.costly)}")
+        self.cost_fits = {index: DraftCostFit.create(cost_prior) for index in self.costly_members}
+        self.proposals_by_member = [0] * len(self.members)  # rows each member proposed for
         self._rates: dict[tuple[int, int], _Rate] = {}
-        self._picks: dict[str, _Pick] = {}  # by request: the member its next proposal comes from
+        self._offers: dict[str, list[_Offer]] = {}  # by request: every member's offer for its next step
+        self._picks: dict[str, _Pick] = {}  # by request: the member a k-only plan's proposal comes from
+        self._assigned: dict[str, int] = {}  # by request: the member the planner chose for the coming step
         self._proposed_by: dict[str, tuple[int, int]] = {}  # by request: (member, class) of its last proposal
         self._own: dict[tuple[str, int], _Rate] = {}  # by (request, member): that request's own record
+
+    @property
+    def costly_members(self) -> list[int]:
+        return [index for index, costly in enumerate(self.costly) if costly]
+
+    @property
+    def has_costly_member(self) -> bool:
+        return any(self.costly)
 
     # ---- the Proposer contract ----
 
     def lookahead(self, seq_id: str, token_ids: list[int], max_k: int) -> int | None:
-        return self._pick(seq_id, token_ids, max_k).offered
+        self._look(seq_id, token_ids, max_k)
+        return self._picks[seq_id].offered  # what a k-only plan's proposal will hold
 
     def proposal_class(self, seq_id: str) -> int | None:
-        pick = self._picks.get(seq_id)
-        return None if pick is None else pick.member * CLASS_STRIDE + pick.member_class
+        pick, offers = self._picks.get(seq_id), self._offers.get(seq_id)
+        if pick is None or offers is None:
+            return None
+        return pick.member * CLASS_STRIDE + offers[pick.member].member_class
 
     def propose(self, requests: Sequence[ProposalRequest]) -> list[Proposal]:
         by_member: dict[int, list[int]] = {}
         for position, request in enumerate(requests):
-            pick = self._picks.get(request.seq_id)
-            if pick is None or pick.context_length != len(request.token_ids):
-                pick = self._pick(request.seq_id, request.token_ids, request.k)
-            by_member.setdefault(pick.member, []).append(position)
-            self._proposed_by[request.seq_id] = (pick.member, pick.member_class)
+            member = self._assigned.pop(request.seq_id, None)
+            if member is None:
+                pick = self._picks.get(request.seq_id)
+                if pick is None or pick.context_length != len(request.token_ids):
+                    self._look(request.seq_id, request.token_ids, request.k)
+                    pick = self._picks[request.seq_id]
+                member = pick.member
+            offers = self._offers.get(request.seq_id)
+            member_class = offers[member].member_class if offers else UNGRADED
+            by_member.setdefault(member, []).append(position)
+            self._proposed_by[request.seq_id] = (member, member_class)
         proposals: list[Proposal | None] = [None] * len(requests)
         for member, positions in by_member.items():
-            made = self.members[member].propose([requests[p] for p in positions])
+            asks = [requests[p] for p in positions]
+            began = time.perf_counter()
+            made = self.members[member].propose(asks)
+            if self.costly[member]:
+                self.cost_fits[member].observe([a.k for a in asks], [len(a.token_ids) for a in asks],
+                                               (time.perf_counter() - began) * 1000.0)
+            self.proposals_by_member[member] += len(asks)
             for position, proposal in zip(positions, made):
                 proposals[position] = proposal
         return proposals  # type: ignore[return-value]
@@ -133,11 +193,39 @@ class ProposerChoice(Proposer):
             member.observe_verification(seq_id, proposed, accepted, tested)
 
     def release(self, seq_id: str) -> None:
-        self._picks.pop(seq_id, None)
-        self._proposed_by.pop(seq_id, None)
+        for table in (self._picks, self._offers, self._assigned, self._proposed_by):
+            table.pop(seq_id, None)
         for index, member in enumerate(self.members):
             self._own.pop((seq_id, index), None)
             member.release(seq_id)
+
+    # ---- for the (member, k) planner (worker/choice_plan.py) ----
+
+    def options(self, seq_ids: Sequence[str], max_k: int) -> ChoiceOptions:
+        """Every row's acceptance rate and offer with every member, from the last look-ahead (a
+        request not looked ahead yet: model-free members offer nothing, costly ones max_k)."""
+        acceptance = np.empty((len(seq_ids), len(self.members)))  # [B, P]
+        caps = np.zeros((len(seq_ids), len(self.members)), dtype=np.int64)  # [B, P]
+        for row, seq_id in enumerate(seq_ids):
+            offers = self._offers.get(seq_id)
+            for member, costly in enumerate(self.costly):
+                offer = offers[member] if offers else _Offer(0, UNGRADED)
+                caps[row, member] = max_k if costly else min(offer.offered, max_k)
+                acceptance[row, member] = self._rate(seq_id, member, offer.member_class)
+        return ChoiceOptions(acceptance, caps)
+
+    def member_costs(self) -> list[CostModel]:
+        """Each member's own cost terms (d_*): fitted for costly members, none for model-free ones."""
+        return [self.cost_fits[index].model() if costly else CostModel() for index, costly in enumerate(self.costly)]
+
+    def seed_costs(self, prior: CostModel) -> None:
+        """Restart every costly member's cost fit from `prior` (the startup profile's fit)."""
+        self.cost_fits = {index: DraftCostFit.create(prior) for index in self.costly_members}
+
+    def assign(self, members: Mapping[str, int]) -> None:
+        """The member each request's proposal comes from in the coming step (rows not named: the
+        k-only rule). Replaces the previous step's assignment."""
+        self._assigned = dict(members)
 
     # ---- inspection ----
 
@@ -145,23 +233,34 @@ class ProposerChoice(Proposer):
         """The learned acceptance rate per (member name, member class)."""
         return {(self.names[m], c): rate.value() for (m, c), rate in sorted(self._rates.items())}
 
-    # ---- the choice ----
+    # ---- the k-only choice ----
 
-    def _pick(self, seq_id: str, token_ids: list[int], max_k: int) -> _Pick:
-        best: _Pick | None = None
-        best_value = -1.0
-        for member_index, member in enumerate(self.members):
-            offered = member.lookahead(seq_id, token_ids, max_k) or 0
-            member_class = member.proposal_class(seq_id)
-            member_class = UNGRADED if member_class is None else min(int(member_class), UNGRADED - 1)
-            class_rate = self._rates.get((member_index, member_class), _COLD).value()
-            rate = self._own.get((seq_id, member_index), _COLD).shrunk_toward(class_rate, OWN_STRENGTH)
-            value = expected_accepted(rate, offered)
+    def _rate(self, seq_id: str, member: int, member_class: int) -> float:
+        class_rate = self._rates.get((member, member_class), _COLD).value()
+        return self._own.get((seq_id, member), _COLD).shrunk_toward(class_rate, OWN_STRENGTH)
+
+    def _look(self, seq_id: str, token_ids: list[int], max_k: int) -> list[_Offer]:
+        """Every member's offer for this context, and the k-only pick among them."""
+        offers = []
+        for member, proposer in enumerate(self.members):
+            if self.costly[member]:
+                offers.append(_Offer(max_k, UNGRADED))
+                continue
+            offered = proposer.lookahead(seq_id, token_ids, max_k) or 0
+            member_class = proposer.proposal_class(seq_id)
+            offers.append(_Offer(offered, UNGRADED if member_class is None else min(int(member_class), UNGRADED - 1)))
+        best, best_value = -1, -1.0
+        for member, offer in enumerate(offers):
+            if self.costly[member]:
+                continue
+            value = expected_accepted(self._rate(seq_id, member, offer.member_class), offer.offered)
             if value > best_value:  # ties: the earlier member
-                best, best_value = _Pick(member_index, member_class, len(token_ids), offered), value
-        assert best is not None
-        self._picks[seq_id] = best
-        return best
+                best, best_value = member, value
+        if (best < 0 or offers[best].offered == 0) and self.has_costly_member:
+            best = self.costly_members[0]
+        self._offers[seq_id] = offers
+        self._picks[seq_id] = _Pick(best, len(token_ids), offers[best].offered)
+        return offers
 
 
 _COLD = _Rate()

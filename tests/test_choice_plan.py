@@ -1,0 +1,97 @@
+"""(member, k) plans for a worker with a draft model among its proposers (worker/choice_plan.py)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from smartspec.core.cost_model import CostModel
+from smartspec.core.policies.choice_optimizer import predict_choices
+from smartspec.worker.choice_plan import choosing_proposers, plan_choices
+from smartspec.worker.local_policy import LocalPolicyPlanner, local_policy_choice
+from smartspec.worker.proposers import Proposal, ProposalRequest, Proposer
+from smartspec.worker.proposers.choice import ProposerChoice
+from smartspec.worker.steps import SpeculationQuery
+
+VERIFY = CostModel(c_fixed_ms=40.0, c_tok_ms=0.5, c_spec_row_ms=0.2, c_row_ms=1.0)
+
+
+class Lookup(Proposer):
+    """Model-free: offers `offers[seq_id]` copies of token 7."""
+
+    kind = 0
+    reports_lookahead = True
+
+    def __init__(self, offers: dict[str, int]) -> None:
+        self.offers = offers
+
+    def propose(self, requests: Sequence[ProposalRequest]) -> list[Proposal]:
+        return [Proposal([7] * min(self.offers.get(r.seq_id, 0), r.k)) for r in requests]
+
+    def lookahead(self, seq_id: str, token_ids: list[int], max_k: int) -> int | None:
+        return min(self.offers.get(seq_id, 0), max_k)
+
+
+class Draft(Proposer):
+    """Costly: offers whatever it is asked (its price is whatever seed_costs says)."""
+
+    kind = 0
+
+    def propose(self, requests: Sequence[ProposalRequest]) -> list[Proposal]:
+        return [Proposal([9] * r.k) for r in requests]
+
+
+def choice_with(offers: dict[str, int], draft_cost: CostModel) -> ProposerChoice:
+    choice = ProposerChoice([Lookup(offers), Draft()], ["lookup", "draft"])
+    choice.seed_costs(draft_cost)
+    for seq_id in offers:
+        choice.lookahead(seq_id, [1, 2, 3], 8)
+    return choice
+
+
+QUERIES = [SpeculationQuery("copying", 300), SpeculationQuery("dry", 300)]
+
+
+def test_a_cheap_draft_takes_the_row_lookup_cannot_serve_and_a_costly_one_is_left_out():
+    cheap = choice_with({"copying": 6, "dry": 0}, CostModel(d_fixed_ms=0.5, d_tok_ms=0.1))
+    ks = plan_choices(cheap, VERIFY, QUERIES, max_k=6, min_gain=0.0)
+    assert ks["dry"] > 0 and cheap._assigned["dry"] == 1      # only the draft can offer it anything
+    assert ks["copying"] > 0
+    costly = choice_with({"copying": 6, "dry": 0}, CostModel(d_fixed_ms=60.0))
+    ks = plan_choices(costly, VERIFY, QUERIES, max_k=6, min_gain=0.0)
+    assert ks["dry"] == 0 and ks["copying"] > 0 and costly._assigned == {"copying": 0}
+
+
+def test_the_plan_is_the_best_of_every_member_and_k_for_a_small_batch():
+    choice = choice_with({"copying": 3, "dry": 1}, CostModel(d_fixed_ms=4.0, d_tok_ms=0.3))
+    ks = plan_choices(choice, VERIFY, QUERIES, max_k=4, min_gain=0.0)
+    options = choice.options(["copying", "dry"], 4)
+    costs = choice.member_costs()
+    contexts, prefills = [300.0, 300.0], [0.0, 0.0]
+
+    def goodput(members, plan_ks):
+        tokens, ms = predict_choices(options.acceptance, None, contexts, prefills, VERIFY, costs, members, plan_ks)
+        return tokens / ms
+
+    best = max(goodput([m0, m1], [k0, k1])
+               for m0 in (0, 1) for m1 in (0, 1)
+               for k0 in range(int(options.caps[0, m0]) + 1) for k1 in range(int(options.caps[1, m1]) + 1))
+    members = [choice._assigned.get(q.request_id, 0) for q in QUERIES]
+    assert abs(goodput(members, [ks["copying"], ks["dry"]]) - best) <= 1e-9 * best
+
+
+def test_below_min_gain_the_step_runs_plain_and_assigns_nobody():
+    choice = choice_with({"copying": 6, "dry": 0}, CostModel(d_fixed_ms=0.5))
+    choice.assign({"copying": 1})
+    expensive_tokens = VERIFY.replace(c_tok_ms=8.0)   # a proposal costs ~ a fifth of a step: barely pays
+    assert plan_choices(choice, expensive_tokens, QUERIES, max_k=6, min_gain=0.5) == {"copying": 0, "dry": 0}
+    assert choice._assigned == {}
+
+
+def test_only_goodput_with_a_costly_member_plans_members_and_the_local_planner_does():
+    choice = choice_with({"copying": 6, "dry": 0}, CostModel(d_fixed_ms=0.5, d_tok_ms=0.1))
+    free_only = ProposerChoice([Lookup({}), Lookup({})])
+    assert choosing_proposers(choice, "goodput") and not choosing_proposers(choice, "fixed")
+    assert not choosing_proposers(free_only, "goodput") and not choosing_proposers(Draft(), "goodput")
+    planner = LocalPolicyPlanner(local_policy_choice("goodput:min_gain=0"), max_k=6, cost=VERIFY, proposer=choice)
+    ks = planner.plan(0, QUERIES, 0)
+    assert ks["dry"] > 0 and choice._assigned["dry"] == 1
