@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 from smartspec.core.codec import policy_spec_proto, value_to_proto
 from smartspec.core.policies.base import ParameterSpec, ParameterType, Policy
@@ -47,9 +47,13 @@ def policy_info(policy: Policy) -> admin_pb2.PolicyInfo:
 
 def plan_basis_proto(policy_spec: common_pb2.PolicySpec, policy_version: int, cost: "CostModel",
                      prior: "PooledPrior", settings: "PlannerSettings", *, max_k: int,
-                     goodput_per_ms: float) -> "controller_pb2.PlanBasis":
+                     goodput_per_ms: float,
+                     member_priors: "Mapping[int, PooledPrior] | None" = None) -> "controller_pb2.PlanBasis":
     """The shared state behind a plan, for the worker to re-solve it on its fresh batch."""
     return controller_pb2.PlanBasis(
+        member_priors=[controller_pb2.MemberPrior(kind=kind, accepted=p.accepted, tested=p.tested,
+                                                  proposed=p.proposed, requested=p.requested)
+                       for kind, p in (member_priors or {}).items()],
         policy=policy_spec,
         policy_version=policy_version,
         cost_model=cost.to_proto(),

@@ -235,17 +235,21 @@ class Decider:
                 cost_fit_writer=memory.cost_fit_writer if memory is not None and memory.cost_fit is not None else None,
                 policy_stamp=held_stamp,
                 worker=memory is None or memory.worker is None,
+                member_kinds=session.member_kinds,
             )
         except StoreUnavailable as exc:
             self.redis.failure(exc)
             return (StepSnapshot(histories=None, cost_fit=None, policy=None,
-                                 prior=self._last_priors.get(session.proposer_kind)), held_policy, True)
+                                 prior=self._last_priors.get(session.proposer_kind),
+                                 member_priors={kind: self._last_priors.get(kind) for kind in session.member_kinds}),
+                    held_policy, True)
         self.redis.success()
         if not snapshot.policy_unchanged:
             self.remember_policy(snapshot.policy)
             held_policy = snapshot.policy
-        if snapshot.prior is not None:
-            self._last_priors[session.proposer_kind] = snapshot.prior
+        for kind, prior in ((session.proposer_kind, snapshot.prior), *snapshot.member_priors.items()):
+            if prior is not None:
+                self._last_priors[kind] = prior
         return snapshot, held_policy, False
 
     def _decide(self, session: WorkerSession, report: controller_pb2.StepReport, memory: StreamMemory | None,
@@ -263,6 +267,7 @@ class Decider:
             proposer_kind=session.proposer_kind,
             cost_profile_id=session.cost_profile_id,
             columns=columns,
+            member_kinds=session.member_kinds,
         )
         if memory is not None:
             memory.worker = decision.writes.figures

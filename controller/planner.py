@@ -12,10 +12,11 @@ the step, gathers each pending request's evidence from the history table and cal
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -58,6 +59,7 @@ class StepDecision:
     writes: StepWrites
     cost: CostModel                               # the model the plan used (sent in the plan's basis)
     prior: PooledPrior                            # the pooled prior, this report's evidence included
+    member_priors: Mapping[int, PooledPrior] = field(default_factory=dict)  # by ProposerKind value, likewise
 
 
 @dataclass(frozen=True)
@@ -70,9 +72,21 @@ class StepEvidence:
     requested: float
 
     @classmethod
-    def of(cls, cols: ReportColumns, requested: np.ndarray) -> "StepEvidence":
-        return cls(float(cols.accepted.sum()), float(cols.tested.sum()), float(cols.proposed.sum()),
-                   float(requested.sum()))
+    def of(cls, cols: ReportColumns, requested: np.ndarray, rows: np.ndarray | None = None) -> "StepEvidence":
+        """Summed over every outcome, or over `rows` (a boolean mask [B])."""
+        if rows is None:
+            return cls(float(cols.accepted.sum()), float(cols.tested.sum()), float(cols.proposed.sum()),
+                       float(requested.sum()))
+        return cls(float(cols.accepted[rows].sum()), float(cols.tested[rows].sum()),
+                   float(cols.proposed[rows].sum()), float(requested[rows].sum()))
+
+    def counts(self) -> tuple[float, float, float, float]:
+        return (self.accepted, self.tested, self.proposed, self.requested)
+
+
+def member_evidence(cols: ReportColumns, requested: np.ndarray, kinds: Sequence[int]) -> list[StepEvidence]:
+    """A choice worker's step evidence per member kind (ProposerKind values): the rows it proposed."""
+    return [StepEvidence.of(cols, requested, cols.proposer_kind == kind) for kind in kinds]
 
 
 def attended_context(outcome: controller_pb2.RequestOutcome) -> int:
@@ -102,6 +116,7 @@ def plan_step(
     cost_profile_id: str,
     columns: ReportColumns | None = None,
     now_s: int | None = None,
+    member_kinds: Sequence[str] = (),
 ) -> StepDecision:
     """Record the reported step and choose k for every unfinished request of the next one.
 
@@ -122,6 +137,12 @@ def plan_step(
     # step already see this step's evidence.
     prior = decision.pool_step(snapshot.prior or PooledPrior(), step.accepted, step.tested, step.proposed,
                                step.requested, settings.prior_decay)
+    # member_kinds: the prior keys of the hello's member kinds, in its order
+    members = dict(zip(member_kinds, member_evidence(cols, requested, hello.member_kinds)))
+    member_priors = {
+        kind: decision.pool_step(snapshot.member_priors.get(name) or PooledPrior(), *evidence.counts(),
+                                 decay=settings.prior_decay)
+        for kind, (name, evidence) in zip(hello.member_kinds, members.items())}
     measured_ms = learn_step_cost(report, cols, cost_fit)
     cost = cost_override if cost_override is not None else cost_fit.model()
 
@@ -140,6 +161,8 @@ def plan_step(
     figures = worker_figures(snapshot, generated, measured_ms, predicted_ms, predicted_tokens, settings)
     writes = step_writes(hello, histories, finished, step, plan, generated, figures, cost_fit=cost_fit,
                          settings=settings, proposer_kind=proposer_kind, cost_profile_id=cost_profile_id)
+    if members:
+        writes = dataclasses.replace(writes, member_evidence={name: e.counts() for name, e in members.items()})
     return StepDecision(
         request_ids=tuple(pending_ids),
         speculation_lengths=tuple(plan.ks.tolist()),
@@ -152,6 +175,7 @@ def plan_step(
         writes=writes,
         cost=cost,
         prior=prior,
+        member_priors=member_priors,
     )
 
 

@@ -31,6 +31,7 @@ def step_plan(step_index: int, decision: StepDecision, *, record: PolicyRecord, 
         policy_spec, record.version, decision.cost, decision.prior, settings, max_k=max_k,
         goodput_per_ms=(decision.predicted_tokens / decision.predicted_step_ms
                         if decision.predicted_step_ms > 0 else 0.0),
+        member_priors=decision.member_priors,
     )
     plan = controller_pb2.StepPlan(
         step_index=step_index,

@@ -18,7 +18,7 @@ from smartspec.v1 import controller_pb2
 
 _OUTCOME = operator.attrgetter(
     "request_id", "proposed_tokens", "accepted_tokens", "tested_positions", "requested_tokens",
-    "context_tokens", "prefill_tokens", "finished", "proposable_tokens",
+    "context_tokens", "prefill_tokens", "finished", "proposable_tokens", "proposer_kind",
 )
 UNKNOWN = -1  # proposable: the proposer cannot look ahead (field unset)
 
@@ -36,22 +36,23 @@ class ReportColumns:
     prefill: np.ndarray
     finished: np.ndarray
     proposable: np.ndarray          # proposable_tokens, UNKNOWN where unset
+    proposer_kind: np.ndarray       # the member kind that proposed (a choice worker), 0 = unnamed
 
     @classmethod
     def from_report(cls, report: controller_pb2.StepReport) -> "ReportColumns":
         outcomes = list(report.requests)
         if not outcomes:
             empty = np.zeros(0, dtype=np.int64)
-            return cls([], empty, empty, empty, empty, empty, empty, np.zeros(0, dtype=bool), empty)
+            return cls([], empty, empty, empty, empty, empty, empty, np.zeros(0, dtype=bool), empty, empty)
         ids, *values = zip(*map(_OUTCOME, outcomes))
         (proposed, accepted, tested, requested, context, prefill, finished,
-         proposable) = np.array(values, dtype=np.int64)
+         proposable, proposer_kind) = np.array(values, dtype=np.int64)
         unset = np.flatnonzero(proposable == 0)  # 0 is either "nothing to offer" or "not known"
         if unset.size:
             unknown = [i for i in unset.tolist() if not outcomes[i].HasField("proposable_tokens")]
             proposable[unknown] = UNKNOWN
         return cls(list(ids), proposed, accepted, tested, requested, context, prefill, finished.astype(bool),
-                   proposable)
+                   proposable, proposer_kind)
 
     def __len__(self) -> int:
         return len(self.request_ids)

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import redis
 from redis.commands.core import Script
@@ -55,6 +55,13 @@ REQUEST_TTL_S = 600
 COST_FIT_TTL_S = 7 * 24 * 3600
 PRIOR_TTL_S = 7 * 24 * 3600
 WORKER_TTL_S = 3600
+
+
+def _pooled(raw: Sequence[Any] | None) -> PooledPrior | None:
+    """A prior hash's (accepted, tested, proposed, requested) as read; None where none is stored."""
+    if not raw or raw[0] is None or raw[1] is None:
+        return None
+    return PooledPrior(*(float(v) if v is not None else 0.0 for v in raw))
 
 
 class StoreUnavailable(Exception):
@@ -82,6 +89,7 @@ class StepSnapshot:
     cost_fit_writer: str | None = None            # token of the stored fit's write (None: no fit stored)
     cost_fit_unchanged: bool = False              # the stored fit is the caller's (same writer): not sent
     policy_unchanged: bool = False                # the stored policy is the caller's (same stamp): not sent
+    member_priors: Mapping[str, PooledPrior | None] = field(default_factory=dict)  # by member kind read
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,9 @@ class StepWrites:
     prior_requested: float
     totals: Mapping[str, int]                     # worker running totals to add (HINCRBY)
     figures: WorkerFigures
+    # A worker choosing proposers per request: this step's (accepted, tested, proposed, requested)
+    # per member kind, added to that kind's pooled prior (decayed by prior_decay first).
+    member_evidence: Mapping[str, tuple[float, float, float, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -245,20 +256,18 @@ class ControllerStore(PolicyMemory):
     # -- per step -----------------------------------------------------------------------------
     def read_step(self, worker_id: str, cost_profile_id: str, proposer_kind: str, *, histories: bool = True,
                   cost_fit_writer: str | None = None, policy_stamp: str = "",
-                  worker: bool = True) -> StepSnapshot:
+                  worker: bool = True, member_kinds: Sequence[str] = ()) -> StepSnapshot:
         """One command: the history table (if `histories`), the cost fit (unless the caller holds
         the stored one: `cost_fit_writer` is its writer token, "" for a fit begun when none was
         stored, None for none held), the prior, the policy (unless its stamp is `policy_stamp`),
-        the worker's last figures (if `worker`)."""
+        the worker's last figures (if `worker`), the pooled prior of each of `member_kinds`."""
         keys = [self.history_key(worker_id), self.cost_key(cost_profile_id), self.prior_key(proposer_kind),
-                self.policy_key(), self.worker_key(worker_id)]
+                self.policy_key(), self.worker_key(worker_id), *map(self.prior_key, member_kinds)]
         args = ["1" if histories else "0", "-" if cost_fit_writer is None else cost_fit_writer, policy_stamp,
                 "1" if worker else "0"]
-        raw_table, writer, raw_fit, raw_prior, raw_policy, raw_worker = self._call(
+        raw_table, writer, raw_fit, raw_prior, raw_policy, raw_worker, raw_members = self._call(
             lambda: self._conn().read_step(keys=keys, args=args))
-        prior = None
-        if raw_prior[0] is not None and raw_prior[1] is not None:
-            prior = PooledPrior(*(float(v) if v is not None else 0.0 for v in raw_prior))
+        prior = _pooled(raw_prior)
         writer = _text(writer)
         unchanged = cost_fit_writer is not None and (writer or "") == cost_fit_writer
         policy = self._checked_policy(policy_from_pairs(raw_policy)) if raw_policy is not None else None
@@ -271,6 +280,7 @@ class ControllerStore(PolicyMemory):
             cost_fit_writer=writer,
             cost_fit_unchanged=unchanged,
             policy_unchanged=raw_policy is None,
+            member_priors={kind: _pooled(raw) for kind, raw in zip(member_kinds, raw_members or ())},
         )
 
     @staticmethod
@@ -306,9 +316,11 @@ class ControllerStore(PolicyMemory):
             *(int(writes.totals.get(name, 0)) for name in TOTAL_FIELDS),
             *("" if v is None else repr(float(v)) for v in figures),
             info_json(info) if info else "",
+            *(count for counts in writes.member_evidence.values() for count in counts),
         ]
         keys = [self.history_key(writes.worker_id), self.cost_key(writes.cost_profile_id),
-                self.prior_key(writes.proposer_kind), self.worker_key(writes.worker_id), self.workers_key()]
+                self.prior_key(writes.proposer_kind), self.worker_key(writes.worker_id), self.workers_key(),
+                *map(self.prior_key, writes.member_evidence)]
         self._call(lambda: self._conn().record_step(keys=keys, args=args))
         return writer
 

@@ -11,12 +11,13 @@ only when all of them hash to one slot: the store's key prefix carries a hash ta
 pipelines), which run the same on one server, a Sentinel-named master and a cluster.
 """
 
-# KEYS: history table, cost fit, pooled prior, policy, worker
+# KEYS: history table, cost fit, pooled prior, policy, worker, then the pooled prior of each member
+#       kind of a worker choosing proposers per request (none for any other worker)
 # ARGV: 1 read the history table ('1'/'0'); 2 writer token of the stored fit the caller holds ('-' =
 #       it holds none, '' = it holds one begun when none was stored);
 #       3 policy stamp "version:updated_unix_ms" the caller holds ('' = none); 4 read worker figures
 # Returns {table | nil, fit writer | nil, fit JSON | nil (unchanged or none), prior [4],
-#          policy hash as a flat list | nil (unchanged), worker figures [3] | nil}
+#          policy hash as a flat list | nil (unchanged), worker figures [3] | nil, member priors [[4]...]}
 READ_STEP = """
 local table_blob = false
 if ARGV[1] == '1' then table_blob = redis.call('GET', KEYS[1]) end
@@ -29,15 +30,20 @@ local policy = false
 if ((stamp[1] or '') .. ':' .. (stamp[2] or '')) ~= ARGV[3] then policy = redis.call('HGETALL', KEYS[4]) end
 local worker = false
 if ARGV[4] == '1' then worker = redis.call('HMGET', KEYS[5], 'pred_step_ms', 'pred_tokens', 'goodput_tok_s') end
-return {table_blob, writer, fit, prior, policy, worker}
+local members = {}
+for i = 6, #KEYS do
+  members[#members + 1] = redis.call('HMGET', KEYS[i], 'accepted', 'tested', 'proposed', 'requested')
+end
+return {table_blob, writer, fit, prior, policy, worker, members}
 """
 
-# KEYS: history table, cost fit, pooled prior, worker, workers
+# KEYS: history table, cost fit, pooled prior, worker, workers, then each member kind's pooled prior
 # ARGV: 1 table ('' = leave it), 2 table TTL; 3 fit JSON ('' = leave it), 4 its writer token, 5 fit TTL;
 #       6 update the prior ('1'/'0'), 7 decay, 8-11 accepted, tested, proposed, requested to add,
 #       12 prior TTL; 13 worker TTL, 14 now (ms), 15 worker id; 16-22 running totals to add, in
 #       store.TOTAL_FIELDS order; 23-25 pred_step_ms, pred_tokens, goodput_tok_s ('' = none);
-#       26 the hello's fields as a JSON object ('' = leave them)
+#       26 the hello's fields as a JSON object ('' = leave them); then 4 counts to add per member
+#       prior key (KEYS[6], ...: ARGV[27-30], ...), each decayed by ARGV[7] first
 # "prior = prior * decay + step evidence" runs here, atomically, so workers sharing a proposer kind
 # never lose counts. Fields go positionally (not as name/value pairs): every argument costs the
 # client a few us to pack.
@@ -47,15 +53,16 @@ if ARGV[3] ~= '' then
   redis.call('HSET', KEYS[2], 'fit', ARGV[3], 'writer', ARGV[4])
   redis.call('EXPIRE', KEYS[2], tonumber(ARGV[5]))
 end
-if ARGV[6] == '1' then
-  local decay = tonumber(ARGV[7])
-  local names = {'accepted', 'tested', 'proposed', 'requested'}
+local names = {'accepted', 'tested', 'proposed', 'requested'}
+local function pool(key, decay, first)
   for i, name in ipairs(names) do
-    local value = tonumber(redis.call('HGET', KEYS[3], name) or '0') * decay + tonumber(ARGV[7 + i])
-    redis.call('HSET', KEYS[3], name, tostring(value))
+    local value = tonumber(redis.call('HGET', key, name) or '0') * decay + tonumber(ARGV[first + i])
+    redis.call('HSET', key, name, tostring(value))
   end
-  redis.call('EXPIRE', KEYS[3], tonumber(ARGV[12]))
+  redis.call('EXPIRE', key, tonumber(ARGV[12]))
 end
+if ARGV[6] == '1' then pool(KEYS[3], tonumber(ARGV[7]), 7) end
+for k = 6, #KEYS do pool(KEYS[k], tonumber(ARGV[7]), 26 + 4 * (k - 6)) end
 local totals = {'steps', 'proposed', 'accepted', 'tested', 'generated', 'planned_k', 'planned_requests'}
 for i, name in ipairs(totals) do
   if ARGV[15 + i] ~= '0' then redis.call('HINCRBY', KEYS[4], name, ARGV[15 + i]) end

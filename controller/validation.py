@@ -17,6 +17,7 @@ import math
 from typing import TYPE_CHECKING
 
 import grpc
+import numpy as np
 
 from smartspec.core.errors import FieldError
 from smartspec.core.ids import all_valid, id_problem
@@ -36,6 +37,7 @@ MAX_QUEUED_REQUESTS = 1 << 24
 MAX_PROFILE_SAMPLES = 1024
 # The hello's free-form strings (model, proposer, device), shown on status pages.
 MAX_INFO_LENGTH = 256
+MAX_MEMBER_KINDS = 8
 # StepReport.trace_context (W3C `traceparent` / `tracestate`, see core/tracing.py): a few short
 # headers, bounded so a report cannot carry an arbitrary map into the controller's tracer.
 MAX_TRACE_ENTRIES = 8
@@ -80,6 +82,7 @@ def validate_hello(hello: controller_pb2.WorkerHello, prefix: str = "hello") -> 
         raise InvalidInput(f"{prefix}.proposer_kind", f"unknown ProposerKind value {hello.proposer_kind}")
     for name in ("model", "proposer", "device"):
         _check_count(len(getattr(hello, name)), f"{prefix}.{name}", MAX_INFO_LENGTH, " characters")
+    _check_member_kinds(hello, prefix)
     _check_count(len(hello.profile), f"{prefix}.profile", MAX_PROFILE_SAMPLES, " samples")
     for index, sample in enumerate(hello.profile):
         where = f"{prefix}.profile[{index}]"
@@ -90,6 +93,23 @@ def validate_hello(hello: controller_pb2.WorkerHello, prefix: str = "hello") -> 
         _check_count(sample.context_tokens, f"{where}.context_tokens", MAX_CONTEXT_TOKENS)
         _check_ms(sample.draft_ms, f"{where}.draft_ms")
         _check_ms(sample.verify_ms, f"{where}.verify_ms")
+
+
+def _check_member_kinds(hello: controller_pb2.WorkerHello, prefix: str) -> None:
+    """A choice worker's members: distinct known kinds, none of them a choice; nobody else has any."""
+    kinds = list(hello.member_kinds)
+    if not kinds:
+        return
+    field = f"{prefix}.member_kinds"
+    if hello.proposer_kind != common_pb2.PROPOSER_KIND_CHOICE:
+        raise InvalidInput(field, "only a worker whose proposer_kind is PROPOSER_KIND_CHOICE has members")
+    _check_count(len(kinds), field, MAX_MEMBER_KINDS, " kinds")
+    for index, kind in enumerate(kinds):
+        if kind not in common_pb2.ProposerKind.values() or kind in (common_pb2.PROPOSER_KIND_UNSPECIFIED,
+                                                                      common_pb2.PROPOSER_KIND_CHOICE):
+            raise InvalidInput(f"{field}[{index}]", f"must be a proposer's kind (not UNSPECIFIED or CHOICE), got {kind}")
+    if len(set(kinds)) != len(kinds):
+        raise InvalidInput(field, f"kinds must be distinct, got {kinds}")
 
 
 def batch_limit(hello: controller_pb2.WorkerHello) -> int:
@@ -144,18 +164,19 @@ def validate_outcomes(report: controller_pb2.StepReport, prefix: str = "",
     read, the checks run as whole-array tests, and the outcome-by-outcome walk (which names the
     first bad field) only runs when one fails."""
     max_k = hello.max_speculation_length if hello is not None else MAX_SPECULATION_LENGTH
-    if columns is not None and _outcomes_consistent(columns, max_k):
+    members = frozenset(hello.member_kinds) if hello is not None else frozenset()
+    if columns is not None and _outcomes_consistent(columns, max_k, members):
         return
     seen: dict[str, int] = {}
     for index, outcome in enumerate(report.requests):
         try:
-            _check_outcome(outcome, f"{prefix}requests[{index}]", seen, index, max_k)
+            _check_outcome(outcome, f"{prefix}requests[{index}]", seen, index, max_k, members)
         except InvalidInput as exc:
             exc.request_id = outcome.request_id if id_problem(outcome.request_id) is None else ""
             raise
 
 
-def _outcomes_consistent(columns: "ReportColumns", max_k: int) -> bool:
+def _outcomes_consistent(columns: "ReportColumns", max_k: int, members: frozenset[int] = frozenset()) -> bool:
     """Every check of `_check_outcome`, on all outcomes at once; False sends the caller to the walk."""
     ids = columns.request_ids
     if not ids:
@@ -167,11 +188,14 @@ def _outcomes_consistent(columns: "ReportColumns", max_k: int) -> bool:
     bad = ((accepted > proposed) | (tested > proposed) | (tested < accepted) | (tested > accepted + 1)
            | ((requested > 0) & (requested < proposed)) | (proposed > max_k) | (requested > max_k)
            | (proposable > max_k) | (context > MAX_CONTEXT_TOKENS) | (prefill > context))
-    return not bad.any()
+    if bad.any():
+        return False
+    kinds = columns.proposer_kind
+    return not kinds.any() or set(np.unique(kinds[kinds != 0]).tolist()) <= members
 
 
 def _check_outcome(outcome: controller_pb2.RequestOutcome, where: str, seen: dict[str, int], index: int,
-                   max_k: int) -> None:
+                   max_k: int, members: frozenset[int] = frozenset()) -> None:
     """One request's counts must come from a single verification (see RequestOutcome)."""
     _check_id(outcome.request_id, f"{where}.request_id")
     if outcome.request_id in seen:
@@ -206,6 +230,9 @@ def _check_outcome(outcome: controller_pb2.RequestOutcome, where: str, seen: dic
                            "context after the step (which include them)")
     if outcome.HasField("proposable_tokens"):
         _check_count(outcome.proposable_tokens, f"{where}.proposable_tokens", max_k, limit)
+    if outcome.proposer_kind and outcome.proposer_kind not in members:
+        raise InvalidInput(f"{where}.proposer_kind",
+                           f"{outcome.proposer_kind} is not one of the hello's member_kinds {sorted(members)}")
 
 
 # The coefficients that cost every step something, speculating or not (each step verifies at least

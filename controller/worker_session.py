@@ -24,6 +24,7 @@ class WorkerSession:
     seed_cost: CostModel                          # hello profile fitted over the default model
     proposer_kind: str                            # e.g. "PROPOSER_KIND_NGRAM"
     info: dict[str, str] = field(default_factory=dict)
+    member_kinds: tuple[str, ...] = ()            # a choice worker's members' kinds (their prior keys)
 
     @property
     def worker_id(self) -> str:
@@ -49,6 +50,7 @@ def open_session(hello: controller_pb2.WorkerHello) -> WorkerSession:
             "cost_profile_id": hello.cost_profile_id or hello.worker_id,
             "proposer_kind": common_pb2.ProposerKind.Name(hello.proposer_kind),
         },
+        member_kinds=tuple(common_pb2.ProposerKind.Name(kind) for kind in hello.member_kinds),
     )
 
 
@@ -70,7 +72,8 @@ def what_if_hello(hello: controller_pb2.WorkerHello) -> controller_pb2.WorkerHel
 def what_if_session(hello: controller_pb2.WorkerHello) -> WorkerSession:
     """Decide's session: every key it reads or writes (but the active policy's) is its own."""
     session = open_session(what_if_hello(hello))
-    return dataclasses.replace(session, proposer_kind=DECIDE_NAMESPACE + session.proposer_kind)
+    return dataclasses.replace(session, proposer_kind=DECIDE_NAMESPACE + session.proposer_kind,
+                               member_kinds=tuple(DECIDE_NAMESPACE + kind for kind in session.member_kinds))
 
 
 @functools.lru_cache(maxsize=256)

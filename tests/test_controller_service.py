@@ -338,3 +338,56 @@ def test_bearer_token_guards_services_but_not_health(redis_url, redis_prefix):
             assert got.policy.name == "goodput"
     finally:
         srv.stop(0)
+
+
+def choice_hello(worker_id="choice-0", members=(common_pb2.PROPOSER_KIND_NGRAM, common_pb2.PROPOSER_KIND_SUFFIX)):
+    return controller_pb2.WorkerHello(worker_id=worker_id, proposer_kind=common_pb2.PROPOSER_KIND_CHOICE,
+                                      max_speculation_length=8, max_batch_size=64, member_kinds=list(members))
+
+
+def named(message: controller_pb2.RequestOutcome, kind: int) -> controller_pb2.RequestOutcome:
+    message.proposer_kind = kind
+    return message
+
+
+def test_a_choice_workers_member_evidence_is_pooled_with_that_kinds_workers_and_sent_back(channel):
+    """A worker choosing between prompt lookup and suffix decoding names the member of each row's
+    proposals: prompt lookup's rows land in the pool every prompt-lookup worker plans with (its
+    basis prior), suffix's in suffix's, and the choice worker's own bases carry both pools."""
+    ngram, suffix = common_pb2.PROPOSER_KIND_NGRAM, common_pb2.PROPOSER_KIND_SUFFIX
+    reports = [report(0, [outcome("a", context=40), outcome("b", context=40)])]
+    reports += [report(step, [named(outcome("a", 4, 4, context=40 + 5 * step), ngram),
+                              named(outcome("b", 4, 0, context=40 + step), suffix)]) for step in range(1, 6)]
+    plans = stream(channel, choice_hello(), reports)
+    assert all(not p.HasField("error") for p in plans)
+    members = {m.kind: m for m in plans[-1].basis.member_priors}
+    assert set(members) == {ngram, suffix}
+    assert members[ngram].accepted == pytest.approx(members[ngram].tested)      # every ngram position accepted
+    assert members[suffix].accepted == 0 and members[suffix].tested > 0        # suffix: a first-token miss each step
+    assert members[ngram].tested == pytest.approx(20.0, rel=0.05)              # 5 steps x 4, barely decayed
+    # A plain prompt-lookup worker's first plan starts from the pool the choice worker's ngram rows filled.
+    (plain,) = stream(channel, hello("plain-ngram"), [report(0, [outcome("z", context=40)])])
+    assert plain.basis.prior_tested == pytest.approx(members[ngram].tested, rel=0.05)
+    assert plain.basis.prior_accepted == pytest.approx(members[ngram].accepted, rel=0.05)
+    assert not plain.basis.member_priors
+
+
+def test_member_kinds_and_named_members_are_checked(channel):
+    ngram = common_pb2.PROPOSER_KIND_NGRAM
+    bad_hellos = {
+        "hello.member_kinds": hello("not-a-choice", member_kinds=[ngram]),
+        "hello.member_kinds[1]": choice_hello(members=(ngram, common_pb2.PROPOSER_KIND_CHOICE)),
+    }
+    for field, bad in bad_hellos.items():   # a bad hello ends the stream with the status naming the field
+        with pytest.raises(grpc.RpcError) as caught:
+            stream(channel, bad, [report(0, [outcome("a")])])
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().startswith(field + ":")
+    plans = stream(channel, choice_hello(), [
+        report(0, [outcome("a", context=40)]),
+        report(1, [named(outcome("a", 2, 1, context=42), common_pb2.PROPOSER_KIND_DRAFT)]),   # not a member
+        report(2, [named(outcome("a", 2, 2, context=45), ngram)]),
+    ])
+    assert plans[1].error.field == "requests[0].proposer_kind"
+    assert plans[1].error.grpc_status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert not plans[2].HasField("error")                                     # the stream goes on

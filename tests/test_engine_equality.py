@@ -168,6 +168,10 @@ def test_greedy_output_is_unchanged_when_the_planner_chooses_proposer_and_k(mode
                                                                      max_tokens=512)], ["ngram", "draft"])
     proposer.seed_costs(CostModel())   # the draft priced free until its own calls are timed: it gets rows at once
     planner = LocalPolicyPlanner(local_policy_choice("goodput:min_gain=0"), max_k=8, proposer=proposer)
+    named = []   # (proposed, proposer_kind) of every decode row: reported so the controller pools per member
+    observe = planner.observe
+    planner.observe = lambda facts: (named.extend((r.proposed_tokens, r.proposer_kind) for r in facts.requests),
+                                     observe(facts))
     engine = make_engine(model, proposer, planner)
     try:
         outputs = run_staggered(engine, prompts)
@@ -176,6 +180,10 @@ def test_greedy_output_is_unchanged_when_the_planner_chooses_proposer_and_k(mode
     assert outputs == reference
     assert min(proposer.proposals_by_member) > 0, proposer.proposals_by_member   # both members proposed
     assert proposer.cost_fits[1].steps > 0
+    from smartspec.v1 import common_pb2
+    assert {kind for proposed, kind in named if proposed} == {common_pb2.PROPOSER_KIND_NGRAM,
+                                                              common_pb2.PROPOSER_KIND_DRAFT}
+    assert {kind for proposed, kind in named if not proposed} == {None}
 
 
 def test_references_are_non_trivial(reference, model):

@@ -200,3 +200,25 @@ def test_a_members_record_with_one_request_overrides_its_class_rate_for_that_req
     choice.lookahead("good", contexts["good"], 8)
     choice.lookahead("bad", contexts["bad"], 8)
     assert choice.proposal_class("good") == 0 and choice.proposal_class("bad") == CLASS_STRIDE
+
+
+def test_member_rates_start_from_the_pools_every_worker_of_that_kind_filled():
+    """The controller pools each member kind's acceptance over all workers (Redis) and sends it in
+    the plan basis: a fresh choice worker starts prompt lookup where the fleet's prompt lookup is,
+    not at COLD_RATE, and a member kind with no pool stays at COLD_RATE."""
+    from smartspec.core.acceptance import PooledPrior
+    from smartspec.v1 import common_pb2
+
+    lookup, suffix = Scripted(7, 3, 0), Scripted(8, 3, 0)
+    lookup.kind, suffix.kind = common_pb2.PROPOSER_KIND_NGRAM, common_pb2.PROPOSER_KIND_SUFFIX
+    choice = ProposerChoice([lookup, suffix], ["ngram", "suffix"])
+    assert choice.member_kinds == [common_pb2.PROPOSER_KIND_NGRAM, common_pb2.PROPOSER_KIND_SUFFIX]
+    choice.lookahead("r", [1, 2], 8)
+    assert choice.proposal_class("r") == 0                        # a tie at COLD_RATE: the first member
+    choice.use_member_priors({common_pb2.PROPOSER_KIND_SUFFIX: PooledPrior(accepted=90.0, tested=100.0)})
+    choice.lookahead("r", [1, 2], 8)
+    assert choice.proposal_class("r") == CLASS_STRIDE             # suffix's pool says 0.9: it gets the row
+    rates = choice.options(["r"], 8).acceptance[0]
+    assert rates[0] == pytest.approx(0.5) and rates[1] == pytest.approx(0.9)
+    (proposal,) = choice.propose([ask("r", [1, 2])])
+    assert proposal.tokens == [8] * 3 and choice.member_kind("r") == common_pb2.PROPOSER_KIND_SUFFIX

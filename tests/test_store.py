@@ -121,6 +121,28 @@ def test_prior_is_decayed_and_added_atomically(store):
     assert prior.tested == pytest.approx(4.0 + 40.0)
 
 
+def test_a_choice_workers_member_evidence_pools_with_that_kinds_own_workers(store):
+    """A worker choosing proposers per request adds each member's evidence to that kind's prior, in
+    the same atomic write: a plain prompt-lookup worker reads it as its own kind's pool."""
+    import dataclasses
+
+    store.write_step(_writes(prior=(2.0, 4.0, 4.0, 4.0), decay=0.5))       # an ngram worker's step
+    choice = dataclasses.replace(
+        _writes(prior=(5.0, 9.0, 9.0, 9.0), decay=0.5, worker_id="w1"), proposer_kind="PROPOSER_KIND_CHOICE",
+        member_evidence={"PROPOSER_KIND_NGRAM": (4.0, 6.0, 6.0, 6.0), "PROPOSER_KIND_SUFFIX": (1.0, 3.0, 3.0, 3.0)})
+    store.write_step(choice)
+    ngram = store.read_step("w0", "profile-a", "PROPOSER_KIND_NGRAM").prior
+    assert (ngram.accepted, ngram.tested) == pytest.approx((2.0 * 0.5 + 4.0, 4.0 * 0.5 + 6.0))
+    snapshot = store.read_step("w1", "profile-a", "PROPOSER_KIND_CHOICE",
+                               member_kinds=("PROPOSER_KIND_NGRAM", "PROPOSER_KIND_SUFFIX", "PROPOSER_KIND_DRAFT"))
+    assert (snapshot.prior.accepted, snapshot.prior.tested) == (5.0, 9.0)
+    members = snapshot.member_priors
+    assert members["PROPOSER_KIND_NGRAM"].tested == pytest.approx(8.0)
+    assert (members["PROPOSER_KIND_SUFFIX"].accepted, members["PROPOSER_KIND_SUFFIX"].tested) == (1.0, 3.0)
+    assert members["PROPOSER_KIND_DRAFT"] is None                        # never pooled yet
+    assert store.read_step("w0", "profile-a", "PROPOSER_KIND_NGRAM").member_priors == {}
+
+
 def test_policy_versions_increase_and_compare_and_set(store):
     assert store.get_policy() is None
     first = store.set_policy("fixed", {"k": 3})

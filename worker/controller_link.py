@@ -101,6 +101,7 @@ def report_to_proto(facts: StepFacts) -> controller_pb2.StepReport:
                 finished=r.finished,
                 requested_tokens=r.requested_tokens,
                 proposable_tokens=r.proposable_tokens,
+                proposer_kind=r.proposer_kind or 0,
             )
             for r in facts.requests
         ],

@@ -16,7 +16,7 @@ made in well under a millisecond, with estimates one step fresher than the contr
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from smartspec.core.acceptance import PooledPrior
@@ -29,6 +29,7 @@ from smartspec.core.errors import FieldError
 from smartspec.v1 import controller_pb2
 
 from .choice_plan import choosing_proposers, plan_choices
+from .proposers.choice import ProposerChoice
 from .goodput_guard import GoodputGuard
 from .steps import SpeculationQuery
 
@@ -46,6 +47,7 @@ class PlanBasis:
     prior: PooledPrior
     estimator: Estimator
     max_k: int
+    member_priors: Mapping[int, PooledPrior] = field(default_factory=dict)  # by member ProposerKind value
 
 
 def decode_basis(message: controller_pb2.PlanBasis) -> PlanBasis | None:
@@ -72,6 +74,8 @@ def decode_basis(message: controller_pb2.PlanBasis) -> PlanBasis | None:
         estimator=Estimator(prior_strength=message.prior_strength, cold_rate=message.cold_acceptance,
                             cold_fill=message.cold_fill),
         max_k=message.max_speculation_length,
+        member_priors={m.kind: PooledPrior(m.accepted, m.tested, m.proposed, m.requested)
+                       for m in message.member_priors},
     )
 
 
@@ -85,6 +89,8 @@ def replan(basis: PlanBasis, book: AcceptanceBook, queries: Sequence[Speculation
     max_k = min(max_k, basis.max_k)
     if guard is not None:
         max_k = guard.cap_for(basis.policy.name, len(queries), max_k)
+    if basis.member_priors and isinstance(proposer, ProposerChoice):
+        proposer.use_member_priors(basis.member_priors)
     if choosing_proposers(proposer, basis.policy.name):
         return plan_choices(proposer, basis.cost, queries, max_k=max_k, min_gain=basis.params["min_gain"])
     return book.plan(basis.policy, basis.params, basis.cost, queries, max_k=max_k, queued_requests=queued_requests,

@@ -276,6 +276,7 @@ class WorkerServer:
             model=getattr(self.model, "name", ""),
             proposer=opts.proposer_name or type(self.proposer).__name__,
             device=str(self.model.module.device),
+            member_kinds=self.proposer.member_kinds if isinstance(self.proposer, ProposerChoice) else [],
         )
 
     def info(self) -> generation_pb2.WorkerInfo:

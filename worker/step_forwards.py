@@ -81,6 +81,7 @@ class StepForwards:
             # K/V now valid for the last token and the accepted proposals; the rest is rolled back.
             seq.cached += 1 + verdict.num_accepted
             seq.stats.observe(k=k, proposed=proposed, accepted=verdict.num_accepted)
+            proposer_kind = self._proposer.member_kind(seq.request_id) if proposed > 0 else None
             if k > 0:
                 self._proposer.observe_verification(seq.request_id, proposed, verdict.num_accepted,
                                                     verdict.tested_positions)
@@ -88,7 +89,7 @@ class StepForwards:
             facts.append(RequestFacts.decoded(
                 seq.request_id, requested=k, proposed=proposed, accepted=verdict.num_accepted,
                 tested=verdict.tested_positions, context_tokens=seq.context_tokens, finished=finished,
-                **self._lookahead(seq, finished),
+                proposer_kind=proposer_kind, **self._lookahead(seq, finished),
             ))
         return facts
 

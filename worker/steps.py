@@ -25,15 +25,17 @@ class RequestFacts:
     requested_tokens: int = 0   # k asked of the proposer after clamping (proposed may be fewer)
     proposable_tokens: int | None = None  # what the proposer can offer next step; None = not known
     proposal_class: int | None = None  # how that offer looks (Proposer.proposal_class); worker-local
+    proposer_kind: int | None = None   # the member that proposed this step (a choice worker); None: the worker's own
 
     @classmethod
     def decoded(cls, request_id: str, *, requested: int, proposed: int, accepted: int, tested: int,
                 context_tokens: int, finished: bool, proposable: int | None,
-                proposal_class: int | None = None) -> "RequestFacts":
+                proposal_class: int | None = None, proposer_kind: int | None = None) -> "RequestFacts":
         """A decode step: k asked, proposals made, accepted and tested by verification."""
         return cls(request_id=request_id, proposed_tokens=proposed, accepted_tokens=accepted,
                    tested_positions=tested, context_tokens=context_tokens, finished=finished,
-                   requested_tokens=requested, proposable_tokens=proposable, proposal_class=proposal_class)
+                   requested_tokens=requested, proposable_tokens=proposable, proposal_class=proposal_class,
+                   proposer_kind=proposer_kind)
 
     @classmethod
     def prefilled(cls, request_id: str, *, chunk: int, context_tokens: int, finished: bool,

@@ -72,3 +72,10 @@ class Proposer(ABC):
         proposal's class (core/decision.py, AcceptanceBook), so a short, shaky match is not planned
         with the confidence that long copied spans earned."""
         return None
+
+    def member_kind(self, seq_id: str) -> int | None:
+        """The kind (a smartspec.v1 ProposerKind value) of the proposer that made this request's
+        last proposal, where that is not this proposer's own `kind` (a per-request choice among
+        members); None (the default) otherwise. Reported with the step, so the controller pools
+        the evidence per member kind."""
+        return None

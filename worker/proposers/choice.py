@@ -5,7 +5,8 @@ request (how many tokens it would offer, and the class of that offer: prompt loo
 suffix decoding's match length) and a request's next proposal comes from one member. Acceptance is
 kept per (request, member): a request's own record with member p (accepted / tested positions, as
 every acceptance estimate here counts them) shrunk toward the rate member p has shown at that class
-over all requests (decayed pooled counts, started at COLD_RATE), with OWN_STRENGTH pseudo-trials: a
+over all requests (decayed pooled counts, started at the rate every worker's proposals of that
+kind have shown, pooled by the controller in Redis, or COLD_RATE), with OWN_STRENGTH pseudo-trials: a
 member that keeps failing one request loses it even if its class does well elsewhere.
 
 Who decides. Model-free members cost nothing to ask and the same to verify per token, so among them
@@ -37,6 +38,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from smartspec.core.acceptance import PooledPrior
 from smartspec.core.cost_fit import DraftCostFit
 from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
 from smartspec.core.policies.choice_optimizer import MAX_DEPTH_PROPOSERS
@@ -58,9 +60,6 @@ class _Rate:
 
     accepted: float = 0.0
     tested: float = 0.0
-
-    def value(self) -> float:
-        return self.shrunk_toward(COLD_RATE, PRIOR_TRIALS)
 
     def shrunk_toward(self, prior_rate: float, strength: float) -> float:
         """Beta-posterior mean: these counts with `strength` pseudo-trials at `prior_rate`."""
@@ -133,6 +132,7 @@ class ProposerChoice(Proposer):
         self._assigned: dict[str, int] = {}  # by request: the member the planner chose for the coming step
         self._proposed_by: dict[str, tuple[int, int]] = {}  # by request: (member, class) of its last proposal
         self._own: dict[tuple[str, int], _Rate] = {}  # by (request, member): that request's own record
+        self._cold = [COLD_RATE] * len(self.members)  # each member's rate before it has evidence here
 
     @property
     def costly_members(self) -> list[int]:
@@ -192,6 +192,10 @@ class ProposerChoice(Proposer):
         if member is not None:
             member.observe_verification(seq_id, proposed, accepted, tested)
 
+    def member_kind(self, seq_id: str) -> int | None:
+        where = self._proposed_by.get(seq_id)
+        return None if where is None else self.members[where[0]].kind
+
     def release(self, seq_id: str) -> None:
         for table in (self._picks, self._offers, self._assigned, self._proposed_by):
             table.pop(seq_id, None)
@@ -222,6 +226,19 @@ class ProposerChoice(Proposer):
         """Restart every costly member's cost fit from `prior` (the startup profile's fit)."""
         self.cost_fits = {index: DraftCostFit.create(prior) for index in self.costly_members}
 
+    @property
+    def member_kinds(self) -> list[int]:
+        """Each member's ProposerKind value (the hello's member_kinds)."""
+        return [member.kind for member in self.members]
+
+    def use_member_priors(self, priors: Mapping[int, PooledPrior]) -> None:
+        """Start every member's rates from the acceptance pooled over all workers for its kind (the
+        controller's, by ProposerKind value) instead of COLD_RATE; a kind without pooled evidence
+        keeps COLD_RATE."""
+        for member, proposer in enumerate(self.members):
+            prior = priors.get(proposer.kind)
+            self._cold[member] = COLD_RATE if prior is None else prior.rate(COLD_RATE)
+
     def assign(self, members: Mapping[str, int]) -> None:
         """The member each request's proposal comes from in the coming step (rows not named: the
         k-only rule). Replaces the previous step's assignment."""
@@ -231,12 +248,13 @@ class ProposerChoice(Proposer):
 
     def rates(self) -> dict[tuple[str, int], float]:
         """The learned acceptance rate per (member name, member class)."""
-        return {(self.names[m], c): rate.value() for (m, c), rate in sorted(self._rates.items())}
+        return {(self.names[m], c): rate.shrunk_toward(self._cold[m], PRIOR_TRIALS)
+                for (m, c), rate in sorted(self._rates.items())}
 
     # ---- the k-only choice ----
 
     def _rate(self, seq_id: str, member: int, member_class: int) -> float:
-        class_rate = self._rates.get((member, member_class), _COLD).value()
+        class_rate = self._rates.get((member, member_class), _COLD).shrunk_toward(self._cold[member], PRIOR_TRIALS)
         return self._own.get((seq_id, member), _COLD).shrunk_toward(class_rate, OWN_STRENGTH)
 
     def _look(self, seq_id: str, token_ids: list[int], max_k: int) -> list[_Offer]:

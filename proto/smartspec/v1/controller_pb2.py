@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from smartspec.v1 import common_pb2 as smartspec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsmartspec/v1/controller.proto\x12\x0csmartspec.v1\x1a\x19smartspec/v1/common.proto\"\x83\x02\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x31\n\rproposer_kind\x18\x02 \x01(\x0e\x32\x1a.smartspec.v1.ProposerKind\x12\x1e\n\x16max_speculation_length\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x17\n\x0f\x63ost_profile_id\x18\x05 \x01(\t\x12,\n\x07profile\x18\x06 \x03(\x0b\x32\x1b.smartspec.v1.ProfileSample\x12\r\n\x05model\x18\x07 \x01(\t\x12\x10\n\x08proposer\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\"\x82\x02\n\x0eRequestOutcome\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fproposed_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x18\n\x10tested_positions\x18\x04 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x05 \x01(\r\x12\x16\n\x0eprefill_tokens\x18\x06 \x01(\r\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x18\n\x10requested_tokens\x18\x08 \x01(\r\x12\x1e\n\x11proposable_tokens\x18\t \x01(\rH\x00\x88\x01\x01\x42\x14\n\x12_proposable_tokens\"\xb0\x02\n\nStepReport\x12\x12\n\nstep_index\x18\x01 \x01(\x04\x12.\n\x08requests\x18\x02 \x03(\x0b\x32\x1c.smartspec.v1.RequestOutcome\x12\x10\n\x08\x64raft_ms\x18\x03 \x01(\x01\x12\x11\n\tverify_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x16\n\x0e\x62\x61tched_tokens\x18\x06 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x07 \x01(\r\x12\x41\n\rtrace_context\x18\x08 \x03(\x0b\x32*.smartspec.v1.StepReport.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"o\n\rWorkerMessage\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x19.smartspec.v1.WorkerHelloH\x00\x12*\n\x06report\x18\x02 \x01(\x0b\x32\x18.smartspec.v1.StepReportH\x00\x42\x06\n\x04kind\"=\n\x0bRequestPlan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1a\n\x12speculation_length\x18\x02 \x01(\r\"E\n\tPlanError\x12\x18\n\x10grpc_status_code\x18\x01 \x01(\x05\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xa4\x02\n\x08StepPlan\x12\x12\n\nstep_index\x18\x01 \x01(\x04\x12+\n\x08requests\x18\x02 \x03(\x0b\x32\x19.smartspec.v1.RequestPlan\x12\x13\n\x0bpolicy_name\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.smartspec.v1.PlanError\x12\x19\n\x11predicted_step_ms\x18\x06 \x01(\x01\x12\x18\n\x10predicted_tokens\x18\x07 \x01(\x01\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x12\x13\n\x0b\x64\x65\x63ision_ms\x18\t \x01(\x01\x12&\n\x05\x62\x61sis\x18\n \x01(\x0b\x32\x17.smartspec.v1.PlanBasis\"\xdb\x02\n\tPlanBasis\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.smartspec.v1.PolicySpec\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12+\n\ncost_model\x18\x03 \x01(\x0b\x32\x17.smartspec.v1.CostModel\x12\x16\n\x0eprior_accepted\x18\x04 \x01(\x01\x12\x14\n\x0cprior_tested\x18\x05 \x01(\x01\x12\x16\n\x0eprior_proposed\x18\x06 \x01(\x01\x12\x17\n\x0fprior_requested\x18\x07 \x01(\x01\x12\x16\n\x0eprior_strength\x18\x08 \x01(\x01\x12\x17\n\x0f\x63old_acceptance\x18\t \x01(\x01\x12\x11\n\tcold_fill\x18\n \x01(\x01\x12\x1e\n\x16max_speculation_length\x18\x0b \x01(\r\x12\x16\n\x0egoodput_per_ms\x18\r \x01(\x01J\x04\x08\x0c\x10\r\"\x9a\x01\n\rDecideRequest\x12)\n\x06worker\x18\x01 \x01(\x0b\x32\x19.smartspec.v1.WorkerHello\x12(\n\x06report\x18\x02 \x01(\x0b\x32\x18.smartspec.v1.StepReport\x12\x34\n\x13\x63ost_model_override\x18\x03 \x01(\x0b\x32\x17.smartspec.v1.CostModel2\x8f\x01\n\nController\x12\x42\n\x07\x43onnect\x12\x1b.smartspec.v1.WorkerMessage\x1a\x16.smartspec.v1.StepPlan(\x01\x30\x01\x12=\n\x06\x44\x65\x63ide\x12\x1b.smartspec.v1.DecideRequest\x1a\x16.smartspec.v1.StepPlanb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dsmartspec/v1/controller.proto\x12\x0csmartspec.v1\x1a\x19smartspec/v1/common.proto\"\xb5\x02\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x31\n\rproposer_kind\x18\x02 \x01(\x0e\x32\x1a.smartspec.v1.ProposerKind\x12\x1e\n\x16max_speculation_length\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\x12\x17\n\x0f\x63ost_profile_id\x18\x05 \x01(\t\x12,\n\x07profile\x18\x06 \x03(\x0b\x32\x1b.smartspec.v1.ProfileSample\x12\r\n\x05model\x18\x07 \x01(\t\x12\x10\n\x08proposer\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x30\n\x0cmember_kinds\x18\n \x03(\x0e\x32\x1a.smartspec.v1.ProposerKind\"\xb5\x02\n\x0eRequestOutcome\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x17\n\x0fproposed_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x18\n\x10tested_positions\x18\x04 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x05 \x01(\r\x12\x16\n\x0eprefill_tokens\x18\x06 \x01(\r\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x18\n\x10requested_tokens\x18\x08 \x01(\r\x12\x1e\n\x11proposable_tokens\x18\t \x01(\rH\x00\x88\x01\x01\x12\x31\n\rproposer_kind\x18\n \x01(\x0e\x32\x1a.smartspec.v1.ProposerKindB\x14\n\x12_proposable_tokens\"\xb0\x02\n\nStepReport\x12\x12\n\nstep_index\x18\x01 \x01(\x04\x12.\n\x08requests\x18\x02 \x03(\x0b\x32\x1c.smartspec.v1.RequestOutcome\x12\x10\n\x08\x64raft_ms\x18\x03 \x01(\x01\x12\x11\n\tverify_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x16\n\x0e\x62\x61tched_tokens\x18\x06 \x01(\r\x12\x17\n\x0fqueued_requests\x18\x07 \x01(\r\x12\x41\n\rtrace_context\x18\x08 \x03(\x0b\x32*.smartspec.v1.StepReport.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"o\n\rWorkerMessage\x12*\n\x05hello\x18\x01 \x01(\x0b\x32\x19.smartspec.v1.WorkerHelloH\x00\x12*\n\x06report\x18\x02 \x01(\x0b\x32\x18.smartspec.v1.StepReportH\x00\x42\x06\n\x04kind\"=\n\x0bRequestPlan\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x1a\n\x12speculation_length\x18\x02 \x01(\r\"E\n\tPlanError\x12\x18\n\x10grpc_status_code\x18\x01 \x01(\x05\x12\r\n\x05\x66ield\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xa4\x02\n\x08StepPlan\x12\x12\n\nstep_index\x18\x01 \x01(\x04\x12+\n\x08requests\x18\x02 \x03(\x0b\x32\x19.smartspec.v1.RequestPlan\x12\x13\n\x0bpolicy_name\x18\x03 \x01(\t\x12\x16\n\x0epolicy_version\x18\x04 \x01(\x04\x12&\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x17.smartspec.v1.PlanError\x12\x19\n\x11predicted_step_ms\x18\x06 \x01(\x01\x12\x18\n\x10predicted_tokens\x18\x07 \x01(\x01\x12\x10\n\x08\x64\x65graded\x18\x08 \x01(\x08\x12\x13\n\x0b\x64\x65\x63ision_ms\x18\t \x01(\x01\x12&\n\x05\x62\x61sis\x18\n \x01(\x0b\x32\x17.smartspec.v1.PlanBasis\"\x8d\x03\n\tPlanBasis\x12(\n\x06policy\x18\x01 \x01(\x0b\x32\x18.smartspec.v1.PolicySpec\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x04\x12+\n\ncost_model\x18\x03 \x01(\x0b\x32\x17.smartspec.v1.CostModel\x12\x16\n\x0eprior_accepted\x18\x04 \x01(\x01\x12\x14\n\x0cprior_tested\x18\x05 \x01(\x01\x12\x16\n\x0eprior_proposed\x18\x06 \x01(\x01\x12\x17\n\x0fprior_requested\x18\x07 \x01(\x01\x12\x16\n\x0eprior_strength\x18\x08 \x01(\x01\x12\x17\n\x0f\x63old_acceptance\x18\t \x01(\x01\x12\x11\n\tcold_fill\x18\n \x01(\x01\x12\x1e\n\x16max_speculation_length\x18\x0b \x01(\r\x12\x16\n\x0egoodput_per_ms\x18\r \x01(\x01\x12\x30\n\rmember_priors\x18\x0e \x03(\x0b\x32\x19.smartspec.v1.MemberPriorJ\x04\x08\x0c\x10\r\"~\n\x0bMemberPrior\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.smartspec.v1.ProposerKind\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x01\x12\x0e\n\x06tested\x18\x03 \x01(\x01\x12\x10\n\x08proposed\x18\x04 \x01(\x01\x12\x11\n\trequested\x18\x05 \x01(\x01\"\x9a\x01\n\rDecideRequest\x12)\n\x06worker\x18\x01 \x01(\x0b\x32\x19.smartspec.v1.WorkerHello\x12(\n\x06report\x18\x02 \x01(\x0b\x32\x18.smartspec.v1.StepReport\x12\x34\n\x13\x63ost_model_override\x18\x03 \x01(\x0b\x32\x17.smartspec.v1.CostModel2\x8f\x01\n\nController\x12\x42\n\x07\x43onnect\x12\x1b.smartspec.v1.WorkerMessage\x1a\x16.smartspec.v1.StepPlan(\x01\x30\x01\x12=\n\x06\x44\x65\x63ide\x12\x1b.smartspec.v1.DecideRequest\x1a\x16.smartspec.v1.StepPlanb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,25 +35,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPREPORT_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_STEPREPORT_TRACECONTEXTENTRY']._serialized_options = b'8\001'
   _globals['_WORKERHELLO']._serialized_start=75
-  _globals['_WORKERHELLO']._serialized_end=334
-  _globals['_REQUESTOUTCOME']._serialized_start=337
-  _globals['_REQUESTOUTCOME']._serialized_end=595
-  _globals['_STEPREPORT']._serialized_start=598
-  _globals['_STEPREPORT']._serialized_end=902
-  _globals['_STEPREPORT_TRACECONTEXTENTRY']._serialized_start=851
-  _globals['_STEPREPORT_TRACECONTEXTENTRY']._serialized_end=902
-  _globals['_WORKERMESSAGE']._serialized_start=904
-  _globals['_WORKERMESSAGE']._serialized_end=1015
-  _globals['_REQUESTPLAN']._serialized_start=1017
-  _globals['_REQUESTPLAN']._serialized_end=1078
-  _globals['_PLANERROR']._serialized_start=1080
-  _globals['_PLANERROR']._serialized_end=1149
-  _globals['_STEPPLAN']._serialized_start=1152
-  _globals['_STEPPLAN']._serialized_end=1444
-  _globals['_PLANBASIS']._serialized_start=1447
-  _globals['_PLANBASIS']._serialized_end=1794
-  _globals['_DECIDEREQUEST']._serialized_start=1797
-  _globals['_DECIDEREQUEST']._serialized_end=1951
-  _globals['_CONTROLLER']._serialized_start=1954
-  _globals['_CONTROLLER']._serialized_end=2097
+  _globals['_WORKERHELLO']._serialized_end=384
+  _globals['_REQUESTOUTCOME']._serialized_start=387
+  _globals['_REQUESTOUTCOME']._serialized_end=696
+  _globals['_STEPREPORT']._serialized_start=699
+  _globals['_STEPREPORT']._serialized_end=1003
+  _globals['_STEPREPORT_TRACECONTEXTENTRY']._serialized_start=952
+  _globals['_STEPREPORT_TRACECONTEXTENTRY']._serialized_end=1003
+  _globals['_WORKERMESSAGE']._serialized_start=1005
+  _globals['_WORKERMESSAGE']._serialized_end=1116
+  _globals['_REQUESTPLAN']._serialized_start=1118
+  _globals['_REQUESTPLAN']._serialized_end=1179
+  _globals['_PLANERROR']._serialized_start=1181
+  _globals['_PLANERROR']._serialized_end=1250
+  _globals['_STEPPLAN']._serialized_start=1253
+  _globals['_STEPPLAN']._serialized_end=1545
+  _globals['_PLANBASIS']._serialized_start=1548
+  _globals['_PLANBASIS']._serialized_end=1945
+  _globals['_MEMBERPRIOR']._serialized_start=1947
+  _globals['_MEMBERPRIOR']._serialized_end=2073
+  _globals['_DECIDEREQUEST']._serialized_start=2076
+  _globals['_DECIDEREQUEST']._serialized_end=2230
+  _globals['_CONTROLLER']._serialized_start=2233
+  _globals['_CONTROLLER']._serialized_end=2376
 # @@protoc_insertion_point(module_scope)

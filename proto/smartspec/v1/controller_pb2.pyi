@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerHello(_message.Message):
-    __slots__ = ("worker_id", "proposer_kind", "max_speculation_length", "max_batch_size", "cost_profile_id", "profile", "model", "proposer", "device")
+    __slots__ = ("worker_id", "proposer_kind", "max_speculation_length", "max_batch_size", "cost_profile_id", "profile", "model", "proposer", "device", "member_kinds")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     PROPOSER_KIND_FIELD_NUMBER: _ClassVar[int]
     MAX_SPECULATION_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +18,7 @@ class WorkerHello(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROPOSER_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_KINDS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     proposer_kind: _common_pb2.ProposerKind
     max_speculation_length: int
@@ -27,10 +28,11 @@ class WorkerHello(_message.Message):
     model: str
     proposer: str
     device: str
-    def __init__(self, worker_id: _Optional[str] = ..., proposer_kind: _Optional[_Union[_common_pb2.ProposerKind, str]] = ..., max_speculation_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., cost_profile_id: _Optional[str] = ..., profile: _Optional[_Iterable[_Union[_common_pb2.ProfileSample, _Mapping]]] = ..., model: _Optional[str] = ..., proposer: _Optional[str] = ..., device: _Optional[str] = ...) -> None: ...
+    member_kinds: _containers.RepeatedScalarFieldContainer[_common_pb2.ProposerKind]
+    def __init__(self, worker_id: _Optional[str] = ..., proposer_kind: _Optional[_Union[_common_pb2.ProposerKind, str]] = ..., max_speculation_length: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., cost_profile_id: _Optional[str] = ..., profile: _Optional[_Iterable[_Union[_common_pb2.ProfileSample, _Mapping]]] = ..., model: _Optional[str] = ..., proposer: _Optional[str] = ..., device: _Optional[str] = ..., member_kinds: _Optional[_Iterable[_Union[_common_pb2.ProposerKind, str]]] = ...) -> None: ...
 
 class RequestOutcome(_message.Message):
-    __slots__ = ("request_id", "proposed_tokens", "accepted_tokens", "tested_positions", "context_tokens", "prefill_tokens", "finished", "requested_tokens", "proposable_tokens")
+    __slots__ = ("request_id", "proposed_tokens", "accepted_tokens", "tested_positions", "context_tokens", "prefill_tokens", "finished", "requested_tokens", "proposable_tokens", "proposer_kind")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROPOSED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +42,7 @@ class RequestOutcome(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROPOSABLE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSER_KIND_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     proposed_tokens: int
     accepted_tokens: int
@@ -49,7 +52,8 @@ class RequestOutcome(_message.Message):
     finished: bool
     requested_tokens: int
     proposable_tokens: int
-    def __init__(self, request_id: _Optional[str] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., tested_positions: _Optional[int] = ..., context_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., finished: _Optional[bool] = ..., requested_tokens: _Optional[int] = ..., proposable_tokens: _Optional[int] = ...) -> None: ...
+    proposer_kind: _common_pb2.ProposerKind
+    def __init__(self, request_id: _Optional[str] = ..., proposed_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., tested_positions: _Optional[int] = ..., context_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., finished: _Optional[bool] = ..., requested_tokens: _Optional[int] = ..., proposable_tokens: _Optional[int] = ..., proposer_kind: _Optional[_Union[_common_pb2.ProposerKind, str]] = ...) -> None: ...
 
 class StepReport(_message.Message):
     __slots__ = ("step_index", "requests", "draft_ms", "verify_ms", "total_ms", "batched_tokens", "queued_requests", "trace_context")
@@ -129,7 +133,7 @@ class StepPlan(_message.Message):
     def __init__(self, step_index: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[RequestPlan, _Mapping]]] = ..., policy_name: _Optional[str] = ..., policy_version: _Optional[int] = ..., error: _Optional[_Union[PlanError, _Mapping]] = ..., predicted_step_ms: _Optional[float] = ..., predicted_tokens: _Optional[float] = ..., degraded: _Optional[bool] = ..., decision_ms: _Optional[float] = ..., basis: _Optional[_Union[PlanBasis, _Mapping]] = ...) -> None: ...
 
 class PlanBasis(_message.Message):
-    __slots__ = ("policy", "policy_version", "cost_model", "prior_accepted", "prior_tested", "prior_proposed", "prior_requested", "prior_strength", "cold_acceptance", "cold_fill", "max_speculation_length", "goodput_per_ms")
+    __slots__ = ("policy", "policy_version", "cost_model", "prior_accepted", "prior_tested", "prior_proposed", "prior_requested", "prior_strength", "cold_acceptance", "cold_fill", "max_speculation_length", "goodput_per_ms", "member_priors")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     COST_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +146,7 @@ class PlanBasis(_message.Message):
     COLD_FILL_FIELD_NUMBER: _ClassVar[int]
     MAX_SPECULATION_LENGTH_FIELD_NUMBER: _ClassVar[int]
     GOODPUT_PER_MS_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_PRIORS_FIELD_NUMBER: _ClassVar[int]
     policy: _common_pb2.PolicySpec
     policy_version: int
     cost_model: _common_pb2.CostModel
@@ -154,7 +159,22 @@ class PlanBasis(_message.Message):
     cold_fill: float
     max_speculation_length: int
     goodput_per_ms: float
-    def __init__(self, policy: _Optional[_Union[_common_pb2.PolicySpec, _Mapping]] = ..., policy_version: _Optional[int] = ..., cost_model: _Optional[_Union[_common_pb2.CostModel, _Mapping]] = ..., prior_accepted: _Optional[float] = ..., prior_tested: _Optional[float] = ..., prior_proposed: _Optional[float] = ..., prior_requested: _Optional[float] = ..., prior_strength: _Optional[float] = ..., cold_acceptance: _Optional[float] = ..., cold_fill: _Optional[float] = ..., max_speculation_length: _Optional[int] = ..., goodput_per_ms: _Optional[float] = ...) -> None: ...
+    member_priors: _containers.RepeatedCompositeFieldContainer[MemberPrior]
+    def __init__(self, policy: _Optional[_Union[_common_pb2.PolicySpec, _Mapping]] = ..., policy_version: _Optional[int] = ..., cost_model: _Optional[_Union[_common_pb2.CostModel, _Mapping]] = ..., prior_accepted: _Optional[float] = ..., prior_tested: _Optional[float] = ..., prior_proposed: _Optional[float] = ..., prior_requested: _Optional[float] = ..., prior_strength: _Optional[float] = ..., cold_acceptance: _Optional[float] = ..., cold_fill: _Optional[float] = ..., max_speculation_length: _Optional[int] = ..., goodput_per_ms: _Optional[float] = ..., member_priors: _Optional[_Iterable[_Union[MemberPrior, _Mapping]]] = ...) -> None: ...
+
+class MemberPrior(_message.Message):
+    __slots__ = ("kind", "accepted", "tested", "proposed", "requested")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TESTED_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    kind: _common_pb2.ProposerKind
+    accepted: float
+    tested: float
+    proposed: float
+    requested: float
+    def __init__(self, kind: _Optional[_Union[_common_pb2.ProposerKind, str]] = ..., accepted: _Optional[float] = ..., tested: _Optional[float] = ..., proposed: _Optional[float] = ..., requested: _Optional[float] = ...) -> None: ...
 
 class DecideRequest(_message.Message):
     __slots__ = ("worker", "report", "cost_model_override")
