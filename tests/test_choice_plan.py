@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from smartspec.core.cost_model import CostModel
 from smartspec.core.policies.choice_optimizer import predict_choices
 from smartspec.worker.choice_plan import choosing_proposers, plan_choices
 from smartspec.worker.local_policy import LocalPolicyPlanner, local_policy_choice
-from smartspec.worker.proposers import Proposal, ProposalRequest, Proposer
+from smartspec.worker.proposers import GREEDY, Proposal, ProposalRequest, Proposer
 from smartspec.worker.proposers.choice import ProposerChoice
 from smartspec.worker.steps import SpeculationQuery
 
@@ -51,19 +53,26 @@ def choice_with(offers: dict[str, int], draft_cost: CostModel) -> ProposerChoice
 QUERIES = [SpeculationQuery("copying", 300), SpeculationQuery("dry", 300)]
 
 
+def plan(choice, cost, *, max_k, min_gain=0.0, probe_interval=0, held=(0, 0), step_index=1):
+    """plan_choices for QUERIES under goodput's parameters; `held`: each row's steps at k = 0."""
+    params = {"min_gain": min_gain, "probe_interval": probe_interval, "max_k": 0}
+    return plan_choices(choice, cost, QUERIES, max_k=max_k, params=params,
+                        steps_since_speculation=np.array(held), step_index=step_index)
+
+
 def test_a_cheap_draft_takes_the_row_lookup_cannot_serve_and_a_costly_one_is_left_out():
     cheap = choice_with({"copying": 6, "dry": 0}, CostModel(d_fixed_ms=0.5, d_tok_ms=0.1))
-    ks = plan_choices(cheap, VERIFY, QUERIES, max_k=6, min_gain=0.0)
+    ks = plan(cheap, VERIFY, max_k=6)
     assert ks["dry"] > 0 and cheap._assigned["dry"] == 1      # only the draft can offer it anything
     assert ks["copying"] > 0
     costly = choice_with({"copying": 6, "dry": 0}, CostModel(d_fixed_ms=60.0))
-    ks = plan_choices(costly, VERIFY, QUERIES, max_k=6, min_gain=0.0)
+    ks = plan(costly, VERIFY, max_k=6)
     assert ks["dry"] == 0 and ks["copying"] > 0 and costly._assigned == {"copying": 0}
 
 
 def test_the_plan_is_the_best_of_every_member_and_k_for_a_small_batch():
     choice = choice_with({"copying": 3, "dry": 1}, CostModel(d_fixed_ms=4.0, d_tok_ms=0.3))
-    ks = plan_choices(choice, VERIFY, QUERIES, max_k=4, min_gain=0.0)
+    ks = plan(choice, VERIFY, max_k=4)
     options = choice.options(["copying", "dry"], 4)
     costs = choice.member_costs()
     contexts, prefills = [300.0, 300.0], [0.0, 0.0]
@@ -83,8 +92,28 @@ def test_below_min_gain_the_step_runs_plain_and_assigns_nobody():
     choice = choice_with({"copying": 6, "dry": 0}, CostModel(d_fixed_ms=0.5))
     choice.assign({"copying": 1})
     expensive_tokens = VERIFY.replace(c_tok_ms=8.0)   # a proposal costs ~ a fifth of a step: barely pays
-    assert plan_choices(choice, expensive_tokens, QUERIES, max_k=6, min_gain=0.5) == {"copying": 0, "dry": 0}
+    assert plan(choice, expensive_tokens, max_k=6, min_gain=0.5) == {"copying": 0, "dry": 0}
     assert choice._assigned == {}
+
+
+def test_a_row_held_at_k0_is_probed_with_its_k_only_member():
+    """Without probes, a request whose first proposals failed would never be tried again: after
+    probe_interval steps at k = 0 it gets k = 1 from the member a k-only plan would use."""
+    choice = choice_with({"copying": 6, "dry": 0}, CostModel(d_fixed_ms=60.0))
+    for _ in range(40):   # the lookup member failed the copying row over and over: not worth a plan
+        choice.assign({"copying": 0})
+        choice.propose([ProposalRequest("copying", [1, 2, 3], 6, GREEDY)])
+        choice.observe_verification("copying", 6, 0, 1)
+    assert plan(choice, VERIFY, max_k=6, min_gain=0.05) == {"copying": 0, "dry": 0}
+    # Probes wait for a step index divisible by their interval, stretched here (the draft's probe
+    # costs 60 ms of a ~41 ms step) to keep within the probe budget: step 0 is divisible by any.
+    ks = plan(choice, VERIFY, max_k=6, min_gain=0.05, probe_interval=8, held=(500, 500), step_index=0)
+    assert ks == {"copying": 1, "dry": 1}
+    assert choice._assigned == {"copying": 0, "dry": 1}    # lookup offers something; only the draft can serve dry
+    assert plan(choice, VERIFY, max_k=6, min_gain=0.05, probe_interval=8, held=(3, 3), step_index=0) == \
+        {"copying": 0, "dry": 0}                            # not held long enough
+    assert plan(choice, VERIFY, max_k=6, min_gain=0.05, probe_interval=8, held=(500, 500), step_index=8) == \
+        {"copying": 0, "dry": 0}                            # costly probes: not every 8 steps
 
 
 def test_only_goodput_with_a_costly_member_plans_members_and_the_local_planner_does():

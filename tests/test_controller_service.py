@@ -391,3 +391,6 @@ def test_member_kinds_and_named_members_are_checked(channel):
     assert plans[1].error.field == "requests[0].proposer_kind"
     assert plans[1].error.grpc_status_code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert not plans[2].HasField("error")                                     # the stream goes on
+    # A worker without members may not name one either.
+    plans = stream(channel, hello("plain"), [report(0, [named(outcome("a", 2, 1, context=42), ngram)])])
+    assert plans[0].error.field == "requests[0].proposer_kind"

@@ -8,19 +8,22 @@ the `goodput` policy such a worker plans rows and members together, with the exa
 optimiser (core/policies/choice_optimizer.py): the verify terms from the planner's cost model (the
 controller's basis, or the local fit), each member's own terms from its timed calls, each row's
 acceptance with each member from ProposerChoice's per-(request, member) records. The policy's
-`min_gain` applies as it does to k alone: a plan predicted to gain less than that over plain
-decoding runs plain. The measured-goodput guard's cap (max_k) comes in as for any goodput plan.
+parameters apply as they do to k alone: `max_k`; `min_gain` (a plan predicted to gain less than that
+over plain decoding runs plain); `probe_interval` (a row held at k = 0 that long gets a k = 1 probe
+from its k-only member, within the policy's probe budget: without probes, a request whose first
+proposals failed would never be tried again). The measured-goodput guard's cap comes in as max_k.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from smartspec.core.cost_model import CostModel
-from smartspec.core.policies.choice_optimizer import optimize_choices
+from smartspec.core.policies.choice_optimizer import optimize_choices, predict_choices
+from smartspec.core.policies.goodput import apply_probes, probe_interval_for
 
 from .proposers.choice import ProposerChoice
 from .steps import SpeculationQuery
@@ -36,20 +39,39 @@ def choosing_proposers(proposer: Any, policy_name: str) -> bool:
 
 
 def plan_choices(choice: ProposerChoice, cost: CostModel, queries: Sequence[SpeculationQuery], *, max_k: int,
-                 min_gain: float) -> dict[str, int]:
-    """k per query; the member of every row with k > 0 is handed to `choice.assign` for the step."""
+                 params: Mapping[str, Any], steps_since_speculation: np.ndarray, step_index: int) -> dict[str, int]:
+    """k per query; the member of every row with k > 0 is handed to `choice.assign` for the step.
+    `params`: the goodput policy's (min_gain, probe_interval, max_k); `steps_since_speculation`
+    ([B], the book's) drives its probes: a row held at k = 0 that long gets k = 1 from its
+    k-only member, with the policy's probe rule and budget (core/policies/goodput.py)."""
     ids = [q.request_id for q in queries]
+    if params.get("max_k"):
+        max_k = min(max_k, int(params["max_k"]))
     options = choice.options(ids, max_k)
     contexts = np.array([q.context_tokens for q in queries], dtype=np.float64)  # [B]
+    prefills = np.zeros(len(ids))  # [B]
+    costs = choice.member_costs()
     try:
-        solution = optimize_choices(options.acceptance, None, options.caps, contexts, np.zeros(len(ids)), cost,
-                                    choice.member_costs(), max_k)
+        solution = optimize_choices(options.acceptance, None, options.caps, contexts, prefills, cost, costs, max_k)
     except ValueError as exc:  # a cost model predicting a zero step: plan plain, as guarded_decide does
         log.warning("(proposer, k) plan failed (%s); this step runs plain", exc)
-        solution = None
-    if solution is None or solution.goodput < solution.baseline_goodput * (1.0 + min_gain):
         choice.assign({})
         return {request_id: 0 for request_id in ids}
+    ks, members = solution.ks, solution.proposers
+    if solution.goodput < solution.baseline_goodput * (1.0 + params["min_gain"]):
+        ks, members = np.zeros_like(ks), np.full_like(members, -1)
+    if max_k > 0 and params["probe_interval"] > 0:
+        probed = apply_probes(ks, steps_since_speculation, step_index, params["probe_interval"])
+        if (probed != ks).any():  # stretched so that probes cost at most the policy's budget
+            probe_members = np.where(probed > ks, [choice.k_only_member(i) for i in ids], members)
+            plain_ms = predict_choices(options.acceptance, None, contexts, prefills, cost, costs,
+                                       np.maximum(members, 0), ks)[1]
+            probed_ms = predict_choices(options.acceptance, None, contexts, prefills, cost, costs,
+                                        np.maximum(probe_members, 0), probed)[1]
+            interval = probe_interval_for(probed_ms / plain_ms - 1.0, params["probe_interval"])
+            probed = apply_probes(ks, steps_since_speculation, step_index, interval)
+            members = np.where(probed > ks, probe_members, members)
+            ks = probed
     choice.assign({request_id: int(member) for request_id, member, k
-                   in zip(ids, solution.proposers.tolist(), solution.ks.tolist()) if k > 0})
-    return dict(zip(ids, solution.ks.tolist()))
+                   in zip(ids, members.tolist(), ks.tolist()) if k > 0})
+    return dict(zip(ids, ks.tolist()))

@@ -61,7 +61,9 @@ class LocalPolicyPlanner:
     def plan(self, step_index: int, queries: Sequence[SpeculationQuery], queued_requests: int) -> dict[str, int]:
         max_k = self.guard.cap_for(self.choice.name, len(queries), self.max_k)
         if choosing_proposers(self.proposer, self.choice.name):
-            return plan_choices(self.proposer, self.cost, queries, max_k=max_k, min_gain=self.choice.params["min_gain"])
+            return plan_choices(self.proposer, self.cost, queries, max_k=max_k, params=self.choice.params,
+                                steps_since_speculation=self.book.evidence(queries).steps_since_speculation,
+                                step_index=step_index)
         return self.book.plan(self.choice.policy, self.choice.params, self.cost, queries, max_k=max_k,
                               queued_requests=queued_requests, step_index=step_index)
 

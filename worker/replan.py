@@ -92,6 +92,8 @@ def replan(basis: PlanBasis, book: AcceptanceBook, queries: Sequence[Speculation
     if basis.member_priors and isinstance(proposer, ProposerChoice):
         proposer.use_member_priors(basis.member_priors)
     if choosing_proposers(proposer, basis.policy.name):
-        return plan_choices(proposer, basis.cost, queries, max_k=max_k, min_gain=basis.params["min_gain"])
+        return plan_choices(proposer, basis.cost, queries, max_k=max_k, params=basis.params,
+                            steps_since_speculation=book.evidence(queries).steps_since_speculation,
+                            step_index=step_index)
     return book.plan(basis.policy, basis.params, basis.cost, queries, max_k=max_k, queued_requests=queued_requests,
                      step_index=step_index, prior=basis.prior, estimator=basis.estimator)

@@ -218,6 +218,12 @@ class ProposerChoice(Proposer):
                 acceptance[row, member] = self._rate(seq_id, member, offer.member_class)
         return ChoiceOptions(acceptance, caps)
 
+    def k_only_member(self, seq_id: str) -> int:
+        """The member a row's proposal comes from under a plan that gives k alone (a probe, say):
+        its best model-free member when that offers anything, else the first costly one."""
+        pick = self._picks.get(seq_id)
+        return pick.member if pick is not None else (self.costly_members or [0])[0]
+
     def member_costs(self) -> list[CostModel]:
         """Each member's own cost terms (d_*): fitted for costly members, none for model-free ones."""
         return [self.cost_fits[index].model() if costly else CostModel() for index, costly in enumerate(self.costly)]
