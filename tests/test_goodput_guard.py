@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from smartspec.worker.goodput_guard import GoodputGuard, GuardSettings, batch_class
 from smartspec.worker.local_policy import LocalPolicyPlanner, local_policy_choice
 from smartspec.worker.steps import SpeculationQuery, RequestFacts, StepFacts
@@ -191,3 +193,24 @@ def test_a_losing_opening_does_not_keep_speculation_off_once_probes_win():
         index += 1
         held_steps += 1
         assert held_steps <= 30, "one probe interval (stretched to ~25 steps by the probe budget)"
+
+
+def test_steps_where_a_draft_model_chosen_per_request_proposed_are_not_judged():
+    """A per-request choice prices its draft model by the draft's own timed calls; its first
+    proposal for a request feeds it the whole context (a step many times a plain one), which must
+    not hold off prompt lookup's proposals too."""
+    from smartspec.v1 import common_pb2
+
+    guard = GoodputGuard()
+    for index in range(5):
+        guard.observe(decode_step(index, 8, 0, 0, 100.0))
+    for index in range(5, 10):
+        step = decode_step(index, 8, 2, 0, 900.0)
+        rows = tuple(dataclasses.replace(r, proposer_kind=common_pb2.PROPOSER_KIND_DRAFT) for r in step.requests)
+        guard.observe(dataclasses.replace(step, requests=rows))
+    assert guard.backed_off_classes() == []
+    for index in range(10, 15):   # the same steps from prompt lookup's proposals are judged
+        step = decode_step(index, 8, 2, 0, 900.0)
+        rows = tuple(dataclasses.replace(r, proposer_kind=common_pb2.PROPOSER_KIND_NGRAM) for r in step.requests)
+        guard.observe(dataclasses.replace(step, requests=rows))
+    assert guard.backed_off_classes() == [batch_class(8)]

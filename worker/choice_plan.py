@@ -61,15 +61,23 @@ def plan_choices(choice: ProposerChoice, cost: CostModel, queries: Sequence[Spec
     if solution.goodput < solution.baseline_goodput * (1.0 + params["min_gain"]):
         ks, members = np.zeros_like(ks), np.full_like(members, -1)
     if max_k > 0 and params["probe_interval"] > 0:
-        probed = apply_probes(ks, steps_since_speculation, step_index, params["probe_interval"])
+        k_only = np.array([choice.k_only_member(i) for i in ids], dtype=np.int64)  # [B]
+        # Probes only with a model-free member: a draft model's first proposal for a request feeds it
+        # the whole context (a slow step the guard would hold against every proposer); the draft is
+        # tried where the optimiser itself picks it.
+        free = ~np.array(choice.costly, dtype=bool)[k_only]  # [B]
+
+        def probe(interval: int) -> np.ndarray:
+            return np.where(free, apply_probes(ks, steps_since_speculation, step_index, interval), ks)
+
+        probed = probe(params["probe_interval"])
         if (probed != ks).any():  # stretched so that probes cost at most the policy's budget
-            probe_members = np.where(probed > ks, [choice.k_only_member(i) for i in ids], members)
+            probe_members = np.where(probed > ks, k_only, members)
             plain_ms = predict_choices(options.acceptance, None, contexts, prefills, cost, costs,
                                        np.maximum(members, 0), ks)[1]
             probed_ms = predict_choices(options.acceptance, None, contexts, prefills, cost, costs,
                                         np.maximum(probe_members, 0), probed)[1]
-            interval = probe_interval_for(probed_ms / plain_ms - 1.0, params["probe_interval"])
-            probed = apply_probes(ks, steps_since_speculation, step_index, interval)
+            probed = probe(probe_interval_for(probed_ms / plain_ms - 1.0, params["probe_interval"]))
             members = np.where(probed > ks, probe_members, members)
             ks = probed
     choice.assign({request_id: int(member) for request_id, member, k

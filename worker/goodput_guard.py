@@ -27,7 +27,8 @@ turn to copying within a few dozen steps; a record that only forgot per probe ke
 for ~30 steps of a batch-12 burst after prompt lookup had started to pay.
 
 Only steps that are all decode count (a prefill chunk makes a step slow for reasons k does not
-change); a step asked for proposals that the proposer could not fill is neither kind. A row
+change); a step asked for proposals that the proposer could not fill is neither kind, and neither is
+a step where a draft model chosen per request proposed (PRICED_KINDS). A row
 cancelled between steps is reported with the next step and counts one token it did not make:
 rare enough to leave alone.
 """
@@ -39,12 +40,17 @@ import math
 from dataclasses import dataclass, field
 
 from smartspec.core.policies.goodput import PROBE_BUDGET, probe_interval_for
+from smartspec.v1 import common_pb2
 
 from .steps import StepFacts
 
 log = logging.getLogger(__name__)
 
 CHECKED_POLICY = "goodput"   # a fixed k, or any other policy, is the user's explicit choice: never capped
+# Members of a per-request choice priced by their own timed calls (worker/proposers/choice.py): a
+# step where one of them proposed is judged by that fit, not here. Its first proposal for a request
+# feeds it the whole context, a step many times a plain one's that would hold off every proposer.
+PRICED_KINDS = frozenset({common_pb2.PROPOSER_KIND_DRAFT, common_pb2.PROPOSER_KIND_EARLY_EXIT})
 
 
 def batch_class(batch_size: int) -> int:
@@ -126,6 +132,8 @@ class GoodputGuard:
         """Fold a step in if it was all decode and either verified proposals or planned none."""
         rows = facts.requests
         if not rows or facts.total_ms <= 0 or any(r.prefill_tokens > 0 for r in rows):
+            return
+        if any(r.proposer_kind in PRICED_KINDS for r in rows):
             return
         speculative = any(r.proposed_tokens > 0 for r in rows)
         plain = all(r.requested_tokens == 0 for r in rows)
