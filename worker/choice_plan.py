@@ -39,11 +39,15 @@ def choosing_proposers(proposer: Any, policy_name: str) -> bool:
 
 
 def plan_choices(choice: ProposerChoice, cost: CostModel, queries: Sequence[SpeculationQuery], *, max_k: int,
-                 params: Mapping[str, Any], steps_since_speculation: np.ndarray, step_index: int) -> dict[str, int]:
+                 params: Mapping[str, Any], steps_since_speculation: np.ndarray, step_index: int,
+                 probe_now: bool = False) -> dict[str, int]:
     """k per query; the member of every row with k > 0 is handed to `choice.assign` for the step.
     `params`: the goodput policy's (min_gain, probe_interval, max_k); `steps_since_speculation`
     ([B], the book's) drives its probes: a row held at k = 0 that long gets k = 1 from its
-    k-only member, with the policy's probe rule and budget (core/policies/goodput.py)."""
+    k-only member, with the policy's probe rule and budget (core/policies/goodput.py). `probe_now`:
+    this step is the measured-goodput guard's probe (speculation held off at this batch size): every
+    row at k = 0 is probed now, or the guard's probe steps and the policy's would rarely coincide
+    (one in ~500 steps at batch 1 here) and a held-off worker would stay plain."""
     ids = [q.request_id for q in queries]
     if params.get("max_k"):
         max_k = min(max_k, int(params["max_k"]))
@@ -68,16 +72,18 @@ def plan_choices(choice: ProposerChoice, cost: CostModel, queries: Sequence[Spec
         free = ~np.array(choice.costly, dtype=bool)[k_only]  # [B]
 
         def probe(interval: int) -> np.ndarray:
-            return np.where(free, apply_probes(ks, steps_since_speculation, step_index, interval), ks)
+            return np.where(free, apply_probes(ks, steps_since_speculation, step_index, interval, probe_now), ks)
 
         probed = probe(params["probe_interval"])
-        if (probed != ks).any():  # stretched so that probes cost at most the policy's budget
+        if (probed != ks).any():  # stretched so that probes cost at most the policy's budget (the guard's
+            # probes are spaced by the guard)
             probe_members = np.where(probed > ks, k_only, members)
             plain_ms = predict_choices(options.acceptance, None, contexts, prefills, cost, costs,
                                        np.maximum(members, 0), ks)[1]
             probed_ms = predict_choices(options.acceptance, None, contexts, prefills, cost, costs,
                                         np.maximum(probe_members, 0), probed)[1]
-            probed = probe(probe_interval_for(probed_ms / plain_ms - 1.0, params["probe_interval"]))
+            if not probe_now:
+                probed = probe(probe_interval_for(probed_ms / plain_ms - 1.0, params["probe_interval"]))
             members = np.where(probed > ks, probe_members, members)
             ks = probed
     choice.assign({request_id: int(member) for request_id, member, k

@@ -128,6 +128,12 @@ class GoodputGuard:
             return 0               # refresh the plain measurement this class compares against
         return max_k
 
+    def held_off(self, batch_size: int) -> bool:
+        """Whether speculation is held off at this batch size: a step allowed to speculate there is
+        one of the guard's probes."""
+        record = self.classes.get(batch_class(batch_size))
+        return record is not None and record.backed_off
+
     def observe(self, facts: StepFacts) -> None:
         """Fold a step in if it was all decode and either verified proposals or planned none."""
         rows = facts.requests

@@ -63,7 +63,7 @@ class LocalPolicyPlanner:
         if choosing_proposers(self.proposer, self.choice.name):
             return plan_choices(self.proposer, self.cost, queries, max_k=max_k, params=self.choice.params,
                                 steps_since_speculation=self.book.evidence(queries).steps_since_speculation,
-                                step_index=step_index)
+                                step_index=step_index, probe_now=max_k > 0 and self.guard.held_off(len(queries)))
         return self.book.plan(self.choice.policy, self.choice.params, self.cost, queries, max_k=max_k,
                               queued_requests=queued_requests, step_index=step_index)
 

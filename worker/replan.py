@@ -94,6 +94,7 @@ def replan(basis: PlanBasis, book: AcceptanceBook, queries: Sequence[Speculation
     if choosing_proposers(proposer, basis.policy.name):
         return plan_choices(proposer, basis.cost, queries, max_k=max_k, params=basis.params,
                             steps_since_speculation=book.evidence(queries).steps_since_speculation,
-                            step_index=step_index)
+                            step_index=step_index,
+                            probe_now=max_k > 0 and guard is not None and guard.held_off(len(queries)))
     return book.plan(basis.policy, basis.params, basis.cost, queries, max_k=max_k, queued_requests=queued_requests,
                      step_index=step_index, prior=basis.prior, estimator=basis.estimator)
