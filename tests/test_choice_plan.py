@@ -53,11 +53,11 @@ def choice_with(offers: dict[str, int], draft_cost: CostModel) -> ProposerChoice
 QUERIES = [SpeculationQuery("copying", 300), SpeculationQuery("dry", 300)]
 
 
-def plan(choice, cost, *, max_k, min_gain=0.0, probe_interval=0, held=(0, 0), step_index=1):
+def plan(choice, cost, *, max_k, min_gain=0.0, probe_interval=0, held=(0, 0), step_index=1, probe_now=False):
     """plan_choices for QUERIES under goodput's parameters; `held`: each row's steps at k = 0."""
     params = {"min_gain": min_gain, "probe_interval": probe_interval, "max_k": 0}
     return plan_choices(choice, cost, QUERIES, max_k=max_k, params=params,
-                        steps_since_speculation=np.array(held), step_index=step_index)
+                        steps_since_speculation=np.array(held), step_index=step_index, probe_now=probe_now)
 
 
 def test_a_cheap_draft_takes_the_row_lookup_cannot_serve_and_a_costly_one_is_left_out():
@@ -113,6 +113,9 @@ def test_a_row_held_at_k0_is_probed_with_its_k_only_member():
         {"copying": 0, "dry": 0}                            # not held long enough
     assert plan(choice, VERIFY, max_k=6, min_gain=0.05, probe_interval=8, held=(500, 500), step_index=3) == \
         {"copying": 0, "dry": 0}                            # nobody else speculates: probes wait their turn
+    # ... unless this is the measured-goodput guard's probe step: then every row at k = 0 is probed.
+    assert plan(choice, VERIFY, max_k=6, min_gain=0.05, probe_interval=8, held=(1, 1), step_index=3,
+                probe_now=True) == {"copying": 1, "dry": 0}
 
 
 def test_only_goodput_with_a_costly_member_plans_members_and_the_local_planner_does():
