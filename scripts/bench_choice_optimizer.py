@@ -4,7 +4,10 @@
 
 Prints the median and 99th-percentile wall time of `optimize_choices` over random batches (each
 timed once after a warm-up pass), next to `optimize_goodput` on the same rows with one proposer,
-as the floor the single-proposer policy pays today.
+as the floor the single-proposer policy pays today, and the whole worker-side decision
+(`worker/choice_plan.py` `plan_choices`: each row's options read from a real ProposerChoice of
+prompt lookup, suffix decoding and a priced stand-in for a draft model, the optimiser, the probes,
+the assignment) for one batch of requests that looked ahead over 512-token contexts.
 """
 
 from __future__ import annotations
@@ -57,8 +60,53 @@ def time_single(batches: list[dict], max_k: int) -> list[float]:
     return samples
 
 
+class _PricedStandIn:
+    """A member with a cost of its own and no look-ahead (a draft model's place; never asked here)."""
+
+    kind = 2
+    reports_lookahead = False
+
+    def propose(self, requests):
+        raise AssertionError("not asked in this benchmark")
+
+    def lookahead(self, seq_id, token_ids, max_k):
+        return None
+
+    def proposal_class(self, seq_id):
+        return None
+
+    def release(self, seq_id):
+        pass
+
+
+def time_worker_plan(batch: int, max_k: int, repeats: int) -> list[float]:
+    from smartspec.worker.choice_plan import plan_choices
+    from smartspec.worker.proposers import make_proposer
+    from smartspec.worker.proposers.choice import ProposerChoice
+    from smartspec.worker.steps import SpeculationQuery
+
+    rng = np.random.default_rng(1)
+    choice = ProposerChoice([make_proposer("ngram"), make_proposer("suffix"), _PricedStandIn()],
+                            ["ngram", "suffix", "draft"], cost_prior=PROPOSER_COSTS[2])
+    queries = []
+    for row in range(batch):
+        phrase = rng.integers(100, 30000, size=32).tolist()
+        context = (phrase * 17)[:512 - 8] + rng.integers(100, 30000, size=8).tolist()
+        choice.lookahead(f"r{row}", context, max_k)
+        queries.append(SpeculationQuery(f"r{row}", len(context)))
+    params = {"min_gain": 0.05, "probe_interval": 8, "max_k": 0}
+    since = np.zeros(batch, dtype=np.int64)
+    samples = []
+    for step in range(repeats + 5):
+        start = time.perf_counter()
+        plan_choices(choice, DEFAULT_COST_MODEL, queries, max_k=max_k, params=params,
+                     steps_since_speculation=since, step_index=step)
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples[5:]
+
+
 def report(name: str, samples: list[float]) -> None:
-    print(f"{name:18s} median {statistics.median(samples):.3f} ms, p99 {float(np.percentile(samples, 99)):.3f} ms")
+    print(f"{name:22s} median {statistics.median(samples):.3f} ms, p99 {float(np.percentile(samples, 99)):.3f} ms")
 
 
 def main() -> None:
@@ -75,6 +123,7 @@ def main() -> None:
     print(f"B={args.batch} P={len(PROPOSER_COSTS)} K={args.max_k}, {args.batches} random batches")
     report("optimize_choices", time_choices(batches, args.max_k))
     report("optimize_goodput", time_single(batches, args.max_k))
+    report("plan_choices (worker)", time_worker_plan(args.batch, args.max_k, args.batches))
 
 
 if __name__ == "__main__":
