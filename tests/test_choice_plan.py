@@ -126,3 +126,19 @@ def test_only_goodput_with_a_costly_member_plans_members_and_the_local_planner_d
     planner = LocalPolicyPlanner(local_policy_choice("goodput:min_gain=0"), max_k=6, cost=VERIFY, proposer=choice)
     ks = planner.plan(0, QUERIES, 0)
     assert ks["dry"] > 0 and choice._assigned["dry"] == 1
+
+
+def test_a_fresh_worker_probes_every_row_a_free_member_can_serve():
+    """As the goodput policy does while its kind's pool is cold: before the member pools hold
+    COLD_EVIDENCE tested positions, a row the optimiser leaves at k = 0 gets a probe now."""
+    choice = choice_with({"copying": 6, "dry": 0}, CostModel(d_fixed_ms=60.0))
+    expensive = VERIFY.replace(c_spec_ms=60.0)   # a speculative step costs +150%: nothing pays at the cold 0.5
+    assert plan(choice, expensive, max_k=6, min_gain=0.05) == {"copying": 0, "dry": 0}
+    assert plan(choice, expensive, max_k=6, min_gain=0.05, probe_interval=8, held=(0, 0), step_index=3) == \
+        {"copying": 1, "dry": 0}
+    for _ in range(20):   # evidence gathered: probes go back to their interval
+        choice.assign({"copying": 0})
+        choice.propose([ProposalRequest("copying", [1, 2, 3], 6, GREEDY)])
+        choice.observe_verification("copying", 6, 0, 1)
+    assert plan(choice, expensive, max_k=6, min_gain=0.05, probe_interval=8, held=(0, 0), step_index=3) == \
+        {"copying": 0, "dry": 0}

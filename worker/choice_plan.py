@@ -23,7 +23,7 @@ import numpy as np
 
 from smartspec.core.cost_model import CostModel
 from smartspec.core.policies.choice_optimizer import optimize_choices, predict_choices
-from smartspec.core.policies.goodput import apply_probes, probe_interval_for
+from smartspec.core.policies.goodput import COLD_EVIDENCE, apply_probes, probe_interval_for
 
 from .proposers.choice import ProposerChoice
 from .steps import SpeculationQuery
@@ -47,7 +47,9 @@ def plan_choices(choice: ProposerChoice, cost: CostModel, queries: Sequence[Spec
     k-only member, with the policy's probe rule and budget (core/policies/goodput.py). `probe_now`:
     this step is the measured-goodput guard's probe (speculation held off at this batch size): every
     row at k = 0 is probed now, or the guard's probe steps and the policy's would rarely coincide
-    (one in ~500 steps at batch 1 here) and a held-off worker would stay plain."""
+    (one in ~500 steps at batch 1 here) and a held-off worker would stay plain. Likewise while the
+    worker's member pools hold fewer than COLD_EVIDENCE tested positions (a fresh worker), as the
+    goodput policy probes while its kind's pool is cold."""
     ids = [q.request_id for q in queries]
     if params.get("max_k"):
         max_k = min(max_k, int(params["max_k"]))
@@ -71,8 +73,11 @@ def plan_choices(choice: ProposerChoice, cost: CostModel, queries: Sequence[Spec
         # tried where the optimiser itself picks it.
         free = ~np.array(choice.costly, dtype=bool)[k_only]  # [B]
 
+        # As the goodput policy does while its kind has almost no evidence: probe every row now.
+        now = probe_now or choice.pooled_tested() < COLD_EVIDENCE
+
         def probe(interval: int) -> np.ndarray:
-            return np.where(free, apply_probes(ks, steps_since_speculation, step_index, interval, probe_now), ks)
+            return np.where(free, apply_probes(ks, steps_since_speculation, step_index, interval, now), ks)
 
         probed = probe(params["probe_interval"])
         if (probed != ks).any():  # stretched so that probes cost at most the policy's budget (the guard's
@@ -82,7 +87,7 @@ def plan_choices(choice: ProposerChoice, cost: CostModel, queries: Sequence[Spec
                                        np.maximum(members, 0), ks)[1]
             probed_ms = predict_choices(options.acceptance, None, contexts, prefills, cost, costs,
                                         np.maximum(probe_members, 0), probed)[1]
-            if not probe_now:
+            if not now:
                 probed = probe(probe_interval_for(probed_ms / plain_ms - 1.0, params["probe_interval"]))
             members = np.where(probed > ks, probe_members, members)
             ks = probed

@@ -224,6 +224,10 @@ class ProposerChoice(Proposer):
         pick = self._picks.get(seq_id)
         return pick.member if pick is not None else (self.costly_members or [0])[0]
 
+    def pooled_tested(self) -> float:
+        """Tested positions in this worker's (member, class) pools, decayed: how much it has seen."""
+        return sum(rate.tested for rate in self._rates.values())
+
     def member_costs(self) -> list[CostModel]:
         """Each member's own cost terms (d_*): fitted for costly members, none for model-free ones."""
         return [self.cost_fits[index].model() if costly else CostModel() for index, costly in enumerate(self.costly)]
