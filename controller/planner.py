@@ -12,7 +12,6 @@ the step, gathers each pending request's evidence from the history table and cal
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -138,11 +137,11 @@ def plan_step(
     prior = decision.pool_step(snapshot.prior or PooledPrior(), step.accepted, step.tested, step.proposed,
                                step.requested, settings.prior_decay)
     # member_kinds: the prior keys of the hello's member kinds, in its order
-    members = dict(zip(member_kinds, member_evidence(cols, requested, hello.member_kinds)))
+    members = member_evidence(cols, requested, hello.member_kinds)
     member_priors = {
         kind: decision.pool_step(snapshot.member_priors.get(name) or PooledPrior(), *evidence.counts(),
                                  decay=settings.prior_decay)
-        for kind, (name, evidence) in zip(hello.member_kinds, members.items())}
+        for name, kind, evidence in zip(member_kinds, hello.member_kinds, members)}
     measured_ms = learn_step_cost(report, cols, cost_fit)
     cost = cost_override if cost_override is not None else cost_fit.model()
 
@@ -160,9 +159,8 @@ def plan_step(
     histories.remove(finished)
     figures = worker_figures(snapshot, generated, measured_ms, predicted_ms, predicted_tokens, settings)
     writes = step_writes(hello, histories, finished, step, plan, generated, figures, cost_fit=cost_fit,
-                         settings=settings, proposer_kind=proposer_kind, cost_profile_id=cost_profile_id)
-    if members:
-        writes = dataclasses.replace(writes, member_evidence={name: e.counts() for name, e in members.items()})
+                         settings=settings, proposer_kind=proposer_kind, cost_profile_id=cost_profile_id,
+                         member_evidence={name: e.counts() for name, e in zip(member_kinds, members)})
     return StepDecision(
         request_ids=tuple(pending_ids),
         speculation_lengths=tuple(plan.ks.tolist()),
@@ -228,7 +226,8 @@ def worker_figures(snapshot: StepSnapshot, generated: int, measured_ms: float, p
 def step_writes(hello: controller_pb2.WorkerHello, histories: HistoryTable, finished: tuple[str, ...],
                 step: StepEvidence, plan: BatchDecision, generated: int, figures: WorkerFigures, *,
                 cost_fit: OnlineCostFit, settings: PlannerSettings, proposer_kind: str,
-                cost_profile_id: str) -> StepWrites:
+                cost_profile_id: str,
+                member_evidence: Mapping[str, tuple[float, float, float, float]] | None = None) -> StepWrites:
     """What the store records for this step: histories, cost fit, the prior's evidence, totals, figures."""
     totals = {
         "steps": 1,
@@ -253,4 +252,5 @@ def step_writes(hello: controller_pb2.WorkerHello, histories: HistoryTable, fini
         prior_decay=settings.prior_decay,
         totals=totals,
         figures=figures,
+        member_evidence=member_evidence or {},
     )

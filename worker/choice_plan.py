@@ -22,9 +22,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from smartspec.core.cost_model import CostModel
+from smartspec.core.decision import AcceptanceBook
 from smartspec.core.policies.choice_optimizer import optimize_choices, predict_choices
-from smartspec.core.policies.goodput import COLD_EVIDENCE, apply_probes, probe_interval_for
+from smartspec.core.policies.goodput import COLD_EVIDENCE, budgeted_probes
 
+from .goodput_guard import GoodputGuard
 from .proposers.choice import ProposerChoice
 from .steps import SpeculationQuery
 
@@ -68,29 +70,33 @@ def plan_choices(choice: ProposerChoice, cost: CostModel, queries: Sequence[Spec
         ks, members = np.zeros_like(ks), np.full_like(members, -1)
     if max_k > 0 and params["probe_interval"] > 0:
         k_only = np.array([choice.k_only_member(i) for i in ids], dtype=np.int64)  # [B]
+
+        def step_ms(plan_ks: np.ndarray) -> float:  # probed rows ask their k-only member
+            planned = np.where(plan_ks > ks, k_only, members)
+            return predict_choices(options.acceptance, None, contexts, prefills, cost, costs,
+                                   np.maximum(planned, 0), plan_ks)[1]
+
         # Probes only with a model-free member: a draft model's first proposal for a request feeds it
         # the whole context (a slow step the guard would hold against every proposer); the draft is
-        # tried where the optimiser itself picks it.
-        free = ~np.array(choice.costly, dtype=bool)[k_only]  # [B]
-
-        # As the goodput policy does while its kind has almost no evidence: probe every row now.
-        now = probe_now or choice.pooled_tested() < COLD_EVIDENCE
-
-        def probe(interval: int) -> np.ndarray:
-            return np.where(free, apply_probes(ks, steps_since_speculation, step_index, interval, now), ks)
-
-        probed = probe(params["probe_interval"])
-        if (probed != ks).any():  # stretched so that probes cost at most the policy's budget (the guard's
-            # probes are spaced by the guard)
-            probe_members = np.where(probed > ks, k_only, members)
-            plain_ms = predict_choices(options.acceptance, None, contexts, prefills, cost, costs,
-                                       np.maximum(members, 0), ks)[1]
-            probed_ms = predict_choices(options.acceptance, None, contexts, prefills, cost, costs,
-                                        np.maximum(probe_members, 0), probed)[1]
-            if not now:
-                probed = probe(probe_interval_for(probed_ms / plain_ms - 1.0, params["probe_interval"]))
-            members = np.where(probed > ks, probe_members, members)
-            ks = probed
+        # tried where the optimiser itself picks it. `now`: the guard's probe step, or a fresh worker
+        # (as the goodput policy probes while its kind has almost no evidence); the guard spaces its
+        # own probes.
+        probed = budgeted_probes(ks, steps_since_speculation, step_index, params["probe_interval"],
+                                 now=probe_now or choice.pooled_tested() < COLD_EVIDENCE, step_ms=step_ms,
+                                 allowed=~np.array(choice.costly, dtype=bool)[k_only])
+        members = np.where(probed > ks, k_only, members)
+        ks = probed
     choice.assign({request_id: int(member) for request_id, member, k
                    in zip(ids, members.tolist(), ks.tolist()) if k > 0})
     return dict(zip(ids, ks.tolist()))
+
+
+def plan_for_planner(choice: ProposerChoice, cost: CostModel, params: Mapping[str, Any], book: AcceptanceBook,
+                     guard: GoodputGuard | None, queries: Sequence[SpeculationQuery], *, max_k: int,
+                     step_index: int) -> dict[str, int]:
+    """`plan_choices` as a planner calls it (the local one and the basis re-plan): each row's steps
+    at k = 0 from the planner's book, the guard's probe step from its guard (`max_k` already capped)."""
+    return plan_choices(choice, cost, queries, max_k=max_k, params=params,
+                        steps_since_speculation=book.evidence(queries).steps_since_speculation,
+                        step_index=step_index,
+                        probe_now=max_k > 0 and guard is not None and guard.held_off(len(queries)))

@@ -19,7 +19,7 @@ from smartspec.core.decision import AcceptanceBook
 from smartspec.core.policies.base import Policy
 from smartspec.core.policy_spec import parse_policy_spec
 
-from .choice_plan import choosing_proposers, plan_choices
+from .choice_plan import choosing_proposers, plan_for_planner
 from .goodput_guard import GoodputGuard
 from .steps import SpeculationQuery, StepFacts
 
@@ -61,9 +61,8 @@ class LocalPolicyPlanner:
     def plan(self, step_index: int, queries: Sequence[SpeculationQuery], queued_requests: int) -> dict[str, int]:
         max_k = self.guard.cap_for(self.choice.name, len(queries), self.max_k)
         if choosing_proposers(self.proposer, self.choice.name):
-            return plan_choices(self.proposer, self.cost, queries, max_k=max_k, params=self.choice.params,
-                                steps_since_speculation=self.book.evidence(queries).steps_since_speculation,
-                                step_index=step_index, probe_now=max_k > 0 and self.guard.held_off(len(queries)))
+            return plan_for_planner(self.proposer, self.cost, self.choice.params, self.book, self.guard, queries,
+                                    max_k=max_k, step_index=step_index)
         return self.book.plan(self.choice.policy, self.choice.params, self.cost, queries, max_k=max_k,
                               queued_requests=queued_requests, step_index=step_index)
 

@@ -28,7 +28,7 @@ from smartspec.core.policies.base import Policy
 from smartspec.core.errors import FieldError
 from smartspec.v1 import controller_pb2
 
-from .choice_plan import choosing_proposers, plan_choices
+from .choice_plan import choosing_proposers, plan_for_planner
 from .proposers.choice import ProposerChoice
 from .goodput_guard import GoodputGuard
 from .steps import SpeculationQuery
@@ -92,9 +92,7 @@ def replan(basis: PlanBasis, book: AcceptanceBook, queries: Sequence[Speculation
     if basis.member_priors and isinstance(proposer, ProposerChoice):
         proposer.use_member_priors(basis.member_priors)
     if choosing_proposers(proposer, basis.policy.name):
-        return plan_choices(proposer, basis.cost, queries, max_k=max_k, params=basis.params,
-                            steps_since_speculation=book.evidence(queries).steps_since_speculation,
-                            step_index=step_index,
-                            probe_now=max_k > 0 and guard is not None and guard.held_off(len(queries)))
+        return plan_for_planner(proposer, basis.cost, basis.params, book, guard, queries, max_k=max_k,
+                                step_index=step_index)
     return book.plan(basis.policy, basis.params, basis.cost, queries, max_k=max_k, queued_requests=queued_requests,
                      step_index=step_index, prior=basis.prior, estimator=basis.estimator)

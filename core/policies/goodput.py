@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -50,6 +50,23 @@ def apply_probes(ks: np.ndarray, steps_since_speculation: np.ndarray, step_index
     return ks
 
 
+def budgeted_probes(ks: np.ndarray, steps_since_speculation: np.ndarray, step_index: int, probe_interval: int,
+                    now: bool, step_ms: Callable[[np.ndarray], float], allowed: np.ndarray | None = None) -> np.ndarray:
+    """`apply_probes` with the interval stretched (probe_interval_for) so that probes cost at most
+    PROBE_BUDGET of step time, by `step_ms` (the predicted ms of a plan's ks) with and without them.
+    `now`: probe every due row this step, unstretched (`apply_probes`' cold). `allowed` ([B] bool):
+    the rows that may be probed (None: all)."""
+    def probe(interval: int) -> np.ndarray:
+        probed = apply_probes(ks, steps_since_speculation, step_index, interval, now)
+        return probed if allowed is None else np.where(allowed, probed, ks)
+
+    probed = probe(probe_interval)
+    if not now and (probed != ks).any():
+        # What these probes would add to the step, as a share of the step without them.
+        probed = probe(probe_interval_for(step_ms(probed) / step_ms(ks) - 1.0, probe_interval))
+    return probed
+
+
 class GoodputPolicy(BasePolicy):
     name = "goodput"
     description = (
@@ -87,17 +104,11 @@ class GoodputPolicy(BasePolicy):
         if plan.goodput < plan.baseline_goodput * (1.0 + params["min_gain"]):
             ks = np.zeros_like(ks)
         if max_k > 0:
-            held = columns.steps_since_speculation  # [B]
-            cold = batch.pooled_evidence < COLD_EVIDENCE
-            interval = params["probe_interval"]
-            probed = apply_probes(ks, held, batch.step_index, interval, cold)
-            if not cold and (probed != ks).any():
-                # What these probes would add to the step, as a share of the step without them.
-                predicted = [predict_step(columns.acceptance, columns.context_tokens, columns.prefill_tokens, cost,
-                                          plan_ks, fill=columns.fill)[1] for plan_ks in (ks, probed)]
-                interval = probe_interval_for(predicted[1] / predicted[0] - 1.0, interval)
-                probed = apply_probes(ks, held, batch.step_index, interval, cold)
-            ks = probed
+            ks = budgeted_probes(
+                ks, columns.steps_since_speculation, batch.step_index, params["probe_interval"],
+                now=batch.pooled_evidence < COLD_EVIDENCE,
+                step_ms=lambda plan_ks: predict_step(columns.acceptance, columns.context_tokens,
+                                                     columns.prefill_tokens, cost, plan_ks, fill=columns.fill)[1])
         return ks.tolist()
 
 
