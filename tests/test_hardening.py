@@ -333,6 +333,34 @@ def test_queue_full_message_never_counts_more_waiting_than_max_queue(tiny):
     engine.stop(0)
 
 
+def test_a_request_that_has_streamed_a_token_counts_as_running(tiny):
+    """GetWorkerInfo's running count was published at the top of the loop and after the step, so a
+    client that had its first token could still see its request uncounted (a CI failure: 5 of 8
+    streaming requests counted). Counted here at the instant each first token is handed over."""
+    from smartspec.worker.engine import Engine, EngineConfig
+    from smartspec.worker.proposers import make_proposer
+    from smartspec.worker.sequence import GenerationRequest, TokenDelta
+    from smartspec.worker.steps import StaticPlanner
+
+    engine = Engine(tiny, make_proposer("ngram"), EngineConfig(max_batch_size=4, max_context_tokens=64, max_queue=4,
+                                                               token_budget=64, max_k=2), StaticPlanner(0))
+    seen_at_first_token: dict[str, int] = {}
+    handles = [engine.submit(GenerationRequest(f"r{i}", (5, 6, 7, 8), 3)) for i in range(3)]
+    for handle in handles:
+        def put(event, handle=handle, put=handle._put):
+            if isinstance(event, TokenDelta) and handle.request.request_id not in seen_at_first_token:
+                seen_at_first_token[handle.request.request_id] = engine.snapshot().running
+            put(event)
+        handle._put = put
+    engine.start()
+    try:
+        for handle in handles:
+            handle.result(timeout=60)
+    finally:
+        engine.stop(0)
+    assert seen_at_first_token == {"r0": 3, "r1": 3, "r2": 3}, seen_at_first_token
+
+
 def test_a_real_workers_reports_all_pass_the_new_bounds(tiny, server):
     """The bounds must not refuse what a real worker sends: a tiny-model worker with a startup
     profile, chunked prefill (a prompt longer than the token budget), prompt lookup's look-ahead and

@@ -292,6 +292,8 @@ class Engine:
         decoding = [seq for seq in self._running.values() if not seq.prefilling]
         ks = self._speculation_lengths(decoding)
         prefill_work = self._admit_within_budget(ks, now=step_start)
+        if prefill_work:   # admitted requests count as running before their first token streams
+            self._publish_counts()
 
         draft_start = self._clock()
         proposals = self._forwards.propose(decoding, ks)
