@@ -2,7 +2,7 @@
 
     python scripts/bench_proposer_choice.py [--proposers none,ngram,suffix,ngram+suffix,draft,ngram+suffix+draft]
         [--workloads summaries,code-edits,chat,multi-turn-edit,templated,no-repeat]
-        [--prompts 6] [--burst 12] [--max-tokens 128] [--json out.json]
+        [--prompts 6] [--burst 12] [--max-tokens 128] [--profile-all] [--json out.json]
 
 One process, the default target (SmolLM2-135M-Instruct, fp32, CPU) loaded once. Each cell (a
 workload, one at a time or a burst) gets a fresh in-process worker per proposer (real gRPC on a
@@ -68,15 +68,16 @@ def prompts_for(workload: str, count: int, max_tokens: int) -> list[list[dict[st
     raise SystemExit(f"unknown workload {workload!r} (known: {', '.join([*bench_unseen.WORKLOADS, *REPEATING])})")
 
 
-def serve(model, proposer: str, batch: int, max_k: int) -> WorkerServer:
+def serve(model, proposer: str, batch: int, max_k: int, profile_all: bool = False) -> WorkerServer:
     config = EngineConfig(max_batch_size=batch, max_context_tokens=2048, token_budget=2048, max_k=max_k)
     name = "ngram" if proposer == "none" else proposer.replace("+", ",")
     built = build_proposer(name, model, draft="auto", max_slots=batch, max_tokens=2048)
     # The startup profile fits the draft model's own cost terms; the model-free proposers' costs are
-    # the default model's (fitted on this machine), so they skip the profile's ~half a minute.
+    # the default model's (fitted on this machine), so they skip the profile's ~half a minute, unless
+    # profile_all: then every speculating column starts from its own profile of today's machine.
     options = WorkerOptions(worker_id=f"bench-{proposer}", engine=config,
                             local_policy="off" if proposer == "none" else "goodput",
-                            profile_steps=3 if "draft" in proposer else 0, proposer_name=name)
+                            profile_steps=3 if "draft" in proposer or (profile_all and proposer != "none") else 0, proposer_name=name)
     server = WorkerServer(model, built, options)
     server.start()
     return server
@@ -95,11 +96,12 @@ async def run_requests(address: str, prompts, at_once: int, max_tokens: int):
         return time.perf_counter() - began, results
 
 
-def measure(model, proposers, workload: str, prompts, at_once: int, max_tokens: int, rotate: int) -> list[Cell]:
+def measure(model, proposers, workload: str, prompts, at_once: int, max_tokens: int, rotate: int,
+            profile_all: bool = False) -> list[Cell]:
     order = proposers[rotate % len(proposers):] + proposers[:rotate % len(proposers)]
     cells = []
     for proposer in order:
-        server = serve(model, proposer, max(at_once, 1), max_k=8)
+        server = serve(model, proposer, max(at_once, 1), max_k=8, profile_all=profile_all)
         try:
             wall, results = asyncio.run(run_requests(f"127.0.0.1:{server.port}", prompts, at_once, max_tokens))
         finally:
@@ -139,6 +141,8 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=6, help="requests per workload, one at a time")
     parser.add_argument("--burst", type=int, default=12, help="requests at once in the burst cells (0: none)")
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--profile-all", action="store_true",
+                        help="every speculating column runs the startup profile (default: only those with a draft)")
     parser.add_argument("--json", default="", help="write every cell (outputs included) here")
     args = parser.parse_args()
     proposers = args.proposers.split(",")
@@ -149,10 +153,10 @@ def main() -> int:
     cells: list[Cell] = []
     for index, workload in enumerate(args.workloads.split(",")):
         cells += measure(model, proposers, workload, prompts_for(workload, args.prompts, args.max_tokens), 1,
-                         args.max_tokens, rotate=2 * index)
+                         args.max_tokens, rotate=2 * index, profile_all=args.profile_all)
         if args.burst:
             cells += measure(model, proposers, workload, prompts_for(workload, args.burst, args.max_tokens),
-                             args.burst, args.max_tokens, rotate=2 * index + 1)
+                             args.burst, args.max_tokens, rotate=2 * index + 1, profile_all=args.profile_all)
     text, all_equal = table(cells, proposers)
     print(f"\n{model.name}, fp32 CPU, greedy, {args.max_tokens} tokens per request (ignore_eos), local goodput "
           f"policy per proposer (`none`: off), a fresh worker per cell; speedup = none's wall / proposer's wall\n")
