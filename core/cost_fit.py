@@ -332,6 +332,7 @@ class DraftCostFit:
 
     draft: ForgettingLeastSquares
     steps: int = 0
+    _model: CostModel | None = field(default=None, repr=False, compare=False)  # solved once per call observed
 
     @classmethod
     def create(cls, prior: CostModel, *, prior_weight: float = 1.0, forgetting: float = 0.99,
@@ -349,10 +350,14 @@ class DraftCostFit:
         if np.isfinite(x).all():
             self.draft.observe(x, float(draft_ms), 1.0)
             self.steps += 1
+            self._model = None
 
     def model(self) -> CostModel:
-        """The fitted d_* terms (every c_* term 0: this is the proposer's time alone)."""
-        return CostModel(**dict(zip(DRAFT_FIELDS, self.draft.solution().tolist())))
+        """The fitted d_* terms (every c_* term 0: this is the proposer's time alone). The planner
+        asks every step; the fit changes only when the proposer ran, so it is solved then."""
+        if self._model is None:
+            self._model = CostModel(**dict(zip(DRAFT_FIELDS, self.draft.solution().tolist())))
+        return self._model
 
 
 def attended_context(context_after, accepted, prefill) -> np.ndarray:

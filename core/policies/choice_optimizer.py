@@ -46,7 +46,7 @@ from smartspec.core.policies.optimizer import (
     GoodputSolution,
     base_step_ms,
     batch_depth_ms,
-    expected_tokens_table,
+    expected_tokens_by_k,
     padded_keys,
     row_cost_terms,
 )
@@ -92,13 +92,12 @@ def _tables(acceptance: np.ndarray, fill: np.ndarray, contexts: np.ndarray, pref
             verify_cost: CostModel, proposer_costs: Sequence[CostModel], max_k: int) -> _Tables:
     batch, count = acceptance.shape
     k = np.arange(max_k + 1, dtype=np.float64)[:, None, None]  # [K+1, 1, 1]
-    tokens = expected_tokens_table(acceptance.T.reshape(-1), max_k, fill.T.reshape(-1))  # [P*B, K+1]
     draft = np.array([[c.d_tok_ms, c.d_kv_ms, c.d_row_ms, c.d_fixed_ms] for c in proposer_costs]).reshape(count, 4)
     per_token, per_request = row_cost_terms(  # w_ip f_ip, s_ip f_ip: [P, B] each
         verify_cost.c_tok_ms + draft[:, 0:1], draft[:, 1:2], verify_cost.c_spec_row_ms + draft[:, 2:3],
         contexts, fill.T)
     return _Tables(
-        tokens=np.ascontiguousarray(tokens.T).reshape(max_k + 1, count, batch),
+        tokens=expected_tokens_by_k(acceptance.T, max_k, fill.T),  # [K+1, P, B]
         own_ms=per_token * k + per_request * (k > 0).astype(np.float64),  # [K+1, P, B]
         base_ms=base_step_ms(verify_cost, contexts, prefills),
         verify_depth_ms=batch_depth_ms(verify_cost.c_spec_ms, verify_cost.c_width_ms * padded_keys(contexts), max_k),
@@ -164,14 +163,22 @@ def optimize_choices(acceptance, fill, k_cap, contexts, prefills, verify_cost: C
 
     tables = _tables(a, f, contexts, prefills, verify_cost, proposer_costs, top)
     k = np.arange(top + 1)  # [K+1]
-    gains = np.where(k[:, None, None] <= caps.T, tables.tokens, -np.inf)  # E, -inf where not allowed: [K+1, P, B]
-    depth_costing = [p for p in range(count) if tables.draft_fixed_ms[p] > 0 and caps[:, p].max() > 0]
+    usable_anywhere = caps.max(axis=0) > 0  # [P]
+    depth_costing = [p for p in range(count) if tables.draft_fixed_ms[p] > 0 and usable_anywhere[p]]
     if len(depth_costing) > MAX_DEPTH_PROPOSERS:
         raise ValueError(f"{len(depth_costing)} usable proposers with a per-depth cost; "
                          f"at most {MAX_DEPTH_PROPOSERS} are enumerated")
     free = [p for p in range(count) if p not in depth_costing]
-    depths = len(depth_costing)
+    depths, n_free = len(depth_costing), len(free)
     grid = (top + 1,) * (1 + depths)  # (m, m_d for each depth-costing d)
+    # The search runs with the free proposers first, so their best is one reduction over a slice
+    # (they share the batch cap m); `back` maps that order's columns to the caller's.
+    order = np.array(free + depth_costing)  # [P]
+    back = np.argsort(order)  # [P]
+    reordered = not np.array_equal(order, np.arange(count))
+    allowed_k = k[:, None, None] <= caps.T[order]  # [K+1, P, B]
+    gains = np.where(allowed_k, tables.tokens[:, order] if reordered else tables.tokens, -np.inf)  # E or -inf
+    own_ms = tables.own_ms[:, order] if reordered else tables.own_ms  # [K+1, P, B]
 
     # What each cap tuple charges beyond the rows' own terms; +inf where some m_d > m (dominated:
     # that proposer's rows are held to m anyway, so the same plans are charged more).
@@ -181,35 +188,30 @@ def optimize_choices(acceptance, fill, k_cap, contexts, prefills, verify_cost: C
         own_cap = _along(k, 1 + j, 1 + depths)  # m_d: [1, ..., K+1 at axis 1+j, ...]
         charged_ms = charged_ms + np.where(own_cap <= batch_cap, tables.draft_fixed_ms[p] * own_cap, np.inf)
     charged_ms = np.broadcast_to(charged_ms, grid)  # [K+1]^(1 + depths)
+    plain = np.ones((top + 1, batch))  # k = 0 for every row (E = 1, no cost): [K+1, B]
 
     rows = np.arange(batch)  # [B]
     best = (idle - 1, idle, float(batch), base_ms)
     lam = baseline
     for _ in range(max_rounds):
-        objective = gains - lam * tables.own_ms  # E_ip(k) - lam f_ip (w_ip k + s_ip [k > 0]): [K+1, P, B]
+        objective = gains - lam * own_ms  # E_ip(k) - lam f_ip (w_ip k + s_ip [k > 0]): [K+1, P, B]
         within = _running_max(objective)  # best with k <= c, per proposer and row: [K+1, P, B]
-        # per row, the best over free proposers with k <= m (k = 0 is in every proposer's slab at 0)
-        row_best = np.ones((top + 1, batch))  # [K+1, B]
-        for p in free:
-            row_best = np.maximum(row_best, within[:, p])
+        # per row, the best over free proposers with k <= m (k = 0, worth 1, is in every slab at 0)
+        row_best = within[:, :n_free].max(axis=1) if n_free else plain  # [K+1, B]
         row_best = row_best.reshape((top + 1,) + (1,) * depths + (batch,))  # [K+1, 1, ..., B]
-        for j, p in enumerate(depth_costing):  # -> [K+1, ..., K+1 at axis 1+j, ..., B]
-            row_best = np.maximum(row_best, within[:, p].reshape((1,) * (1 + j) + (top + 1,) + (1,) * (depths - 1 - j)
-                                                                 + (batch,)))
+        for j in range(depths):  # -> [K+1, ..., K+1 at axis 1+j, ..., B]
+            row_best = np.maximum(row_best, within[:, n_free + j].reshape(
+                (1,) * (1 + j) + (top + 1,) + (1,) * (depths - 1 - j) + (batch,)))
         by_caps = row_best.sum(axis=-1) - lam * charged_ms  # [K+1]^(1 + depths)
         top_index = int(np.argmax(by_caps))  # smallest caps first on ties
         if by_caps.flat[top_index] - lam * base_ms <= 1e-12 * lam * base_ms:
             break  # F(lam) ~ 0: no plan beats lam (the ratio test below would stop too; skip the recovery)
         cap_tuple = np.unravel_index(top_index, grid)
-        proposer_cap = np.full(count, int(cap_tuple[0]))  # [P]
-        for j, p in enumerate(depth_costing):
-            proposer_cap[p] = int(cap_tuple[1 + j])
-        allowed = np.where(k[:, None, None] <= proposer_cap[:, None], objective, -np.inf)  # [K+1, P, B]
-        best_of_k = allowed[:, 0]  # best over proposers at each k: [K+1, B]
-        for p in range(1, count):
-            best_of_k = np.maximum(best_of_k, allowed[:, p])
-        ks = best_of_k.argmax(axis=0)  # the smallest k reaching the row's best: [B]
-        proposers = allowed[ks, :, rows].argmax(axis=1)  # then the lowest proposer reaching it there: [B]
+        proposer_cap = np.array([cap_tuple[0]] * n_free + [int(c) for c in cap_tuple[1:]])  # [P], search order
+        allowed = np.where((k[:, None] <= proposer_cap)[:, :, None], objective, -np.inf)  # [K+1, P, B]
+        ks = allowed.max(axis=1).argmax(axis=0)  # the smallest k reaching the row's best: [B]
+        at_k = allowed[ks, :, rows]  # [B, P], search order
+        proposers = (at_k[:, back] if reordered else at_k).argmax(axis=1)  # the lowest caller's index there: [B]
         tokens = float(tables.tokens[ks, proposers, rows].sum())
         step_ms = tables.step_ms(proposers, ks)
         ratio = tokens / step_ms

@@ -40,14 +40,25 @@ import numpy as np
 from smartspec.core.cost_model import CostModel
 
 
-def expected_tokens_table(acceptance: np.ndarray, max_k: int, fill: np.ndarray | None = None) -> np.ndarray:
-    """E_i(k) for k = 0..K. acceptance, fill: [B] -> [B, K+1]. Exact at a = 1 (1 + f k) and a = 0 (1)."""
-    a = np.asarray(acceptance, dtype=np.float64)  # [B]
-    powers = a[:, None] ** np.arange(1, max_k + 1)  # a^j, j = 1..K: [B, K]
-    accepted = np.concatenate([np.zeros((a.shape[0], 1)), np.cumsum(powers, axis=1)], axis=1)  # [B, K+1]
+def expected_tokens_by_k(acceptance: np.ndarray, max_k: int, fill: np.ndarray | None = None) -> np.ndarray:
+    """E(k) for k = 0..K along a new leading axis: acceptance, fill [...] -> [K+1, ...].
+    a^j by repeated products (a pow per element costs several times more), so exact at a = 1
+    (1 + f k) and a = 0 (1)."""
+    a = np.asarray(acceptance, dtype=np.float64)  # [...]
+    accepted = np.zeros((max_k + 1,) + a.shape)  # sum_{j<=k} a^j: [K+1, ...]
+    power = np.ones_like(a)
+    for k in range(1, max_k + 1):
+        power *= a  # a^k
+        np.add(accepted[k - 1], power, out=accepted[k])
     if fill is not None:
-        accepted *= np.asarray(fill, dtype=np.float64)[:, None]
-    return 1.0 + accepted  # E: [B, K+1]
+        accepted *= np.asarray(fill, dtype=np.float64)
+    accepted += 1.0
+    return accepted  # E: [K+1, ...]
+
+
+def expected_tokens_table(acceptance: np.ndarray, max_k: int, fill: np.ndarray | None = None) -> np.ndarray:
+    """E_i(k) for k = 0..K. acceptance, fill: [B] -> [B, K+1]."""
+    return expected_tokens_by_k(acceptance, max_k, fill).T  # [B, K+1]
 
 
 def expected_tokens(acceptance: float, k: int, fill: float = 1.0) -> float:

@@ -208,15 +208,21 @@ class ProposerChoice(Proposer):
     def options(self, seq_ids: Sequence[str], max_k: int) -> ChoiceOptions:
         """Every row's acceptance rate and offer with every member, from the last look-ahead (a
         request not looked ahead yet: model-free members offer nothing, costly ones max_k)."""
-        acceptance = np.empty((len(seq_ids), len(self.members)))  # [B, P]
-        caps = np.zeros((len(seq_ids), len(self.members)), dtype=np.int64)  # [B, P]
-        for row, seq_id in enumerate(seq_ids):
-            offers = self._offers.get(seq_id)
-            for member, costly in enumerate(self.costly):
-                offer = offers[member] if offers else _Offer(0, UNGRADED)
-                caps[row, member] = max_k if costly else min(offer.offered, max_k)
-                acceptance[row, member] = self._rate(seq_id, member, offer.member_class)
-        return ChoiceOptions(acceptance, caps)
+        no_offers = [_Offer(0, UNGRADED)] * len(self.members)
+        class_rates: dict[tuple[int, int], float] = {}  # (member, class): one shrinkage per call, not per row
+        rates, offered = [], []
+        for seq_id in seq_ids:
+            for member, offer in enumerate(self._offers.get(seq_id) or no_offers):
+                key = (member, offer.member_class)
+                class_rate = class_rates.get(key)
+                if class_rate is None:
+                    class_rate = class_rates[key] = self._class_rate(member, offer.member_class)
+                own = self._own.get((seq_id, member))   # none yet: the class rate itself
+                rates.append(class_rate if own is None else own.shrunk_toward(class_rate, OWN_STRENGTH))
+                offered.append(offer.offered)
+        shape = (len(seq_ids), len(self.members))
+        caps = np.where(self.costly, max_k, np.minimum(np.array(offered, dtype=np.int64).reshape(shape), max_k))
+        return ChoiceOptions(np.array(rates, dtype=np.float64).reshape(shape), caps)  # [B, P] each
 
     def k_only_member(self, seq_id: str) -> int:
         """The member a row's proposal comes from under a plan that gives k alone (a probe, say):
@@ -263,9 +269,12 @@ class ProposerChoice(Proposer):
 
     # ---- the k-only choice ----
 
+    def _class_rate(self, member: int, member_class: int) -> float:
+        return self._rates.get((member, member_class), _COLD).shrunk_toward(self._cold[member], PRIOR_TRIALS)
+
     def _rate(self, seq_id: str, member: int, member_class: int) -> float:
-        class_rate = self._rates.get((member, member_class), _COLD).shrunk_toward(self._cold[member], PRIOR_TRIALS)
-        return self._own.get((seq_id, member), _COLD).shrunk_toward(class_rate, OWN_STRENGTH)
+        own = self._own.get((seq_id, member), _COLD)
+        return own.shrunk_toward(self._class_rate(member, member_class), OWN_STRENGTH)
 
     def _look(self, seq_id: str, token_ids: list[int], max_k: int) -> list[_Offer]:
         """Every member's offer for this context, and the k-only pick among them."""
