@@ -7,7 +7,9 @@ timed once after a warm-up pass), next to `optimize_goodput` on the same rows wi
 as the floor the single-proposer policy pays today, and the whole worker-side decision
 (`worker/choice_plan.py` `plan_choices`: each row's options read from a real ProposerChoice of
 prompt lookup, suffix decoding and a priced stand-in for a draft model, the optimiser, the probes,
-the assignment) for one batch of requests that looked ahead over 512-token contexts.
+the assignment) for one batch of requests that looked ahead over 512-token contexts, half of them
+ending in a span prompt lookup and suffix decoding can copy; each step starts its search from the
+previous step's optimum, as the worker's does; verify priced by the H100 fit (bench/step_models.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 
 import numpy as np
 
+from smartspec.bench.step_models import PRESETS
 from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
 from smartspec.core.policies.choice_optimizer import optimize_choices
 from smartspec.core.policies.optimizer import optimize_goodput
@@ -28,6 +31,11 @@ PROPOSER_COSTS = (
     CostModel(d_row_ms=0.02),  # suffix tree
     CostModel(d_fixed_ms=3.0, d_row_ms=0.01, d_tok_ms=0.02, d_kv_ms=1e-6),  # small draft model
 )
+
+
+# A batch of 256 is a GPU's: the worker plan is priced with the SmartSpec authors' H100 fit (on this
+# CPU's own fit nothing pays at that size, and the plan is plain after one round).
+GPU_VERIFY_COST = PRESETS["h100-llama8b"]
 
 
 def random_batch(rng: np.random.Generator, batch: int, max_k: int) -> dict:
@@ -91,7 +99,8 @@ def time_worker_plan(batch: int, max_k: int, repeats: int) -> list[float]:
     queries = []
     for row in range(batch):
         phrase = rng.integers(100, 30000, size=32).tolist()
-        context = (phrase * 17)[:512 - 8] + rng.integers(100, 30000, size=8).tolist()
+        tail = rng.integers(100, 30000, size=8).tolist() if row % 2 else []  # odd rows: no match to copy
+        context = (phrase * 17)[:512 - len(tail)] + tail
         choice.lookahead(f"r{row}", context, max_k)
         queries.append(SpeculationQuery(f"r{row}", len(context)))
     params = {"min_gain": 0.05, "probe_interval": 8, "max_k": 0}
@@ -99,7 +108,7 @@ def time_worker_plan(batch: int, max_k: int, repeats: int) -> list[float]:
     samples = []
     for step in range(repeats + 5):
         start = time.perf_counter()
-        plan_choices(choice, DEFAULT_COST_MODEL, queries, max_k=max_k, params=params,
+        plan_choices(choice, GPU_VERIFY_COST, queries, max_k=max_k, params=params,
                      steps_since_speculation=since, step_index=step)
         samples.append((time.perf_counter() - start) * 1e3)
     return samples[5:]

@@ -141,6 +141,22 @@ def test_matches_brute_force_on_random_small_batches(seed):
     assert (tokens, step_ms) == pytest.approx((plan.expected_tokens, plan.step_ms), rel=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(60))
+def test_a_start_goodput_anywhere_reaches_the_same_optimum(seed):
+    """The previous step's optimum as a start: below, at or above this batch's optimum (or far off),
+    the answer is brute force's, and a valid plan."""
+    problem = random_problem(seed)
+    best = brute_force(problem)
+    for start in (0.0, best * 0.5, best * (1 - 1e-9), best, best * 1.05, best * 100.0, float("nan")):
+        plan = optimize_choices(problem.acceptance, problem.fill, problem.k_cap, problem.contexts, problem.prefills,
+                                problem.verify, problem.proposers, problem.max_k, available=problem.available,
+                                start_goodput=start)
+        check_allowed(problem, plan)
+        assert plan.goodput == pytest.approx(best, rel=1e-9), start
+        assert plan_goodput(problem, plan.proposers.tolist(), plan.ks.tolist()) == pytest.approx(plan.goodput,
+                                                                                                rel=1e-12)
+
+
 @pytest.mark.parametrize("seed", range(30))
 def test_one_proposer_is_the_goodput_optimiser(seed):
     """With one proposer (its c_* and d_* in one cost model) the plan is optimize_goodput's, k for k."""

@@ -60,7 +60,8 @@ def plan_choices(choice: ProposerChoice, cost: CostModel, queries: Sequence[Spec
     prefills = np.zeros(len(ids))  # [B]
     costs = choice.member_costs()
     try:
-        solution = optimize_choices(options.acceptance, None, options.caps, contexts, prefills, cost, costs, max_k)
+        solution = optimize_choices(options.acceptance, None, options.caps, contexts, prefills, cost, costs, max_k,
+                                    start_goodput=choice.planned_goodput)
     except ValueError as exc:  # a cost model predicting a zero step: plan plain, as guarded_decide does
         log.warning("(proposer, k) plan failed (%s); this step runs plain", exc)
         choice.assign({})
@@ -69,7 +70,7 @@ def plan_choices(choice: ProposerChoice, cost: CostModel, queries: Sequence[Spec
     if solution.goodput < solution.baseline_goodput * (1.0 + params["min_gain"]):
         ks, members = np.zeros_like(ks), np.full_like(members, -1)
     if max_k > 0 and params["probe_interval"] > 0:
-        k_only = np.array([choice.k_only_member(i) for i in ids], dtype=np.int64)  # [B]
+        k_only = choice.k_only_members(ids)  # [B]
 
         def step_ms(plan_ks: np.ndarray) -> float:  # probed rows ask their k-only member
             planned = np.where(plan_ks > ks, k_only, members)
@@ -87,7 +88,7 @@ def plan_choices(choice: ProposerChoice, cost: CostModel, queries: Sequence[Spec
         members = np.where(probed > ks, k_only, members)
         ks = probed
     choice.assign({request_id: int(member) for request_id, member, k
-                   in zip(ids, members.tolist(), ks.tolist()) if k > 0})
+                   in zip(ids, members.tolist(), ks.tolist()) if k > 0}, goodput=solution.goodput)
     return dict(zip(ids, ks.tolist()))
 
 

@@ -130,8 +130,9 @@ class ProposerChoice(Proposer):
         self._offers: dict[str, list[_Offer]] = {}  # by request: every member's offer for its next step
         self._picks: dict[str, _Pick] = {}  # by request: the member a k-only plan's proposal comes from
         self._assigned: dict[str, int] = {}  # by request: the member the planner chose for the coming step
+        self.planned_goodput: float | None = None  # the last plan's optimum: where the next search starts
         self._proposed_by: dict[str, tuple[int, int]] = {}  # by request: (member, class) of its last proposal
-        self._own: dict[tuple[str, int], _Rate] = {}  # by (request, member): that request's own record
+        self._own: dict[str, dict[int, _Rate]] = {}  # by request, then member: that request's own record
         self._cold = [COLD_RATE] * len(self.members)  # each member's rate before it has evidence here
 
     @property
@@ -185,7 +186,7 @@ class ProposerChoice(Proposer):
         where = self._proposed_by.pop(seq_id, None)
         if where is not None and proposed > 0:
             self._rates.setdefault(where, _Rate()).add(accepted, tested)
-            own = self._own.setdefault((seq_id, where[0]), _Rate())
+            own = self._own.setdefault(seq_id, {}).setdefault(where[0], _Rate())
             own.accepted += accepted
             own.tested += tested
         member = None if where is None else self.members[where[0]]
@@ -197,10 +198,9 @@ class ProposerChoice(Proposer):
         return None if where is None else self.members[where[0]].kind
 
     def release(self, seq_id: str) -> None:
-        for table in (self._picks, self._offers, self._assigned, self._proposed_by):
+        for table in (self._picks, self._offers, self._assigned, self._proposed_by, self._own):
             table.pop(seq_id, None)
-        for index, member in enumerate(self.members):
-            self._own.pop((seq_id, index), None)
+        for member in self.members:
             member.release(seq_id)
 
     # ---- for the (member, k) planner (worker/choice_plan.py) ----
@@ -212,23 +212,26 @@ class ProposerChoice(Proposer):
         class_rates: dict[tuple[int, int], float] = {}  # (member, class): one shrinkage per call, not per row
         rates, offered = [], []
         for seq_id in seq_ids:
+            own_records = self._own.get(seq_id, _NO_RECORDS)
             for member, offer in enumerate(self._offers.get(seq_id) or no_offers):
                 key = (member, offer.member_class)
                 class_rate = class_rates.get(key)
                 if class_rate is None:
                     class_rate = class_rates[key] = self._class_rate(member, offer.member_class)
-                own = self._own.get((seq_id, member))   # none yet: the class rate itself
+                own = own_records.get(member)   # none yet: the class rate itself
                 rates.append(class_rate if own is None else own.shrunk_toward(class_rate, OWN_STRENGTH))
                 offered.append(offer.offered)
         shape = (len(seq_ids), len(self.members))
         caps = np.where(self.costly, max_k, np.minimum(np.array(offered, dtype=np.int64).reshape(shape), max_k))
         return ChoiceOptions(np.array(rates, dtype=np.float64).reshape(shape), caps)  # [B, P] each
 
-    def k_only_member(self, seq_id: str) -> int:
-        """The member a row's proposal comes from under a plan that gives k alone (a probe, say):
-        its best model-free member when that offers anything, else the first costly one."""
-        pick = self._picks.get(seq_id)
-        return pick.member if pick is not None else (self.costly_members or [0])[0]
+    def k_only_members(self, seq_ids: Sequence[str]) -> np.ndarray:
+        """The member each row's proposal comes from under a plan that gives k alone (a probe, say):
+        its best model-free member when that offers anything, else the first costly one. [B] ints."""
+        fallback = (self.costly_members or [0])[0]
+        picks = self._picks
+        return np.array([pick.member if (pick := picks.get(seq_id)) is not None else fallback
+                         for seq_id in seq_ids], dtype=np.int64)
 
     def pooled_tested(self) -> float:
         """Tested positions in this worker's (member, class) pools, decayed: how much it has seen."""
@@ -255,10 +258,12 @@ class ProposerChoice(Proposer):
             prior = priors.get(proposer.kind)
             self._cold[member] = COLD_RATE if prior is None else prior.rate(COLD_RATE)
 
-    def assign(self, members: Mapping[str, int]) -> None:
+    def assign(self, members: Mapping[str, int], goodput: float | None = None) -> None:
         """The member each request's proposal comes from in the coming step (rows not named: the
-        k-only rule). Replaces the previous step's assignment."""
+        k-only rule). Replaces the previous step's assignment. `goodput`: the plan's predicted
+        optimum, kept as the next plan's start (consecutive batches differ by a few rows)."""
         self._assigned = dict(members)
+        self.planned_goodput = goodput
 
     # ---- inspection ----
 
@@ -273,7 +278,7 @@ class ProposerChoice(Proposer):
         return self._rates.get((member, member_class), _COLD).shrunk_toward(self._cold[member], PRIOR_TRIALS)
 
     def _rate(self, seq_id: str, member: int, member_class: int) -> float:
-        own = self._own.get((seq_id, member), _COLD)
+        own = self._own.get(seq_id, _NO_RECORDS).get(member, _COLD)
         return own.shrunk_toward(self._class_rate(member, member_class), OWN_STRENGTH)
 
     def _look(self, seq_id: str, token_ids: list[int], max_k: int) -> list[_Offer]:
@@ -301,3 +306,4 @@ class ProposerChoice(Proposer):
 
 
 _COLD = _Rate()
+_NO_RECORDS: dict[int, _Rate] = {}  # a request with no record of its own (read only)
