@@ -138,7 +138,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--proposers", default=DEFAULT_PROPOSERS)
     parser.add_argument("--workloads", default=DEFAULT_WORKLOADS)
-    parser.add_argument("--prompts", type=int, default=6, help="requests per workload, one at a time")
+    parser.add_argument("--prompts", type=int, default=6, help="requests per workload, one at a time (0: no such cells)")
     parser.add_argument("--burst", type=int, default=12, help="requests at once in the burst cells (0: none)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--profile-all", action="store_true",
@@ -152,8 +152,9 @@ def main() -> int:
     model = load_model("SmolLM2-135M-Instruct")
     cells: list[Cell] = []
     for index, workload in enumerate(args.workloads.split(",")):
-        cells += measure(model, proposers, workload, prompts_for(workload, args.prompts, args.max_tokens), 1,
-                         args.max_tokens, rotate=2 * index, profile_all=args.profile_all)
+        if args.prompts:
+            cells += measure(model, proposers, workload, prompts_for(workload, args.prompts, args.max_tokens), 1,
+                             args.max_tokens, rotate=2 * index, profile_all=args.profile_all)
         if args.burst:
             cells += measure(model, proposers, workload, prompts_for(workload, args.burst, args.max_tokens),
                              args.burst, args.max_tokens, rotate=2 * index + 1, profile_all=args.profile_all)
