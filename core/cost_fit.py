@@ -62,6 +62,9 @@ class ForgettingLeastSquares:
     prior_theta: np.ndarray  # [d]
     forgetting: float
     prior_floor: float = 1e-3
+    # the coefficients the last solve left positive: the next solve's starting guess (not state:
+    # any guess gives the same solution, so it is neither saved nor compared)
+    _support: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def seeded(cls, prior_theta: np.ndarray, prior_gram: np.ndarray, forgetting: float,
@@ -91,8 +94,9 @@ class ForgettingLeastSquares:
             gram = self.gram + self.prior_floor * self.prior_gram
             moment = self.moment + self.prior_floor * (self.prior_gram @ self.prior_theta)
             if np.isfinite(gram).all() and np.isfinite(moment).all():
-                theta = nonnegative_least_squares(gram, moment)
+                theta = nonnegative_least_squares(gram, moment, self._support)
                 if np.isfinite(theta).all():
+                    self._support = theta > 0
                     return theta
         return np.maximum(np.nan_to_num(self.prior_theta, nan=0.0, posinf=0.0, neginf=0.0), 0.0)
 

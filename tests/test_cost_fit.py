@@ -51,6 +51,24 @@ def test_active_set_solver_equals_trying_every_support():
         assert objective(fast) == pytest.approx(objective(slow), rel=1e-9, abs=1e-9)
 
 
+def test_a_guessed_support_gives_the_same_optimum():
+    """Starting from any guess at the free set (right, wrong, all, none) changes nothing but the work."""
+    rng = np.random.default_rng(13)
+    for _ in range(200):
+        size = int(rng.integers(1, 8))
+        units = 10.0 ** rng.uniform(-4, 4, size)
+        x = rng.standard_normal((40, size)) * units
+        y = x @ (rng.standard_normal(size) / units) + 0.1 * rng.standard_normal(40)
+        gram, moment = x.T @ x, x.T @ y
+        cold = nonnegative_least_squares(gram, moment)
+        objective = lambda theta: theta @ gram @ theta - 2 * moment @ theta  # noqa: E731
+        for guess in (cold > 0, ~(cold > 0), np.ones(size, dtype=bool), rng.random(size) < 0.5):
+            warm = nonnegative_least_squares(gram, moment, guess)
+            assert (warm >= 0).all()
+            assert objective(warm) == pytest.approx(objective(cold), rel=1e-9, abs=1e-9)
+            assert np.allclose(warm, cold, rtol=1e-7, atol=1e-12 * np.abs(cold).max(initial=1.0))
+
+
 # ---------------------------------------------------------------- online fit
 
 
