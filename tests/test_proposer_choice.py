@@ -202,6 +202,32 @@ def test_a_members_record_with_one_request_overrides_its_class_rate_for_that_req
     assert choice.proposal_class("good") == 0 and choice.proposal_class("bad") == CLASS_STRIDE
 
 
+def test_the_batch_options_are_each_rows_own_rate_and_offer():
+    """options() computes every row at once; it must equal the per-row rule the k-only pick uses
+    (own record shrunk toward the (member, class) rate), for requests with records, a request
+    with none and a request never looked ahead."""
+    first, second = Scripted(token=7, offer=4, grade=0), Scripted(token=8, offer=3, grade=2)
+    choice = ProposerChoice([first, second], ["first", "second"])
+    contexts = {"a": [1, 2], "b": [3, 4], "c": [5, 6]}
+    kept_by = {"a": 4, "b": 1, "c": 0}
+    for _ in range(6):
+        for seq_id in ("a", "b"):
+            choice.lookahead(seq_id, contexts[seq_id], 8)
+            (proposal,) = choice.propose([ask(seq_id, contexts[seq_id])])
+            kept = min(kept_by[seq_id], len(proposal.tokens))
+            choice.observe_verification(seq_id, len(proposal.tokens), kept, kept + (kept < len(proposal.tokens)))
+    choice.lookahead("c", contexts["c"], 8)   # looked ahead, no record of its own
+    options = choice.options(["a", "b", "c", "never"], 8)
+    for row, seq_id in enumerate(["a", "b", "c"]):
+        for member, (offer, grade) in enumerate([(4, 0), (3, 2)]):
+            assert options.acceptance[row, member] == choice._rate(seq_id, member, grade)
+            assert options.caps[row, member] == offer
+    assert options.acceptance[0, 0] != options.acceptance[1, 0]   # the records differ, so must the rates
+    assert options.caps[3].tolist() == [0, 0]   # never looked ahead: nothing offered
+    assert options.acceptance[3].tolist() == [choice._class_rate(0, CLASS_STRIDE - 1),
+                                              choice._class_rate(1, CLASS_STRIDE - 1)]
+
+
 def test_member_rates_start_from_the_pools_every_worker_of_that_kind_filled():
     """The controller pools each member kind's acceptance over all workers (Redis) and sends it in
     the plan basis: a fresh choice worker starts prompt lookup where the fleet's prompt lookup is,

@@ -128,11 +128,13 @@ class ProposerChoice(Proposer):
         self.proposals_by_member = [0] * len(self.members)  # rows each member proposed for
         self._rates: dict[tuple[int, int], _Rate] = {}
         self._offers: dict[str, list[_Offer]] = {}  # by request: every member's offer for its next step
+        self._offer_rows: dict[str, list[int]] = {}  # by request, flat: offered per member, then class per member
         self._picks: dict[str, _Pick] = {}  # by request: the member a k-only plan's proposal comes from
         self._assigned: dict[str, int] = {}  # by request: the member the planner chose for the coming step
         self.planned_goodput: float | None = None  # the last plan's optimum: where the next search starts
         self._proposed_by: dict[str, tuple[int, int]] = {}  # by request: (member, class) of its last proposal
-        self._own: dict[str, dict[int, _Rate]] = {}  # by request, then member: that request's own record
+        # by request, flat: accepted per member, then tested per member (that request's own record)
+        self._own: dict[str, list[float]] = {}
         self._cold = [COLD_RATE] * len(self.members)  # each member's rate before it has evidence here
 
     @property
@@ -186,9 +188,9 @@ class ProposerChoice(Proposer):
         where = self._proposed_by.pop(seq_id, None)
         if where is not None and proposed > 0:
             self._rates.setdefault(where, _Rate()).add(accepted, tested)
-            own = self._own.setdefault(seq_id, {}).setdefault(where[0], _Rate())
-            own.accepted += accepted
-            own.tested += tested
+            own = self._own.setdefault(seq_id, [0.0] * (2 * len(self.members)))
+            own[where[0]] += accepted
+            own[len(self.members) + where[0]] += tested
         member = None if where is None else self.members[where[0]]
         if member is not None:
             member.observe_verification(seq_id, proposed, accepted, tested)
@@ -198,7 +200,7 @@ class ProposerChoice(Proposer):
         return None if where is None else self.members[where[0]].kind
 
     def release(self, seq_id: str) -> None:
-        for table in (self._picks, self._offers, self._assigned, self._proposed_by, self._own):
+        for table in (self._picks, self._offers, self._offer_rows, self._assigned, self._proposed_by, self._own):
             table.pop(seq_id, None)
         for member in self.members:
             member.release(seq_id)
@@ -207,23 +209,20 @@ class ProposerChoice(Proposer):
 
     def options(self, seq_ids: Sequence[str], max_k: int) -> ChoiceOptions:
         """Every row's acceptance rate and offer with every member, from the last look-ahead (a
-        request not looked ahead yet: model-free members offer nothing, costly ones max_k)."""
-        no_offers = [_Offer(0, UNGRADED)] * len(self.members)
-        class_rates: dict[tuple[int, int], float] = {}  # (member, class): one shrinkage per call, not per row
-        rates, offered = [], []
-        for seq_id in seq_ids:
-            own_records = self._own.get(seq_id, _NO_RECORDS)
-            for member, offer in enumerate(self._offers.get(seq_id) or no_offers):
-                key = (member, offer.member_class)
-                class_rate = class_rates.get(key)
-                if class_rate is None:
-                    class_rate = class_rates[key] = self._class_rate(member, offer.member_class)
-                own = own_records.get(member)   # none yet: the class rate itself
-                rates.append(class_rate if own is None else own.shrunk_toward(class_rate, OWN_STRENGTH))
-                offered.append(offer.offered)
-        shape = (len(seq_ids), len(self.members))
-        caps = np.where(self.costly, max_k, np.minimum(np.array(offered, dtype=np.int64).reshape(shape), max_k))
-        return ChoiceOptions(np.array(rates, dtype=np.float64).reshape(shape), caps)  # [B, P] each
+        request not looked ahead yet: model-free members offer nothing, costly ones max_k). The
+        rate is the row's own record shrunk toward its (member, class) rate, as `_rate`, for the
+        whole batch at once."""
+        count, rows = len(self.members), len(seq_ids)
+        no_offers, no_record = [0] * count + [UNGRADED] * count, [0.0] * (2 * count)
+        offer_rows = np.array([self._offer_rows.get(s, no_offers) for s in seq_ids],
+                              dtype=np.int64).reshape(rows, 2, count)  # [B, 2, P]: offered, class
+        own = np.array([self._own.get(s, no_record) for s in seq_ids],
+                       dtype=np.float64).reshape(rows, 2, count)  # [B, 2, P]: accepted, tested
+        class_rate = self._class_rate_table()[np.arange(count), offer_rows[:, 1]]  # [B, P]
+        # (accepted + rate * s) / (tested + s): exactly the class rate for a row with no record (s = 8)
+        acceptance = (own[:, 0] + class_rate * OWN_STRENGTH) / (own[:, 1] + OWN_STRENGTH)  # [B, P]
+        caps = np.where(self.costly, max_k, np.minimum(offer_rows[:, 0], max_k))  # [B, P]
+        return ChoiceOptions(acceptance, caps)
 
     def k_only_members(self, seq_ids: Sequence[str]) -> np.ndarray:
         """The member each row's proposal comes from under a plan that gives k alone (a probe, say):
@@ -277,9 +276,18 @@ class ProposerChoice(Proposer):
     def _class_rate(self, member: int, member_class: int) -> float:
         return self._rates.get((member, member_class), _COLD).shrunk_toward(self._cold[member], PRIOR_TRIALS)
 
+    def _class_rate_table(self) -> np.ndarray:
+        """Every (member, class)'s rate: [P, CLASS_STRIDE] (a class never verified: the cold rate)."""
+        table = np.repeat(np.array(self._cold, dtype=np.float64)[:, None], CLASS_STRIDE, axis=1)  # [P, 16]
+        for (member, member_class), rate in self._rates.items():
+            table[member, member_class] = rate.shrunk_toward(self._cold[member], PRIOR_TRIALS)
+        return table
+
     def _rate(self, seq_id: str, member: int, member_class: int) -> float:
-        own = self._own.get(seq_id, _NO_RECORDS).get(member, _COLD)
-        return own.shrunk_toward(self._class_rate(member, member_class), OWN_STRENGTH)
+        """The request's own record with the member, shrunk toward the (member, class) rate."""
+        own = self._own.get(seq_id)
+        accepted, tested = (0.0, 0.0) if own is None else (own[member], own[len(self.members) + member])
+        return _Rate(accepted, tested).shrunk_toward(self._class_rate(member, member_class), OWN_STRENGTH)
 
     def _look(self, seq_id: str, token_ids: list[int], max_k: int) -> list[_Offer]:
         """Every member's offer for this context, and the k-only pick among them."""
@@ -301,9 +309,9 @@ class ProposerChoice(Proposer):
         if (best < 0 or offers[best].offered == 0) and self.has_costly_member:
             best = self.costly_members[0]
         self._offers[seq_id] = offers
+        self._offer_rows[seq_id] = [offer.offered for offer in offers] + [offer.member_class for offer in offers]
         self._picks[seq_id] = _Pick(best, len(token_ids), offers[best].offered)
         return offers
 
 
 _COLD = _Rate()
-_NO_RECORDS: dict[int, _Rate] = {}  # a request with no record of its own (read only)
