@@ -226,6 +226,13 @@ def test_the_batch_options_are_each_rows_own_rate_and_offer():
     assert options.caps[3].tolist() == [0, 0]   # never looked ahead: nothing offered
     assert options.acceptance[3].tolist() == [choice._class_rate(0, CLASS_STRIDE - 1),
                                               choice._class_rate(1, CLASS_STRIDE - 1)]
+    # a released request's row is reused, and whoever gets it starts with no record and no offer
+    choice.release("a")
+    for index in range(40):   # more requests than the tables first hold
+        choice.lookahead(f"new-{index}", [9, 9], 8)
+    fresh = choice.options([f"new-{index}" for index in range(40)], 8)
+    assert fresh.acceptance.tolist() == [[choice._class_rate(0, 0), choice._class_rate(1, 2)]] * 40
+    assert choice.options(["a"], 8).caps.tolist() == [[0, 0]]
 
 
 def test_member_rates_start_from_the_pools_every_worker_of_that_kind_filled():

@@ -128,13 +128,17 @@ class ProposerChoice(Proposer):
         self.proposals_by_member = [0] * len(self.members)  # rows each member proposed for
         self._rates: dict[tuple[int, int], _Rate] = {}
         self._offers: dict[str, list[_Offer]] = {}  # by request: every member's offer for its next step
-        self._offer_rows: dict[str, list[int]] = {}  # by request, flat: offered per member, then class per member
         self._picks: dict[str, _Pick] = {}  # by request: the member a k-only plan's proposal comes from
         self._assigned: dict[str, int] = {}  # by request: the member the planner chose for the coming step
         self.planned_goodput: float | None = None  # the last plan's optimum: where the next search starts
         self._proposed_by: dict[str, tuple[int, int]] = {}  # by request: (member, class) of its last proposal
-        # by request, flat: accepted per member, then tested per member (that request's own record)
-        self._own: dict[str, list[float]] = {}
+        # What the (member, k) planner reads for a whole batch at once, one row per request (its slot;
+        # slot 0 is never given out: a request never looked ahead reads its defaults there).
+        self._slots: dict[str, int] = {}
+        self._free_slots: list[int] = []
+        self._offer_table = np.zeros((0, 2, len(self.members)), dtype=np.int64)  # [slots, 2, P]: offered, class
+        self._own_table = np.zeros((0, 2, len(self.members)))  # [slots, 2, P]: its own accepted, tested
+        self._grow_tables(16)
         self._cold = [COLD_RATE] * len(self.members)  # each member's rate before it has evidence here
 
     @property
@@ -188,9 +192,10 @@ class ProposerChoice(Proposer):
         where = self._proposed_by.pop(seq_id, None)
         if where is not None and proposed > 0:
             self._rates.setdefault(where, _Rate()).add(accepted, tested)
-            own = self._own.setdefault(seq_id, [0.0] * (2 * len(self.members)))
-            own[where[0]] += accepted
-            own[len(self.members) + where[0]] += tested
+            slot = self._slot(seq_id)  # first: it may grow the tables
+            own = self._own_table[slot]  # [2, P]
+            own[0, where[0]] += accepted
+            own[1, where[0]] += tested
         member = None if where is None else self.members[where[0]]
         if member is not None:
             member.observe_verification(seq_id, proposed, accepted, tested)
@@ -200,8 +205,12 @@ class ProposerChoice(Proposer):
         return None if where is None else self.members[where[0]].kind
 
     def release(self, seq_id: str) -> None:
-        for table in (self._picks, self._offers, self._offer_rows, self._assigned, self._proposed_by, self._own):
+        for table in (self._picks, self._offers, self._assigned, self._proposed_by):
             table.pop(seq_id, None)
+        slot = self._slots.pop(seq_id, None)
+        if slot is not None:
+            self._clear_slot(slot)
+            self._free_slots.append(slot)
         for member in self.members:
             member.release(seq_id)
 
@@ -212,12 +221,9 @@ class ProposerChoice(Proposer):
         request not looked ahead yet: model-free members offer nothing, costly ones max_k). The
         rate is the row's own record shrunk toward its (member, class) rate, as `_rate`, for the
         whole batch at once."""
-        count, rows = len(self.members), len(seq_ids)
-        no_offers, no_record = [0] * count + [UNGRADED] * count, [0.0] * (2 * count)
-        offer_rows = np.array([self._offer_rows.get(s, no_offers) for s in seq_ids],
-                              dtype=np.int64).reshape(rows, 2, count)  # [B, 2, P]: offered, class
-        own = np.array([self._own.get(s, no_record) for s in seq_ids],
-                       dtype=np.float64).reshape(rows, 2, count)  # [B, 2, P]: accepted, tested
+        count = len(self.members)
+        slots = np.array([self._slots.get(s, 0) for s in seq_ids], dtype=np.int64)  # [B]
+        offer_rows, own = self._offer_table[slots], self._own_table[slots]  # [B, 2, P] each
         class_rate = self._class_rate_table()[np.arange(count), offer_rows[:, 1]]  # [B, P]
         # (accepted + rate * s) / (tested + s): exactly the class rate for a row with no record (s = 8)
         acceptance = (own[:, 0] + class_rate * OWN_STRENGTH) / (own[:, 1] + OWN_STRENGTH)  # [B, P]
@@ -264,6 +270,30 @@ class ProposerChoice(Proposer):
         self._assigned = dict(members)
         self.planned_goodput = goodput
 
+    def _slot(self, seq_id: str) -> int:
+        """The request's row in the planner's tables, given out on first sight."""
+        slot = self._slots.get(seq_id)
+        if slot is None:
+            if not self._free_slots:
+                self._grow_tables(2 * len(self._offer_table))
+            slot = self._slots[seq_id] = self._free_slots.pop()
+        return slot
+
+    def _grow_tables(self, size: int) -> None:
+        old = len(self._offer_table)
+        self._offer_table = np.concatenate([self._offer_table, np.zeros((size - old,) + self._offer_table.shape[1:],
+                                                                        dtype=np.int64)])
+        self._own_table = np.concatenate([self._own_table, np.zeros((size - old,) + self._own_table.shape[1:])])
+        for slot in range(old, size):
+            self._clear_slot(slot)
+        self._free_slots.extend(range(size - 1, max(old, 1) - 1, -1))  # slot 0 stays the defaults' row
+
+    def _clear_slot(self, slot: int) -> None:
+        """A request's defaults: nothing offered, ungraded, no record of its own."""
+        self._offer_table[slot, 0] = 0
+        self._offer_table[slot, 1] = UNGRADED
+        self._own_table[slot] = 0.0
+
     # ---- inspection ----
 
     def rates(self) -> dict[tuple[str, int], float]:
@@ -285,8 +315,8 @@ class ProposerChoice(Proposer):
 
     def _rate(self, seq_id: str, member: int, member_class: int) -> float:
         """The request's own record with the member, shrunk toward the (member, class) rate."""
-        own = self._own.get(seq_id)
-        accepted, tested = (0.0, 0.0) if own is None else (own[member], own[len(self.members) + member])
+        slot = self._slots.get(seq_id, 0)
+        accepted, tested = float(self._own_table[slot, 0, member]), float(self._own_table[slot, 1, member])
         return _Rate(accepted, tested).shrunk_toward(self._class_rate(member, member_class), OWN_STRENGTH)
 
     def _look(self, seq_id: str, token_ids: list[int], max_k: int) -> list[_Offer]:
@@ -309,7 +339,8 @@ class ProposerChoice(Proposer):
         if (best < 0 or offers[best].offered == 0) and self.has_costly_member:
             best = self.costly_members[0]
         self._offers[seq_id] = offers
-        self._offer_rows[seq_id] = [offer.offered for offer in offers] + [offer.member_class for offer in offers]
+        slot = self._slot(seq_id)  # first: it may grow the tables
+        self._offer_table[slot] = [[offer.offered for offer in offers], [offer.member_class for offer in offers]]
         self._picks[seq_id] = _Pick(best, len(token_ids), offers[best].offered)
         return offers
 
