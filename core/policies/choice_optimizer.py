@@ -90,7 +90,8 @@ def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
 
 
 def _tables(acceptance: np.ndarray, fill: np.ndarray, contexts: np.ndarray, prefills: np.ndarray,
-            verify_cost: CostModel, proposer_costs: Sequence[CostModel], max_k: int) -> _Tables:
+            verify_cost: CostModel, proposer_costs: Sequence[CostModel], max_k: int,
+            base_ms: float | None = None) -> _Tables:
     batch, count = acceptance.shape
     k = np.arange(max_k + 1, dtype=np.float64)[:, None, None]  # [K+1, 1, 1]
     draft = np.array([[c.d_tok_ms, c.d_kv_ms, c.d_row_ms, c.d_fixed_ms] for c in proposer_costs]).reshape(count, 4)
@@ -100,7 +101,7 @@ def _tables(acceptance: np.ndarray, fill: np.ndarray, contexts: np.ndarray, pref
     return _Tables(
         tokens=expected_tokens_by_k(acceptance.T, max_k, fill.T),  # [K+1, P, B]
         own_ms=per_token * k + per_request * (k > 0).astype(np.float64),  # [K+1, P, B]
-        base_ms=base_step_ms(verify_cost, contexts, prefills),
+        base_ms=base_step_ms(verify_cost, contexts, prefills) if base_ms is None else base_ms,
         verify_depth_ms=batch_depth_ms(verify_cost.c_spec_ms, verify_cost.c_width_ms * padded_keys(contexts), max_k),
         draft_fixed_ms=draft[:, 3],
     )
@@ -155,7 +156,9 @@ def optimize_choices(acceptance, fill, k_cap, contexts, prefills, verify_cost: C
     usable = np.ones(a.shape, dtype=bool) if available is None else np.asarray(available, dtype=bool)  # [B, P]
     if caps.shape != a.shape or usable.shape != a.shape:
         raise ValueError(f"k_cap {caps.shape} and available {usable.shape} must match acceptance {a.shape}")
-    caps = np.where(usable, np.clip(caps, 0, max_k), 0)  # [B, P]: nothing offered means k = 0 only
+    caps = np.clip(caps, 0, max_k)  # [B, P]
+    if available is not None:
+        caps = np.where(usable, caps, 0)  # nothing offered means k = 0 only
     base_ms = base_step_ms(verify_cost, contexts, prefills)
     if not base_ms > 0:
         raise ValueError("cost model predicts a zero step time; goodput is undefined")
@@ -165,7 +168,7 @@ def optimize_choices(acceptance, fill, k_cap, contexts, prefills, verify_cost: C
     if batch == 0 or top == 0:
         return ChoiceSolution(idle, float(batch), base_ms, baseline, proposers=idle - 1)
 
-    tables = _tables(a, f, contexts, prefills, verify_cost, proposer_costs, top)
+    tables = _tables(a, f, contexts, prefills, verify_cost, proposer_costs, top, base_ms)
     k = np.arange(top + 1)  # [K+1]
     usable_anywhere = caps.max(axis=0) > 0  # [P]
     depth_costing = [p for p in range(count) if tables.draft_fixed_ms[p] > 0 and usable_anywhere[p]]
@@ -177,10 +180,10 @@ def optimize_choices(acceptance, fill, k_cap, contexts, prefills, verify_cost: C
     grid = (top + 1,) * (1 + depths)  # (m, m_d for each depth-costing d)
     # The search runs with the free proposers first, so their best is one reduction over a slice
     # (they share the batch cap m); `back` maps that order's columns to the caller's.
-    order = np.array(free + depth_costing)  # [P]
-    back = np.argsort(order)  # [P]
-    reordered = not np.array_equal(order, np.arange(count))
-    allowed_k = k[:, None, None] <= caps.T[order]  # [K+1, P, B]
+    order = free + depth_costing  # [P]
+    reordered = order != list(range(count))
+    back = np.argsort(order) if reordered else None  # [P]
+    allowed_k = k[:, None, None] <= (caps.T[order] if reordered else caps.T)  # [K+1, P, B]
     gains = np.where(allowed_k, tables.tokens[:, order] if reordered else tables.tokens, -np.inf)  # E or -inf
     own_ms = tables.own_ms[:, order] if reordered else tables.own_ms  # [K+1, P, B]
 
@@ -191,8 +194,9 @@ def optimize_choices(acceptance, fill, k_cap, contexts, prefills, verify_cost: C
     for j, p in enumerate(depth_costing):
         own_cap = _along(k, 1 + j, 1 + depths)  # m_d: [1, ..., K+1 at axis 1+j, ...]
         charged_ms = charged_ms + np.where(own_cap <= batch_cap, tables.draft_fixed_ms[p] * own_cap, np.inf)
-    charged_ms = np.broadcast_to(charged_ms, grid)  # [K+1]^(1 + depths)
-    plain = np.ones((top + 1, batch))  # k = 0 for every row (E = 1, no cost): [K+1, B]
+    if charged_ms.shape != grid:  # a depth-costing proposer's cap made it full already
+        charged_ms = np.broadcast_to(charged_ms, grid)  # [K+1]^(1 + depths)
+    plain = None if n_free else np.ones((top + 1, batch))  # k = 0 for every row (E = 1, no cost): [K+1, B]
 
     rows = np.arange(batch)  # [B]
     best = (idle - 1, idle, float(batch), base_ms)
