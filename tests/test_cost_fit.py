@@ -35,16 +35,21 @@ def test_nonnegative_least_squares_satisfies_kkt():
         assert (gradient[solution == 0] >= -1e-8).all()  # pushing a zero up would not help
 
 
+def scaled_problem(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(gram, moment) of 40 noisy samples over 1-7 coefficients whose units differ by eight orders
+    of magnitude (as c_width_ms and c_fixed_ms do); some true coefficients are negative."""
+    size = int(rng.integers(1, 8))
+    units = 10.0 ** rng.uniform(-4, 4, size)
+    x = rng.standard_normal((40, size)) * units
+    y = x @ (rng.standard_normal(size) / units) + 0.1 * rng.standard_normal(40)
+    return x.T @ x, x.T @ y
+
+
 def test_active_set_solver_equals_trying_every_support():
-    """Lawson-Hanson against the brute-force optimum, on problems whose coefficients differ by
-    eight orders of magnitude (as c_width_ms and c_fixed_ms do)."""
+    """Lawson-Hanson against the brute-force optimum."""
     rng = np.random.default_rng(12)
     for _ in range(300):
-        size = int(rng.integers(1, 8))
-        units = 10.0 ** rng.uniform(-4, 4, size)
-        x = rng.standard_normal((40, size)) * units
-        y = x @ (rng.standard_normal(size) / units) + 0.1 * rng.standard_normal(40)
-        gram, moment = x.T @ x, x.T @ y
+        gram, moment = scaled_problem(rng)
         fast, slow = nonnegative_least_squares(gram, moment), _nonnegative_least_squares_by_supports(gram, moment)
         objective = lambda theta: theta @ gram @ theta - 2 * moment @ theta  # noqa: E731
         assert (fast >= 0).all()
@@ -55,11 +60,8 @@ def test_a_guessed_support_gives_the_same_optimum():
     """Starting from any guess at the free set (right, wrong, all, none) changes nothing but the work."""
     rng = np.random.default_rng(13)
     for _ in range(200):
-        size = int(rng.integers(1, 8))
-        units = 10.0 ** rng.uniform(-4, 4, size)
-        x = rng.standard_normal((40, size)) * units
-        y = x @ (rng.standard_normal(size) / units) + 0.1 * rng.standard_normal(40)
-        gram, moment = x.T @ x, x.T @ y
+        gram, moment = scaled_problem(rng)
+        size = len(moment)
         cold = nonnegative_least_squares(gram, moment)
         objective = lambda theta: theta @ gram @ theta - 2 * moment @ theta  # noqa: E731
         for guess in (cold > 0, ~(cold > 0), np.ones(size, dtype=bool), rng.random(size) < 0.5):
