@@ -7,7 +7,9 @@ engine step recorded. Optionally the worker first serves the workload's 4 prompt
 (--warm), as a stack that ran the one-at-a-time cells first has learned from them.
 
     python scripts/trace_burst_ks.py [--workload summaries] [--burst 12] [--policies fixed:3,goodput]
-        [--repeats 2] [--warm]
+        [--repeats 2] [--prompts 4] [--warm]
+
+A burst of N cycles the workload's --prompts prompts, as bench_unseen.py's bursts do.
 
 Per run: wall time, steps (all, decode-only, speculative, plain), tokens per ms of speculative and
 plain decode steps, tokens proposed and accepted, and how many rows asked for each k.
@@ -68,10 +70,12 @@ def main() -> None:
     parser.add_argument("--policies", default="fixed:3,goodput")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--warm", action="store_true", help="serve the workload's 4 prompts one at a time first")
+    parser.add_argument("--prompts", type=int, default=4, help="prompts the burst cycles (bench_unseen.py's)")
+    parser.add_argument("--warm", action="store_true", help="serve those prompts one at a time first")
     args = parser.parse_args()
     model = load_model("SmolLM2-135M-Instruct")
-    prompts = bench_unseen.WORKLOADS[args.workload](args.burst, random.Random(0))
+    distinct = bench_unseen.WORKLOADS[args.workload](args.prompts, random.Random(0))
+    prompts = [distinct[i % len(distinct)] for i in range(args.burst)]
     policies = args.policies.split(",")
     for repeat in range(args.repeats):
         for policy in policies if repeat % 2 == 0 else policies[::-1]:  # who goes first alternates
@@ -88,8 +92,7 @@ def main() -> None:
             address = f"127.0.0.1:{server.port}"
             try:
                 if args.warm:
-                    warm = bench_unseen.WORKLOADS[args.workload](4, random.Random(0))
-                    asyncio.run(run_requests(address, warm, 1, args.max_tokens))
+                    asyncio.run(run_requests(address, distinct, 1, args.max_tokens))
                     steps.clear()
                 wall_s, _ = asyncio.run(run_requests(address, prompts, args.burst, args.max_tokens))
             finally:
