@@ -127,7 +127,6 @@ class ProposerChoice(Proposer):
         self.cost_fits = {index: DraftCostFit.create(cost_prior) for index in self.costly_members}
         self.proposals_by_member = [0] * len(self.members)  # rows each member proposed for
         self._rates: dict[tuple[int, int], _Rate] = {}
-        self._offers: dict[str, list[_Offer]] = {}  # by request: every member's offer for its next step
         self._picks: dict[str, _Pick] = {}  # by request: the member a k-only plan's proposal comes from
         self._assigned: dict[str, int] = {}  # by request: the member the planner chose for the coming step
         self.planned_goodput: float | None = None  # the last plan's optimum: where the next search starts
@@ -156,10 +155,10 @@ class ProposerChoice(Proposer):
         return self._picks[seq_id].offered  # what a k-only plan's proposal will hold
 
     def proposal_class(self, seq_id: str) -> int | None:
-        pick, offers = self._picks.get(seq_id), self._offers.get(seq_id)
-        if pick is None or offers is None:
+        pick = self._picks.get(seq_id)
+        if pick is None:
             return None
-        return pick.member * CLASS_STRIDE + offers[pick.member].member_class
+        return pick.member * CLASS_STRIDE + self._offered_class(seq_id, pick.member)
 
     def propose(self, requests: Sequence[ProposalRequest]) -> list[Proposal]:
         by_member: dict[int, list[int]] = {}
@@ -171,8 +170,7 @@ class ProposerChoice(Proposer):
                     self._look(request.seq_id, request.token_ids, request.k)
                     pick = self._picks[request.seq_id]
                 member = pick.member
-            offers = self._offers.get(request.seq_id)
-            member_class = offers[member].member_class if offers else UNGRADED
+            member_class = self._offered_class(request.seq_id, member)
             by_member.setdefault(member, []).append(position)
             self._proposed_by[request.seq_id] = (member, member_class)
         proposals: list[Proposal | None] = [None] * len(requests)
@@ -205,7 +203,7 @@ class ProposerChoice(Proposer):
         return None if where is None else self.members[where[0]].kind
 
     def release(self, seq_id: str) -> None:
-        for table in (self._picks, self._offers, self._assigned, self._proposed_by):
+        for table in (self._picks, self._assigned, self._proposed_by):
             table.pop(seq_id, None)
         slot = self._slots.pop(seq_id, None)
         if slot is not None:
@@ -288,6 +286,10 @@ class ProposerChoice(Proposer):
             self._clear_slot(slot)
         self._free_slots.extend(range(size - 1, max(old, 1) - 1, -1))  # slot 0 stays the defaults' row
 
+    def _offered_class(self, seq_id: str, member: int) -> int:
+        """The class of the member's last offer for the request (UNGRADED: never looked ahead)."""
+        return int(self._offer_table[self._slots.get(seq_id, 0), 1, member])
+
     def _clear_slot(self, slot: int) -> None:
         """A request's defaults: nothing offered, ungraded, no record of its own."""
         self._offer_table[slot, 0] = 0
@@ -338,7 +340,6 @@ class ProposerChoice(Proposer):
                 best, best_value = member, value
         if (best < 0 or offers[best].offered == 0) and self.has_costly_member:
             best = self.costly_members[0]
-        self._offers[seq_id] = offers
         slot = self._slot(seq_id)  # first: it may grow the tables
         self._offer_table[slot] = [[offer.offered for offer in offers], [offer.member_class for offer in offers]]
         self._picks[seq_id] = _Pick(best, len(token_ids), offers[best].offered)
