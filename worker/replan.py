@@ -9,9 +9,7 @@ acceptance prior pooled over all workers, the measured-goodput guard's cap). The
 carries the controller's part, and `replan` runs the controller's own decision pipeline
 (`core/decision.py`: the same estimates, the same registered policy through the same
 `guarded_decide`, the same look-ahead cap) on the worker's fresh batch, so for the same facts it
-makes the controller's plan. One fact only the worker has reaches the policy here and never on the
-controller: each request's tokens left, by which `goodput` weighs a batch that drains with nobody
-waiting (core/policies/goodput.py, `drain_weights`). For `goodput` this is the exact optimum for the batch as it is now,
+makes the controller's plan. For `goodput` this is the exact optimum for the batch as it is now,
 made in well under a millisecond, with estimates one step fresher than the controller's.
 """
 
