@@ -189,16 +189,15 @@ class BatchDecision:
 def decide_batch(policy: Policy, params: Mapping[str, Any], cost: CostModel, *, request_ids: Sequence[str],
                evidence: Evidence, context: np.ndarray, proposable: np.ndarray, prior: PooledPrior,
                estimator: Estimator, max_k: int, queued_requests: int, step_index: int,
-               prior_rates: np.ndarray | None = None, remaining: np.ndarray | None = None) -> BatchDecision:
+               prior_rates: np.ndarray | None = None) -> BatchDecision:
     """The plan for the step `step_index` of these requests. `proposable` is UNKNOWN_PROPOSABLE where
-    the proposer cannot look ahead; `prior_rates` as in `estimate_columns`; `remaining` ([B] or
-    None) as BatchState.remaining_tokens. Never raises for a policy's fault (guarded_decide: k = 0);
-    an empty batch asks no policy."""
+    the proposer cannot look ahead; `prior_rates` as in `estimate_columns`. Never raises for a
+    policy's fault (guarded_decide: k = 0); an empty batch asks no policy."""
     columns = estimate_columns(request_ids, evidence, context, proposable, prior, estimator, prior_rates)
     if not len(columns):
         return BatchDecision(columns, np.zeros(0, dtype=_INT))
     batch = BatchState.from_columns(columns, max_k=max_k, queued_requests=queued_requests, step_index=step_index,
-                                    pooled_evidence=prior.tested, remaining_tokens=remaining)
+                                    pooled_evidence=prior.tested)
     ks = guarded_decide(policy, batch, cost, params, prior_acceptance=prior.rate(estimator.cold_rate))
     return BatchDecision(columns, cap_columns(np.array(ks, dtype=_INT), proposable))
 
@@ -227,16 +226,6 @@ class Query(Protocol):
 
     request_id: str
     context_tokens: int
-    # Optional (getattr): tokens the request may still generate; None or absent: unknown.
-    # remaining_tokens: int | None
-
-
-def remaining_column(queries: Sequence[Query]) -> np.ndarray | None:
-    """Each query's remaining tokens [B] int64, or None unless every query knows its own."""
-    remaining = [getattr(q, "remaining_tokens", None) for q in queries]
-    if not remaining or any(r is None for r in remaining):
-        return None
-    return np.array(remaining, dtype=_INT)
 
 
 _NO_HISTORY = AcceptanceState()
@@ -336,7 +325,7 @@ class AcceptanceBook:
             context=np.array([q.context_tokens for q in queries], dtype=_INT),
             proposable=self.proposable_column(queries), prior=prior, estimator=estimator, max_k=max_k,
             queued_requests=queued_requests, step_index=step_index,
-            prior_rates=self.prior_rates(queries, prior, estimator), remaining=remaining_column(queries),
+            prior_rates=self.prior_rates(queries, prior, estimator),
         )
         return dict(zip(ids, plan.ks.tolist()))
 

@@ -410,17 +410,3 @@ def test_an_unmeasured_class_starts_no_lower_than_the_cold_guess():
     assert rates[0] == pytest.approx(book.estimator.cold_rate)
     assert rates[1] == pytest.approx(kind_rate)
     assert rates[2] == pytest.approx(book.estimator.cold_rate)  # class 0 is graded but under-measured too
-
-
-def test_the_work_each_request_has_left_reaches_the_policy_only_when_every_query_knows_it():
-    """The worker's queries carry max_tokens - generated; the book hands the column to the policy
-    (goodput weighs a drain by it), and hands none when any query lacks it (a controller's own
-    batch), rather than guessing for some rows."""
-    recorder = RecordingPolicy(get("goodput"))
-    book = AcceptanceBook()
-    known = [SpeculationQuery("a", 100, remaining_tokens=120), SpeculationQuery("b", 100, remaining_tokens=8)]
-    book.plan(recorder, recorder.validate({}), COST, known, max_k=MAX_K, queued_requests=0, step_index=1)
-    assert recorder.batches[-1].remaining_tokens.tolist() == [120, 8]
-    book.plan(recorder, recorder.validate({}), COST, [known[0], SpeculationQuery("c", 100)], max_k=MAX_K,
-              queued_requests=0, step_index=2)
-    assert recorder.batches[-1].remaining_tokens is None

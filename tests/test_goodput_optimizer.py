@@ -16,7 +16,7 @@ from smartspec.core.policies.optimizer import (
 )
 
 
-def brute_force(acceptance, contexts, prefills, cost: CostModel, max_k: int, fill=None, weights=None) -> float:
+def brute_force(acceptance, contexts, prefills, cost: CostModel, max_k: int, fill=None) -> float:
     """Best goodput over every k vector, each evaluated directly by the cost model's formula.
 
     With `fill`, request i's proposer fills all k_i positions with probability f_i and none
@@ -27,7 +27,6 @@ def brute_force(acceptance, contexts, prefills, cost: CostModel, max_k: int, fil
     """
     batch = len(acceptance)
     fill = [1.0] * batch if fill is None else list(fill)
-    weights = [1.0] * batch if weights is None else list(weights)
     plans = np.array(list(itertools.product(range(max_k + 1), repeat=batch)), dtype=float)  # [N, B]
     tokens = np.zeros(len(plans))  # [N]
     step_ms = np.zeros(len(plans))  # [N]
@@ -45,7 +44,7 @@ def brute_force(acceptance, contexts, prefills, cost: CostModel, max_k: int, fil
         shared_real, shared_plan = shared(proposed.max(axis=1)), shared(plans.max(axis=1))
         step_ms += chance * (cost.predict_ms(proposed, contexts, prefills) - shared_real + shared_plan)
         tokens += chance * np.array([
-            sum(w * (1 + sum(a**j for j in range(1, int(k) + 1))) for a, k, w in zip(acceptance, row, weights))
+            sum(1 + sum(a**j for j in range(1, int(k) + 1)) for a, k in zip(acceptance, row))
             for row in proposed
         ])  # E_i(k) written as the plain geometric sum over the proposals made
     return float((tokens / step_ms).max())
@@ -104,35 +103,6 @@ def test_matches_brute_force_on_random_small_batches(seed):
     assert tokens == pytest.approx(plan.expected_tokens, rel=1e-12)
     assert step_ms == pytest.approx(plan.step_ms, rel=1e-12)
     assert plan.ks.min() >= 0 and plan.ks.max() <= max_k
-
-
-@pytest.mark.parametrize("seed", range(20))
-def test_weighted_rows_match_brute_force(seed):
-    """With a worth per row (a drain's weights, some 0), still the exact optimum of the weighted ratio."""
-    rng = np.random.default_rng(1000 + seed)
-    batch = int(rng.integers(1, 5))
-    max_k = int(rng.integers(1, 5))
-    acceptance = [float(rng.uniform(0.2, 1.0)) for _ in range(batch)]
-    contexts = [int(rng.integers(1, 4000)) for _ in range(batch)]
-    prefills = [0] * batch
-    cost = random_cost(rng)
-    weights = [float(rng.choice([0.0, 1.0, rng.uniform()])) for _ in range(batch)]
-    weights[int(rng.integers(batch))] = 1.0  # the row with the most left weighs 1 (drain_weights)
-
-    plan = optimize_goodput(acceptance, contexts, prefills, cost, max_k, weights=weights)
-
-    assert plan.goodput == pytest.approx(brute_force(acceptance, contexts, prefills, cost, max_k, weights=weights),
-                                         rel=1e-6)
-    assert plan.baseline_goodput == pytest.approx(sum(weights) / cost.predict_ms([0] * batch, contexts, prefills))
-    assert all(k == 0 for k, w in zip(plan.ks, weights) if w == 0)  # a worthless row never pays to speculate
-
-
-def test_unit_weights_are_the_unweighted_plan():
-    rng = np.random.default_rng(7)
-    acceptance, contexts = rng.uniform(0.3, 0.95, 12), rng.integers(100, 2000, 12)
-    plain = optimize_goodput(acceptance, contexts, np.zeros(12), DEFAULT_COST_MODEL, 8)
-    weighted = optimize_goodput(acceptance, contexts, np.zeros(12), DEFAULT_COST_MODEL, 8, weights=np.ones(12))
-    assert weighted.ks.tolist() == plain.ks.tolist() and weighted.goodput == pytest.approx(plain.goodput)
 
 
 def test_coupling_term_is_what_makes_per_request_choice_wrong():

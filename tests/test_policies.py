@@ -154,32 +154,6 @@ def test_goodput_min_gain_requires_a_margin():
     assert decide("goodput", batch, min_gain=0.5) == [0]
 
 
-def test_drain_weights_count_each_row_by_the_work_it_has_left():
-    from smartspec.core.policies.goodput import drain_weights
-
-    assert drain_weights(np.array([100, 25, 50]), queued_requests=0).tolist() == [1.0, 0.25, 0.5]
-    assert drain_weights(np.array([100, 25]), queued_requests=3) is None   # a finished row's slot is refilled
-    assert drain_weights(None, queued_requests=0) is None                  # unknown (the controller's plan)
-    assert drain_weights(np.array([0, 0]), queued_requests=0).tolist() == [1.0, 1.0]
-
-
-def test_goodput_in_a_drain_gives_the_row_with_most_left_the_longer_speculation():
-    """Two rows alike but for the work left. While requests wait, each gets the same k; with nobody
-    waiting, the one that ends the batch (most left) gets more than the one that ends early."""
-    model = DEFAULT_COST_MODEL.replace(c_spec_row_ms=4.0)
-    alike = [RequestState(request_id=f"r{i}", acceptance=0.7, context_tokens=400) for i in range(2)]
-
-    def ks(queued: int) -> list[int]:
-        batch = BatchState(requests=tuple(alike), max_k=8, queued_requests=queued,
-                           remaining_tokens=np.array([120, 8]))
-        return decide("goodput", batch, model, min_gain=0.0)
-
-    waiting, draining = ks(queued=2), ks(queued=0)
-    assert waiting[0] == waiting[1] > 0
-    assert draining[0] > draining[1]
-    assert draining[0] >= waiting[0]
-
-
 def test_probe_interval_stretches_so_probes_cost_at_most_the_budget():
     from smartspec.core.policies.goodput import PROBE_BUDGET, probe_interval_for
 

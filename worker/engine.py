@@ -326,7 +326,7 @@ class Engine:
         """Every decoding request's k: the planner's (fallback_k where it gave none), clamped to
         what the request can still use."""
         cfg = self.config
-        queries = [SpeculationQuery(s.request_id, len(s.tokens), s.request.max_tokens - s.generated) for s in decoding]
+        queries = [SpeculationQuery(s.request_id, len(s.tokens)) for s in decoding]
         plan = self._ask_planner(queries) if queries else {}
         return {
             s.request_id: clamp_speculation(

@@ -71,7 +71,6 @@ class SpeculationQuery:
 
     request_id: str
     context_tokens: int
-    remaining_tokens: int | None = None  # tokens it may still generate (max_tokens - generated); None: unknown
 
 
 class Planner(Protocol):

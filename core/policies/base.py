@@ -124,9 +124,6 @@ class BatchState:
     # Positions ever verified for this proposer kind (the pooled prior's decayed tested count); near 0
     # every estimate is the cold default guess and only trying can tell. Unknown -> infinite.
     pooled_evidence: float = float("inf")
-    # Tokens each request may still generate ([B] int64, batch order), where the worker knows them
-    # all (its local planner and its re-solve of a controller's plan); None: unknown (the controller).
-    remaining_tokens: np.ndarray | None = None
 
     @property
     def batch_size(self) -> int:

@@ -67,23 +67,6 @@ def budgeted_probes(ks: np.ndarray, steps_since_speculation: np.ndarray, step_in
     return probed
 
 
-def drain_weights(remaining_tokens: np.ndarray | None, queued_requests: int) -> np.ndarray | None:
-    """What a token of each row is worth to the batch while it drains: [B] -> [B], or None (all 1).
-
-    While requests wait, a row that finishes early hands its slot to one of them, so every token is
-    worth the same: SmartSpec's goodput. With nobody waiting the batch only drains, and it ends when
-    the row with the most work left ends; a token for a row that will finish early anyway buys
-    nothing then. So each row's expected tokens count in proportion to the tokens it may still
-    generate, relative to the row with the most left (max_tokens is an upper bound, so a row that
-    stops at end-of-sequence is weighed as if it would not). A burst of 12 summaries measured
-    goodput's tail twice as long as fixed k's without this (BENCHMARKS.md section 7).
-    """
-    if queued_requests > 0 or remaining_tokens is None or len(remaining_tokens) == 0:
-        return None
-    remaining = np.maximum(np.asarray(remaining_tokens, dtype=np.float64), 1.0)  # [B]
-    return remaining / remaining.max()
-
-
 class GoodputPolicy(BasePolicy):
     name = "goodput"
     description = (
@@ -116,7 +99,6 @@ class GoodputPolicy(BasePolicy):
             cost,
             max_k,
             fill=columns.fill,
-            weights=drain_weights(batch.remaining_tokens, batch.queued_requests),
         )
         ks = plan.ks
         if plan.goodput < plan.baseline_goodput * (1.0 + params["min_gain"]):

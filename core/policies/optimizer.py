@@ -147,13 +147,10 @@ class GoodputSolution:
 
 
 def optimize_goodput(acceptance, contexts, prefills, cost: CostModel, max_k: int,
-                     max_rounds: int = 64, fill=None, weights=None) -> GoodputSolution:
+                     max_rounds: int = 64, fill=None) -> GoodputSolution:
     """The k vector maximising expected tokens per expected step time, exactly.
 
     fill: [B] expected share of asked-for positions the proposer fills (None: all of them).
-    weights: [B] >= 0, what a token of each row is worth (None: 1 each; see drain_weights): the
-    objective becomes sum_i weights_i E_i(k_i) / T(k), and `expected_tokens` and
-    `baseline_goodput` are weighted the same way.
     Ties go to the smaller k (less compute for the same goodput). Raises ValueError when the
     cost model predicts a zero-length step (the ratio is then undefined).
     """
@@ -165,18 +162,14 @@ def optimize_goodput(acceptance, contexts, prefills, cost: CostModel, max_k: int
     if not terms.base_ms > 0:
         raise ValueError("cost model predicts a zero step time; goodput is undefined")
     zeros = np.zeros(batch, dtype=np.int64)
-    worth = np.ones(batch) if weights is None else np.asarray(weights, dtype=np.float64)  # [B]
-    plain_tokens = float(worth.sum())
-    baseline = plain_tokens / terms.base_ms
+    baseline = batch / terms.base_ms
     if batch == 0 or max_k == 0:
-        return GoodputSolution(zeros, plain_tokens, terms.base_ms, baseline)
+        return GoodputSolution(zeros, float(batch), terms.base_ms, baseline)
 
     gains = expected_tokens_table(a, max_k, f)  # E: [B, K+1]
-    if weights is not None:
-        gains *= worth[:, None]  # w_i E_i(k): [B, K+1]
     own_ms = terms.row_ms(max_k)  # f_i (w_i k + s_i [k > 0]): [B, K+1]
     rows = np.arange(batch)
-    best_ks, best_tokens, best_ms, lam = zeros, plain_tokens, terms.base_ms, baseline
+    best_ks, best_tokens, best_ms, lam = zeros, float(batch), terms.base_ms, baseline
     for _ in range(max_rounds):
         objective = gains - lam * own_ms  # E_i(k) - lam f_i (w_i k + s_i [k > 0]): [B, K+1]
         capped = np.maximum.accumulate(objective, axis=1)  # best with k_i <= m: [B, K+1]
