@@ -244,7 +244,7 @@ def step_writes(hello: controller_pb2.WorkerHello, histories: HistoryTable, fini
         proposer_kind=proposer_kind,
         histories=histories,
         finished=finished,
-        cost_fit=cost_fit.to_dict(),
+        cost_fit=cost_fit,   # serialised by the store if this step's write stores it
         prior_accepted=step.accepted,
         prior_tested=step.tested,
         prior_proposed=step.proposed,

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import redis
 from redis.commands.core import Script
@@ -92,6 +92,10 @@ class StepSnapshot:
     member_priors: Mapping[str, PooledPrior | None] = field(default_factory=dict)  # by member kind read
 
 
+class SerializableFit(Protocol):
+    def to_dict(self) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class StepWrites:
     """What one step stores back (one atomic script)."""
@@ -101,7 +105,9 @@ class StepWrites:
     proposer_kind: str
     histories: Mapping[str, AcceptanceState]     # the worker's whole table after the step (finished removed)
     finished: tuple[str, ...]                     # requests that finished in the step (already not in it)
-    cost_fit: dict[str, Any] | None
+    # The fit's state, or the fit itself (anything with `to_dict()`): serialised only when this
+    # write stores it, which a stream does at its own cadence (StreamMemory), not every step.
+    cost_fit: Mapping[str, Any] | SerializableFit | None
     prior_accepted: float                         # this step's evidence, added to the decayed prior
     prior_tested: float
     prior_decay: float
@@ -305,7 +311,8 @@ class ControllerStore(PolicyMemory):
         fit = ""
         if writes.cost_fit is not None:
             writer = cost_fit_writer or uuid.uuid4().hex
-            fit = json.dumps(writes.cost_fit)
+            state = writes.cost_fit
+            fit = json.dumps(state if isinstance(state, Mapping) else state.to_dict())
         update_prior = writes.prior_tested > 0 or writes.prior_requested > 0 or writes.prior_decay < 1.0
         figures = (writes.figures.predicted_step_ms, writes.figures.predicted_tokens, writes.figures.goodput_tok_s)
         args: list[Any] = [

@@ -28,7 +28,7 @@ feature vector (`verify_features`: 7 numbers, `draft_features`: 4 numbers): see 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -172,7 +172,8 @@ class CostModel:
     # -- (de)serialisation --
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        # Not dataclasses.asdict: it deep-copies every float, and the controller sends a model every step.
+        return {name: getattr(self, name) for name in _FIELD_NAMES}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CostModel":
@@ -192,6 +193,9 @@ class CostModel:
 
     def replace(self, **changes: float) -> "CostModel":
         return CostModel(**{**self.to_dict(), **changes})
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(CostModel))
 
 
 # Fitted to steps a real engine measured on this machine class (SmolLM2-135M-Instruct, fp32, 2 CPU

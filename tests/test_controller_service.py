@@ -226,7 +226,7 @@ def test_planner_pure_step_bookkeeping():
     assert decision.acceptances[0] == pytest.approx((4 + 0.8 * 8) / (4 + 8))
     # Prediction from the override (k = 3 each: 5 + 1 * 2 * (3 + 1)), the fit still learned the step.
     assert decision.predicted_step_ms == pytest.approx(5.0 + 8.0)
-    assert fit.steps == 1 and decision.writes.cost_fit["steps"] == 1
+    assert fit.steps == 1 and decision.writes.cost_fit.to_dict()["steps"] == 1
     writes = decision.writes
     assert set(writes.histories) == {"old", "new"} and writes.finished == ("done",)
     assert (writes.prior_accepted, writes.prior_tested) == (4.0, 5.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -215,3 +216,16 @@ def test_closed_store_is_unavailable_not_a_crash(redis_url, redis_prefix):
     store.close()
     with pytest.raises(StoreUnavailable, match="closed"):
         store.read_step("w0", "p", "k")
+
+
+def test_a_step_may_carry_the_fit_itself_and_the_store_serialises_it(store):
+    """The planner hands over the live OnlineCostFit (serialising it every step cost the controller
+    CPU while most steps do not store it): what is stored is its state, which restores the same model."""
+    from smartspec.core.cost_fit import OnlineCostFit
+
+    fit = OnlineCostFit.create()
+    fit.observe([3, 0], [400, 300], [0, 0], 0.5, 60.0, 61.0)
+    store.write_step(_writes(cost_fit=fit))
+    stored = store.get_cost_fit("profile-a")
+    assert stored == json.loads(json.dumps(fit.to_dict()))
+    assert OnlineCostFit.from_dict(stored).model() == fit.model()
