@@ -47,7 +47,9 @@ import numpy as np
 from smartspec.core.cost_fit import ForgettingLeastSquares, OnlineCostFit, _prior_gram, _relative_weight
 from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
 
-COMPOSITIONS = ("all-0", "half-4", "all-2", "all-4", "all-8", "one-8")
+COMPOSITIONS = ("all-0", "half-4", "all-2", "all-4", "all-8", "one-8")   # measured by default
+# Every composition --compositions may name, in the order tables list them.
+KNOWN_COMPOSITIONS = ("all-0", "all-1", "half-4", "all-2", "all-3", "all-4", "all-8", "one-8")
 PRIORS = {
     "default": DEFAULT_COST_MODEL,
     # the default before the per-row and width terms (hand-fitted to four older CPU points)
@@ -66,11 +68,11 @@ def composition_ks(name: str, batch: int) -> list[int]:
     raise ValueError(f"unknown composition {name!r}")
 
 
-def compositions_for(batch: int) -> list[str]:
+def compositions_for(batch: int, names: Sequence[str] = COMPOSITIONS) -> list[str]:
     """Compositions whose k vector differs from every earlier one (at batch 1, half-4 is all-0 and
     one-8 is all-8: measuring them twice would only weigh those points double)."""
     seen, kept = set(), []
-    for name in COMPOSITIONS:
+    for name in names:
         ks = tuple(composition_ks(name, batch))
         if ks not in seen:
             seen.add(ks)
@@ -236,8 +238,9 @@ class Rig:
 
 
 def build_rig(model, batch: int, steps_planned: int, context_range: tuple[int, int], source: list[int],
-              rng: random.Random) -> Rig:
-    """An engine with `batch` requests admitted and prefilled (prompt lengths drawn from the range)."""
+              rng: random.Random, names: Sequence[str] = COMPOSITIONS) -> Rig:
+    """An engine with `batch` requests admitted and prefilled (prompt lengths drawn from the range),
+    to be stepped at the compositions `names`."""
     from smartspec.worker.engine import Engine, EngineConfig
     from smartspec.worker.sequence import GenerationRequest
 
@@ -255,7 +258,7 @@ def build_rig(model, batch: int, steps_planned: int, context_range: tuple[int, i
                                         max_tokens=10**6, ignore_eos=True))
     while len(engine._running) < batch or any(s.prefilling for s in engine._running.values()):
         run_one_step(engine)  # admission and chunked prefill; nothing recorded
-    return Rig(batch, engine, planner, ids, compositions_for(batch))
+    return Rig(batch, engine, planner, ids, compositions_for(batch, names))
 
 
 def measure_step(rig: Rig, name: str, split: str, round_index: int, patience: Patience, log) -> Measured:
@@ -285,13 +288,15 @@ def measure_step(rig: Rig, name: str, split: str, round_index: int, patience: Pa
 
 
 def measure(model, batches: Sequence[int], rounds: int, context_range: tuple[int, int], source: list[int],
-            rng: random.Random, patience: Patience, log, on_round=None) -> list[Measured]:
+            rng: random.Random, patience: Patience, log, on_round=None,
+            names: Sequence[str] = COMPOSITIONS) -> list[Measured]:
     """Every batch size's engine at once; each round runs every (batch, composition) once in a
     shuffled order, so a slow minute of the machine hits all points alike instead of one batch
     size's block. Rounds alternate between the training and the validation pass."""
     rigs = []
     for batch in batches:
-        rigs.append(build_rig(model, batch, (rounds + 1) * len(compositions_for(batch)), context_range, source, rng))
+        rigs.append(build_rig(model, batch, (rounds + 1) * len(compositions_for(batch, names)), context_range, source,
+                              rng, names))
         log(f"batch {batch:>2}: prefilled")
     measured = [measure_step(rig, name, "warmup", -1, patience, log)  # first forward at each shape
                 for rig in rigs for name in rig.names]
@@ -392,7 +397,7 @@ def compare(model: CostModel, validate: Sequence[Measured], baseline) -> list[Ro
     for m in validate:
         groups.setdefault((m.batch, m.composition), []).append(m)
     rows = []
-    for (batch, name), steps in sorted(groups.items(), key=lambda item: (item[0][0], COMPOSITIONS.index(item[0][1]))):
+    for (batch, name), steps in sorted(groups.items(), key=lambda item: (item[0][0], KNOWN_COMPOSITIONS.index(item[0][1]))):
         predicted = [model.draft_ms(m.ks, m.contexts) + model.verify_ms(m.ks, m.contexts) for m in steps]
         rows.append(Row(batch, name, statistics.median(m.measured_ms for m in steps), statistics.median(predicted),
                         statistics.median(baseline(m) for m in steps),
@@ -406,7 +411,7 @@ def error_summary(errors: Sequence[float], rows: Sequence[Row]) -> tuple[str, st
     overall = (f"median |pred - meas| / meas **{100 * np.median(np.abs(errors)):.1f}%** "
                f"(mean {100 * np.mean(np.abs(errors)):.1f}%, worst {100 * np.max(np.abs(errors)):.1f}%)")
     by_comp = [f"{name} {100 * np.mean(errors[[r.composition == name for r in rows]]):+.1f}%"
-               for name in COMPOSITIONS if any(r.composition == name for r in rows)]
+               for name in KNOWN_COMPOSITIONS if any(r.composition == name for r in rows)]
     by_batch = [f"{batch}: {100 * np.mean(errors[[r.batch == batch for r in rows]]):+.1f}%"
                 for batch in sorted({r.batch for r in rows})]
     return overall, ", ".join(by_comp), ", ".join(by_batch)
@@ -461,6 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="rounds per batch size, alternating train/validate")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32")
     parser.add_argument("--contexts", default="150:600", help="prompt length range LO:HI, drawn per request")
+    parser.add_argument("--compositions", default=",".join(COMPOSITIONS),
+                        help=f"which to measure, of {', '.join(KNOWN_COMPOSITIONS)}")
     parser.add_argument("--busy-share", type=float, default=0.15,
                         help="re-measure a step during which others used more than this share of the CPUs")
     parser.add_argument("--retries", type=int, default=3)
@@ -516,7 +523,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.save:
                 args.save.write_text(json.dumps({"meta": meta_now(), "steps": [m.__dict__ for m in steps]}))
 
-        measured = measure(model, batches, rounds, (lo, hi), source, rng, patience, log, on_round=save)
+        names = args.compositions.split(",")
+        unknown = sorted(set(names) - set(KNOWN_COMPOSITIONS))
+        if unknown:
+            parser.error(f"--compositions: unknown {', '.join(unknown)} (known: {', '.join(KNOWN_COMPOSITIONS)})")
+        measured = measure(model, batches, rounds, (lo, hi), source, rng, patience, log, on_round=save, names=names)
         meta = meta_now()
         log(f"measured in {meta['seconds']:.0f} s")
 
