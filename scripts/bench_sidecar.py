@@ -31,6 +31,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+import redis
+import torch
+
 from smartspec import AsyncClient, Client
 from smartspec.core.processes import free_port, start_child, stop_child, wait_port_open
 from smartspec.worker.engine import EngineConfig
@@ -57,8 +60,6 @@ def cpu_seconds(pid: int) -> float:
 
 def redis_pid(url: str) -> int | None:
     """The Redis server's pid when it runs on this machine (INFO server), else None."""
-    import redis
-
     try:
         with redis.Redis.from_url(url) as client:
             return int(client.info("server")["process_id"])
@@ -68,8 +69,6 @@ def redis_pid(url: str) -> int | None:
 
 def pin(controller_pid: int, cpu: int) -> None:
     """Core `cpu` for the controller alone; every other core for this process (torch's threads)."""
-    import torch
-
     others = os.sched_getaffinity(0) - {cpu}
     if cpu not in os.sched_getaffinity(0) or not others:
         raise SystemExit(f"--controller-cpu {cpu}: needs that core and at least one other")
@@ -146,9 +145,10 @@ def main() -> None:
             for repeat in range(args.repeats):
                 order = list(workers) if repeat % 2 == 0 else list(reversed(workers))
                 for name in order:
-                    cpu_before = {side: cpu_seconds(pid) for side, pid in sidecar_pids.items() if pid}
+                    attached = name == "attached"   # the sidecar's CPU counts during its worker's bursts only
+                    cpu_before = {side: cpu_seconds(pid) for side, pid in sidecar_pids.items() if pid and attached}
                     elapsed, tokens = asyncio.run(burst(f"127.0.0.1:{workers[name].port}", batch, args.new_tokens))
-                    if name == "attached":
+                    if attached:
                         for side, before in cpu_before.items():
                             sidecar_cpu_s[side] += cpu_seconds(sidecar_pids[side]) - before
                     rates[name].append(tokens / elapsed)

@@ -491,6 +491,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     rounds = 6 if args.quick else args.rounds
     lo, hi = (int(v) for v in args.contexts.split(":"))
+    names = args.compositions.split(",")   # checked before the model loads: a typo costs nothing
+    unknown = sorted(set(names) - set(KNOWN_COMPOSITIONS))
+    if unknown:
+        parser.error(f"--compositions: unknown {', '.join(unknown)} (known: {', '.join(KNOWN_COMPOSITIONS)})")
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -523,10 +527,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.save:
                 args.save.write_text(json.dumps({"meta": meta_now(), "steps": [m.__dict__ for m in steps]}))
 
-        names = args.compositions.split(",")
-        unknown = sorted(set(names) - set(KNOWN_COMPOSITIONS))
-        if unknown:
-            parser.error(f"--compositions: unknown {', '.join(unknown)} (known: {', '.join(KNOWN_COMPOSITIONS)})")
         measured = measure(model, batches, rounds, (lo, hi), source, rng, patience, log, on_round=save, names=names)
         meta = meta_now()
         log(f"measured in {meta['seconds']:.0f} s")
