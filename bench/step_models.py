@@ -44,7 +44,8 @@ def cost_model_from_mapping(data: Mapping[str, Any]) -> CostModel:
     """{'c_fixed': 6.94, ...} or {'c_fixed_ms': 6.94, ...} or {'cost_model': {...}} (a status/bench dump)."""
     if "cost_model" in data and isinstance(data["cost_model"], Mapping):
         data = data["cost_model"]
-    return CostModel.from_dict({_field(k): float(v) for k, v in data.items()})
+    return CostModel.from_dict({_field(k): [float(x) for x in v] if isinstance(v, list) else float(v)
+                                for k, v in data.items()})  # a list: the per-count table
 
 
 def parse_step_model(text: str) -> CostModel:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
+from smartspec.core.cost_model import TOKEN_COUNT_LIMIT
 from smartspec.core.errors import FieldError
 from smartspec.core.ids import all_valid, id_problem
 from smartspec.v1 import common_pb2, controller_pb2
@@ -242,6 +243,9 @@ STEP_COST_FIELDS = ("c_fixed_ms", "c_tok_ms", "c_kv_ms", "overhead_ms", "c_row_m
 
 def validate_cost_override(model: common_pb2.CostModel, field: str = "cost_model_override") -> None:
     for descriptor, value in model.ListFields():
+        if descriptor.name == "token_count_ms":
+            _validate_count_table(model, f"{field}.token_count_ms")
+            continue
         if not math.isfinite(value) or value < 0:
             raise InvalidInput(f"{field}.{descriptor.name}", f"must be finite and non-negative, got {value}")
         if value > MAX_COEFFICIENT_MS:
@@ -250,3 +254,17 @@ def validate_cost_override(model: common_pb2.CostModel, field: str = "cost_model
     if not any(getattr(model, name) > 0 for name in STEP_COST_FIELDS):
         raise InvalidInput(field, "a step cannot take 0 ms: at least one of "
                                   f"{', '.join(STEP_COST_FIELDS)} must be positive")
+
+
+def _validate_count_table(model: common_pb2.CostModel, field: str) -> None:
+    """The per-count table: at most TOKEN_COUNT_LIMIT + 1 entries, each finite, within
+    MAX_COEFFICIENT_MS, and not below -c_fixed_ms (no step may be predicted to take less than 0)."""
+    table = model.token_count_ms
+    if len(table) > TOKEN_COUNT_LIMIT + 1:
+        raise InvalidInput(field, f"at most {TOKEN_COUNT_LIMIT + 1} entries, got {len(table)}")
+    for count, value in enumerate(table):
+        if not math.isfinite(value) or abs(value) > MAX_COEFFICIENT_MS:
+            raise InvalidInput(field, f"entry {count} must be finite and within +-{MAX_COEFFICIENT_MS:.0f} ms, "
+                                      f"got {value}")
+        if value < -model.c_fixed_ms:
+            raise InvalidInput(field, f"entry {count} ({value:g}) is below -c_fixed_ms ({-model.c_fixed_ms:g})")

@@ -9,6 +9,11 @@ Both parts of the step time are linear in their coefficients (`verify_features`:
 - `DraftCostFit`: one costly proposer's own terms, when a worker chooses proposers per request;
 - `fit_profile`: the one-shot fit of a worker's startup profile (its hello).
 
+Beside the line, the online fit learns the cost model's per-count table (`token_count_ms`: what a
+step of N query tokens costs beyond the line; core/token_count_fit.py), backfitted: the line is
+fitted to the measured verify time less the table's entry for the step's N, the table to the
+measured time less the line.
+
 Robustness: the online fit is shared by every worker of a cost profile, so one bad step (a GC pause,
 a stalled machine, a broken or hostile worker) must move it a bounded amount. Each step is read
 against the current model's prediction for that very batch: a measured part (draft, verify) more
@@ -35,9 +40,11 @@ from smartspec.core.cost_model import (
     VERIFY_FIELDS,
     CostModel,
     draft_features,
+    token_count_correction,
     verify_features,
 )
 from smartspec.core.nnls import nonnegative_least_squares
+from smartspec.core.token_count_fit import TokenCountResiduals
 
 
 @dataclass
@@ -160,6 +167,15 @@ DEFAULT_CLIP = 1.0
 # a sample counts as at most the current mean plus `clip` times the larger of that mean, this share
 # of the predicted step, and 1 ms.
 OVERHEAD_FLOOR = 0.05
+# The per-count table forgets per observation of its count, faster than the line forgets per step:
+# an entry learnt while the line was still far off (a GPU worker starting from the CPU default)
+# fades within ~60 visits of its count; a count seen often holds ~33 visits, so the shrinkage
+# (token_count_fit.SHRINK_STEPS) leaves ~90% of its departure.
+TOKEN_COUNT_FORGETTING = 0.97
+# A step counts in its count's entry as at most this share of the line above or below it (the
+# largest departures measured on the reference CPU: -33% at one token, +40% at two or three), so
+# twenty absurd steps move a count's prediction by a bounded factor, as they move the line.
+TOKEN_COUNT_BAND = 0.4
 
 
 @dataclass
@@ -179,6 +195,9 @@ class OnlineCostFit:
     # Residual clip, in predicted steps: a measured part counts as at most its prediction plus
     # `clip` times the predicted step (None: no clipping, measured-time weights, the plain fit).
     clip: float | None = DEFAULT_CLIP
+    # What a step of N query tokens costs beyond the line (None: no table, the line alone, as a
+    # startup profile is fitted).
+    token_counts: TokenCountResiduals | None = None
     # The model of the current sums (not stored: derived), so a step's clipping reuses the
     # solution the previous step's model() already computed.
     _model: CostModel | None = field(default=None, repr=False, compare=False)
@@ -194,8 +213,10 @@ class OnlineCostFit:
         typical_k: int = 4,
         typical_context: int = 512,
         clip: float | None = DEFAULT_CLIP,
+        token_counts: bool = True,
     ) -> "OnlineCostFit":
-        """Start from `prior`, which counts as `prior_weight` typical steps before it is forgotten.
+        """Start from `prior`, which counts as `prior_weight` typical steps before it is forgotten
+        (its line: the per-count table starts empty; `token_counts=False`: no table at all).
 
         `forgetting` in (0, 1]: each step multiplies past evidence by it (0.99 ~ the last 100
         steps matter). The typical batch only scales the prior so its weight means "steps".
@@ -224,6 +245,7 @@ class OnlineCostFit:
             overhead_count=prior_weight,
             forgetting=forgetting,
             clip=clip,
+            token_counts=TokenCountResiduals(TOKEN_COUNT_FORGETTING) if token_counts else None,
         )
 
     def observe(self, ks, contexts, prefills, draft_ms: float, verify_ms: float,
@@ -247,15 +269,19 @@ class OnlineCostFit:
         overhead = None
         if total_ms is not None and math.isfinite(total_ms):
             overhead = max(0.0, float(total_ms) - draft_ms - verify_ms)
-        if self.clip is None:
-            weight = _relative_weight(draft_ms + verify_ms)
-        else:
-            current = self.model()
+        current = self.model() if self.clip is not None or self.token_counts is not None else None
+        count = float(verify_x[3])  # N: the step's query tokens
+        entry = token_count_correction(current.token_count_ms, count) if current is not None else 0.0
+        if current is not None:
             with np.errstate(over="ignore", invalid="ignore"):
-                predicted_verify = float(verify_x @ current.verify_coefficients)
+                line_verify = float(verify_x @ current.verify_coefficients)
+                predicted_verify = line_verify + entry
                 predicted_draft = float(draft_x @ current.draft_coefficients)
             if not (math.isfinite(predicted_verify) and math.isfinite(predicted_draft)):
                 return
+        if self.clip is None:
+            weight = _relative_weight(draft_ms + verify_ms)
+        else:
             band = self.clip * max(predicted_verify + predicted_draft, 1.0)
             verify_ms = min(verify_ms, predicted_verify + band)
             draft_ms = min(draft_ms, predicted_draft + band)
@@ -263,11 +289,16 @@ class OnlineCostFit:
             if overhead is not None:  # a constant per step: clipped on its own scale (5% of a step at least)
                 overhead = min(overhead, current.overhead_ms + self.clip * max(
                     current.overhead_ms, OVERHEAD_FLOOR * (predicted_verify + predicted_draft), 1.0))
-        verify_sums = self.verify.updated(verify_x, verify_ms, weight)
+        verify_sums = self.verify.updated(verify_x, verify_ms - entry, weight)  # the line: what the table leaves
         draft_sums = self.draft.updated(draft_x, draft_ms, weight)
         if not all(np.isfinite(a).all() for a in (*verify_sums, *draft_sums)):
             return
         (self.verify.gram, self.verify.moment), (self.draft.gram, self.draft.moment) = verify_sums, draft_sums
+        if self.token_counts is not None:
+            # the table: what the line leaves, within TOKEN_COUNT_BAND of the line (a few samples
+            # make an entry, so one absurd step must not be able to double a count's prediction)
+            bound = TOKEN_COUNT_BAND * max(line_verify, 1.0)
+            self.token_counts.observe(count, min(max(verify_ms - line_verify, -bound), bound))
         if overhead is not None:
             self.overhead_sum = self.forgetting * self.overhead_sum + overhead
             self.overhead_count = self.forgetting * self.overhead_count + 1.0
@@ -282,7 +313,8 @@ class OnlineCostFit:
             if not math.isfinite(overhead):
                 overhead = 0.0
             values = dict(zip(VERIFY_FIELDS, verify.tolist())) | dict(zip(DRAFT_FIELDS, draft.tolist()))
-            self._model = CostModel(**values, overhead_ms=max(0.0, overhead))
+            table = self.token_counts.table(-values["c_fixed_ms"]) if self.token_counts is not None else ()
+            self._model = CostModel(**values, overhead_ms=max(0.0, overhead), token_count_ms=table)
         return self._model
 
     def to_dict(self) -> dict[str, Any]:
@@ -295,6 +327,7 @@ class OnlineCostFit:
             "forgetting": self.forgetting,
             "steps": self.steps,
             "clip": self.clip,
+            "token_counts": None if self.token_counts is None else self.token_counts.to_dict(),
         }
 
     @classmethod
@@ -306,14 +339,22 @@ class OnlineCostFit:
         if terms != expected:
             raise ValueError(f"stored cost fit is over the terms {terms}, this model's are {expected}")
         clip = data.get("clip", DEFAULT_CLIP)  # a fit stored before clipping existed gets it now
+        forgetting = float(data["forgetting"])
+        if "token_counts" not in data:  # a fit stored before the per-count table existed: an empty one now
+            token_counts: TokenCountResiduals | None = TokenCountResiduals(TOKEN_COUNT_FORGETTING)
+        elif data["token_counts"] is None:
+            token_counts = None
+        else:
+            token_counts = TokenCountResiduals.from_dict(data["token_counts"], TOKEN_COUNT_FORGETTING)
         fit = cls(
             verify=ForgettingLeastSquares.from_dict(data["verify"]),
             draft=ForgettingLeastSquares.from_dict(data["draft"]),
             overhead_sum=float(data["overhead_sum"]),
             overhead_count=float(data["overhead_count"]),
-            forgetting=float(data["forgetting"]),
+            forgetting=forgetting,
             steps=int(data["steps"]),
             clip=None if clip is None else float(clip),
+            token_counts=token_counts,
         )
         if not (math.isfinite(fit.overhead_sum) and math.isfinite(fit.overhead_count)
                 and (fit.clip is None or (math.isfinite(fit.clip) and fit.clip > 0))):
@@ -392,6 +433,7 @@ def fit_profile(samples: Iterable[Any], prior: CostModel = DEFAULT_COST_MODEL,
         typical_k=max(1, int(np.median([s.speculation_length for s in samples]))),
         typical_context=max(1, int(np.median([s.context_tokens for s in samples]))),
         clip=None,
+        token_counts=False,   # one campaign at a few counts: the line alone seeds the online fit
     )
     for sample, batch in zip(samples, batches):
         ks = [int(sample.speculation_length)] * batch

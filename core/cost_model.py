@@ -23,6 +23,16 @@ speculating row (d_row) and runs once per depth (d_fixed: a draft model's forwar
 
 Both parts are linear in their coefficients, so each is a least-squares problem over a small
 feature vector (`verify_features`: 7 numbers, `draft_features`: 4 numbers): see core/cost_fit.py.
+
+What no line can see: the kernels a matrix product runs depend on how many rows it has, i.e. on
+the step's query token count N = sum_i (k_i + 1 + prefill_i). On the reference CPU a one-token
+step is ~15 ms faster than the line through its neighbours, 2-8 tokens sit on a plateau, and a
+step of 10-14 plain rows costs as much as one of 20-28 tokens (BLAS blocking; BENCHMARKS.md §7);
+on a GPU, CUDA-graph padding makes the same shape by design (tokens up to the captured size are
+free). So verify_ms also carries a learned table, `token_count_ms[N]`, added to the line for a step
+of exactly N query tokens (N <= TOKEN_COUNT_LIMIT; beyond the table the line alone: past a few
+dozen rows the products are close to linear). Entries may be negative but never below -c_fixed,
+so no prediction is negative (core/token_count_fit.py learns them).
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ from smartspec.core.errors import FieldError
 
 VERIFY_FIELDS = ("c_fixed_ms", "c_spec_ms", "c_spec_row_ms", "c_tok_ms", "c_kv_ms", "c_row_ms", "c_width_ms")
 DRAFT_FIELDS = ("d_fixed_ms", "d_row_ms", "d_tok_ms", "d_kv_ms")
+# The largest query token count the per-count table (`CostModel.token_count_ms`) may describe.
+TOKEN_COUNT_LIMIT = 64
 
 
 class CostModelError(FieldError):
@@ -77,6 +89,26 @@ def padded_attention_cells(ks, contexts) -> np.ndarray:
         return np.zeros(k.shape[:-1])
     with np.errstate(over="ignore", invalid="ignore"):
         return rows * (k.max(axis=-1) + 1.0) * ctx.max(axis=-1)
+
+
+def query_token_counts(ks, prefills=None) -> np.ndarray:
+    """N = sum_i (k_i + 1 + prefill_i): the tokens a step's forward runs. [..., B] -> [...]."""
+    k = _floats(ks)  # k: [..., B]
+    with np.errstate(over="ignore", invalid="ignore"):
+        return (k + 1.0 + _as_batch(prefills, k)).sum(axis=-1)
+
+
+def token_count_correction(table: Sequence[float] | np.ndarray, counts) -> float | np.ndarray:
+    """table[N] for each query token count N within the table, 0 beyond it (or where N is not a
+    whole number of tokens). counts: [...] -> [...]."""
+    n = _floats(counts)  # [...]
+    table = np.asarray(table, dtype=np.float64)  # [T]
+    if table.size == 0:
+        return _scalar_or_array(np.zeros_like(n))
+    with np.errstate(invalid="ignore"):
+        inside = (n >= 0) & (n < table.size) & (n == np.floor(n))
+        index = np.where(inside, n, 0).astype(np.int64)
+    return _scalar_or_array(np.where(inside, table[index], 0.0))
 
 
 def verify_features(ks, contexts, prefills=None) -> np.ndarray:
@@ -129,9 +161,13 @@ class CostModel:
     c_row_ms: float = 0.0  # per row (host bookkeeping: sampling, appending, detokenising)
     c_width_ms: float = 0.0  # per padded attention cell: B * max_i (k_i + 1) * max_i context_i
     d_row_ms: float = 0.0  # per row the proposer is asked (k_i > 0)
+    # added to verify_ms of a step of exactly N query tokens, index N (see the module docstring)
+    token_count_ms: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for f in fields(self):
+            if f.name == "token_count_ms":
+                continue
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise CostModelError(f.name, f"must be a number, got {type(value).__name__}")
@@ -139,6 +175,24 @@ class CostModel:
             if not math.isfinite(number) or number < 0:
                 raise CostModelError(f.name, f"must be finite and >= 0, got {number}")
             object.__setattr__(self, f.name, number)
+        object.__setattr__(self, "token_count_ms", self._checked_table(self.token_count_ms))
+
+    def _checked_table(self, values: Any) -> tuple[float, ...]:
+        if isinstance(values, (str, bytes, Mapping)) or not hasattr(values, "__iter__"):
+            raise CostModelError("token_count_ms", f"must be a list of numbers, got {type(values).__name__}")
+        table = []
+        for value in values:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise CostModelError("token_count_ms", f"must hold numbers, got {type(value).__name__}")
+            table.append(_float(value))
+        if len(table) > TOKEN_COUNT_LIMIT + 1:
+            raise CostModelError("token_count_ms", f"at most {TOKEN_COUNT_LIMIT + 1} entries, got {len(table)}")
+        for number in table:
+            # never below -c_fixed: the line is at least c_fixed, so no verify prediction is negative
+            if not math.isfinite(number) or number < -self.c_fixed_ms:
+                raise CostModelError("token_count_ms", f"entries must be finite and >= -c_fixed_ms "
+                                                       f"({-self.c_fixed_ms}), got {number}")
+        return tuple(table)
 
     # -- prediction (ks, contexts, prefills: sequences of length B, or arrays [..., B]) --
 
@@ -153,7 +207,14 @@ class CostModel:
     # Predictions never raise: a batch beyond float range predicts inf (numpy's overflow is silenced).
     def verify_ms(self, ks, contexts, prefills=None) -> float | np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):
-            return _scalar_or_array(verify_features(ks, contexts, prefills) @ self.verify_coefficients)
+            features = verify_features(ks, contexts, prefills)  # [..., 7]
+            return _scalar_or_array(features @ self.verify_coefficients + self.token_count_term(features))
+
+    def token_count_term(self, features: np.ndarray) -> np.ndarray:
+        """The per-count table's share of verify_ms for `verify_features` rows [..., 7] -> [...]."""
+        if not self.token_count_ms:
+            return np.zeros(features.shape[:-1])
+        return np.asarray(token_count_correction(self.token_count_ms, features[..., 3]))
 
     def draft_ms(self, ks, contexts) -> float | np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):
@@ -162,8 +223,10 @@ class CostModel:
     def predict_ms(self, ks, contexts, prefills=None) -> float | np.ndarray:
         """Whole step: draft + verify + overhead. A [N, B] input gives [N] predictions."""
         with np.errstate(over="ignore", invalid="ignore"):
+            features = verify_features(ks, contexts, prefills)  # [..., 7]
             total = (
-                verify_features(ks, contexts, prefills) @ self.verify_coefficients
+                features @ self.verify_coefficients
+                + self.token_count_term(features)
                 + draft_features(ks, contexts) @ self.draft_coefficients
                 + self.overhead_ms
             )
@@ -171,9 +234,11 @@ class CostModel:
 
     # -- (de)serialisation --
 
-    def to_dict(self) -> dict[str, float]:
+    def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it deep-copies every float, and the controller sends a model every step.
-        return {name: getattr(self, name) for name in _FIELD_NAMES}
+        data: dict[str, Any] = {name: getattr(self, name) for name in _FIELD_NAMES}
+        data["token_count_ms"] = list(self.token_count_ms)
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "CostModel":
@@ -189,13 +254,14 @@ class CostModel:
 
     @classmethod
     def from_proto(cls, message: common_pb2.CostModel) -> "CostModel":
-        return cls(**{f.name: getattr(message, f.name) for f in fields(cls)})
+        values: dict[str, Any] = {name: getattr(message, name) for name in _FIELD_NAMES}
+        return cls(**values, token_count_ms=tuple(message.token_count_ms))
 
-    def replace(self, **changes: float) -> "CostModel":
+    def replace(self, **changes: Any) -> "CostModel":
         return CostModel(**{**self.to_dict(), **changes})
 
 
-_FIELD_NAMES = tuple(f.name for f in fields(CostModel))
+_FIELD_NAMES = tuple(f.name for f in fields(CostModel) if f.name != "token_count_ms")  # the scalar ones
 
 
 # Fitted to steps a real engine measured on this machine class (SmolLM2-135M-Instruct, fp32, 2 CPU

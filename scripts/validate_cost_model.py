@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from smartspec.core.cost_fit import ForgettingLeastSquares, OnlineCostFit, _prior_gram, _relative_weight
+from smartspec.core.cost_fit import OnlineCostFit
 from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
 
 COMPOSITIONS = ("all-0", "half-4", "all-2", "all-4", "all-8", "one-8")   # measured by default
@@ -318,38 +318,6 @@ def measure(model, batches: Sequence[int], rounds: int, context_range: tuple[int
 # ---------------------------------------------------------------------------------------------
 
 
-def linear_features(ks: Sequence[int], contexts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The replaced model's features: verify [1, any k>0, sum(k+1), sum context] ([4]) and draft
-    [max k, sum k, sum k*context] ([3]); no per-row, per-speculating-row or padded-width terms."""
-    k, ctx = np.asarray(ks, dtype=np.float64), np.asarray(contexts, dtype=np.float64)  # [B] each
-    verify = np.array([1.0, float((k > 0).any()), (k + 1).sum(), ctx.sum()])
-    draft = np.array([k.max(initial=0.0), k.sum(), (k * ctx).sum()])
-    return verify, draft
-
-
-def fit_linear_baseline(train: Sequence[Measured], prior: CostModel = PRIORS["old"]):
-    """The model this one replaced, fitted exactly as the controller fits (same prior weight,
-    weights, forgetting, order): how much of the error the new terms remove. -> predict(step) ms."""
-    typical_verify, typical_draft = linear_features([4] * 8, [512] * 8)
-    prior_verify = np.array([prior.c_fixed_ms, prior.c_spec_ms, prior.c_tok_ms, prior.c_kv_ms])
-    prior_draft = np.array([prior.d_fixed_ms, prior.d_tok_ms, prior.d_kv_ms])
-    typical_ms = typical_verify @ prior_verify + typical_draft @ prior_draft
-    verify = ForgettingLeastSquares.seeded(prior_verify, _prior_gram(typical_verify, typical_ms, 5.0), 0.99)
-    draft = ForgettingLeastSquares.seeded(prior_draft, _prior_gram(typical_draft, typical_ms, 5.0), 0.99)
-    for m in train:
-        x_verify, x_draft = linear_features(m.ks, m.contexts)
-        weight = _relative_weight(m.measured_ms)
-        verify.observe(x_verify, m.verify_ms, weight)
-        draft.observe(x_draft, m.draft_ms, weight)
-    theta_verify, theta_draft = verify.solution(), draft.solution()
-
-    def predict(m: Measured) -> float:
-        x_verify, x_draft = linear_features(m.ks, m.contexts)
-        return float(x_verify @ theta_verify + x_draft @ theta_draft)
-
-    return predict
-
-
 def fit_default(paths: Sequence[Path]) -> str:
     """Every measured step of the saved runs (both passes), fed in order to OnlineCostFit without
     forgetting, starting from the replaced model (worth 5 steps); 3 significant digits, as code."""
@@ -363,10 +331,11 @@ def fit_default(paths: Sequence[Path]) -> str:
     return f"# {steps} steps from {', '.join(str(p) for p in paths)}\nDEFAULT_COST_MODEL = CostModel(\n{values},\n)"
 
 
-def fit_online(train: Sequence[Measured], prior: CostModel) -> CostModel:
+def fit_online(train: Sequence[Measured], prior: CostModel, token_counts: bool = True) -> CostModel:
     """The controller's fit (its defaults: prior worth 5 steps, forgetting 0.99), fed the training
-    steps in the order they ran (batch sizes and compositions mixed, as a busy worker's are)."""
-    fit = OnlineCostFit.create(prior)
+    steps in the order they ran (batch sizes and compositions mixed, as a busy worker's are).
+    token_counts=False: the line alone, without the per-count table (the model before it)."""
+    fit = OnlineCostFit.create(prior, token_counts=token_counts)
     for m in train:
         fit.observe(m.ks, m.contexts, None, m.draft_ms, m.verify_ms, m.total_ms)
     return fit.model()
@@ -378,7 +347,7 @@ class Row:
     composition: str
     measured_ms: float
     predicted_ms: float
-    baseline_ms: float  # the replaced linear model's prediction
+    baseline_ms: float  # the line alone's prediction (the same fit without the per-count table)
     total_ms: float
     steps: int
 
@@ -391,7 +360,7 @@ class Row:
         return self.baseline_ms / self.measured_ms - 1.0
 
 
-def compare(model: CostModel, validate: Sequence[Measured], baseline) -> list[Row]:
+def compare(model: CostModel, validate: Sequence[Measured], baseline: CostModel) -> list[Row]:
     """Per (batch, composition): medians over the validation repeats of measured and predicted ms."""
     groups: dict[tuple[int, str], list[Measured]] = {}
     for m in validate:
@@ -399,8 +368,9 @@ def compare(model: CostModel, validate: Sequence[Measured], baseline) -> list[Ro
     rows = []
     for (batch, name), steps in sorted(groups.items(), key=lambda item: (item[0][0], KNOWN_COMPOSITIONS.index(item[0][1]))):
         predicted = [model.draft_ms(m.ks, m.contexts) + model.verify_ms(m.ks, m.contexts) for m in steps]
+        line = [baseline.draft_ms(m.ks, m.contexts) + baseline.verify_ms(m.ks, m.contexts) for m in steps]
         rows.append(Row(batch, name, statistics.median(m.measured_ms for m in steps), statistics.median(predicted),
-                        statistics.median(baseline(m) for m in steps),
+                        statistics.median(line),
                         statistics.median(m.total_ms for m in steps), len(steps)))
     return rows
 
@@ -422,9 +392,9 @@ def report(rows: Sequence[Row], model: CostModel, measured: Sequence[Measured], 
         f"Fitted online on {meta['train_steps']} training steps; validated on {meta['validate_steps']} other steps "
         f"(medians of {meta['repeats']} repeats per point). Model: {meta['model']}, {CPUS} CPUs, "
         f"contexts {meta['context_range'][0]}-{meta['context_range'][1]} tokens at the start. "
-        f"Linear error: the replaced model (no per-row or width terms), fitted the same way.",
+        f"Line-alone error: the same online fit without the per-count table (the model before it).",
         "",
-        "| batch | composition | measured ms | predicted ms | error | linear error | worker total ms |",
+        "| batch | composition | measured ms | predicted ms | error | line-alone error | worker total ms |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
@@ -434,13 +404,17 @@ def report(rows: Sequence[Row], model: CostModel, measured: Sequence[Measured], 
     lines += ["", f"This model: {overall}.", f"Mean signed error per composition: {by_comp}.",
               f"Mean signed error per batch size: {by_batch}."]
     overall, by_comp, by_batch = error_summary([row.baseline_error for row in rows], rows)
-    lines += [f"Replaced linear model: {overall.replace('**', '')}; per composition: {by_comp}."]
+    lines += [f"Line alone: {overall.replace('**', '')}; per composition: {by_comp}; per batch size: {by_batch}."]
     kept = [m for m in measured if m.split != "warmup"]
     lines.append(f"Noise: {sum(m.retries for m in kept)} of {len(kept)} steps were re-measured because other "
                  f"processes were busy; {sum(m.disturbed for m in kept)} stayed disturbed after "
                  f"{meta['retries']} tries and were kept. Median share of the CPUs others used during kept steps: "
                  f"{100 * statistics.median(m.others_share for m in kept):.0f}%.")
-    lines += ["", "Fitted coefficients: " + ", ".join(f"{k}={v:.4g}" for k, v in model.to_dict().items()) + "."]
+    scalars = {k: v for k, v in model.to_dict().items() if k != "token_count_ms"}
+    lines += ["", "Fitted coefficients: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()) + "."]
+    if model.token_count_ms:
+        lines += ["", "Per-count table (ms beyond the line, by query tokens N): " + ", ".join(
+            f"{n}: {v:+.1f}" for n, v in enumerate(model.token_count_ms) if v) + "."]
     return "\n".join(lines)
 
 
@@ -537,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_fit = fit_online(train, prior)
     meta = {**meta, "retries": meta.get("retries", args.retries), "train_steps": len(train),
             "validate_steps": len(validate), "repeats": meta["rounds"] // 2}
-    text = report(compare(model_fit, validate, fit_linear_baseline(train)), model_fit, measured, meta)
+    text = report(compare(model_fit, validate, fit_online(train, prior, token_counts=False)), model_fit, measured, meta)
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n")

@@ -142,3 +142,28 @@ def test_round_trips_through_dict_json_and_proto():
     with pytest.raises(CostModelError) as info:
         CostModel.from_dict({"c_fixed": 5})
     assert info.value.field == "c_fixed"
+
+
+def test_the_per_count_table_adds_to_the_line_at_its_count_only():
+    model = TRUE_MODEL.replace(token_count_ms=[0.0, -5.0, 7.0, 0.0, 2.5])
+    for ks, prefills, extra in (([0], [0], -5.0), ([1], [0], 7.0), ([0, 0], [0, 0], 7.0), ([0], [3], 2.5),
+                                ([3, 3], [0, 0], 0.0), ([2], [0], 0.0)):
+        contexts = [100] * len(ks)
+        line = TRUE_MODEL.verify_ms(ks, contexts, prefills)
+        assert model.verify_ms(ks, contexts, prefills) == pytest.approx(line + extra)
+        assert model.predict_ms(ks, contexts, prefills) == pytest.approx(TRUE_MODEL.predict_ms(ks, contexts, prefills) + extra)
+    # vectorised: [N, B] -> [N], each row its own count
+    batch = np.array([[0, 0], [1, 0], [3, 3]])
+    expected = TRUE_MODEL.verify_ms(batch, [[100, 100]] * 3) + np.array([7.0, 0.0, 0.0])
+    assert np.allclose(model.verify_ms(batch, [[100, 100]] * 3), expected)
+    assert CostModel.from_proto(model.to_proto()) == model
+    assert CostModel.from_dict(json.loads(json.dumps(model.to_dict()))) == model
+
+
+@pytest.mark.parametrize("table", [[0.0, -31.0], [math.nan], [math.inf], [0.0] * 66, ["1"], 5.0])
+def test_a_bad_per_count_table_is_refused_by_name(table):
+    """Entries below -c_fixed (30 here) would predict negative steps; more than 65 entries, or
+    anything but numbers, is not a table."""
+    with pytest.raises(CostModelError) as info:
+        TRUE_MODEL.replace(token_count_ms=table)
+    assert info.value.field == "token_count_ms"

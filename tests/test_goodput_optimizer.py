@@ -17,14 +17,25 @@ from smartspec.core.policies.optimizer import (
 
 
 def brute_force(acceptance, contexts, prefills, cost: CostModel, max_k: int, fill=None) -> float:
-    """Best goodput over every k vector, each evaluated directly by the cost model's formula.
+    """Best goodput over every k vector (see `every_plan`)."""
+    _, tokens, step_ms = every_plan(acceptance, contexts, prefills, cost, max_k, fill)
+    return float((tokens / step_ms).max())
+
+
+def every_plan(acceptance, contexts, prefills, cost: CostModel, max_k: int, fill=None):
+    """Every k vector [N, B] with its expected tokens [N] and step ms [N], each evaluated directly
+    by the cost model's formula.
 
     With `fill`, request i's proposer fills all k_i positions with probability f_i and none
     otherwise: tokens and step time are averaged over all 2^B fill outcomes, the step time of each
     outcome taken from the cost model on the proposals actually made. The batch-wide terms
     (c_spec, draft depth, the padded attention width) are charged on the plan, as the policy
     charges them; a request's own terms (per token, per speculating row) on what it proposed.
+    The per-count table is charged once per plan, at N0 + sum_i k_i query tokens (the plan's
+    count, as the policy charges it).
     """
+    table = cost.token_count_ms
+    cost = cost.replace(token_count_ms=())
     batch = len(acceptance)
     fill = [1.0] * batch if fill is None else list(fill)
     plans = np.array(list(itertools.product(range(max_k + 1), repeat=batch)), dtype=float)  # [N, B]
@@ -47,7 +58,10 @@ def brute_force(acceptance, contexts, prefills, cost: CostModel, max_k: int, fil
             sum(1 + sum(a**j for j in range(1, int(k) + 1)) for a, k in zip(acceptance, row))
             for row in proposed
         ])  # E_i(k) written as the plain geometric sum over the proposals made
-    return float((tokens / step_ms).max())
+    for n, plan in enumerate(plans):
+        count = int(sum(1 + p for p in prefills) + plan.sum())
+        step_ms[n] += table[count] if count < len(table) else 0.0
+    return plans, tokens, step_ms
 
 
 def random_cost(rng: np.random.Generator) -> CostModel:
@@ -103,6 +117,49 @@ def test_matches_brute_force_on_random_small_batches(seed):
     assert tokens == pytest.approx(plan.expected_tokens, rel=1e-12)
     assert step_ms == pytest.approx(plan.step_ms, rel=1e-12)
     assert plan.ks.min() >= 0 and plan.ks.max() <= max_k
+
+
+def random_table(rng: np.random.Generator, cost: CostModel, counts: int) -> tuple[float, ...]:
+    """A per-count table over 0..counts-1: entries anywhere from -c_fixed to +60 ms, many 0."""
+    return tuple(float(rng.choice([0.0, rng.uniform(-cost.c_fixed_ms, 60.0)])) for _ in range(counts))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_with_a_per_count_table_matches_brute_force(seed):
+    """The count couples every row; the programme over counts must still find the exact optimum,
+    whether the table covers every reachable count, ends inside them, or starts past some."""
+    rng = np.random.default_rng(1000 + seed)
+    batch = int(rng.integers(1, 5))
+    max_k = int(rng.integers(1, 5))
+    acceptance = [float(rng.choice([0.0, 1.0, rng.uniform()])) for _ in range(batch)]
+    contexts = [int(rng.integers(1, 4000)) for _ in range(batch)]
+    prefills = [int(rng.choice([0, 0, rng.integers(1, 6)])) for _ in range(batch)]
+    base = random_cost(rng)
+    reach = batch + sum(prefills) + batch * max_k + 1
+    cost = base.replace(token_count_ms=random_table(rng, base, int(rng.integers(1, reach + 3))))
+    fill = [float(rng.choice([1.0, rng.uniform()])) for _ in range(batch)] if seed % 2 else None
+
+    plan = optimize_goodput(acceptance, contexts, prefills, cost, max_k, fill=fill)
+
+    plans, tokens, step_ms = every_plan(acceptance, contexts, prefills, cost, max_k, fill)
+    assert plan.goodput == pytest.approx(float((tokens / step_ms).max()), rel=1e-6)
+    _, step_ms_alone = predict_step(acceptance, contexts, prefills, cost, plan.ks, fill=fill)
+    assert step_ms_alone == pytest.approx(plan.step_ms, rel=1e-12)
+    assert plan.baseline_goodput == pytest.approx(batch / step_ms[0], rel=1e-12)  # plans[0]: all k = 0
+
+
+def test_a_count_that_costs_less_speculates_every_row_to_reach_it():
+    """The reference CPU's shape: a step of 12 plain rows costs as much as one of 24 tokens. With
+    the table saying so, a batch of 12 rows at modest acceptance speculates k = 1 on every row
+    (24 tokens), where the line alone says speculation does not pay."""
+    line = CostModel(c_fixed_ms=45.0, c_tok_ms=3.0, c_spec_ms=5.0)
+    acceptance, contexts, prefills = [0.3] * 12, [400] * 12, [0] * 12
+    assert optimize_goodput(acceptance, contexts, prefills, line, 4).ks.max() == 0
+    table = [0.0] * 24
+    for count in range(12, 24):  # 12 to 23 tokens cost what 24 do (with the step's c_spec)
+        table[count] = 3.0 * (24 - count) + 5.0
+    plan = optimize_goodput(acceptance, contexts, prefills, line.replace(token_count_ms=table), 4)
+    assert plan.ks.tolist() == [1] * 12
 
 
 def test_coupling_term_is_what_makes_per_request_choice_wrong():

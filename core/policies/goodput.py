@@ -87,10 +87,14 @@ class GoodputPolicy(BasePolicy):
                       "Speculate only if predicted goodput beats k=0 for all by this relative margin "
                       "(hedges against cost-model error).",
                       minimum=0.0, maximum=10.0),
+        ParameterSpec("count_table", ParameterType.BOOL, True,
+                      "Plan with the cost model's per-query-token-count table (false: with its line alone)."),
     )
 
     def decide(self, batch: BatchState, cost: CostModel, params: Mapping[str, Any]) -> list[int]:
         max_k = batch.max_k if params["max_k"] == 0 else min(batch.max_k, params["max_k"])
+        if not params["count_table"] and cost.token_count_ms:
+            cost = cost.replace(token_count_ms=())
         columns = batch.columns
         plan = optimize_goodput(
             columns.acceptance,

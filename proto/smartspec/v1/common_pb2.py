@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19smartspec/v1/common.proto\x12\x0csmartspec.v1\"\xf0\x01\n\tCostModel\x12\x12\n\nc_fixed_ms\x18\x01 \x01(\x01\x12\x11\n\tc_spec_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x63_tok_ms\x18\x03 \x01(\x01\x12\x0f\n\x07\x63_kv_ms\x18\x04 \x01(\x01\x12\x12\n\nd_fixed_ms\x18\x05 \x01(\x01\x12\x10\n\x08\x64_tok_ms\x18\x06 \x01(\x01\x12\x0f\n\x07\x64_kv_ms\x18\x07 \x01(\x01\x12\x13\n\x0boverhead_ms\x18\x08 \x01(\x01\x12\x15\n\rc_spec_row_ms\x18\t \x01(\x01\x12\x10\n\x08\x63_row_ms\x18\n \x01(\x01\x12\x12\n\nc_width_ms\x18\x0b \x01(\x01\x12\x10\n\x08\x64_row_ms\x18\x0c \x01(\x01\"|\n\rProfileSample\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x1a\n\x12speculation_length\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\r\x12\x10\n\x08\x64raft_ms\x18\x04 \x01(\x01\x12\x11\n\tverify_ms\x18\x05 \x01(\x01\"\xa3\x01\n\x0eParameterValue\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x02 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12/\n\x0eint_list_value\x18\x05 \x01(\x0b\x32\x15.smartspec.v1.IntListH\x00\x42\x06\n\x04kind\"\x19\n\x07IntList\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\xa9\x01\n\nPolicySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12<\n\nparameters\x18\x02 \x03(\x0b\x32(.smartspec.v1.PolicySpec.ParametersEntry\x1aO\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.smartspec.v1.ParameterValue:\x02\x38\x01*\xc9\x01\n\x0cProposerKind\x12\x1d\n\x19PROPOSER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13PROPOSER_KIND_NGRAM\x10\x01\x12\x17\n\x13PROPOSER_KIND_DRAFT\x10\x02\x12\x1c\n\x18PROPOSER_KIND_EARLY_EXIT\x10\x03\x12\x16\n\x12PROPOSER_KIND_TREE\x10\x04\x12\x18\n\x14PROPOSER_KIND_SUFFIX\x10\x05\x12\x18\n\x14PROPOSER_KIND_CHOICE\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19smartspec/v1/common.proto\x12\x0csmartspec.v1\"\x88\x02\n\tCostModel\x12\x12\n\nc_fixed_ms\x18\x01 \x01(\x01\x12\x11\n\tc_spec_ms\x18\x02 \x01(\x01\x12\x10\n\x08\x63_tok_ms\x18\x03 \x01(\x01\x12\x0f\n\x07\x63_kv_ms\x18\x04 \x01(\x01\x12\x12\n\nd_fixed_ms\x18\x05 \x01(\x01\x12\x10\n\x08\x64_tok_ms\x18\x06 \x01(\x01\x12\x0f\n\x07\x64_kv_ms\x18\x07 \x01(\x01\x12\x13\n\x0boverhead_ms\x18\x08 \x01(\x01\x12\x15\n\rc_spec_row_ms\x18\t \x01(\x01\x12\x10\n\x08\x63_row_ms\x18\n \x01(\x01\x12\x12\n\nc_width_ms\x18\x0b \x01(\x01\x12\x10\n\x08\x64_row_ms\x18\x0c \x01(\x01\x12\x16\n\x0etoken_count_ms\x18\r \x03(\x01\"|\n\rProfileSample\x12\x12\n\nbatch_size\x18\x01 \x01(\r\x12\x1a\n\x12speculation_length\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\x03 \x01(\r\x12\x10\n\x08\x64raft_ms\x18\x04 \x01(\x01\x12\x11\n\tverify_ms\x18\x05 \x01(\x01\"\xa3\x01\n\x0eParameterValue\x12\x13\n\tint_value\x18\x01 \x01(\x03H\x00\x12\x15\n\x0b\x66loat_value\x18\x02 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x03 \x01(\x08H\x00\x12\x16\n\x0cstring_value\x18\x04 \x01(\tH\x00\x12/\n\x0eint_list_value\x18\x05 \x01(\x0b\x32\x15.smartspec.v1.IntListH\x00\x42\x06\n\x04kind\"\x19\n\x07IntList\x12\x0e\n\x06values\x18\x01 \x03(\x03\"\xa9\x01\n\nPolicySpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12<\n\nparameters\x18\x02 \x03(\x0b\x32(.smartspec.v1.PolicySpec.ParametersEntry\x1aO\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.smartspec.v1.ParameterValue:\x02\x38\x01*\xc9\x01\n\x0cProposerKind\x12\x1d\n\x19PROPOSER_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13PROPOSER_KIND_NGRAM\x10\x01\x12\x17\n\x13PROPOSER_KIND_DRAFT\x10\x02\x12\x1c\n\x18PROPOSER_KIND_EARLY_EXIT\x10\x03\x12\x16\n\x12PROPOSER_KIND_TREE\x10\x04\x12\x18\n\x14PROPOSER_KIND_SUFFIX\x10\x05\x12\x18\n\x14PROPOSER_KIND_CHOICE\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,18 +33,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_POLICYSPEC_PARAMETERSENTRY']._loaded_options = None
   _globals['_POLICYSPEC_PARAMETERSENTRY']._serialized_options = b'8\001'
-  _globals['_PROPOSERKIND']._serialized_start=778
-  _globals['_PROPOSERKIND']._serialized_end=979
+  _globals['_PROPOSERKIND']._serialized_start=802
+  _globals['_PROPOSERKIND']._serialized_end=1003
   _globals['_COSTMODEL']._serialized_start=44
-  _globals['_COSTMODEL']._serialized_end=284
-  _globals['_PROFILESAMPLE']._serialized_start=286
-  _globals['_PROFILESAMPLE']._serialized_end=410
-  _globals['_PARAMETERVALUE']._serialized_start=413
-  _globals['_PARAMETERVALUE']._serialized_end=576
-  _globals['_INTLIST']._serialized_start=578
-  _globals['_INTLIST']._serialized_end=603
-  _globals['_POLICYSPEC']._serialized_start=606
-  _globals['_POLICYSPEC']._serialized_end=775
-  _globals['_POLICYSPEC_PARAMETERSENTRY']._serialized_start=696
-  _globals['_POLICYSPEC_PARAMETERSENTRY']._serialized_end=775
+  _globals['_COSTMODEL']._serialized_end=308
+  _globals['_PROFILESAMPLE']._serialized_start=310
+  _globals['_PROFILESAMPLE']._serialized_end=434
+  _globals['_PARAMETERVALUE']._serialized_start=437
+  _globals['_PARAMETERVALUE']._serialized_end=600
+  _globals['_INTLIST']._serialized_start=602
+  _globals['_INTLIST']._serialized_end=627
+  _globals['_POLICYSPEC']._serialized_start=630
+  _globals['_POLICYSPEC']._serialized_end=799
+  _globals['_POLICYSPEC_PARAMETERSENTRY']._serialized_start=720
+  _globals['_POLICYSPEC_PARAMETERSENTRY']._serialized_end=799
 # @@protoc_insertion_point(module_scope)

@@ -25,7 +25,7 @@ PROPOSER_KIND_SUFFIX: ProposerKind
 PROPOSER_KIND_CHOICE: ProposerKind
 
 class CostModel(_message.Message):
-    __slots__ = ("c_fixed_ms", "c_spec_ms", "c_tok_ms", "c_kv_ms", "d_fixed_ms", "d_tok_ms", "d_kv_ms", "overhead_ms", "c_spec_row_ms", "c_row_ms", "c_width_ms", "d_row_ms")
+    __slots__ = ("c_fixed_ms", "c_spec_ms", "c_tok_ms", "c_kv_ms", "d_fixed_ms", "d_tok_ms", "d_kv_ms", "overhead_ms", "c_spec_row_ms", "c_row_ms", "c_width_ms", "d_row_ms", "token_count_ms")
     C_FIXED_MS_FIELD_NUMBER: _ClassVar[int]
     C_SPEC_MS_FIELD_NUMBER: _ClassVar[int]
     C_TOK_MS_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +38,7 @@ class CostModel(_message.Message):
     C_ROW_MS_FIELD_NUMBER: _ClassVar[int]
     C_WIDTH_MS_FIELD_NUMBER: _ClassVar[int]
     D_ROW_MS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_COUNT_MS_FIELD_NUMBER: _ClassVar[int]
     c_fixed_ms: float
     c_spec_ms: float
     c_tok_ms: float
@@ -50,7 +51,8 @@ class CostModel(_message.Message):
     c_row_ms: float
     c_width_ms: float
     d_row_ms: float
-    def __init__(self, c_fixed_ms: _Optional[float] = ..., c_spec_ms: _Optional[float] = ..., c_tok_ms: _Optional[float] = ..., c_kv_ms: _Optional[float] = ..., d_fixed_ms: _Optional[float] = ..., d_tok_ms: _Optional[float] = ..., d_kv_ms: _Optional[float] = ..., overhead_ms: _Optional[float] = ..., c_spec_row_ms: _Optional[float] = ..., c_row_ms: _Optional[float] = ..., c_width_ms: _Optional[float] = ..., d_row_ms: _Optional[float] = ...) -> None: ...
+    token_count_ms: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, c_fixed_ms: _Optional[float] = ..., c_spec_ms: _Optional[float] = ..., c_tok_ms: _Optional[float] = ..., c_kv_ms: _Optional[float] = ..., d_fixed_ms: _Optional[float] = ..., d_tok_ms: _Optional[float] = ..., d_kv_ms: _Optional[float] = ..., overhead_ms: _Optional[float] = ..., c_spec_row_ms: _Optional[float] = ..., c_row_ms: _Optional[float] = ..., c_width_ms: _Optional[float] = ..., d_row_ms: _Optional[float] = ..., token_count_ms: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ProfileSample(_message.Message):
     __slots__ = ("batch_size", "speculation_length", "context_tokens", "draft_ms", "verify_ms")
