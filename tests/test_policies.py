@@ -154,14 +154,14 @@ def test_goodput_min_gain_requires_a_margin():
     assert decide("goodput", batch, min_gain=0.5) == [0]
 
 
-def test_goodput_plans_with_the_per_count_table_unless_told_not_to():
-    """12 plain rows cost as much as 24 tokens (the reference CPU's shape): with the table, every
-    row speculates one token; `count_table=false` plans on the line alone and runs them plain."""
+def test_goodput_plans_with_the_per_count_table_only_when_asked():
+    """12 plain rows cost as much as 24 tokens (the reference CPU's shape): with `count_table=true`
+    every row speculates one token; by default goodput plans on the line alone and runs them plain."""
     line = CostModel(c_fixed_ms=45.0, c_tok_ms=3.0, c_spec_ms=5.0)
     cost = line.replace(token_count_ms=[0.0] * 12 + [3.0 * (24 - n) + 5.0 for n in range(12, 24)])
     batch = batch_of([0.3] * 12, max_k=4)
-    assert decide("goodput", batch, cost, probe_interval=0) == [1] * 12
-    assert decide("goodput", batch, cost, probe_interval=0, count_table=False) == [0] * 12
+    assert decide("goodput", batch, cost, probe_interval=0, count_table=True) == [1] * 12
+    assert decide("goodput", batch, cost, probe_interval=0) == [0] * 12
 
 
 def test_probe_interval_stretches_so_probes_cost_at_most_the_budget():

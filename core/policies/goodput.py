@@ -87,8 +87,11 @@ class GoodputPolicy(BasePolicy):
                       "Speculate only if predicted goodput beats k=0 for all by this relative margin "
                       "(hedges against cost-model error).",
                       minimum=0.0, maximum=10.0),
-        ParameterSpec("count_table", ParameterType.BOOL, True,
-                      "Plan with the cost model's per-query-token-count table (false: with its line alone)."),
+        # Off by default: measured side by side (BENCHMARKS.md §7, "The per-count table"), planning
+        # with it lost 4-13% at batch 1 on every unseen workload while winning some bursts.
+        ParameterSpec("count_table", ParameterType.BOOL, False,
+                      "Plan with the cost model's per-query-token-count table (default: its line alone; "
+                      "predictions always use the table)."),
     )
 
     def decide(self, batch: BatchState, cost: CostModel, params: Mapping[str, Any]) -> list[int]:
