@@ -339,7 +339,6 @@ class OnlineCostFit:
         if terms != expected:
             raise ValueError(f"stored cost fit is over the terms {terms}, this model's are {expected}")
         clip = data.get("clip", DEFAULT_CLIP)  # a fit stored before clipping existed gets it now
-        forgetting = float(data["forgetting"])
         if "token_counts" not in data:  # a fit stored before the per-count table existed: an empty one now
             token_counts: TokenCountResiduals | None = TokenCountResiduals(TOKEN_COUNT_FORGETTING)
         elif data["token_counts"] is None:
@@ -351,7 +350,7 @@ class OnlineCostFit:
             draft=ForgettingLeastSquares.from_dict(data["draft"]),
             overhead_sum=float(data["overhead_sum"]),
             overhead_count=float(data["overhead_count"]),
-            forgetting=forgetting,
+            forgetting=float(data["forgetting"]),
             steps=int(data["steps"]),
             clip=None if clip is None else float(clip),
             token_counts=token_counts,

@@ -91,13 +91,6 @@ def padded_attention_cells(ks, contexts) -> np.ndarray:
         return rows * (k.max(axis=-1) + 1.0) * ctx.max(axis=-1)
 
 
-def query_token_counts(ks, prefills=None) -> np.ndarray:
-    """N = sum_i (k_i + 1 + prefill_i): the tokens a step's forward runs. [..., B] -> [...]."""
-    k = _floats(ks)  # k: [..., B]
-    with np.errstate(over="ignore", invalid="ignore"):
-        return (k + 1.0 + _as_batch(prefills, k)).sum(axis=-1)
-
-
 def token_count_correction(table: Sequence[float] | np.ndarray, counts) -> float | np.ndarray:
     """table[N] for each query token count N within the table, 0 beyond it (or where N is not a
     whole number of tokens). counts: [...] -> [...]."""

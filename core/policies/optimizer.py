@@ -39,10 +39,11 @@ changes, still exactly:
 - when every row's objective E_i(k) - lam f_i (w_i k + s_i [k > 0]) is concave in k (its gain per
   extra proposal never grows), the best sum with exactly s proposals under cap m takes the s
   largest increments of the rows' objectives: one sort per cap gives it for every s at once, and
-  the best (m, s) with the table's h(N0 + s) and depth(m) is read off (`concave_count_plan`);
+  the best (m, s) with the table's h(N0 + s) and depth(m) is read off;
 - otherwise (a row whose k = 1 is dearer than its k = 2 because of s_i), a dynamic programme over
-  the rows with the count as its state (`token_count_plan`), counts past the table's last entry
-  sharing one saturated state (h = 0 there).
+  those rows with the count as its state, counts past the table's last entry sharing one
+  saturated state (h = 0 there), joined to the sorted rows by a max-plus convolution over the
+  count (`token_count_plan`).
 Past the table (N0 beyond it, as in any large batch) the separable solve above runs.
 """
 
@@ -85,7 +86,7 @@ def expected_tokens(acceptance: float, k: int, fill: float = 1.0) -> float:
 @dataclass(frozen=True)
 class CostTerms:
     """T(k) = base_ms + per_token_ms @ k + per_request_ms @ [k > 0] + depth_ms[max k]
-    + count_ms[sum_i n_i(k_i)], split as the optimiser needs it: a per-row part (separable), a part
+    + count_ms[sum_i k_i], split as the optimiser needs it: a per-row part (separable), a part
     that depends only on max k, and the per-count table's part (only where the batch can reach it)."""
 
     base_ms: float
@@ -149,7 +150,7 @@ def reachable_counts(table, base_tokens: float, most_tokens: float) -> np.ndarra
         return np.zeros(0)
     first = int(base_tokens)
     last = int(nonzero[-1])  # counts past this one add nothing
-    if first > last or not (nonzero >= first).any() or int(nonzero[nonzero >= first][0]) > first + most_tokens:
+    if first > last or int(nonzero[nonzero >= first][0]) > first + most_tokens:
         return np.zeros(0)
     return np.append(table[first: last + 1], 0.0)  # [S]: s = 0 .. last - N0, then "past the table"
 
