@@ -214,3 +214,55 @@ def test_steps_where_a_draft_model_chosen_per_request_proposed_are_not_judged():
         rows = tuple(dataclasses.replace(r, proposer_kind=common_pb2.PROPOSER_KIND_NGRAM) for r in step.requests)
         guard.observe(dataclasses.replace(step, requests=rows))
     assert guard.backed_off_classes() == [batch_class(8)]
+
+
+def speed_at(index: int, first: float, last: float, steps: int) -> float:
+    """A machine whose speed drifts linearly from `first` to `last` over `steps` steps."""
+    return first + (last - first) * min(index, steps) / steps
+
+
+def test_a_probe_on_a_machine_that_just_got_faster_is_not_taken_for_a_win():
+    """Speculation loses by 9% at every moment (16 tokens in 2.2x a plain step's time) while the
+    machine speeds up 2.5x (a shared CPU whose neighbours went quiet). Compared with plain steps of
+    the last hundred, each probe would look like a win; paired with the plain steps just before it,
+    it is the loss it is, and speculation stays held off."""
+    guard = GoodputGuard(GuardSettings(probe_every=8, probe_budget=1.0))
+    for index in range(5):
+        guard.observe(decode_step(index, 8, 0, 0, 100.0))
+    for index in range(5, 10):
+        guard.observe(decode_step(index, 8, 2, 1, 220.0))
+    assert guard.backed_off_classes() == [batch_class(8)]
+    probes = 0
+    for index in range(10, 310):
+        speed = speed_at(index - 10, 1.0, 2.5, 300)
+        k = guard.allowed_k(8, 2)
+        probes += k > 0
+        guard.observe(decode_step(index, 8, k, 1 if k else 0, (220.0 if k else 100.0) / speed))
+        assert guard.backed_off_classes() == [batch_class(8)], f"resumed at step {index}"
+    assert probes >= 30   # it kept measuring
+
+
+def test_speculation_that_wins_on_a_machine_slowing_down_is_not_held_off():
+    """Speculation wins by 10% at every moment, in half the steps (rows with something to propose),
+    while the machine slows to a quarter of its speed: against plain steps of the last hundred (faster)
+    each new speculative step would look like a loss."""
+    guard = GoodputGuard()
+    for index in range(400):
+        speed = speed_at(index, 1.0, 0.25, 200)
+        k = guard.allowed_k(8, 2) if index % 2 else 0
+        guard.observe(decode_step(index, 8, k, 1 if k else 0, (200.0 / 1.1 if k else 100.0) / speed))
+        assert guard.backed_off_classes() == [], f"held off at step {index}"
+
+
+def test_under_a_fixed_k_the_guard_measures_but_does_not_claim_to_hold_anything_off(caplog):
+    """The guard keeps its records under any policy (a swap back to goodput finds them current),
+    but only goodput's plans are capped, so only then may it warn that speculation is held off."""
+    planner = LocalPolicyPlanner(local_policy_choice("fixed:3"), max_k=4)
+    with caplog.at_level("DEBUG", logger="smartspec.worker.goodput_guard"):
+        for index in range(12):
+            planner.plan(index, [SpeculationQuery("r0", 320), SpeculationQuery("r1", 320)], 0)
+            planner.observe(decode_step(index, 2, 0 if index < 5 else 4, 0, 100.0 if index < 5 else 1000.0))
+    assert planner.guard.backed_off_classes() == [batch_class(2)]   # measured: it would hold off
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("would be held off" in r.getMessage() for r in caplog.records)
+    assert planner.plan(12, [SpeculationQuery("r0", 320)], 0) == {"r0": 3}

@@ -3,15 +3,21 @@
 The policy speculates when its cost model predicts more tokens per second. A wrong model (a cost
 it has no term for, a batch size it has rarely seen) can make it speculate where plain decoding is
 faster. The worker measures every step, so it can check: per batch-size class (1, 2-3, 4-7, 8-15,
-...), the decayed tokens per ms of decode steps that verified proposals, against those of plain
-decode steps (k = 0 for every row). When speculative steps delivered less than plain ones by more
-than `margin` (0: at all), speculation is held off in that class until they measure
-`resume_margin` above plain ones (hysteresis: near a tie, noise must not flip it every few
+...), the decayed tokens made by decode steps that verified proposals, against what plain decode
+steps (k = 0 for every row) of the same moment make in the same time. When speculative steps made
+less than that by more than `margin` (0: at all), speculation is held off in that class until
+they measure `resume_margin` above it (hysteresis: near a tie, noise must not flip it every few
 steps). Held off, the plan's k is capped at 0, except one step in `probe_every` (stretched so that
 probes cost at most `probe_budget` of step time, by the measured cost of a speculative step over a
 plain one), which keeps measuring whether speculation has become worth it again.
 When a class has speculated for so long that its plain measurement has decayed away, one plain
 step is run to refresh it, so the comparison never rests on numbers from another phase of the run.
+
+"Of the same moment": each speculative step is paired with the rate of the plain steps just before
+it (`plain_reference_weight`: a moving average over the last few), not with a hundred steps of
+them. A machine whose speed drifts (a shared CPU measured 0.145 and 0.19 plain tokens per ms a few
+seconds apart at batch 32; a GPU under thermal or neighbour load) otherwise makes a fresh probe look
+like a win when the machine just got faster, or a loss when it just got slower.
 
 The two records forget at different speeds because they measure different things. A plain step's
 rate depends on the batch and its context lengths, which drift slowly, so the plain record decays
@@ -53,6 +59,12 @@ CHECKED_POLICY = "goodput"   # a fixed k, or any other policy, is the user's exp
 PRICED_KINDS = frozenset({common_pb2.PROPOSER_KIND_DRAFT, common_pb2.PROPOSER_KIND_EARLY_EXIT})
 
 
+def plain_reference(previous: float, rate: float, weight: float) -> float:
+    """The moving average of plain steps' tokens per ms that speculative steps are paired with (a
+    first plain step sets it)."""
+    return rate if previous <= 0 else (1.0 - weight) * previous + weight * rate
+
+
 def batch_class(batch_size: int) -> int:
     """0 for one request, 1 for 2-3, 2 for 4-7, ...: steps of similar batch size share a class."""
     return max(0, int(math.log2(max(1, batch_size))))
@@ -82,8 +94,13 @@ class DecayedRate:
 
 @dataclass
 class ClassRecord:
-    speculative: DecayedRate = field(default_factory=DecayedRate)
+    speculative: DecayedRate = field(default_factory=DecayedRate)   # tokens / ms of speculative steps
+    # the same steps' tokens against the tokens plain steps of that moment would have made in their
+    # time (its "ms" holds those plain tokens): rate() > 1 where speculation paid
+    relative: DecayedRate = field(default_factory=DecayedRate)
     plain: DecayedRate = field(default_factory=DecayedRate)
+    plain_recent: float = 0.0      # tokens / ms of the last few plain steps (0: none yet)
+    unpaired: int = 0              # speculative steps seen before any plain step to pair them with
     steps: int = 0                 # planned steps in this class (for probe timing)
     backed_off: bool = False
 
@@ -101,6 +118,8 @@ class GuardSettings:
                                          # time (the goodput policy's own probes keep the same budget)
     refresh_below: float = 2.0     # a plain record decayed below this many steps gets a plain step
                                    # (~1 step in 40 where every step would speculate)
+    plain_reference_weight: float = 0.3   # a plain step's weight in the rate speculative steps are
+                                          # paired with (~the last 3 plain steps)
 
 
 class GoodputGuard:
@@ -111,10 +130,18 @@ class GoodputGuard:
         self.metrics = metrics
         self.classes: dict[int, ClassRecord] = {}
         self.held_steps = 0        # steps whose k the guard capped at 0
+        # Whether the last plan was under the checked policy: the guard keeps measuring under any
+        # policy (a swap back finds its records current), but only says "held off" where it holds.
+        self.checking = True
 
     def cap_for(self, policy_name: str, batch_size: int, max_k: int) -> int:
         """The largest k the next step of this batch size may plan under `policy_name`."""
-        return self.allowed_k(batch_size, max_k) if policy_name == CHECKED_POLICY else max_k
+        checking = policy_name == CHECKED_POLICY
+        if checking and not self.checking and self.metrics is not None:
+            for cls, record in self.classes.items():   # what held while another policy planned
+                self.metrics.set_backed_off(str(2**cls), record.backed_off)
+        self.checking = checking
+        return self.allowed_k(batch_size, max_k) if checking else max_k
 
     def allowed_k(self, batch_size: int, max_k: int) -> int:
         """The largest k the next step of this batch size may plan (under the checked policy)."""
@@ -124,7 +151,8 @@ class GoodputGuard:
         if record.backed_off and record.steps % self.probe_interval(record) != 0:
             self.held_steps += 1
             return 0
-        if record.speculative.steps >= s.min_steps and record.plain.steps < s.refresh_below:
+        speculated = max(record.speculative.steps, record.unpaired)
+        if speculated >= s.min_steps and record.plain.steps < s.refresh_below:
             return 0               # refresh the plain measurement this class compares against
         return max_k
 
@@ -149,12 +177,19 @@ class GoodputGuard:
         record = self.classes.setdefault(cls, ClassRecord())
         record.plain.decay(self.settings.decay)
         if speculative or record.backed_off:
-            record.speculative.decay(self.speculative_decay(len(rows)))
+            factor = self.speculative_decay(len(rows))
+            record.speculative.decay(factor)
+            record.relative.decay(factor)
         tokens = float(sum(r.accepted_tokens + 1 for r in rows))   # each row's accepted + its own token
-        if speculative:
-            record.speculative.add(tokens, facts.total_ms)
-        else:
+        if not speculative:
             record.plain.add(tokens, facts.total_ms)
+            record.plain_recent = plain_reference(record.plain_recent, tokens / facts.total_ms,
+                                                  self.settings.plain_reference_weight)
+        elif record.plain_recent > 0:
+            record.speculative.add(tokens, facts.total_ms)
+            record.relative.add(tokens, facts.total_ms * record.plain_recent)
+        else:
+            record.unpaired += 1
         self._judge(cls, record)
 
     def probe_interval(self, record: ClassRecord) -> int:
@@ -179,19 +214,23 @@ class GoodputGuard:
         # Held off, the speculative record is the last few probes (it forgets while plain steps
         # run): one fresh probe is enough to judge on, or a decayed record could never resume.
         needed = 1.0 if record.backed_off else s.min_steps
-        if record.speculative.steps < needed or record.plain.steps < s.min_steps:
+        if record.relative.steps < needed or record.plain.steps < s.min_steps:
             return
-        spec, plain = record.speculative.rate(), record.plain.rate()
+        relative = record.relative.rate()   # speculative tokens per token plain steps made in that time
         if record.backed_off:
-            losing = spec <= plain * (1.0 + s.resume_margin)
+            losing = relative <= 1.0 + s.resume_margin
         else:
-            losing = spec < plain * (1.0 - s.margin)
+            losing = relative < 1.0 - s.margin
         if losing != record.backed_off:
             record.backed_off = losing
             low, high = 2**cls, 2 ** (cls + 1) - 1
-            log.warning("goodput guard: speculation %s at batch %d-%d: speculative steps %.4f tok/ms, plain %.4f",
-                        "held off" if losing else "resumed", low, high, spec, plain)
-            if self.metrics is not None:
+            log.log(logging.WARNING if self.checking else logging.DEBUG,
+                    "goodput guard: speculation %s at batch %d-%d: speculative steps made %.3fx the tokens "
+                    "of plain steps of the moment (%.4f tok/ms; plain lately %.4f)",
+                    ("held off" if losing else "resumed") if self.checking else
+                    ("would be held off" if losing else "would resume"),
+                    low, high, relative, record.speculative.rate(), record.plain_recent)
+            if self.metrics is not None and self.checking:
                 self.metrics.set_backed_off(str(2**cls), losing)
             if losing:
                 self._distrust_older_records(cls)
@@ -204,6 +243,7 @@ class GoodputGuard:
         for cls, record in self.classes.items():
             if cls != losing_cls and not record.backed_off:
                 record.speculative = DecayedRate()
+                record.relative = DecayedRate()
 
     def backed_off_classes(self) -> list[int]:
         return sorted(cls for cls, record in self.classes.items() if record.backed_off)
