@@ -14,6 +14,16 @@ step of N query tokens costs beyond the line; core/token_count_fit.py), backfitt
 fitted to the measured verify time less the table's entry for the step's N, the table to the
 measured time less the line.
 
+The machine's speed of the moment: a shared CPU (or a GPU under its neighbours' load) runs the
+same batch 30% faster or slower from one minute to the next. The coefficients follow that only as
+fast as the least squares forget (~100 steps), and only in the directions recent steps excite: after
+a stretch of plain steps the terms only speculation pays (c_spec, per-row verification) are still
+priced at the old speed, so the next speculative step was predicted 10-25% cheap on a machine that
+had slowed. So the online fit keeps one more number, `speed`: every prediction is the fitted model
+times it, it follows measured / predicted with weight `speed_weight` per step (each step read as at
+most SPEED_STEP_RATIO either way), and the sums are fed the measured times divided by it, so they
+learn the shape of the cost at a steady speed.
+
 Robustness: the online fit is shared by every worker of a cost profile, so one bad step (a GC pause,
 a stalled machine, a broken or hostile worker) must move it a bounded amount. Each step is read
 against the current model's prediction for that very batch: a measured part (draft, verify) more
@@ -178,6 +188,28 @@ TOKEN_COUNT_FORGETTING = 0.97
 TOKEN_COUNT_BAND = 0.4
 
 
+# The speed factor stays within these bounds of the fitted model; a step moves it as if it measured
+# at most SPEED_STEP_RATIO times its prediction (or 1 / that): a drift of a few percent per step is
+# followed at once, a run of absurd steps moves it ~2% each (a real change of hardware comes
+# through the fit's own coefficients as well).
+MIN_SPEED, MAX_SPEED = 0.1, 10.0
+SPEED_STEP_RATIO = 1.25
+DEFAULT_SPEED_WEIGHT = 0.1
+# Any speed with the sums scaled to match predicts the same, so nothing pins the speed but this:
+# each step it gives back this share of its distance from 1 (in log space), which the sums then
+# learn where steps excite them. A change that lasts is carried by the speed for ~1 / this steps;
+# noise cannot walk it far (~10% at 5% noise per step).
+SPEED_REVERSION = 0.002
+
+
+def follow_speed(speed: float, ratio: float, weight: float) -> float:
+    """The speed after a step measured `ratio` x its prediction (made at `speed`): a moving average
+    in log space, the ratio held within 1 / SPEED_STEP_RATIO .. SPEED_STEP_RATIO, drawn back toward
+    1 by SPEED_REVERSION, the result within [MIN_SPEED, MAX_SPEED]."""
+    ratio = min(max(ratio, 1.0 / SPEED_STEP_RATIO), SPEED_STEP_RATIO)
+    return min(max(speed ** (1.0 - SPEED_REVERSION) * ratio**weight, MIN_SPEED), MAX_SPEED)
+
+
 @dataclass
 class OnlineCostFit:
     """The per-cost-profile online fit: verify part, draft part and overhead learned separately.
@@ -198,6 +230,11 @@ class OnlineCostFit:
     # What a step of N query tokens costs beyond the line (None: no table, the line alone, as a
     # startup profile is fitted).
     token_counts: TokenCountResiduals | None = None
+    # The machine's speed of the moment: every prediction is the fitted model times `speed`, which
+    # follows measured / predicted with this weight per step (None: no speed factor, 1). The sums
+    # above hold the machine at speed 1.
+    speed_weight: float | None = None
+    speed: float = 1.0
     # The model of the current sums (not stored: derived), so a step's clipping reuses the
     # solution the previous step's model() already computed.
     _model: CostModel | None = field(default=None, repr=False, compare=False)
@@ -214,6 +251,7 @@ class OnlineCostFit:
         typical_context: int = 512,
         clip: float | None = DEFAULT_CLIP,
         token_counts: bool = True,
+        speed_weight: float | None = DEFAULT_SPEED_WEIGHT,
     ) -> "OnlineCostFit":
         """Start from `prior`, which counts as `prior_weight` typical steps before it is forgotten
         (its line: the per-count table starts empty; `token_counts=False`: no table at all).
@@ -227,6 +265,8 @@ class OnlineCostFit:
             raise ValueError(f"prior_weight must be > 0, got {prior_weight}")
         if clip is not None and not (math.isfinite(clip) and clip > 0):
             raise ValueError(f"clip must be a positive number of predicted steps or None, got {clip}")
+        if speed_weight is not None and not 0.0 < speed_weight < 1.0:
+            raise ValueError(f"speed_weight must be in (0, 1) or None, got {speed_weight}")
         ks = np.full(typical_batch, float(typical_k))
         contexts = np.full(typical_batch, float(typical_context))
         typical_ms = prior.draft_ms(ks, contexts) + prior.verify_ms(ks, contexts)
@@ -246,6 +286,7 @@ class OnlineCostFit:
             forgetting=forgetting,
             clip=clip,
             token_counts=TokenCountResiduals(TOKEN_COUNT_FORGETTING) if token_counts else None,
+            speed_weight=speed_weight,
         )
 
     def observe(self, ks, contexts, prefills, draft_ms: float, verify_ms: float,
@@ -269,7 +310,8 @@ class OnlineCostFit:
         overhead = None
         if total_ms is not None and math.isfinite(total_ms):
             overhead = max(0.0, float(total_ms) - draft_ms - verify_ms)
-        current = self.model() if self.clip is not None or self.token_counts is not None else None
+        reads_model = self.clip is not None or self.token_counts is not None or self.speed_weight is not None
+        current = self.model() if reads_model else None
         count = float(verify_x[3])  # N: the step's query tokens
         entry = token_count_correction(current.token_count_ms, count) if current is not None else 0.0
         if current is not None:
@@ -289,6 +331,18 @@ class OnlineCostFit:
             if overhead is not None:  # a constant per step: clipped on its own scale (5% of a step at least)
                 overhead = min(overhead, current.overhead_ms + self.clip * max(
                     current.overhead_ms, OVERHEAD_FLOOR * (predicted_verify + predicted_draft), 1.0))
+        if self.speed_weight is not None:
+            # the sums hold the machine at speed 1: this step's times in those units, then the speed
+            # follows how far this step sat from the prediction (clipped times: one stall moves it
+            # a bounded amount)
+            predicted_ms = predicted_verify + predicted_draft
+            measured_ms = verify_ms + draft_ms
+            scale = self.speed
+            verify_ms, draft_ms, entry = verify_ms / scale, draft_ms / scale, entry / scale
+            line_verify /= scale
+            if overhead is not None:
+                overhead /= scale
+            weight *= scale * scale
         verify_sums = self.verify.updated(verify_x, verify_ms - entry, weight)  # the line: what the table leaves
         draft_sums = self.draft.updated(draft_x, draft_ms, weight)
         if not all(np.isfinite(a).all() for a in (*verify_sums, *draft_sums)):
@@ -302,6 +356,8 @@ class OnlineCostFit:
         if overhead is not None:
             self.overhead_sum = self.forgetting * self.overhead_sum + overhead
             self.overhead_count = self.forgetting * self.overhead_count + 1.0
+        if self.speed_weight is not None and predicted_ms > 0 and measured_ms > 0:
+            self.speed = follow_speed(self.speed, measured_ms / predicted_ms, self.speed_weight)
         self.steps += 1
         self._model = None
 
@@ -312,9 +368,12 @@ class OnlineCostFit:
             overhead = self.overhead_sum / self.overhead_count if self.overhead_count > 0 else 0.0
             if not math.isfinite(overhead):
                 overhead = 0.0
-            values = dict(zip(VERIFY_FIELDS, verify.tolist())) | dict(zip(DRAFT_FIELDS, draft.tolist()))
-            table = self.token_counts.table(-values["c_fixed_ms"]) if self.token_counts is not None else ()
-            self._model = CostModel(**values, overhead_ms=max(0.0, overhead), token_count_ms=table)
+            speed = self.speed if self.speed_weight is not None else 1.0
+            values = (dict(zip(VERIFY_FIELDS, (verify * speed).tolist()))
+                      | dict(zip(DRAFT_FIELDS, (draft * speed).tolist())))
+            table = (self.token_counts.table(-values["c_fixed_ms"] / speed, speed)
+                     if self.token_counts is not None else ())
+            self._model = CostModel(**values, overhead_ms=max(0.0, overhead * speed), token_count_ms=table)
         return self._model
 
     def to_dict(self) -> dict[str, Any]:
@@ -328,6 +387,8 @@ class OnlineCostFit:
             "steps": self.steps,
             "clip": self.clip,
             "token_counts": None if self.token_counts is None else self.token_counts.to_dict(),
+            "speed_weight": self.speed_weight,
+            "speed": self.speed,
         }
 
     @classmethod
@@ -354,7 +415,14 @@ class OnlineCostFit:
             steps=int(data["steps"]),
             clip=None if clip is None else float(clip),
             token_counts=token_counts,
+            # a fit stored before the speed factor existed gets one now, at speed 1
+            speed_weight=(DEFAULT_SPEED_WEIGHT if "speed_weight" not in data else
+                          None if data["speed_weight"] is None else float(data["speed_weight"])),
+            speed=float(data.get("speed", 1.0)),  # a fit stored before the speed factor: speed 1
         )
+        if not (fit.speed_weight is None or 0.0 < fit.speed_weight < 1.0) or not (
+                math.isfinite(fit.speed) and MIN_SPEED <= fit.speed <= MAX_SPEED):
+            raise ValueError("stored cost fit has a bad speed factor")
         if not (math.isfinite(fit.overhead_sum) and math.isfinite(fit.overhead_count)
                 and (fit.clip is None or (math.isfinite(fit.clip) and fit.clip > 0))):
             raise ValueError("stored cost fit has non-finite overhead sums or a bad clip")
@@ -433,6 +501,7 @@ def fit_profile(samples: Iterable[Any], prior: CostModel = DEFAULT_COST_MODEL,
         typical_context=max(1, int(np.median([s.context_tokens for s in samples]))),
         clip=None,
         token_counts=False,   # one campaign at a few counts: the line alone seeds the online fit
+        speed_weight=None,    # one campaign: no drift to follow
     )
     for sample, batch in zip(samples, batches):
         ks = [int(sample.speculation_length)] * batch

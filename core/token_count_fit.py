@@ -50,14 +50,15 @@ class TokenCountResiduals:
         self.sums[n] = self.forgetting * self.sums[n] + residual_ms
         self.weights[n] = self.forgetting * self.weights[n] + 1.0
 
-    def table(self, floor_ms: float) -> tuple[float, ...]:
+    def table(self, floor_ms: float, scale: float = 1.0) -> tuple[float, ...]:
         """CostModel.token_count_ms: every entry up to the largest count observed, none below
-        `floor_ms` (-c_fixed of the line they go with, so no prediction is negative)."""
+        `floor_ms` (-c_fixed of the line they go with, so no prediction is negative), times `scale`
+        (the online fit's speed factor)."""
         seen = np.flatnonzero(self.weights > 0)
         if seen.size == 0:
             return ()
         entries = self.sums[: seen[-1] + 1] / (self.weights[: seen[-1] + 1] + SHRINK_STEPS)  # [n_max + 1]
-        return tuple(np.maximum(entries, floor_ms).tolist())
+        return tuple((np.maximum(entries, floor_ms) * scale).tolist())
 
     def to_dict(self) -> dict[str, Any]:
         return {"sums": self.sums.tolist(), "weights": self.weights.tolist()}

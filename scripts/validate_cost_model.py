@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from smartspec.core.cost_fit import OnlineCostFit
+from smartspec.core.cost_fit import DEFAULT_SPEED_WEIGHT, OnlineCostFit
 from smartspec.core.cost_model import DEFAULT_COST_MODEL, CostModel
 
 COMPOSITIONS = ("all-0", "half-4", "all-2", "all-4", "all-8", "one-8")   # measured by default
@@ -334,11 +334,35 @@ def fit_default(paths: Sequence[Path]) -> str:
 def fit_online(train: Sequence[Measured], prior: CostModel, token_counts: bool = True) -> CostModel:
     """The controller's fit (its defaults: prior worth 5 steps, forgetting 0.99), fed the training
     steps in the order they ran (batch sizes and compositions mixed, as a busy worker's are).
-    token_counts=False: the line alone, without the per-count table (the model before it)."""
-    fit = OnlineCostFit.create(prior, token_counts=token_counts)
+    token_counts=False: the line alone, without the per-count table (the model before it).
+    Without the speed factor: it is the machine's speed at the last training step, which the
+    held-out steps, measured at other moments, do not share (`ahead_of_step` measures it)."""
+    fit = OnlineCostFit.create(prior, token_counts=token_counts, speed_weight=None)
     for m in train:
         fit.observe(m.ks, m.contexts, None, m.draft_ms, m.verify_ms, m.total_ms)
     return fit.model()
+
+
+def ahead_of_step(measured: Sequence[Measured], prior: CostModel, speed_weight: float | None) -> str:
+    """The controller's online fit as it serves: every kept step (training and validation, in the order
+    they ran) predicted just before the fit learns from it. Median |error| and mean signed error,
+    over all steps and over the speculative and plain ones (the first 20 steps left out: the prior)."""
+    fit = OnlineCostFit.create(prior, speed_weight=speed_weight)
+    errors: dict[str, list[float]] = {"speculative": [], "plain": []}
+    for index, m in enumerate(m for m in measured if m.split != "warmup"):
+        model = fit.model()
+        predicted = float(model.draft_ms(m.ks, m.contexts) + model.verify_ms(m.ks, m.contexts))
+        if index >= 20:
+            errors["speculative" if any(m.ks) else "plain"].append(predicted / (m.draft_ms + m.verify_ms) - 1.0)
+        fit.observe(m.ks, m.contexts, None, m.draft_ms, m.verify_ms, m.total_ms)
+
+    def summary(values: list[float]) -> str:
+        if not values:
+            return "none"
+        return f"{100 * float(np.median(np.abs(values))):.1f}% / {100 * float(np.mean(values)):+.1f}%"
+    every = errors["speculative"] + errors["plain"]
+    return (f"all {summary(every)}, speculative {summary(errors['speculative'])}, "
+            f"plain {summary(errors['plain'])}")
 
 
 @dataclass
@@ -387,7 +411,8 @@ def error_summary(errors: Sequence[float], rows: Sequence[Row]) -> tuple[str, st
     return overall, ", ".join(by_comp), ", ".join(by_batch)
 
 
-def report(rows: Sequence[Row], model: CostModel, measured: Sequence[Measured], meta: dict[str, Any]) -> str:
+def report(rows: Sequence[Row], model: CostModel, measured: Sequence[Measured], meta: dict[str, Any],
+           ahead: Sequence[str] = ()) -> str:
     lines = [
         f"Fitted online on {meta['train_steps']} training steps; validated on {meta['validate_steps']} other steps "
         f"(medians of {meta['repeats']} repeats per point). Model: {meta['model']}, {CPUS} CPUs, "
@@ -410,6 +435,10 @@ def report(rows: Sequence[Row], model: CostModel, measured: Sequence[Measured], 
                  f"processes were busy; {sum(m.disturbed for m in kept)} stayed disturbed after "
                  f"{meta['retries']} tries and were kept. Median share of the CPUs others used during kept steps: "
                  f"{100 * statistics.median(m.others_share for m in kept):.0f}%.")
+    if ahead:
+        lines += ["", "Ahead of each step (the online fit predicting every kept step, in the order they ran, "
+                  "before it learns from it; median |error| / mean signed error): "
+                  f"with the speed factor (the controller's fit) {ahead[0]}; without it {ahead[1]}."]
     scalars = {k: v for k, v in model.to_dict().items() if k != "token_count_ms"}
     lines += ["", "Fitted coefficients: " + ", ".join(f"{k}={v:.4g}" for k, v in scalars.items()) + "."]
     if model.token_count_ms:
@@ -511,7 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_fit = fit_online(train, prior)
     meta = {**meta, "retries": meta.get("retries", args.retries), "train_steps": len(train),
             "validate_steps": len(validate), "repeats": meta["rounds"] // 2}
-    text = report(compare(model_fit, validate, fit_online(train, prior, token_counts=False)), model_fit, measured, meta)
+    ahead = [ahead_of_step(measured, prior, weight) for weight in (DEFAULT_SPEED_WEIGHT, None)]
+    text = report(compare(model_fit, validate, fit_online(train, prior, token_counts=False)), model_fit, measured, meta,
+                  ahead)
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n")

@@ -225,10 +225,13 @@ def test_unexcited_coefficients_stay_at_the_prior_after_it_is_forgotten():
         ks, contexts = np.zeros(batch, dtype=int), rng.integers(50, 2000, size=batch)
         fit.observe(ks, contexts, None, *noisy_times(rng, TRUE_MODEL, ks, contexts, None))
     model = fit.model()
-    assert model.c_spec_ms == pytest.approx(DEFAULT_COST_MODEL.c_spec_ms, rel=1e-6)
-    assert model.c_spec_row_ms == pytest.approx(DEFAULT_COST_MODEL.c_spec_row_ms, rel=1e-6)
-    assert model.d_tok_ms == pytest.approx(0.5, rel=1e-6)
-    assert model.d_row_ms == pytest.approx(DEFAULT_COST_MODEL.d_row_ms, rel=1e-6)
+    # the prior's values at the machine's speed of the moment (which these steps moved a little:
+    # TRUE_MODEL is not the prior)
+    assert 0.8 < fit.speed < 1.25
+    assert model.c_spec_ms == pytest.approx(DEFAULT_COST_MODEL.c_spec_ms * fit.speed, rel=1e-6)
+    assert model.c_spec_row_ms == pytest.approx(DEFAULT_COST_MODEL.c_spec_row_ms * fit.speed, rel=1e-6)
+    assert model.d_tok_ms == pytest.approx(0.5 * fit.speed, rel=1e-6)
+    assert model.d_row_ms == pytest.approx(DEFAULT_COST_MODEL.d_row_ms * fit.speed, rel=1e-6)
     # what it did see, it learned: at k = 0 every row verifies one token, so a row's cost
     # (c_tok + c_row) is what the steps tell, not how it splits
     assert model.c_tok_ms + model.c_row_ms == pytest.approx(TRUE_MODEL.c_tok_ms + TRUE_MODEL.c_row_ms, rel=0.2)
@@ -416,13 +419,74 @@ def test_a_fit_stored_before_the_table_existed_still_reads_and_learns_one():
 
 def test_a_count_entry_moves_a_bounded_amount_per_step():
     """One absurd step (60 s) at a count moves that count's entry by at most the band / (1 + shrink)
-    of the line, never below -c_fixed, and the model stays valid."""
+    of the line (at the machine's speed, which the step moved by at most SPEED_STEP_RATIO ** 0.1),
+    never below -c_fixed, and the model stays valid."""
     fit = OnlineCostFit.create(DEFAULT_COST_MODEL)
     line = DEFAULT_COST_MODEL.verify_ms([0, 0], [300, 300], [0, 0])
     fit.observe([0, 0], [300, 300], [0, 0], draft_ms=0.0, verify_ms=60_000.0)
-    assert 0 < fit.model().token_count_ms[2] <= 0.4 * line / 5 + 1e-9
+    assert 1.0 < fit.speed <= 1.25**0.1 + 1e-12
+    assert 0 < fit.model().token_count_ms[2] <= 0.4 * line / 5 * fit.speed + 1e-9
     for _ in range(50):
         fit.observe([0, 0], [300, 300], [0, 0], draft_ms=0.0, verify_ms=0.0)
     model = fit.model()
     assert model.token_count_ms[2] >= -model.c_fixed_ms
     assert model.verify_ms([0, 0], [300, 300], [0, 0]) >= 0.0
+
+
+# ---------------------------------------------------------------- the machine's speed of the moment
+
+
+def _slowing_machine_errors(speed_weight: float | None) -> list[float]:
+    """Relative errors of the predictions made just before each speculative step, once a machine
+    trained at one speed has slowed to 1/1.4 of it over 100 steps: batches of 16-32 rows, only one
+    step in ten speculating (goodput where speculation rarely pays)."""
+    rng = np.random.default_rng(5)
+    fit = OnlineCostFit.create(TRUE_MODEL, speed_weight=speed_weight)
+    errors = []
+    for index in range(500):
+        slowdown = 1.0 if index < 300 else min(1.4, 1.0 + 0.4 * (index - 300) / 100)
+        batch = int(rng.integers(16, 33))
+        contexts, prefills = rng.integers(200, 800, batch), np.zeros(batch, dtype=np.int64)
+        speculative = index % 10 == 0
+        ks = rng.integers(1, 5, batch) * (rng.random(batch) < 0.5) if speculative else np.zeros(batch, dtype=np.int64)
+        draft, verify = noisy_times(rng, TRUE_MODEL, ks, contexts, prefills, noise=0.03)
+        draft, verify = draft * slowdown, verify * slowdown
+        if speculative and index >= 350:
+            errors.append(float(fit.model().predict_ms(ks, contexts, prefills)) / (draft + verify) - 1.0)
+        fit.observe(ks, contexts, prefills, draft, verify, draft + verify)
+    return errors
+
+
+def test_a_machine_that_slowed_does_not_make_the_rare_speculative_step_look_cheap():
+    """Plain steps teach the coefficients every batch shares that the machine slowed; the terms
+    only speculation pays learn it only from the rare speculative steps, which the fit forgets over
+    ~100 steps. The speed factor scales the whole model: the speculative step is priced at the
+    machine's speed of the moment."""
+    followed = _slowing_machine_errors(speed_weight=0.1)
+    assert float(np.median(np.abs(followed))) < 0.05
+    assert abs(float(np.mean(followed))) < 0.04
+    unfollowed = _slowing_machine_errors(speed_weight=None)   # the same steps without it
+    assert float(np.mean(unfollowed)) < -0.10
+
+
+def test_the_speed_factor_is_kept_with_the_fit_and_a_fit_stored_before_it_gets_one():
+    fit = _trained_fit(np.random.default_rng(3), steps=50)
+    for _ in range(30):   # the machine runs 20% slow for a while
+        ks, contexts, prefills = random_step(np.random.default_rng(4))
+        draft, verify = noisy_times(np.random.default_rng(4), TRUE_MODEL, ks, contexts, prefills, noise=0.0)
+        fit.observe(ks, contexts, prefills, 1.2 * draft, 1.2 * verify, 1.2 * (draft + verify))
+    assert fit.speed > 1.1
+    restored = OnlineCostFit.from_dict(json.loads(json.dumps(fit.to_dict())))
+    assert restored.speed == fit.speed and restored.model() == fit.model()
+    old = fit.to_dict()
+    del old["speed"], old["speed_weight"]
+    before_it = OnlineCostFit.from_dict(old)
+    assert before_it.speed == 1.0 and before_it.speed_weight is not None
+    for bad in (float("nan"), 0.0, -1.0, 1e9):
+        with pytest.raises(ValueError):
+            OnlineCostFit.from_dict(fit.to_dict() | {"speed": bad})
+    with pytest.raises(ValueError):
+        OnlineCostFit.from_dict(fit.to_dict() | {"speed_weight": 1.5})
+    with pytest.raises(ValueError):
+        OnlineCostFit.create(speed_weight=0.0)
+
