@@ -7,10 +7,13 @@ engine step recorded. Optionally the worker first serves the workload's 4 prompt
 (--warm), as a stack that ran the one-at-a-time cells first has learned from them.
 
     python scripts/trace_burst_ks.py [--workload summaries] [--burst 12] [--policies fixed:3,goodput]
-        [--repeats 2] [--prompts 4] [--warm] [--at-once N] [--by-count]
+        [--repeats 2] [--prompts 4] [--warm] [--at-once N] [--by-count] [--baseline-guard FILE]
 
 A burst of N cycles the workload's --prompts prompts, as bench_unseen.py's bursts do; --at-once 1
-serves them one at a time instead (the one-at-a-time cells).
+serves them one at a time instead (the one-at-a-time cells). --baseline-guard FILE: a policy
+named with the suffix "+baseline" (e.g. goodput+baseline) runs with the GoodputGuard class of
+FILE, an older worker/goodput_guard.py (`git show REV:worker/goodput_guard.py > FILE`), so two
+versions of the guard are compared in one run.
 
 Per run: wall time, steps (all, decode-only, speculative, plain), tokens per ms of speculative and
 plain decode steps, tokens proposed and accepted, how many rows asked for each k, rows planned k = 0
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import importlib.util
 import random
 import statistics
 import sys
@@ -123,6 +127,16 @@ def by_count(steps: list[StepFacts]) -> str:
     return "\n".join(lines)
 
 
+def load_guard_class(path: str):
+    """GoodputGuard from another version of worker/goodput_guard.py (its relative imports made absolute)."""
+    source = Path(path).read_text().replace("from .steps import", "from smartspec.worker.steps import")
+    spec = importlib.util.spec_from_loader("baseline_goodput_guard", loader=None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up
+    exec(compile(source, path, "exec"), module.__dict__)
+    return module.GoodputGuard
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workload", default="summaries", choices=sorted(bench_unseen.WORKLOADS))
@@ -134,18 +148,25 @@ def main() -> None:
     parser.add_argument("--warm", action="store_true", help="serve those prompts one at a time first")
     parser.add_argument("--at-once", type=int, default=0, help="requests in flight together (0: the whole burst)")
     parser.add_argument("--by-count", action="store_true", help="also print each query-token count's steps")
+    parser.add_argument("--baseline-guard", help="worker/goodput_guard.py of another version, for POLICY+baseline")
     args = parser.parse_args()
     model = load_model("SmolLM2-135M-Instruct")
     distinct = bench_unseen.WORKLOADS[args.workload](args.prompts, random.Random(0))
     prompts = [distinct[i % len(distinct)] for i in range(args.burst)]
     policies = args.policies.split(",")
+    baseline_guard = load_guard_class(args.baseline_guard) if args.baseline_guard else None
     for repeat in range(args.repeats):
         for policy in policies if repeat % 2 == 0 else policies[::-1]:  # who goes first alternates
             at_once = args.at_once or args.burst
-            server = serve(model, policy, at_once)
+            name, baseline = policy.removesuffix("+baseline"), policy.endswith("+baseline")
+            if baseline and baseline_guard is None:
+                raise SystemExit(f"{policy}: needs --baseline-guard FILE")
+            server = serve(model, name, at_once)
             steps: list[StepFacts] = []
             predictions: dict[int, tuple[float, float]] = {}
             planner = server.engine.planner
+            if baseline:
+                planner.guard = baseline_guard()
             observe = planner.observe
 
             def recording(step: StepFacts, observe=observe, planner=planner) -> None:
