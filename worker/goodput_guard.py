@@ -185,6 +185,7 @@ class GoodputGuard:
             record.plain.add(tokens, facts.total_ms)
             record.plain_recent = plain_reference(record.plain_recent, tokens / facts.total_ms,
                                                   self.settings.plain_reference_weight)
+            record.unpaired = 0    # from here on every speculative step is paired
         elif record.plain_recent > 0:
             record.speculative.add(tokens, facts.total_ms)
             record.relative.add(tokens, facts.total_ms * record.plain_recent)
