@@ -216,14 +216,7 @@ class CostModel:
     def predict_ms(self, ks, contexts, prefills=None) -> float | np.ndarray:
         """Whole step: draft + verify + overhead. A [N, B] input gives [N] predictions."""
         with np.errstate(over="ignore", invalid="ignore"):
-            features = verify_features(ks, contexts, prefills)  # [..., 7]
-            total = (
-                features @ self.verify_coefficients
-                + self.token_count_term(features)
-                + draft_features(ks, contexts) @ self.draft_coefficients
-                + self.overhead_ms
-            )
-        return _scalar_or_array(total)
+            return self.verify_ms(ks, contexts, prefills) + self.draft_ms(ks, contexts) + self.overhead_ms
 
     # -- (de)serialisation --
 
